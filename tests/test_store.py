@@ -1,0 +1,247 @@
+"""Tests for the zarr mask store."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+
+import numpy as np
+import pytest
+
+from iumask.errors import IumaskError, StoreMismatchError
+from iumask.store import IDENTITY_KEYS, STORE_FORMAT_VERSION, MaskStore
+
+SHAPES = [(40, 60), (64, 48), (33, 17), (64, 64), (20, 50), (50, 20)]
+
+
+def make_identity(shapes=SHAPES, **changes):
+    identity = {
+        "image_ids": [f"img_{i:03d}" for i in range(len(shapes))],
+        "image_shapes": [list(s) for s in shapes],
+        "class_names": ["background", "road", "car"],
+        "options": {"connectivity": 8, "instances_from": "prediction", "normalize": True, "image_size": [64, 64]},
+        "member_sha256": ["a" * 64, "b" * 64, "c" * 64],
+        "dataset_fingerprint": "f00d",
+    }
+    identity.update(changes)
+    return identity
+
+
+def smooth_field(shape, seed, scale=8.0):
+    """A smooth random field in [0, 1] (low-pass filtered noise)."""
+    rng = np.random.default_rng(seed)
+    noise = np.fft.rfft2(rng.standard_normal(shape))
+    fy = np.fft.fftfreq(shape[0])[:, None]
+    fx = np.fft.rfftfreq(shape[1])[None, :]
+    field = np.fft.irfft2(noise * np.exp(-(fy**2 + fx**2) * (2 * np.pi * scale) ** 2 / 2), shape)
+    return (field - field.min()) / (np.ptp(field) + 1e-12)
+
+
+def sample(index, shape):
+    """Entropy-like smooth field, per-region constant IU and a piecewise-constant prediction."""
+    entropy = np.log(19) * smooth_field(shape, seed=index) ** 2
+    regions = (smooth_field(shape, seed=1000 + index, scale=16.0) * 7.999).astype(np.int64)
+    iu = np.random.default_rng(index).random(8)[regions]
+    return entropy.astype(np.float32), iu.astype(np.float32), regions.astype(np.uint8)
+
+
+def fill(store, indices):
+    for i in indices:
+        store.write(i, *sample(i, store.image_shapes[i]))
+
+
+def test_round_trip_different_sizes(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity())
+    fill(store, range(len(SHAPES)))
+    again = MaskStore.open(tmp_path / "s")
+    assert again.num_images == len(SHAPES)
+    assert again.image_shapes == SHAPES
+    for i, shape in enumerate(SHAPES):
+        entropy, iu, pred = sample(i, shape)
+        out = again.read(i)
+        assert out["entropy"].dtype == np.float32 and out["entropy"].shape == shape
+        np.testing.assert_allclose(out["entropy"], entropy, rtol=1e-3, atol=1e-3)
+        np.testing.assert_allclose(out["instance_uncertainty"], iu, rtol=1e-3, atol=1e-3)
+        assert out["prediction"].dtype == np.uint8
+        np.testing.assert_array_equal(out["prediction"], pred)
+        np.testing.assert_array_equal(again.read_iu(i), out["instance_uncertainty"])
+    assert again.index_of("img_002") == 2
+    with pytest.raises(IumaskError, match="img_999.*s"):
+        again.index_of("img_999")
+
+
+def test_attrs_identity_and_chunks(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity())
+    identity = store.identity
+    assert tuple(identity) == IDENTITY_KEYS
+    assert identity["format_version"] == STORE_FORMAT_VERSION
+    assert identity["image_shapes"] == [list(s) for s in SHAPES]
+    store.set_attrs(mean_entropy=np.float32(0.25), num_complete=3, finished=False)
+    attrs = MaskStore.open(tmp_path / "s").attrs
+    assert attrs["mean_entropy"] == 0.25 and attrs["num_complete"] == 3 and attrs["finished"] is False
+    with pytest.raises(ValueError):
+        store.set_attrs(image_ids=[])
+    # one image per chunk, so images are read/written independently
+    for name in ("entropy", "instance_uncertainty", "prediction"):
+        assert store._group[name].shape == (len(SHAPES), 64, 64)
+        assert store._group[name].chunks == (1, 64, 64)
+    assert store._group["complete"].chunks == (1,)
+    with pytest.raises(ValueError, match="shape"):
+        store.write(0, *sample(0, (10, 10)))
+
+
+def test_complete_flags_and_interrupted_write(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity())
+    assert not store.completed().any()
+    fill(store, [1, 3])
+    np.testing.assert_array_equal(store.completed(), [False, True, False, True, False, False])
+    # Simulate a crash between writing the arrays and setting the flag.
+    h, w = SHAPES[0]
+    entropy, iu, pred = sample(0, SHAPES[0])
+    store._group["entropy"][0, :h, :w] = entropy.astype(np.float16)
+    store._group["instance_uncertainty"][0, :h, :w] = iu.astype(np.float16)
+    store._group["prediction"][0, :h, :w] = pred
+    reopened = MaskStore.open(tmp_path / "s")
+    assert not reopened.is_complete(0) and reopened.is_complete(1)
+    with pytest.raises(IumaskError, match=r"img_000.*not complete.*make-masks"):
+        reopened.read(0)
+    with pytest.raises(IumaskError, match="not complete"):
+        reopened.read_iu(2)
+
+
+def test_open_or_create_resumes_same_identity(tmp_path):
+    path = tmp_path / "s"
+    store = MaskStore.open_or_create(path, make_identity())
+    fill(store, [0, 2])
+    # tuples vs lists must not count as a difference
+    identity = make_identity(image_shapes=[tuple(s) for s in SHAPES])
+    identity["options"]["image_size"] = (64, 64)
+    resumed = MaskStore.open_or_create(path, identity)
+    np.testing.assert_array_equal(resumed.completed(), [True, False, True, False, False, False])
+    np.testing.assert_array_equal(resumed.read(2)["prediction"], sample(2, SHAPES[2])[2])
+    fill(resumed, [1])  # opened r+: can continue
+    assert resumed.completed().sum() == 3
+
+
+def test_open_or_create_mismatch_and_overwrite(tmp_path):
+    path = tmp_path / "s"
+    fill(MaskStore.open_or_create(path, make_identity()), [0])
+    other = make_identity(options={**make_identity()["options"], "connectivity": 4})
+    with pytest.raises(StoreMismatchError) as info:
+        MaskStore.open_or_create(path, other)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and "--overwrite" in message
+    assert "options.connectivity: stored 8, given 4" in message
+
+    ids = make_identity()["image_ids"][:-1] + ["zzz"]
+    with pytest.raises(StoreMismatchError, match=r"image_ids differ \(1 of 6"):
+        MaskStore.open_or_create(path, make_identity(image_ids=ids))
+
+    fresh = MaskStore.open_or_create(path, other, overwrite=True)
+    assert not fresh.completed().any()
+    assert fresh.identity["options"]["connectivity"] == 4
+
+
+def test_check_identity_subset(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity())
+    store.check_identity({"dataset_fingerprint": "f00d", "image_shapes": [list(s) for s in SHAPES]})
+    with pytest.raises(StoreMismatchError, match=r"dataset_fingerprint: stored \"f00d\", given \"beef\""):
+        store.check_identity({"dataset_fingerprint": "beef"})
+
+
+def test_create_existing_path(tmp_path):
+    path = tmp_path / "s"
+    MaskStore.create(path, make_identity())
+    with pytest.raises(IumaskError, match=r"exists.*--overwrite"):
+        MaskStore.create(path, make_identity())
+    MaskStore.create(path, make_identity(), overwrite=True)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    MaskStore.create(empty, make_identity(), overwrite=True)
+
+
+def test_refuses_to_delete_non_store_directory(tmp_path):
+    path = tmp_path / "precious"
+    path.mkdir()
+    (path / "thesis.tex").write_text("do not delete")
+    with pytest.raises(IumaskError, match="not a mask store") as info:
+        MaskStore.create(path, make_identity(), overwrite=True)
+    assert str(path) in str(info.value)
+    assert (path / "thesis.tex").exists()
+
+
+def test_open_errors(tmp_path):
+    with pytest.raises(IumaskError, match="does not exist"):
+        MaskStore.open(tmp_path / "missing")
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(IumaskError, match="plain"):
+        MaskStore.open(tmp_path / "plain")
+
+    path = tmp_path / "s"
+    MaskStore.create(path, make_identity())
+    meta = path / "zarr.json"
+    text = meta.read_text()
+    meta.write_text(text[: len(text) // 2])  # truncated metadata
+    with pytest.raises(IumaskError) as info:
+        MaskStore.open(path)
+    message = str(info.value)
+    assert str(path) in message and "--overwrite" in message and "\n" not in message
+    # a corrupt store may still be replaced with --overwrite
+    MaskStore.create(path, make_identity(), overwrite=True)
+    MaskStore.open(path)
+
+
+def test_open_wrong_format_version_or_missing_array(tmp_path):
+    path = tmp_path / "s"
+    MaskStore.create(path, make_identity())._group.attrs["format_version"] = 99
+    with pytest.raises(IumaskError, match="format_version 99"):
+        MaskStore.open(path)
+    path2 = tmp_path / "t"
+    MaskStore.create(path2, make_identity())
+    import shutil
+
+    shutil.rmtree(path2 / "prediction")
+    with pytest.raises(IumaskError, match="lacks the mask arrays"):
+        MaskStore.open(path2)
+
+
+def _write_half(path, rank, world):
+    store = MaskStore.open(path, mode="r+")
+    fill(store, range(rank, store.num_images, world))
+
+
+def test_two_processes_write_disjoint_images(tmp_path):
+    identity = make_identity()
+    shared = tmp_path / "shared"
+    MaskStore.create(shared, identity)  # rank 0 creates, then every rank opens r+
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_write_half, args=(str(shared), rank, 2)) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=60)
+        assert p.exitcode == 0
+    single = MaskStore.create(tmp_path / "single", identity)
+    fill(single, range(len(SHAPES)))
+    multi = MaskStore.open(shared)
+    assert multi.completed().all()
+    for i in range(len(SHAPES)):
+        a, b = multi.read(i), single.read(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_compression(tmp_path):
+    shape = (256, 256)
+    store = MaskStore.create(tmp_path / "s", make_identity(shapes=[shape] * 4))
+    fill(store, range(4))
+    assert store.nbytes_stored() > 0
+    entropy_bytes = sum(
+        os.path.getsize(os.path.join(root, f))
+        for root, _, files in os.walk(tmp_path / "s" / "entropy")
+        for f in files
+        if f != "zarr.json"
+    )
+    pixels = 4 * shape[0] * shape[1]
+    assert entropy_bytes / pixels < 2.0  # float16 is 2 bytes raw
+    assert store.nbytes_stored() / pixels < 2.0  # all three arrays together
