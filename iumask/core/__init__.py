@@ -1,1 +1,16 @@
+"""The numerical core: pure functions on arrays and tensors, no file I/O."""
 
+from iumask.core.entropy import mean_softmax, pixel_entropy
+from iumask.core.instances import instance_uncertainty, instance_uncertainty_batch, label_instances
+from iumask.core.loss import uncertainty_weighted_cross_entropy
+from iumask.core.metrics import SegmentationMetrics
+
+__all__ = [
+    "SegmentationMetrics",
+    "instance_uncertainty",
+    "instance_uncertainty_batch",
+    "label_instances",
+    "mean_softmax",
+    "pixel_entropy",
+    "uncertainty_weighted_cross_entropy",
+]
