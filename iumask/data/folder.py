@@ -1,0 +1,354 @@
+"""The generic folder dataset format and a torch Dataset over it.
+
+Layout::
+
+    ROOT/classes.json                 {"names": [...], "colors": [[r,g,b], ...], "ignore_index": 255}
+    ROOT/images/<split>/<id>.png|jpg|jpeg
+    ROOT/labels/<split>/<id>.png      single-channel 8- or 16-bit PNG of class indices
+
+Every problem with the files raises :class:`~iumask.errors.DataError` with a one-line message
+that names the file and says how to fix it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import cv2
+import numpy as np
+import torch
+from PIL import Image
+
+from iumask.errors import DataError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+LABEL_SUFFIX = ".png"
+CLASSES_FILE = "classes.json"
+MAX_LABEL_VALUE = 65535  # labels are at most 16-bit PNGs
+
+# Decode pixels as stored: labels (read with PIL) ignore EXIF orientation, so images must too,
+# or a rotated JPEG would no longer line up with its label.
+_CV2_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+_HASH_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class ClassInfo:
+    """Class names, optional display colours and the label value that marks ignored pixels."""
+
+    names: tuple[str, ...]
+    colors: tuple[tuple[int, int, int], ...] | None = None
+    ignore_index: int = 255
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The classes.json representation."""
+        out: dict[str, Any] = {"names": list(self.names)}
+        if self.colors is not None:
+            out["colors"] = [list(c) for c in self.colors]
+        out["ignore_index"] = self.ignore_index
+        return out
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = CLASSES_FILE) -> ClassInfo:
+        """Validate a classes.json dict; errors name ``source``."""
+        if not isinstance(data, dict):
+            raise DataError(f'{source}: expected a JSON object like {{"names": ["road", "car"]}}')
+        names = _parse_names(data.get("names"), source)
+        colors = _parse_colors(data.get("colors"), len(names), source)
+        ignore = _parse_ignore(data.get("ignore_index", 255), len(names), source)
+        return cls(names=names, colors=colors, ignore_index=ignore)
+
+    def palette(self) -> np.ndarray:
+        """A (256, 3) uint8 RGB colour table for label values; the ignore index is black."""
+        table = _default_palette()
+        if self.colors is not None:
+            n = min(len(self.colors), 256)
+            table[:n] = np.asarray(self.colors[:n], dtype=np.uint8)
+        if self.ignore_index < 256:
+            table[self.ignore_index] = 0
+        return table
+
+
+def _parse_names(names: Any, source: str) -> tuple[str, ...]:
+    if names is None:
+        raise DataError(f'{source}: missing "names"; add "names": [<one name per class>]')
+    if not isinstance(names, list) or not names:
+        raise DataError(f'{source}: "names" must be a non-empty list of class names')
+    if not all(isinstance(n, str) and n.strip() for n in names):
+        raise DataError(f'{source}: every entry of "names" must be a non-empty string')
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise DataError(f'{source}: class name "{n}" appears twice in "names"; make names unique')
+        seen.add(n)
+    return tuple(names)
+
+
+def _parse_colors(colors: Any, num_classes: int, source: str) -> tuple[tuple[int, int, int], ...] | None:
+    if colors is None:
+        return None
+    if not isinstance(colors, list) or len(colors) != num_classes:
+        raise DataError(f'{source}: "colors" must list one [r, g, b] per class ({num_classes}); fix or remove it')
+    for c in colors:
+        ok = isinstance(c, list) and len(c) == 3
+        ok = ok and all(isinstance(v, int) and not isinstance(v, bool) and 0 <= v <= 255 for v in c)
+        if not ok:
+            raise DataError(f'{source}: colour {c!r} is not [r, g, b] with integers in 0..255; fix "colors"')
+    return tuple((c[0], c[1], c[2]) for c in colors)
+
+
+def _parse_ignore(ignore: Any, num_classes: int, source: str) -> int:
+    if not isinstance(ignore, int) or isinstance(ignore, bool) or not 0 <= ignore <= MAX_LABEL_VALUE:
+        raise DataError(f'{source}: "ignore_index" must be an integer in 0..{MAX_LABEL_VALUE}, got {ignore!r}')
+    if ignore < num_classes:
+        raise DataError(
+            f'{source}: "ignore_index" {ignore} is a class index (0..{num_classes - 1}); '
+            f"use a value >= {num_classes}, e.g. 255"
+        )
+    return ignore
+
+
+def _default_palette() -> np.ndarray:
+    """The PASCAL VOC bit-interleaved palette: deterministic and visually distinct."""
+    table = np.zeros((256, 3), dtype=np.uint8)
+    for i in range(256):
+        c, r, g, b = i, 0, 0, 0
+        for bit in range(8):
+            r |= ((c >> 0) & 1) << (7 - bit)
+            g |= ((c >> 1) & 1) << (7 - bit)
+            b |= ((c >> 2) & 1) << (7 - bit)
+            c >>= 3
+        table[i] = (r, g, b)
+    return table
+
+
+def load_classes(root: str | Path) -> ClassInfo:
+    """Read and validate ``ROOT/classes.json``."""
+    path = Path(root) / CLASSES_FILE
+    if not path.is_file():
+        raise DataError(f'{path}: not found; create it with {{"names": [<one name per class>]}}')
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e}); fix the file") from None
+    return ClassInfo.from_dict(data, source=str(path))
+
+
+class FolderDataset:
+    """One split of a dataset in the generic folder format; reads and validates files on demand."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        self.root = Path(root)
+        self.split = split
+        self.classes = load_classes(self.root)
+        self.ids, self.image_paths = _list_images(self.root / "images" / split)
+        self.label_paths = _match_labels(self.root / "labels" / split, self.ids, self.image_paths)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def read_image(self, i: int) -> np.ndarray:
+        """Image ``i`` as uint8 (H, W, 3) RGB."""
+        path = self.image_paths[i]
+        buf = _read_bytes(path)
+        if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(buf):
+            # Some OpenCV builds (cv2.imread) decode a truncated JPEG silently with grey rows; refuse it.
+            raise DataError(f"{path}: JPEG file is truncated; re-copy or re-export the image")
+        bgr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), _CV2_READ_FLAGS)
+        if bgr is None:
+            raise DataError(f"{path}: cannot decode the image (corrupt or not a PNG/JPEG); replace the file")
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+    def image_shape(self, i: int) -> tuple[int, int]:
+        """(H, W) of image ``i`` from its header, without decoding the pixels."""
+        path = self.image_paths[i]
+        try:
+            with Image.open(path) as im:
+                w, h = im.size
+        except (OSError, ValueError, SyntaxError) as e:
+            raise DataError(f"{path}: cannot read the image header ({e}); replace the file") from None
+        return h, w
+
+    def read_label(self, i: int) -> np.ndarray:
+        """Label ``i`` as (H, W) uint8 or uint16 class indices, validated against its image and classes."""
+        path = self.label_paths[i]
+        label = _decode_label(path)
+        shape = self.image_shape(i)
+        if label.shape != shape:
+            raise DataError(
+                f"{path}: label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
+                f"{self.image_paths[i].name} is {shape[1]}x{shape[0]}; labels must match their images"
+            )
+        _check_label_values(label, self.classes, path)
+        return label
+
+    def fingerprint(self) -> str:
+        """Hex SHA-256 identifying this split's content.
+
+        Covers every image and label file of the split (path relative to ROOT and full content,
+        in sorted order) and classes.json, so renaming, editing, adding or removing a file changes it.
+        """
+        h = hashlib.sha256()
+        files = sorted([*self.image_paths, *self.label_paths, self.root / CLASSES_FILE])
+        for path in files:
+            rel = path.relative_to(self.root).as_posix().encode("utf-8")
+            # Length-prefix each name and content so that no two file sets hash the same stream.
+            h.update(len(rel).to_bytes(8, "little") + rel)
+            h.update(path.stat().st_size.to_bytes(8, "little"))
+            with open(path, "rb") as f:
+                while chunk := f.read(_HASH_CHUNK):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def _list_images(images_dir: Path) -> tuple[list[str], list[Path]]:
+    if not images_dir.is_dir():
+        raise DataError(f"{images_dir}: split folder not found; put the images of this split there")
+    by_id: dict[str, Path] = {}
+    for p in images_dir.iterdir():
+        if p.name.startswith(".") or not p.is_file() or p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if p.stem in by_id:
+            raise DataError(f"{p}: another image has the id {p.stem!r} ({by_id[p.stem].name}); keep one of them")
+        by_id[p.stem] = p
+    if not by_id:
+        raise DataError(f"{images_dir}: no .png/.jpg/.jpeg images found; add the images of this split")
+    ids = sorted(by_id)
+    return ids, [by_id[i] for i in ids]
+
+
+def _match_labels(labels_dir: Path, ids: list[str], image_paths: list[Path]) -> list[Path]:
+    if not labels_dir.is_dir():
+        raise DataError(f"{labels_dir}: label folder not found; put one <id>.png label per image there")
+    paths = [labels_dir / f"{i}{LABEL_SUFFIX}" for i in ids]
+    for image, label in zip(image_paths, paths):
+        if not label.is_file():
+            raise DataError(f"{image}: no label file {label}; add it or remove the image")
+    return paths
+
+
+def _read_bytes(path: Path) -> bytes:
+    try:
+        return path.read_bytes()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the file ({e.strerror}); check that it exists and is readable") from None
+
+
+def _jpeg_complete(buf: bytes) -> bool:
+    """Whether an end-of-image marker follows the last start-of-scan (trailing data is allowed)."""
+    return buf.rfind(b"\xff\xd9") > buf.rfind(b"\xff\xda")
+
+
+def _decode_label(path: Path) -> np.ndarray:
+    # PIL rather than OpenCV: OpenCV expands palette ("P") PNGs to colours, PIL keeps the indices.
+    try:
+        with Image.open(path) as im:
+            mode = im.mode
+            arr = np.array(im)
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot decode the label PNG ({e}); replace the file") from None
+    if arr.ndim != 2:
+        raise DataError(
+            f"{path}: label has {arr.shape[2]} channels (mode {mode}); labels must be single-channel "
+            "class indices, not colour images; convert it to an 8-bit grayscale PNG of class indices"
+        )
+    if arr.dtype == np.bool_ or arr.dtype == np.uint8:
+        return arr.astype(np.uint8, copy=False)
+    if arr.min() < 0 or arr.max() > MAX_LABEL_VALUE:
+        raise DataError(f"{path}: label values must be in 0..{MAX_LABEL_VALUE}; save it as an 8- or 16-bit PNG")
+    return arr.astype(np.uint16, copy=False)
+
+
+def _check_label_values(label: np.ndarray, classes: ClassInfo, path: Path) -> None:
+    bad = (label >= classes.num_classes) & (label != classes.ignore_index)
+    if bad.any():
+        value = int(label[bad].min())
+        raise DataError(
+            f"{path}: label value {value} is outside 0..{classes.num_classes - 1} and is not the ignore "
+            f"label {classes.ignore_index}; fix the label file or classes.json"
+        )
+
+
+MaskFn = Callable[[int], np.ndarray]
+TransformFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+
+
+class SegmentationDataset(torch.utils.data.Dataset):
+    """Training samples from a :class:`FolderDataset`, optionally resized and with uncertainty masks.
+
+    ``size`` is (H, W). ``masks(index)`` gives a float32 (H, W) mask at the resized size.
+    ``transform`` maps ``{"image", "label"[, "iu"]}`` numpy arrays to the same keys, after resizing.
+    """
+
+    def __init__(
+        self,
+        folder: FolderDataset,
+        size: tuple[int, int] | None = None,
+        masks: MaskFn | None = None,
+        transform: TransformFn | None = None,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+    ) -> None:
+        self.folder = folder
+        self.size = None if size is None else (int(size[0]), int(size[1]))
+        self.masks = masks
+        self.transform = transform
+        self.mean = np.asarray(mean, dtype=np.float32)
+        self.std = np.asarray(std, dtype=np.float32)
+
+    def __len__(self) -> int:
+        return len(self.folder)
+
+    def sample_shape(self, i: int) -> tuple[int, int]:
+        """(H, W) of sample ``i``: ``size`` if given, else the image's own shape."""
+        return self.size if self.size is not None else self.folder.image_shape(i)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        sample = self._load_arrays(i)
+        if self.transform is not None:
+            sample = self.transform(sample)
+        return self._to_tensors(sample, i)
+
+    def _load_arrays(self, i: int) -> dict[str, np.ndarray]:
+        image = self.folder.read_image(i)
+        label = self.folder.read_label(i)
+        if self.size is not None and image.shape[:2] != self.size:
+            h, w = self.size
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            # Nearest keeps labels inside the label set: no blended, meaningless class values.
+            label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+        sample = {"image": image, "label": label}
+        if self.masks is not None:
+            sample["iu"] = self._load_mask(i, label.shape)
+        return sample
+
+    def _load_mask(self, i: int, shape: tuple[int, ...]) -> np.ndarray:
+        mask = np.asarray(self.masks(i), dtype=np.float32)
+        if mask.shape != shape:
+            raise DataError(
+                f"{self.folder.image_paths[i]}: uncertainty mask is {tuple(mask.shape)} but the training sample "
+                f"is {tuple(shape)}; the mask store was made at another size, rebuild it at this size"
+            )
+        return mask
+
+    def _to_tensors(self, sample: dict[str, np.ndarray], i: int) -> dict[str, Any]:
+        image = (sample["image"].astype(np.float32) / 255.0 - self.mean) / self.std
+        out: dict[str, Any] = {
+            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "label": torch.from_numpy(np.ascontiguousarray(sample["label"]).astype(np.int64)),
+            "index": int(i),
+        }
+        if "iu" in sample:
+            out["iu"] = torch.from_numpy(np.ascontiguousarray(sample["iu"], dtype=np.float32))
+        return out

@@ -1,0 +1,382 @@
+"""A small synthetic road-scene dataset, so that everything runs on a fresh machine without data.
+
+Scenes have sky, buildings with windows, a road in perspective with sidewalks beside it,
+vegetation and small instances (poles, signs, persons, bicycles, cars). Class frequencies are
+imbalanced like CamVid's. ``domain="shifted"`` renders the same scenes darker, foggier and
+noisier, for domain-shift evaluation. Output is the generic folder format of
+:mod:`iumask.data.folder`; identical arguments give byte-identical files.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+
+from iumask.data.folder import CLASSES_FILE, ClassInfo
+from iumask.errors import IumaskError
+
+SKY, BUILDING, ROAD, SIDEWALK, VEGETATION, POLE, SIGN, PERSON, BICYCLE, CAR = range(10)
+IGNORE = 255
+
+SYNTHETIC_CLASSES = ClassInfo(
+    names=("sky", "building", "road", "sidewalk", "vegetation", "pole", "sign", "person", "bicycle", "car"),
+    # CamVid's display colours for the same classes.
+    colors=(
+        (128, 128, 128), (128, 0, 0), (128, 64, 128), (0, 0, 192), (128, 128, 0),
+        (192, 192, 128), (192, 128, 128), (64, 64, 0), (0, 128, 192), (64, 0, 128),
+    ),
+    ignore_index=IGNORE,
+)
+
+MANIFEST_FILE = "synthetic.json"
+GENERATOR_VERSION = 1  # bump when the rendering changes, so old folders are regenerated
+DOMAINS = ("source", "shifted")
+SPLITS = ("train", "val")
+
+# Rendering colours (RGB). Deliberately close for some classes (road/sidewalk/building/pole,
+# vegetation/person, car/building) so that colour alone does not solve the task.
+_BASE_COLORS = np.array([
+    (150, 172, 198),  # sky
+    (128, 112, 100),  # building
+    (96, 92, 102),    # road
+    (138, 130, 124),  # sidewalk
+    (72, 108, 52),    # vegetation
+    (112, 110, 106),  # pole
+    (190, 60, 50),    # sign (replaced per sign)
+    (90, 80, 70),     # person (replaced per person)
+    (55, 55, 60),     # bicycle
+    (150, 40, 40),    # car (replaced per car)
+], dtype=np.float32)
+_SIGN_COLORS = ((200, 40, 40), (40, 70, 170), (220, 190, 40), (230, 230, 230))
+_CLOTHES_COLORS = ((40, 40, 50), (120, 40, 40), (60, 90, 60), (150, 140, 120), (50, 60, 110), (110, 100, 95))
+_CAR_COLORS = ((160, 35, 35), (35, 50, 120), (200, 200, 200), (40, 40, 40), (120, 120, 125), (130, 115, 95))
+# Texture amplitudes per label value: low-frequency blotches and per-pixel grain.
+_LOW_AMP = np.full(256, 6.0, dtype=np.float32)
+_LOW_AMP[:10] = (4, 12, 10, 8, 22, 4, 3, 6, 4, 6)
+_GRAIN_AMP = np.full(256, 10.0, dtype=np.float32)
+_GRAIN_AMP[:10] = (2, 6, 8, 5, 16, 4, 3, 6, 5, 4)
+
+
+def generate_synthetic(
+    root: str | Path,
+    num_train: int = 48,
+    num_val: int = 16,
+    height: int = 96,
+    width: int = 128,
+    seed: int = 0,
+    domain: str = "source",
+    overwrite: bool = False,
+) -> Path:
+    """Write a synthetic dataset (splits "train" and "val") to ``root`` and return ``root``.
+
+    A folder already holding exactly this dataset is left untouched. A previous synthetic
+    dataset with other arguments is replaced; any other non-empty folder is refused unless
+    ``overwrite`` (which replaces images/, labels/ and classes.json only). The same seed gives
+    the same scenes in both domains, so a domain shift is purely photometric.
+    """
+    params = _params(num_train, num_val, height, width, seed, domain)
+    root = Path(root)
+    state = _folder_state(root, params)
+    if state == "same":
+        return root
+    if state == "foreign" and not overwrite:
+        raise IumaskError(
+            f"{root}: directory is not empty and holds no synthetic dataset; "
+            "choose an empty or new directory, or pass overwrite=True (--overwrite)"
+        )
+    _clear(root)
+    _write(root, params)
+    return root
+
+
+def _params(num_train: int, num_val: int, height: int, width: int, seed: int, domain: str) -> dict[str, Any]:
+    for name, value, low in (("num_train", num_train, 1), ("num_val", num_val, 1),
+                             ("height", height, 32), ("width", width, 32), ("seed", seed, 0)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise IumaskError(f"synthetic dataset: {name} must be an integer >= {low}, got {value!r}")
+    if domain not in DOMAINS:
+        raise IumaskError(f"synthetic dataset: domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
+    return {"generator": "iumask.synthetic", "version": GENERATOR_VERSION, "seed": seed, "num_train": num_train,
+            "num_val": num_val, "height": height, "width": width, "domain": domain}
+
+
+def _sample_ids(params: dict[str, Any]) -> dict[str, list[str]]:
+    return {split: [f"{split}_{i:04d}" for i in range(params[f"num_{split}"])] for split in SPLITS}
+
+
+def _folder_state(root: Path, params: dict[str, Any]) -> str:
+    """"empty", "same" (holds exactly this dataset), "synthetic" (another one) or "foreign"."""
+    if root.exists() and not root.is_dir():
+        raise IumaskError(f"{root}: is a file, not a directory; choose a directory for the dataset")
+    if not root.exists() or not any(root.iterdir()):
+        return "empty"
+    try:
+        manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return "foreign"
+    if not isinstance(manifest, dict) or manifest.get("generator") != "iumask.synthetic":
+        return "foreign"
+    return "same" if manifest == params and _files_complete(root, params) else "synthetic"
+
+
+def _files_complete(root: Path, params: dict[str, Any]) -> bool:
+    for split, ids in _sample_ids(params).items():
+        for kind in ("images", "labels"):
+            if sorted(p.stem for p in (root / kind / split).glob("*.png")) != ids:
+                return False
+    return (root / CLASSES_FILE).is_file()
+
+
+def _clear(root: Path) -> None:
+    # The manifest goes first so that an interrupted run never looks complete.
+    for name in (MANIFEST_FILE, CLASSES_FILE):
+        (root / name).unlink(missing_ok=True)
+    for name in ("images", "labels"):
+        shutil.rmtree(root / name, ignore_errors=True)
+
+
+def _write(root: Path, params: dict[str, Any]) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / CLASSES_FILE).write_text(json.dumps(SYNTHETIC_CLASSES.to_dict(), indent=2) + "\n", encoding="utf-8")
+    for split_code, (split, ids) in enumerate(_sample_ids(params).items()):
+        (root / "images" / split).mkdir(parents=True, exist_ok=True)
+        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
+        for i, sample_id in enumerate(ids):
+            rng = np.random.default_rng([params["seed"], split_code, i])
+            image, label = render_scene(rng, params["height"], params["width"], params["domain"])
+            _imwrite(root / "images" / split / f"{sample_id}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+            _imwrite(root / "labels" / split / f"{sample_id}.png", label)
+    (root / MANIFEST_FILE).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+
+
+def _imwrite(path: Path, array: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), array, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
+        raise IumaskError(f"{path}: cannot write the file; check that the directory is writable")
+
+
+class _Canvas:
+    """Draws every shape into the RGB image and the label map together, so they stay aligned."""
+
+    def __init__(self, height: int, width: int) -> None:
+        self.h, self.w = height, width
+        self.image = np.zeros((height, width, 3), dtype=np.float32)
+        self.label = np.full((height, width), SIDEWALK, dtype=np.uint8)
+
+    def poly(self, pts: np.ndarray, color: Any, cls: int) -> None:
+        pts = np.round(pts).astype(np.int32)
+        cv2.fillPoly(self.image, [pts], _color(color))
+        cv2.fillPoly(self.label, [pts], cls)
+
+    def rect(self, x0: float, y0: float, x1: float, y1: float, color: Any, cls: int) -> None:
+        self.poly(np.array([(x0, y0), (x1, y0), (x1, y1), (x0, y1)]), color, cls)
+
+    def ellipse(self, cx: float, cy: float, ax: float, ay: float, color: Any, cls: int, thickness: int = -1) -> None:
+        args = ((round(cx), round(cy)), (max(1, round(ax)), max(1, round(ay))), 0, 0, 360)
+        cv2.ellipse(self.image, *args, _color(color), thickness)
+        cv2.ellipse(self.label, *args, cls, thickness)
+
+    def line(self, p0: tuple[float, float], p1: tuple[float, float], color: Any, cls: int, thickness: int = 1) -> None:
+        a, b = (round(p0[0]), round(p0[1])), (round(p1[0]), round(p1[1]))
+        cv2.line(self.image, a, b, _color(color), thickness)
+        cv2.line(self.label, a, b, cls, thickness)
+
+
+def _color(c: Any) -> tuple[float, float, float]:
+    return tuple(float(v) for v in c)  # type: ignore[return-value]
+
+
+def _jitter(rng: np.random.Generator, color: Any, sigma: float = 12.0) -> np.ndarray:
+    return np.clip(np.asarray(color, dtype=np.float32) + rng.normal(0, sigma, 3), 0, 255)
+
+
+def render_scene(rng: np.random.Generator, height: int, width: int, domain: str = "source") -> tuple[np.ndarray, np.ndarray]:
+    """One scene: uint8 (H, W, 3) RGB image and uint8 (H, W) label (255 = ignore)."""
+    canvas = _Canvas(height, width)
+    colors = np.stack([_jitter(rng, c) for c in _BASE_COLORS])
+    horizon = int(height * rng.uniform(0.36, 0.5))
+    _draw_sky(canvas, colors[SKY], horizon)
+    canvas.image[horizon:] = colors[SIDEWALK]
+    _draw_buildings(rng, canvas, colors[BUILDING], horizon)
+    road = _draw_road(rng, canvas, colors[ROAD], horizon)
+    _draw_vegetation(rng, canvas, colors[VEGETATION], horizon, road)
+    _draw_objects(rng, canvas, colors, horizon, road)
+    image = _finish(rng, canvas, domain)
+    return image, canvas.label
+
+
+def _draw_sky(canvas: _Canvas, color: np.ndarray, horizon: int) -> None:
+    canvas.label[:horizon] = SKY
+    # Brighter towards the horizon, like a real sky.
+    t = np.linspace(0.85, 1.1, max(horizon, 1), dtype=np.float32)[:, None, None]
+    canvas.image[:horizon] = np.clip(color * t, 0, 255)
+
+
+def _draw_buildings(rng: np.random.Generator, canvas: _Canvas, color: np.ndarray, horizon: int) -> None:
+    h, w = canvas.h, canvas.w
+    x = int(rng.integers(-w // 10, 1))
+    while x < w:
+        bw = int(w * rng.uniform(0.12, 0.3))
+        if rng.random() > 0.15:  # occasional gaps show the sky
+            top = horizon - int(h * rng.uniform(0.08, 0.38))
+            bottom = horizon + int(h * rng.uniform(0.02, 0.06))
+            canvas.rect(x, top, x + bw - 1, bottom, _jitter(rng, color, 18), BUILDING)
+            _draw_windows(rng, canvas, max(x, 0), max(top, 0), min(x + bw - 1, w - 1), bottom)
+        x += bw
+
+
+def _draw_windows(rng: np.random.Generator, canvas: _Canvas, x0: int, y0: int, x1: int, y1: int) -> None:
+    """A grid of windows: texture only, the label stays building."""
+    sx, sy = int(rng.integers(5, 9)), int(rng.integers(5, 9))
+    region = canvas.image[y0 + 2:y1 - 2, x0 + 2:x1 - 1]
+    yy, xx = np.ogrid[:region.shape[0], :region.shape[1]]
+    windows = (yy % sy < sy // 2) & (xx % sx < sx // 2)
+    region[windows] = region[windows] * rng.uniform(0.45, 0.75) + rng.uniform(0, 40)
+
+
+def _draw_road(rng: np.random.Generator, canvas: _Canvas, color: np.ndarray, horizon: int) -> np.ndarray:
+    """A perspective trapezoid; returns its corners (top-left, top-right, bottom-right, bottom-left)."""
+    h, w = canvas.h, canvas.w
+    vx, half_top = w * rng.uniform(0.35, 0.65), w * rng.uniform(0.03, 0.08)
+    left, right = w * rng.uniform(-0.25, 0.15), w * rng.uniform(0.85, 1.25)
+    road = np.array([(vx - half_top, horizon), (vx + half_top, horizon), (right, h - 1), (left, h - 1)])
+    canvas.poly(road, color, ROAD)
+    # Dashed centre line: texture only (labelled road, as in CamVid's road class).
+    mid_bottom = (left + right) / 2
+    for t0 in np.arange(rng.uniform(0.05, 0.2), 1.0, 0.22):
+        t1 = min(t0 + 0.1, 1.0)
+        p0 = (vx + (mid_bottom - vx) * t0, horizon + (h - 1 - horizon) * t0)
+        p1 = (vx + (mid_bottom - vx) * t1, horizon + (h - 1 - horizon) * t1)
+        cv2.line(canvas.image, (round(p0[0]), round(p0[1])), (round(p1[0]), round(p1[1])),
+                 (200.0, 200.0, 190.0), max(1, round(2 * t1)))
+    return road
+
+
+def _road_span(road: np.ndarray, y: float) -> tuple[float, float]:
+    """Left and right road edges at row ``y``."""
+    t = (y - road[0, 1]) / max(road[3, 1] - road[0, 1], 1.0)
+    return road[0, 0] + (road[3, 0] - road[0, 0]) * t, road[1, 0] + (road[2, 0] - road[1, 0]) * t
+
+
+def _draw_vegetation(rng: np.random.Generator, canvas: _Canvas, color: np.ndarray, horizon: int, road: np.ndarray) -> None:
+    h, w = canvas.h, canvas.w
+    for _ in range(int(rng.integers(1, 5))):
+        cx = rng.choice([rng.uniform(-0.05, 0.3), rng.uniform(0.7, 1.05)]) * w
+        cy = horizon - h * rng.uniform(-0.05, 0.18)
+        canvas.ellipse(cx, cy, w * rng.uniform(0.04, 0.13), h * rng.uniform(0.05, 0.14), _jitter(rng, color, 15), VEGETATION)
+    # Foliage edges are ambiguous: a one-pixel ignore ring around vegetation, like CamVid's void.
+    veg = canvas.label == VEGETATION
+    ring = cv2.dilate(veg.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~veg
+    canvas.label[ring] = IGNORE
+
+
+def _draw_objects(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, horizon: int, road: np.ndarray) -> None:
+    """Small instances, drawn far to near so that nearer ones occlude farther ones."""
+    objects = []
+    for kind, low, high in ((CAR, 0, 4), (PERSON, 0, 4), (BICYCLE, 0, 3), (POLE, 1, 4)):
+        for _ in range(int(rng.integers(low, high))):
+            objects.append((horizon + (canvas.h - horizon) * rng.uniform(0.08, 0.95), kind))
+    for ground, kind in sorted(objects):
+        scale = (ground - horizon) / (canvas.h - horizon)
+        _DRAWERS[kind](rng, canvas, colors, ground, scale, road)
+
+
+def _sidewalk_x(rng: np.random.Generator, canvas: _Canvas, road: np.ndarray, y: float, margin: float) -> float:
+    left, right = _road_span(road, y)
+    sides = [s for s in ((margin, left - margin), (right + margin, canvas.w - 1 - margin)) if s[1] > s[0]]
+    if not sides:  # road covers the row: stand at its edge
+        return left if rng.random() < 0.5 else right
+    lo, hi = sides[int(rng.integers(len(sides)))]
+    return rng.uniform(lo, hi)
+
+
+def _draw_car(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, ground: float, scale: float,
+              road: np.ndarray) -> None:
+    cw = max(6.0, scale * canvas.w * 0.4)
+    ch = cw * rng.uniform(0.45, 0.6)
+    left, right = _road_span(road, ground)
+    cx = rng.uniform(left + cw / 2, max(left + cw / 2, right - cw / 2) + 1e-3)
+    body = _jitter(rng, _CAR_COLORS[int(rng.integers(len(_CAR_COLORS)))], 10)
+    x0, x1 = cx - cw / 2, cx + cw / 2
+    canvas.rect(x0, ground - ch * 0.6, x1, ground - ch * 0.1, body, CAR)
+    canvas.poly(np.array([(x0 + cw * 0.15, ground - ch * 0.6), (x0 + cw * 0.28, ground - ch),
+                          (x1 - cw * 0.25, ground - ch), (x1 - cw * 0.1, ground - ch * 0.6)]), body * 0.9, CAR)
+    cv2.rectangle(canvas.image, (round(x0 + cw * 0.3), round(ground - ch * 0.92)),
+                  (round(x1 - cw * 0.28), round(ground - ch * 0.65)), (35.0, 40.0, 50.0), -1)  # windows
+    for wx in (x0 + cw * 0.22, x1 - cw * 0.22):
+        canvas.ellipse(wx, ground - ch * 0.12, ch * 0.16, ch * 0.16, (25, 25, 25), CAR)
+
+
+def _draw_person(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, ground: float, scale: float,
+                 road: np.ndarray) -> None:
+    ph = max(6.0, scale * canvas.h * 0.45)
+    pw = ph * 0.28
+    x = _sidewalk_x(rng, canvas, road, ground, pw)
+    clothes = _jitter(rng, _CLOTHES_COLORS[int(rng.integers(len(_CLOTHES_COLORS)))], 10)
+    leg = max(1, round(pw * 0.3))
+    canvas.line((x - pw * 0.2, ground - ph * 0.45), (x - pw * 0.25, ground), clothes * 0.7, PERSON, leg)
+    canvas.line((x + pw * 0.2, ground - ph * 0.45), (x + pw * 0.25, ground), clothes * 0.7, PERSON, leg)
+    canvas.ellipse(x, ground - ph * 0.6, pw / 2, ph * 0.2, clothes, PERSON)
+    canvas.ellipse(x, ground - ph * 0.88, pw * 0.3, ph * 0.1, _jitter(rng, (170, 130, 110), 20), PERSON)
+
+
+def _draw_bicycle(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, ground: float, scale: float,
+                  road: np.ndarray) -> None:
+    bw = max(7.0, scale * canvas.w * 0.16)
+    r = bw * 0.24
+    x = _sidewalk_x(rng, canvas, road, ground, bw / 2)
+    frame = _jitter(rng, colors[BICYCLE], 15)
+    wheels = ((x - bw / 2 + r, ground - r), (x + bw / 2 - r, ground - r))
+    for cx, cy in wheels:
+        canvas.ellipse(cx, cy, r, r, frame, BICYCLE, thickness=1)
+    seat, bar = (x - bw * 0.05, ground - r * 2.4), (x + bw * 0.25, ground - r * 2.6)
+    for p0, p1 in ((wheels[0], seat), (seat, (x, ground - r)), ((x, ground - r), wheels[1]),
+                   ((x, ground - r), bar), (bar, wheels[1])):
+        canvas.line(p0, p1, frame, BICYCLE, 1)
+
+
+def _draw_pole(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, ground: float, scale: float,
+               road: np.ndarray) -> None:
+    x = _sidewalk_x(rng, canvas, road, ground, 2)
+    top = ground - canvas.h * (0.3 + 0.6 * scale) * rng.uniform(0.7, 1.0)
+    canvas.line((x, ground), (x, top), _jitter(rng, colors[POLE], 10), POLE, max(1, round(3 * scale)))
+    if rng.random() < 0.7:
+        s = max(3.0, 9 * scale)
+        color = _jitter(rng, _SIGN_COLORS[int(rng.integers(len(_SIGN_COLORS)))], 10)
+        if rng.random() < 0.5:
+            canvas.ellipse(x, top + s / 2, s / 2, s / 2, color, SIGN)
+        else:
+            canvas.rect(x - s / 2, top, x + s / 2, top + s * 0.8, color, SIGN)
+
+
+_DRAWERS = {CAR: _draw_car, PERSON: _draw_person, BICYCLE: _draw_bicycle, POLE: _draw_pole}
+
+
+def _finish(rng: np.random.Generator, canvas: _Canvas, domain: str) -> np.ndarray:
+    """Textures, camera blur and noise, then the domain's photometric changes."""
+    h, w = canvas.h, canvas.w
+    label = canvas.label
+    blotches = cv2.resize(rng.normal(size=(h // 8 + 1, w // 8 + 1)).astype(np.float32), (w, h))
+    grain = rng.normal(size=(h, w)).astype(np.float32)
+    image = canvas.image + (blotches * _LOW_AMP[label] + grain * _GRAIN_AMP[label])[..., None]
+    tiles = (np.arange(h)[:, None] % 6 == 0) & (label == SIDEWALK)  # paving joints
+    image[tiles] *= 0.8
+    image = cv2.GaussianBlur(image, (3, 3), 0.7) * rng.uniform(0.8, 1.15)
+    if domain == "shifted":
+        image = _shift_domain(rng, image)
+        sigma = 14.0
+    else:
+        sigma = 6.0
+    image = image + rng.normal(0, sigma, image.shape).astype(np.float32)
+    return np.clip(np.round(image), 0, 255).astype(np.uint8)
+
+
+def _shift_domain(rng: np.random.Generator, image: np.ndarray) -> np.ndarray:
+    """Darker, with fog that is densest at the top (far away) of the frame."""
+    image = image * rng.uniform(0.5, 0.65)
+    fog = np.linspace(0.55, 0.15, image.shape[0], dtype=np.float32)[:, None, None]
+    return image * (1 - fog) + rng.uniform(105, 125) * fog

@@ -1,0 +1,343 @@
+"""Tests for the folder dataset format, SegmentationDataset and the synthetic generator."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset, load_classes
+from iumask.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
+from iumask.errors import DataError, IumaskError
+
+NAMES = ["background", "road", "car"]
+
+
+def write_image(path: Path, image: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+
+
+def write_label(path: Path, label: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    assert cv2.imwrite(str(path), label)
+
+
+def make_folder(root: Path, ids=("b", "a", "c"), shape=(12, 16), classes=None) -> Path:
+    """A tiny dataset with split "train"; image i has constant colour 10*i, labels cycle 0..2 and 255."""
+    (root / "classes.json").parent.mkdir(parents=True, exist_ok=True)
+    (root / "classes.json").write_text(json.dumps(classes or {"names": NAMES}))
+    h, w = shape
+    for k, sample_id in enumerate(ids):
+        write_image(root / "images" / "train" / f"{sample_id}.png", np.full((h, w, 3), 10 * k, np.uint8))
+        label = (np.arange(h * w).reshape(h, w) % 3).astype(np.uint8)
+        label[0, 0] = 255
+        write_label(root / "labels" / "train" / f"{sample_id}.png", label)
+    return root
+
+
+def raises_naming(fragment: str):
+    return pytest.raises(DataError, match=fragment.replace(".", r"\."))
+
+
+# ---------------------------------------------------------------- classes.json
+
+
+def test_load_classes_defaults_and_roundtrip(tmp_path):
+    make_folder(tmp_path)
+    info = load_classes(tmp_path)
+    assert info.names == tuple(NAMES) and info.num_classes == 3 and info.ignore_index == 255
+    assert info.colors is None
+    again = ClassInfo.from_dict(json.loads(json.dumps(SYNTHETIC_CLASSES.to_dict())))
+    assert again == SYNTHETIC_CLASSES
+
+
+def test_palette_uses_colors_and_blacks_out_ignore():
+    info = ClassInfo(names=("a", "b"), colors=((1, 2, 3), (4, 5, 6)), ignore_index=255)
+    pal = info.palette()
+    assert pal.shape == (256, 3) and pal.dtype == np.uint8
+    assert pal[0].tolist() == [1, 2, 3] and pal[1].tolist() == [4, 5, 6] and pal[255].tolist() == [0, 0, 0]
+    default = ClassInfo(names=("a", "b", "c")).palette()
+    assert len({tuple(c) for c in default[:3]}) == 3  # distinct default colours
+    np.testing.assert_array_equal(default, ClassInfo(names=("a", "b", "c")).palette())
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [
+        (None, "not found"),
+        ("{not json", "not valid JSON"),
+        ('{"colors": []}', "missing \"names\""),
+        ('{"names": ["a", "a"]}', "appears twice"),
+        ('{"names": ["a", "b"], "ignore_index": 1}', "is a class index"),
+        ('{"names": ["a", "b"], "colors": [[1, 2, 3]]}', "one \\[r, g, b\\] per class"),
+        ('{"names": ["a"], "colors": [[1, 2, 300]]}', "integers in 0..255"),
+        ('{"names": "a"}', "non-empty list"),
+    ],
+)
+def test_bad_classes_json(tmp_path, content, fragment):
+    if content is not None:
+        (tmp_path / "classes.json").write_text(content)
+    with pytest.raises(DataError, match=fragment) as info:
+        load_classes(tmp_path)
+    message = str(info.value)
+    assert "classes.json" in message and "\n" not in message
+
+
+# ---------------------------------------------------------------- FolderDataset
+
+
+def test_folder_reads_sorted_ids_shapes_and_dtypes(tmp_path):
+    ds = FolderDataset(make_folder(tmp_path), "train")
+    assert ds.ids == ["a", "b", "c"] and len(ds) == 3
+    assert [p.name for p in ds.image_paths] == ["a.png", "b.png", "c.png"]
+    assert [p.name for p in ds.label_paths] == ["a.png", "b.png", "c.png"]
+    image, label = ds.read_image(0), ds.read_label(0)
+    assert image.shape == (12, 16, 3) and image.dtype == np.uint8
+    assert image[0, 0].tolist() == [10, 10, 10]  # "a" was written second (k=1)
+    assert label.shape == (12, 16) and label.dtype == np.uint8
+    assert set(np.unique(label).tolist()) == {0, 1, 2, 255}
+    assert ds.image_shape(2) == (12, 16)
+
+
+def test_rgb_channel_order(tmp_path):
+    root = make_folder(tmp_path, ids=("a",))
+    image = np.zeros((12, 16, 3), np.uint8)
+    image[..., 0] = 200  # red
+    write_image(root / "images" / "train" / "a.png", image)
+    assert FolderDataset(root, "train").read_image(0)[0, 0].tolist() == [200, 0, 0]
+
+
+def test_jpeg_images_and_16bit_labels(tmp_path):
+    classes = {"names": [f"c{i}" for i in range(300)], "ignore_index": 65535}
+    root = make_folder(tmp_path, ids=("a",), classes=classes)
+    (root / "images" / "train" / "a.png").unlink()
+    write_image(root / "images" / "train" / "a.jpg", np.full((12, 16, 3), 128, np.uint8))
+    label = np.full((12, 16), 299, np.uint16)
+    label[0, 0] = 65535
+    write_label(root / "labels" / "train" / "a.png", label)
+    ds = FolderDataset(root, "train")
+    assert ds.image_paths[0].name == "a.jpg" and ds.read_image(0).shape == (12, 16, 3)
+    read = ds.read_label(0)
+    assert read.dtype == np.uint16 and read.max() == 65535 and read[1, 1] == 299
+
+
+def test_missing_split_folder(tmp_path):
+    make_folder(tmp_path)
+    with raises_naming("images/val"):
+        FolderDataset(tmp_path, "val")
+
+
+def test_empty_split(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "images" / "empty").mkdir()
+    with raises_naming("images/empty"):
+        FolderDataset(tmp_path, "empty")
+
+
+def test_image_without_label(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "labels" / "train" / "b.png").unlink()
+    with raises_naming("b.png"):
+        FolderDataset(tmp_path, "train")
+
+
+def test_label_of_wrong_size(tmp_path):
+    make_folder(tmp_path)
+    write_label(tmp_path / "labels" / "train" / "b.png", np.zeros((12, 15), np.uint8))
+    ds = FolderDataset(tmp_path, "train")
+    with pytest.raises(DataError, match="b.png") as info:
+        ds.read_label(1)
+    assert "15x12" in str(info.value) and "16x12" in str(info.value)
+
+
+def test_three_channel_label(tmp_path):
+    make_folder(tmp_path)
+    write_image(tmp_path / "labels" / "train" / "c.png", np.zeros((12, 16, 3), np.uint8))
+    with pytest.raises(DataError, match="c.png") as info:
+        FolderDataset(tmp_path, "train").read_label(2)
+    assert "single-channel" in str(info.value)
+
+
+def test_label_value_out_of_range(tmp_path):
+    make_folder(tmp_path)
+    label = np.zeros((12, 16), np.uint8)
+    label[3, 4] = 17
+    write_label(tmp_path / "labels" / "train" / "a.png", label)
+    with pytest.raises(DataError, match="a.png") as info:
+        FolderDataset(tmp_path, "train").read_label(0)
+    message = str(info.value)
+    assert "17" in message and "0..2" in message and "255" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_truncated_image(tmp_path, suffix):
+    make_folder(tmp_path)
+    (tmp_path / "images" / "train" / "b.png").unlink()
+    path = tmp_path / "images" / "train" / f"b{suffix}"
+    # Large enough that the cut lands in the pixel data, not the headers.
+    write_image(path, np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    data = path.read_bytes()
+    cut = len(data) * 3 // 4
+    if suffix == ".jpg":
+        assert data.find(b"\xff\xda") < cut
+    path.write_bytes(data[:cut])
+    ds = FolderDataset(tmp_path, "train")
+    with raises_naming(path.name):
+        ds.read_image(1)
+
+
+def test_garbage_image(tmp_path):
+    make_folder(tmp_path)
+    (tmp_path / "images" / "train" / "c.png").write_bytes(b"this is not a png")
+    ds = FolderDataset(tmp_path, "train")
+    with raises_naming("c.png"):
+        ds.read_image(2)
+    with raises_naming("c.png"):
+        ds.read_label(2)  # the size check reads the image header
+
+
+def test_fingerprint(tmp_path):
+    make_folder(tmp_path)
+    first = FolderDataset(tmp_path, "train").fingerprint()
+    assert len(first) == 64 and first == FolderDataset(tmp_path, "train").fingerprint()
+    path = tmp_path / "labels" / "train" / "c.png"
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    label[5, 5] = (label[5, 5] + 1) % 3
+    write_label(path, label)
+    changed = FolderDataset(tmp_path, "train").fingerprint()
+    assert changed != first
+    # Renaming a sample (same bytes) also changes it.
+    for kind in ("images", "labels"):
+        (tmp_path / kind / "train" / "c.png").rename(tmp_path / kind / "train" / "d.png")
+    assert FolderDataset(tmp_path, "train").fingerprint() not in (first, changed)
+
+
+# ---------------------------------------------------------------- SegmentationDataset
+
+
+def test_segmentation_dataset_native_size(tmp_path):
+    seg = SegmentationDataset(FolderDataset(make_folder(tmp_path), "train"))
+    sample = seg[1]
+    assert sample["index"] == 1 and "iu" not in sample
+    assert sample["image"].shape == (3, 12, 16) and str(sample["image"].dtype) == "torch.float32"
+    assert sample["label"].shape == (12, 16) and str(sample["label"].dtype) == "torch.int64"
+    # "b" is constant 0: normalised to -mean/std per channel.
+    expected = -np.array([0.485, 0.456, 0.406]) / np.array([0.229, 0.224, 0.225])
+    np.testing.assert_allclose(sample["image"][:, 0, 0].numpy(), expected, rtol=1e-5)
+    assert seg.sample_shape(0) == (12, 16)
+
+
+def test_segmentation_dataset_resize_keeps_label_set(tmp_path):
+    seg = SegmentationDataset(FolderDataset(make_folder(tmp_path), "train"), size=(29, 37))
+    sample = seg[0]
+    assert sample["image"].shape == (3, 29, 37) and sample["label"].shape == (29, 37)
+    assert set(sample["label"].unique().tolist()) <= {0, 1, 2, 255}
+    assert seg.sample_shape(0) == (29, 37)
+
+
+def test_masks_are_returned_and_shape_checked(tmp_path):
+    folder = FolderDataset(make_folder(tmp_path), "train")
+    seg = SegmentationDataset(folder, size=(6, 8), masks=lambda i: np.full((6, 8), i / 10, np.float32))
+    sample = seg[2]
+    assert sample["iu"].shape == (6, 8) and str(sample["iu"].dtype) == "torch.float32"
+    assert float(sample["iu"][0, 0]) == pytest.approx(0.2)
+    wrong = SegmentationDataset(folder, size=(6, 8), masks=lambda i: np.zeros((12, 16), np.float32))
+    with pytest.raises(DataError, match="another size") as info:
+        wrong[0]
+    assert "a.png" in str(info.value)
+
+
+def test_transform_gets_aligned_arrays(tmp_path):
+    folder = FolderDataset(make_folder(tmp_path), "train")
+    seen = {}
+
+    def flip(sample):
+        seen.update(sample)
+        return {k: np.ascontiguousarray(v[:, ::-1]) for k, v in sample.items()}
+
+    masks = lambda i: np.arange(6 * 8, dtype=np.float32).reshape(6, 8)  # noqa: E731
+    seg = SegmentationDataset(folder, size=(6, 8), masks=masks, transform=flip)
+    sample = seg[0]
+    assert set(seen) == {"image", "label", "iu"}
+    assert seen["image"].shape == (6, 8, 3) and seen["image"].dtype == np.uint8
+    assert seen["label"].shape == (6, 8) and seen["iu"].shape == (6, 8) and seen["iu"].dtype == np.float32
+    np.testing.assert_array_equal(sample["label"].numpy(), seen["label"][:, ::-1])
+    np.testing.assert_array_equal(sample["iu"].numpy(), seen["iu"][:, ::-1])
+
+
+# ---------------------------------------------------------------- synthetic generator
+
+
+@pytest.fixture(scope="module")
+def synthetic_root(tmp_path_factory) -> Path:
+    return generate_synthetic(tmp_path_factory.mktemp("syn") / "data", seed=3)
+
+
+def all_files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_synthetic_is_a_valid_folder_dataset(synthetic_root):
+    train, val = FolderDataset(synthetic_root, "train"), FolderDataset(synthetic_root, "val")
+    assert (len(train), len(val)) == (48, 16)
+    assert train.classes == SYNTHETIC_CLASSES
+    assert train.read_image(0).shape == (96, 128, 3) and train.read_label(0).shape == (96, 128)
+
+
+def test_synthetic_is_deterministic(tmp_path, synthetic_root):
+    again = generate_synthetic(tmp_path / "again", seed=3)
+    assert all_files(again) == all_files(synthetic_root)
+    other = generate_synthetic(tmp_path / "other", num_train=2, num_val=1, seed=4)
+    assert all_files(other)["images/train/train_0000.png"] != all_files(synthetic_root)["images/train/train_0000.png"]
+
+
+def test_synthetic_class_balance(synthetic_root):
+    train = FolderDataset(synthetic_root, "train")
+    counts = sum(np.bincount(train.read_label(i).ravel(), minlength=256) for i in range(len(train)))
+    labelled = counts[:10] / counts[:10].sum()
+    assert (labelled > 0).all(), "every class appears in train"
+    assert labelled.min() < 0.01, "the rarest class is under 1% like CamVid's"
+    assert labelled.max() > 0.15
+    assert 0 < counts[255] / counts.sum() < 0.05
+
+
+def test_shifted_domain_is_darker(tmp_path, synthetic_root):
+    shifted = generate_synthetic(tmp_path / "shifted", num_train=8, num_val=1, seed=3, domain="shifted")
+    src, dst = FolderDataset(synthetic_root, "train"), FolderDataset(shifted, "train")
+    src_mean = np.mean([src.read_image(i).mean() for i in range(8)])
+    dst_mean = np.mean([dst.read_image(i).mean() for i in range(8)])
+    assert dst_mean < src_mean - 10
+    # Same scenes: only appearance changes.
+    np.testing.assert_array_equal(dst.read_label(0), src.read_label(0))
+
+
+def test_regenerate_is_noop_and_other_params_replace(tmp_path):
+    root = generate_synthetic(tmp_path / "d", num_train=2, num_val=1, seed=1)
+    label = root / "labels" / "train" / "train_0000.png"
+    marker = b"untouched"
+    label.write_bytes(marker)  # a no-op must not rewrite existing files
+    generate_synthetic(root, num_train=2, num_val=1, seed=1)
+    assert label.read_bytes() == marker
+    generate_synthetic(root, num_train=3, num_val=1, seed=1)  # another synthetic dataset: replaced
+    assert len(FolderDataset(root, "train")) == 3 and label.read_bytes() != marker
+
+
+def test_refuses_foreign_directory(tmp_path):
+    (tmp_path / "mine.txt").write_text("precious")
+    with pytest.raises(IumaskError, match=str(tmp_path).replace(".", r"\.")) as info:
+        generate_synthetic(tmp_path, num_train=1, num_val=1)
+    assert "\n" not in str(info.value) and not (tmp_path / "images").exists()
+    generate_synthetic(tmp_path, num_train=1, num_val=1, overwrite=True)
+    assert (tmp_path / "mine.txt").read_text() == "precious"
+    assert len(FolderDataset(tmp_path, "train")) == 1
+
+
+def test_rejects_bad_arguments(tmp_path):
+    with pytest.raises(IumaskError, match="domain"):
+        generate_synthetic(tmp_path, domain="night")
+    with pytest.raises(IumaskError, match="height"):
+        generate_synthetic(tmp_path, height=8)
