@@ -1,0 +1,294 @@
+"""The ``iumask`` command line: a thin layer over :mod:`iumask.pipeline`.
+
+Any option can also come from a TOML file given with ``--config FILE`` (anywhere on the command
+line): top-level keys apply to every command, a ``[train-baseline]``-style table to one command.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from iumask import pipeline
+from iumask.errors import IumaskError
+from iumask.models import DEFAULT_ENCODERS
+from iumask.progress import console
+from iumask.training import TrainOptions
+
+app = typer.Typer(
+    help="Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation.\n\n"
+         "Stages: train-baseline → make-masks → train-weighted → evaluate; `iumask run` does all four.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+
+# Options shared by several commands (one definition each).
+DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root in the generic folder format "
+                                        "(images/<split>/, labels/<split>/, classes.json).")]
+Size = Annotated[Optional[str], typer.Option(help="Train/evaluate at a fixed size HxW, e.g. 768x768 "
+                                             "(bilinear images, nearest labels). Default: native size.")]
+Encoders = Annotated[Optional[list[str]], typer.Option("--encoder", help="smp encoder of a member; repeat for "
+                                                       f"several. Default: {', '.join(DEFAULT_ENCODERS)}.")]
+Epochs = Annotated[int, typer.Option(help="Training epochs (authors: 60 on ACDC).")]
+BatchSize = Annotated[int, typer.Option(help="Batch size (authors: 2).")]
+Lr = Annotated[Optional[float], typer.Option(help="Learning rate of the decoder/head. Default: 1e-3 for "
+                                             "MobileNet encoders, 1e-4 otherwise (authors).")]
+BackboneLr = Annotated[float, typer.Option(help="Encoder learning rate = lr × this (authors: 0.1).")]
+WeightDecay = Annotated[float, typer.Option(help="Adam weight decay.")]
+Seed = Annotated[int, typer.Option(help="Random seed; member k uses seed + k.")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Workers = Annotated[int, typer.Option(help="Data-loader worker processes.")]
+EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none, imagenet (downloads; needs "
+                                             "internet) or the path of a local encoder state dict.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping.")]
+Out = Annotated[Path, typer.Option(help="Output folder.")]
+Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
+Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
+InstancesFrom = Annotated[str, typer.Option(help="Instances from the ensemble's 'prediction' (authors) or the "
+                                            "ground-truth 'label'.")]
+Connectivity = Annotated[int, typer.Option(help="Pixel connectivity of instances: 8 (authors) or 4.")]
+
+
+def _size(text: str | None) -> tuple[int, int] | None:
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise IumaskError(f"--size {text!r}: write it as HxW, e.g. 768x768") from None
+    if h < 16 or w < 16:
+        raise IumaskError(f"--size {text!r}: both sides must be at least 16 pixels")
+    return h, w
+
+
+def _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers) -> TrainOptions:
+    if epochs < 1 or batch_size < 1:
+        raise IumaskError("--epochs and --batch-size must be at least 1")
+    return TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_factor=backbone_lr_factor,
+                        weight_decay=weight_decay, seed=seed, num_workers=workers)
+
+
+@app.command("make-synthetic")
+def make_synthetic(
+    out: Annotated[Path, typer.Option(help="Folder to write the dataset into.")] = Path("synthetic"),
+    num_train: Annotated[int, typer.Option(help="Training images.")] = 48,
+    num_val: Annotated[int, typer.Option(help="Validation images.")] = 16,
+    height: Annotated[int, typer.Option(help="Image height.")] = 96,
+    width: Annotated[int, typer.Option(help="Image width.")] = 128,
+    seed: Seed = 0,
+    shifted: Annotated[bool, typer.Option(help="Shifted domain: darker, foggier, noisier.")] = False,
+    overwrite: Overwrite = False,
+):
+    """Write the embedded synthetic road-scene dataset (deterministic by seed)."""
+    from iumask.data.synthetic import generate_synthetic
+
+    root = generate_synthetic(out, num_train, num_val, height, width, seed,
+                              "shifted" if shifted else "source", overwrite)
+    console.print(f"wrote {root}")
+
+
+@app.command("train-baseline")
+def train_baseline(
+    data: DataRoot,
+    out: Out = Path("runs/baseline"),
+    encoder: Encoders = None,
+    epochs: Epochs = 60,
+    batch_size: BatchSize = 2,
+    lr: Lr = None,
+    backbone_lr_factor: BackboneLr = 0.1,
+    weight_decay: WeightDecay = 1e-4,
+    size: Size = None,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 0,
+    encoder_weights: EncoderWeights = "none",
+    overwrite: Overwrite = False,
+):
+    """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
+    ensemble.json). Rerunning resumes an interrupted run; a finished one is a cache hit."""
+    manifest = pipeline.train_baseline(
+        pipeline.DataOptions(data, size=_size(size)), out, encoder or list(DEFAULT_ENCODERS),
+        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
+        device, _weights(encoder_weights), overwrite)
+    console.print(f"ensemble: {manifest}")
+
+
+@app.command("make-masks")
+def make_masks(
+    ensemble: Annotated[Path, typer.Option(help="ensemble.json (or its folder) of the baseline members.")],
+    data: DataRoot,
+    store: Store = Path("runs/masks.zarr"),
+    split: Annotated[str, typer.Option(help="Split to compute masks for.")] = "train",
+    instances_from: InstancesFrom = "prediction",
+    connectivity: Connectivity = 8,
+    normalize: Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..1).")] = False,
+    batch_size: BatchSize = 4,
+    device: Device = "auto",
+    overwrite: Overwrite = False,
+):
+    """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
+    store. An interrupted run resumes; a finished store with the same inputs is a cache hit."""
+    result = pipeline.make_masks(ensemble, data, store, split, instances_from, connectivity, normalize,
+                                 batch_size, device, overwrite)
+    pixels = sum(h * w for h, w in result.image_shapes)
+    console.print(f"store: {store} ({result.num_images} images, mean entropy {result.attrs['mean_entropy']:.4f}, "
+                  f"{result.nbytes_stored() / pixels:.2f} bytes/pixel)")
+
+
+@app.command("train-weighted")
+def train_weighted(
+    data: DataRoot,
+    store: Store = Path("runs/masks.zarr"),
+    out: Out = Path("runs/weighted"),
+    encoder: Encoders = None,
+    exponent: Exponent = 2.0,
+    epochs: Epochs = 60,
+    batch_size: BatchSize = 2,
+    lr: Lr = None,
+    backbone_lr_factor: BackboneLr = 0.1,
+    weight_decay: WeightDecay = 1e-4,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 0,
+    encoder_weights: EncoderWeights = "none",
+    overwrite: Overwrite = False,
+):
+    """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
+    (checked to match the dataset). Trains at the size the store was made at."""
+    manifest = pipeline.train_weighted(
+        pipeline.DataOptions(data), store, out, encoder or list(DEFAULT_ENCODERS),
+        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
+        exponent, device, _weights(encoder_weights), overwrite)
+    console.print(f"ensemble: {manifest}")
+
+
+@app.command("evaluate")
+def evaluate(
+    model: Annotated[list[Path], typer.Option("--model", help="A model folder or an ensemble.json "
+                                              "(averaged softmax); repeat to compare several.")],
+    data: DataRoot,
+    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
+    pavpu_threshold: Annotated[Optional[float], typer.Option(help="Entropy threshold u_th of PAvPU. Default: "
+                                                             "the model's training-set mean entropy.")] = None,
+    pavpu_window: Annotated[int, typer.Option(help="PAvPU patch side w.")] = 4,
+    pavpu_stride: Annotated[Optional[int], typer.Option(help="PAvPU patch stride (default w: non-overlapping; "
+                                                        "the authors' code used 1).")] = None,
+    output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it).")] = Path("runs/results.json"),
+    device: Device = "auto",
+):
+    """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
+    the same class names evaluates domain shift)."""
+    results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device)
+    pipeline.write_results(results, output)
+    print_results(results)
+    console.print(f"results: {output} and {output.with_suffix('.csv')}")
+
+
+@app.command("run")
+def run(
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (generic folder format). Default: the "
+                                                 "embedded synthetic dataset with small settings.")] = None,
+    out: Out = Path("iumask-run"),
+    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Members' encoders. Default: "
+                                                         "mobilenet_v2, resnet18, efficientnet-b0.")] = None,
+    epochs: Annotated[Optional[int], typer.Option(help="Epochs per model. Default: 12 on synthetic data, "
+                                                  "60 otherwise.")] = None,
+    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. Default: 8 synthetic, 2 otherwise.")] = None,
+    lr: Lr = None,
+    backbone_lr_factor: Annotated[Optional[float], typer.Option(help="Encoder lr factor. Default: 1 on "
+                                                                "synthetic data (random init), 0.1 otherwise.")] = None,
+    weight_decay: WeightDecay = 1e-4,
+    size: Size = None,
+    exponent: Exponent = 2.0,
+    instances_from: InstancesFrom = "prediction",
+    connectivity: Connectivity = 8,
+    seed: Seed = 0,
+    device: Device = "auto",
+    workers: Workers = 0,
+    encoder_weights: EncoderWeights = "none",
+    overwrite: Overwrite = False,
+):
+    """All four stages in order; each is skipped when its artifact already matches its inputs and
+    resumed when it was interrupted. Ends with baseline and IU-weighted models side by side."""
+    synthetic = data is None
+    options = pipeline.RunOptions(
+        out=out, data=data,
+        encoders=tuple(encoder) if encoder else pipeline.RunOptions.encoders,
+        train=_train_options(epochs or (12 if synthetic else 60), batch_size or (8 if synthetic else 2),
+                             lr if lr is not None or not synthetic else 1e-3,
+                             backbone_lr_factor if backbone_lr_factor is not None else (1.0 if synthetic else 0.1),
+                             weight_decay, seed, workers),
+        size=_size(size), exponent=exponent, instances_from=instances_from, connectivity=connectivity,
+        device=device, encoder_weights=_weights(encoder_weights), overwrite=overwrite,
+    )
+    results = pipeline.run(options)
+    print_results(results)
+    console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
+
+
+def _weights(text: str) -> str | None:
+    return None if text in ("none", "") else text
+
+
+def _fmt(value) -> str:
+    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
+
+
+def print_results(results: list[dict]) -> None:
+    """One column per model, one row per class IoU and summary metric."""
+    table = Table(title="per-class IoU, mIoU and PAvPU", show_lines=False)
+    table.add_column("metric", no_wrap=True)
+    for r in results:
+        table.add_column(r["model"].replace(" ", "\n", 1), justify="right")
+    for c, name in enumerate(results[0]["classes"]):
+        table.add_row(f"IoU {name}", *(_fmt(r["iou"][c]) for r in results))
+    for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
+                       ("p_accurate_given_certain", "p(acc|cert)"),
+                       ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th")):
+        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r[key]) for r in results))
+    # A table is read whole: don't squeeze it into 80 columns when output goes to a file or pipe.
+    width = None if console.is_terminal else max(console.width, 60 + 16 * len(results))
+    console.print(table, soft_wrap=False, width=width)
+
+
+def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:
+    """Pull ``--config FILE`` out of argv and turn the TOML into click's default_map."""
+    if "--config" not in argv:
+        return argv, None
+    i = argv.index("--config")
+    if i + 1 >= len(argv):
+        raise IumaskError("--config needs a file path")
+    path = Path(argv[i + 1])
+    try:
+        config = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise IumaskError(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise IumaskError(f"{path}: not valid TOML ({exc}); fix the file") from None
+    shared = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
+    default_map = {}
+    for command in app.registered_commands:
+        name = command.name
+        own = {k.replace("-", "_"): v for k, v in config.get(name, {}).items()}
+        default_map[name] = {**shared, **own}
+    return argv[:i] + argv[i + 2:], default_map
+
+
+def main() -> None:
+    try:
+        argv, default_map = _extract_config(sys.argv[1:])
+        app(args=argv, prog_name="iumask", default_map=default_map)
+    except IumaskError as exc:
+        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

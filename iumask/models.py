@@ -1,0 +1,164 @@
+"""DeepLabV3+ members (segmentation-models-pytorch): building, saving, loading, predicting.
+
+A member lives in a folder: ``model.safetensors`` (weights, loaded without running code from the
+file) and ``manifest.json`` (architecture, encoder, classes, normalisation, image size, options,
+history). An ensemble is an ``ensemble.json`` that names member folders.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import segmentation_models_pytorch as smp
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+from iumask.core import mean_softmax
+from iumask.errors import IumaskError
+
+DEFAULT_ENCODERS = ("mobilenet_v2", "resnet50", "resnet101")
+ARCHITECTURE = "DeepLabV3Plus"
+OUTPUT_STRIDE = 16
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def build_model(encoder: str, num_classes: int, encoder_weights: str | None = None) -> torch.nn.Module:
+    """A DeepLabV3+ with output stride 16 (as the authors).
+
+    ``encoder_weights``: None (random init), ``"imagenet"`` (smp downloads them: needs internet) or
+    the path of a local state dict (``.pth``/``.pt``/``.safetensors``) for the encoder, for offline
+    machines.
+    """
+    if encoder not in smp.encoders.get_encoder_names():
+        raise IumaskError(
+            f"unknown encoder {encoder!r}; choose one of segmentation-models-pytorch's encoders, "
+            f"e.g. {', '.join(DEFAULT_ENCODERS)}"
+        )
+    local = encoder_weights not in (None, "none", "imagenet")
+    model = smp.DeepLabV3Plus(
+        encoder_name=encoder,
+        encoder_weights=None if local or encoder_weights == "none" else encoder_weights,
+        encoder_output_stride=OUTPUT_STRIDE,
+        classes=num_classes,
+    )
+    if local:
+        load_encoder_weights(model, Path(encoder_weights))
+    return model
+
+
+def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
+    """Load a local encoder state dict (e.g. an ImageNet checkpoint saved on another machine)."""
+    if not path.is_file():
+        raise IumaskError(f"{path}: encoder weights file not found; give an existing file, 'imagenet' or 'none'")
+    try:
+        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # corrupt or foreign file: say which
+        raise IumaskError(f"{path}: cannot read encoder weights ({exc.__class__.__name__}); give a state dict file") from exc
+    state = {k.removeprefix("encoder."): v for k, v in state.items()}
+    # Classification heads (fc.*, classifier.*) are not part of the encoder; drop what doesn't fit.
+    own = model.encoder.state_dict()
+    missing = [k for k in own if k not in state]
+    if missing:
+        raise IumaskError(
+            f"{path}: {len(missing)} encoder tensors missing (e.g. {missing[0]!r}); "
+            "is this the state dict of the same encoder?"
+        )
+    model.encoder.load_state_dict({k: state[k] for k in own})
+
+
+def file_sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def write_json_atomic(path: Path, data: dict) -> None:
+    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IumaskError(f"{path}: {what} not found; check the path or run the stage that makes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IumaskError(f"{path}: {what} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                          "delete it and rerun the stage that makes it") from None
+
+
+def save_member(folder: Path, model: torch.nn.Module, manifest: dict) -> None:
+    """Weights first, manifest last: a manifest says the weights beside it are complete."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / (WEIGHTS_FILE + ".tmp")
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+    os.replace(tmp, folder / WEIGHTS_FILE)
+    manifest = dict(manifest, weights_sha256=file_sha256(folder / WEIGHTS_FILE))
+    write_json_atomic(folder / MANIFEST_FILE, manifest)
+
+
+def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a member from its manifest and load its weights (no code runs from the file)."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST_FILE, "model manifest")
+    if not manifest.get("complete"):
+        raise IumaskError(f"{folder}: training of this model did not finish; rerun its train command to resume")
+    weights = folder / WEIGHTS_FILE
+    if not weights.is_file():
+        raise IumaskError(f"{weights}: weights missing; rerun the train command with --overwrite")
+    model = build_model(manifest["encoder"], len(manifest["classes"]["names"]))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except Exception as exc:
+        raise IumaskError(f"{weights}: cannot load weights ({exc.__class__.__name__}); "
+                          "the file is corrupt: rerun the train command with --overwrite") from exc
+    return model.to(device).eval(), manifest
+
+
+def resolve_models(path: Path) -> list[Path]:
+    """A model folder, a member manifest, or an ensemble manifest → member folders."""
+    path = Path(path)
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        path = path / ENSEMBLE_FILE
+    if path.is_file() and path.name == MANIFEST_FILE:
+        return [path.parent]
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        return [path]
+    if path.is_file():
+        ensemble = read_json(path, "ensemble manifest")
+        if "members" not in ensemble:
+            raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a model folder")
+        return [(path.parent / m).resolve() for m in ensemble["members"]]
+    raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
+
+
+def pad_to_stride(images: torch.Tensor, stride: int = OUTPUT_STRIDE) -> tuple[torch.Tensor, tuple[int, int]]:
+    """DeepLabV3+ needs sides divisible by its output stride: pad bottom/right (reflect)."""
+    h, w = images.shape[-2:]
+    ph, pw = (-h) % stride, (-w) % stride
+    if ph or pw:
+        images = F.pad(images, (0, pw, 0, ph), mode="reflect" if min(h, w) > max(ph, pw) else "replicate")
+    return images, (h, w)
+
+
+def predict_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
+    padded, (h, w) = pad_to_stride(images)
+    return model(padded)[..., :h, :w]
+
+
+@torch.no_grad()
+def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
+    """p̄: the members' equal-weight mean softmax (method.md §1); members must be in eval mode."""
+    return mean_softmax([predict_logits(m, images) for m in models])
+
+
+def member_summary(manifest: dict[str, Any]) -> str:
+    return f"{manifest.get('name', manifest['encoder'])}"
