@@ -148,7 +148,7 @@ def train_model(
                 loss.backward()
                 optimizer.step()
                 scheduler.step()
-                total, count = total + float(loss), count + 1
+                total, count = total + loss.item(), count + 1
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{options.epochs} loss {total / count:.3f}")
             miou = validate(model, val_loader, num_classes, ignore_index, device) if len(val_set) else float("nan")
             history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_miou": miou})
