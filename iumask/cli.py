@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.console import Console
 from rich.table import Table
 
 from iumask import pipeline
@@ -253,9 +254,12 @@ def print_results(results: list[dict]) -> None:
                        ("p_accurate_given_certain", "p(acc|cert)"),
                        ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th")):
         table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r[key]) for r in results))
-    # A table is read whole: don't squeeze it into 80 columns when output goes to a file or pipe.
-    width = None if console.is_terminal else max(console.width, 60 + 16 * len(results))
-    console.print(table, soft_wrap=False, width=width)
+    # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
+    # a pipe it gets the width it needs instead of 80 columns.
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=max(out.width, 20 + 16 * len(results)))
+    out.print(table)
 
 
 def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:

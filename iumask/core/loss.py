@@ -28,7 +28,8 @@ def uncertainty_weighted_cross_entropy(
     With ``exponent=0`` and no class weights this equals
     ``F.cross_entropy(logits, target, ignore_index=ignore_index)``. With class weights the mean is
     over valid pixels (not over the sum of weights as in ``F.cross_entropy(weight=...)``), so the
-    scale stays that of the unweighted loss.
+    scale stays that of the unweighted loss. A batch with no valid pixel gives 0 (with zero
+    gradient) where ``F.cross_entropy`` gives NaN, so one fully-ignored crop can't poison training.
     """
     if logits.ndim != 4 or target.shape != (logits.shape[0], *logits.shape[2:]):
         raise ValueError(

@@ -26,7 +26,11 @@ class SegmentationMetrics:
             PAvPU is not computed (pass the training-set mean entropy, method.md §8).
         pavpu_stride: patch stride; ``None`` means ``pavpu_window`` (non-overlapping patches).
             The authors' code used stride 1 (dense windows) and counted ignored pixels as wrong;
-            here ignored pixels never count, whatever the stride.
+            here a patch's accuracy is over its valid pixels only (a patch with none is skipped),
+            whatever the stride. Its certainty is the mean entropy over all its pixels: the
+            model's uncertainty exists whether or not a pixel is labelled, and the threshold
+            (the training-set mean entropy) is a mean over all pixels too. Patches that would
+            overhang the bottom or right edge are left out.
         accuracy_threshold: a patch is accurate when correct / valid pixels ≥ this (0.5).
     """
 
@@ -70,14 +74,17 @@ class SegmentationMetrics:
                 f"target values {target[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1} "
                 f"and are not the ignore label {self.ignore_index}"
             )
+        bad = valid & ((pred < 0) | (pred >= self.num_classes))
+        if bad.any():
+            raise ValueError(f"pred values {pred[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1}")
         index = target[valid] * self.num_classes + pred[valid]
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes
         )
         if entropy is not None:
             entropy = _as_tensor(entropy).float().cpu()
-            self.entropy_sum += float(entropy[valid].double().sum())
-            self.entropy_pixels += int(valid.sum())
+            self.entropy_sum += float(entropy.double().sum())
+            self.entropy_pixels += entropy.numel()
             if self.pavpu_threshold is not None:
                 self.patch_counts += self._patch_counts(pred == target, valid, entropy)
 
@@ -97,7 +104,8 @@ class SegmentationMetrics:
 
     def compute(self) -> dict:
         """Per-class IoU (NaN for a class absent from both target and prediction), mIoU over the
-        others, pixel accuracy, mean entropy, and PAvPU with its two conditional probabilities."""
+        others, pixel accuracy, mean entropy (over all pixels), and PAvPU with its two
+        conditional probabilities."""
         cm = self.confusion.double()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
