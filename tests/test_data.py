@@ -255,7 +255,7 @@ def test_transform_gets_aligned_arrays(tmp_path):
     folder = FolderDataset(make_folder(tmp_path), "train")
     seen = {}
 
-    def flip(sample):
+    def flip(sample, rng):
         seen.update(sample)
         return {k: np.ascontiguousarray(v[:, ::-1]) for k, v in sample.items()}
 

@@ -281,14 +281,16 @@ def _check_label_values(label: np.ndarray, classes: ClassInfo, path: Path) -> No
 
 
 MaskFn = Callable[[int], np.ndarray]
-TransformFn = Callable[[dict[str, np.ndarray]], dict[str, np.ndarray]]
+TransformFn = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
     """Training samples from a :class:`FolderDataset`, optionally resized and with uncertainty masks.
 
     ``size`` is (H, W). ``masks(index)`` gives a float32 (H, W) mask at the resized size.
-    ``transform`` maps ``{"image", "label"[, "iu"]}`` numpy arrays to the same keys, after resizing.
+    ``transform(sample, rng)`` maps ``{"image", "label"[, "iu"]}`` numpy arrays to the same keys,
+    after resizing. ``rng`` is seeded from ``(seed, epoch, index)``, so a sample's augmentation
+    depends only on those: the same in every worker process, and again after a resume.
     """
 
     def __init__(
@@ -297,6 +299,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         size: tuple[int, int] | None = None,
         masks: MaskFn | None = None,
         transform: TransformFn | None = None,
+        seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
     ) -> None:
@@ -304,11 +307,17 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.masks = masks
         self.transform = transform
+        self.seed = seed
+        self.epoch = 0
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
 
     def __len__(self) -> int:
         return len(self.folder)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Draw other augmentations in the next epoch (call before iterating)."""
+        self.epoch = epoch
 
     def sample_shape(self, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i``: ``size`` if given, else the image's own shape."""
@@ -317,7 +326,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self._load_arrays(i)
         if self.transform is not None:
-            sample = self.transform(sample)
+            sample = self.transform(sample, np.random.default_rng([self.seed, self.epoch, i]))
         return self._to_tensors(sample, i)
 
     def _load_arrays(self, i: int) -> dict[str, np.ndarray]:
