@@ -11,6 +11,8 @@ The numerical core is importable from here for use in your own training loops::
 """
 
 from iumask.core import (
+    CLASS_WEIGHTINGS,
+    class_weights,
     SegmentationMetrics,
     instance_uncertainty,
     instance_uncertainty_batch,
@@ -23,6 +25,8 @@ from iumask.core import (
 __version__ = "0.1.0"
 
 __all__ = [
+    "CLASS_WEIGHTINGS",
+    "class_weights",
     "SegmentationMetrics",
     "instance_uncertainty",
     "instance_uncertainty_batch",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -47,3 +50,45 @@ def uncertainty_weighted_cross_entropy(
             raise ValueError(f"iu must have the target's shape {tuple(target.shape)}, got {tuple(iu.shape)}")
         weights = weights * (1.0 + iu.detach().to(per_pixel.dtype)).pow(exponent)
     return (per_pixel * weights).sum() / valid.sum().clamp_min(1)
+
+
+CLASS_WEIGHTINGS = ("none", "inverse", "median")
+
+
+def class_weights(
+    pixel_counts,
+    method: str,
+    pixels_in_images_containing=None,
+) -> np.ndarray:
+    """Per-class loss weights from training-label counts (method.md §7).
+
+    Args:
+        pixel_counts: ``(C,)`` labelled pixels of each class (ignore label excluded).
+        method: ``"none"`` (all 1), ``"inverse"`` (inverse class proportion,
+            ``w_c = N / (C · n_c)``: the pixel-weighted mean weight is 1 when every class occurs) or
+            ``"median"`` (median frequency balancing, Eigen & Fergus:
+            ``freq_c = n_c / pixels of the images containing c``, ``w_c = median(freq) / freq_c``,
+            the median over the classes that occur).
+        pixels_in_images_containing: ``(C,)`` total pixels of the images that contain each class
+            (needed by ``"median"``).
+
+    Classes that never occur get weight 0 (they carry no loss anyway) and a warning.
+    """
+    counts = np.asarray(pixel_counts, dtype=np.float64)
+    if method not in CLASS_WEIGHTINGS:
+        raise ValueError(f"class weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, got {method!r}")
+    if method == "none":
+        return np.ones_like(counts)
+    present = counts > 0
+    if not present.all():
+        warnings.warn(f"classes {np.flatnonzero(~present).tolist()} never occur in the training labels; "
+                      "their class weight is 0", stacklevel=2)
+    weights = np.zeros_like(counts)
+    if method == "inverse":
+        weights[present] = counts.sum() / (len(counts) * counts[present])
+    else:
+        if pixels_in_images_containing is None:
+            raise ValueError("median frequency balancing needs pixels_in_images_containing")
+        freq = counts[present] / np.asarray(pixels_in_images_containing, dtype=np.float64)[present]
+        weights[present] = np.median(freq) / freq
+    return weights
