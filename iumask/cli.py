@@ -182,11 +182,18 @@ def evaluate(
     pavpu_stride: Annotated[Optional[int], typer.Option(help="PAvPU patch stride (default w: non-overlapping; "
                                                         "the authors' code used 1).")] = None,
     output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it).")] = Path("runs/results.json"),
+    resolution: Annotated[str, typer.Option(help="'native': score at each label's own size (logits "
+                                            "upsampled; the default for reporting); 'train': resize "
+                                            "images and labels to the training size.")] = "native",
+    inference: Annotated[str, typer.Option(help="With --resolution native and a model trained at a reduced "
+                                           "size: 'resize' the image, or 'slide' windows of the training "
+                                           "size over the full image.")] = "resize",
     device: Device = "auto",
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
-    results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device)
+    results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device,
+                                resolution, inference)
     pipeline.write_results(results, output)
     print_results(results)
     console.print(f"results: {output} and {output.with_suffix('.csv')}")

@@ -154,10 +154,57 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     return model(padded)[..., :h, :w]
 
 
+INFERENCE_MODES = ("resize", "slide")
+
+
 @torch.no_grad()
-def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor) -> torch.Tensor:
-    """p̄: the members' equal-weight mean softmax (method.md §1); members must be in eval mode."""
-    return mean_softmax([predict_logits(m, images) for m in models])
+def ensemble_probs(
+    models: list[torch.nn.Module],
+    images: torch.Tensor,
+    model_size: tuple[int, int] | None = None,
+    mode: str = "resize",
+) -> torch.Tensor:
+    """p̄, the members' equal-weight mean softmax (method.md §1), at the images' resolution.
+
+    Members must be in eval mode. ``model_size`` is the (H, W) the members were trained at (None:
+    they run on the images as they are). When the images have another size, ``mode`` says how:
+    ``"resize"`` resizes the images to ``model_size`` and upsamples the logits back (bilinear);
+    ``"slide"`` runs windows of ``model_size`` over the full-resolution image (overlap 1/3) and
+    averages their softmax, for large images seen at the training scale.
+    """
+    if mode not in INFERENCE_MODES:
+        raise IumaskError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
+    size = tuple(images.shape[-2:])
+    if model_size is None or tuple(model_size) == size:
+        return mean_softmax([predict_logits(m, images) for m in models])
+    if mode == "slide":
+        return _sliding_probs(models, images, tuple(model_size))
+    small = F.interpolate(images, size=tuple(model_size), mode="bilinear", align_corners=False)
+    return mean_softmax([F.interpolate(predict_logits(m, small), size=size, mode="bilinear", align_corners=False)
+                         for m in models])
+
+
+def _window_starts(length: int, window: int) -> list[int]:
+    if length <= window:
+        return [0]
+    stride = max(1, (2 * window) // 3)
+    starts = list(range(0, length - window, stride))
+    return starts + [length - window]
+
+
+def _sliding_probs(models, images: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
+    h, w = images.shape[-2:]
+    total = count = None
+    for y in _window_starts(h, window[0]):
+        for x in _window_starts(w, window[1]):
+            crop = images[..., y:y + window[0], x:x + window[1]]
+            probs = mean_softmax([predict_logits(m, crop) for m in models])
+            if total is None:
+                total = images.new_zeros((images.shape[0], probs.shape[1], h, w))
+                count = images.new_zeros((1, 1, h, w))
+            total[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += probs
+            count[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += 1
+    return total / count
 
 
 def member_summary(manifest: dict[str, Any]) -> str:

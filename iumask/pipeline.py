@@ -301,20 +301,26 @@ def _store_mean_entropy(store: MaskStore) -> float:
 
 
 @torch.no_grad()
-def _predict_split(models, dataset: SegmentationDataset, dev, label: str, metrics: SegmentationMetrics | None):
+def _predict_split(models, dataset: SegmentationDataset, dev, label: str, metrics: SegmentationMetrics | None,
+                   model_size: tuple[int, int] | None = None, inference: str = "resize"):
     """Run models over a dataset; feed ``metrics``; return the mean pixel entropy."""
     total, pixels = 0.0, 0
-    loader = DataLoader(dataset, batch_size=4 if dataset.size else 1)
+    loader = DataLoader(dataset, batch_size=4 if _uniform_shape(dataset) else 1)
     with progress_bar() as progress:
         task = progress.add_task(label, total=len(dataset), info="")
         for batch in loader:
-            probs = ensemble_probs(models, batch["image"].to(dev))
+            probs = ensemble_probs(models, batch["image"].to(dev), model_size, inference)
             entropy = pixel_entropy(probs).cpu()
             total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
             if metrics is not None:
                 metrics.update(probs.argmax(1).cpu(), batch["label"], entropy)
             progress.update(task, advance=len(batch["index"]))
     return total / max(pixels, 1)
+
+
+def _uniform_shape(dataset: SegmentationDataset) -> bool:
+    """Whether samples can be batched (all of one shape)."""
+    return dataset.size is not None or len({dataset.sample_shape(i) for i in range(len(dataset))}) == 1
 
 
 def _train_mean_entropy(model_path: Path, models, manifests, size, dev) -> float:
@@ -336,9 +342,21 @@ def _train_mean_entropy(model_path: Path, models, manifests, size, dev) -> float
     return mean
 
 
+RESOLUTIONS = ("native", "train")
+
+
 def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu_threshold: float | None = None,
-             pavpu_window: int = 4, pavpu_stride: int | None = None, device: str = "auto") -> list[dict]:
-    """Stage 4: per-class IoU, mIoU and PAvPU of each model (or ensemble) on a split."""
+             pavpu_window: int = 4, pavpu_stride: int | None = None, device: str = "auto",
+             resolution: str = "native", inference: str = "resize") -> list[dict]:
+    """Stage 4: per-class IoU, mIoU and PAvPU of each model (or ensemble) on a split.
+
+    ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
+    (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
+    and upsample the logits, or ``slide`` windows over the full-resolution image);
+    ``"train"`` resizes images and labels (nearest) to the training size.
+    """
+    if resolution not in RESOLUTIONS:
+        raise IumaskError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     dev = resolve_device(device)
     folder = FolderDataset(data_root, split)
     results = []
@@ -352,11 +370,14 @@ def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu
         metrics = SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index,
                                       pavpu_window=pavpu_window, pavpu_threshold=threshold, pavpu_stride=pavpu_stride)
         name = _display_name(Path(model_path), manifests)
-        _predict_split(models, SegmentationDataset(folder, size), dev, f"evaluate {name}", metrics)
+        eval_size = size if resolution == "train" else None
+        _predict_split(models, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
+                       model_size=size, inference=inference)
         result = metrics.compute()
         results.append({"model": name, "path": str(Path(model_path).resolve()), "split": split,
                         "data": str(Path(data_root).resolve()), "classes": list(folder.classes.names),
-                        "image_size": list(size) if size else None, **result})
+                        "image_size": list(size) if size else None, "resolution": resolution,
+                        "inference": inference if size and resolution == "native" else None, **result})
     return results
 
 
