@@ -16,7 +16,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NoReturn
 
 import cv2
 import numpy as np
@@ -145,15 +145,72 @@ def load_classes(root: str | Path) -> ClassInfo:
     return ClassInfo.from_dict(data, source=str(path))
 
 
-class FolderDataset:
-    """One split of a dataset in the generic folder format; reads and validates files on demand."""
+@dataclass(frozen=True, eq=False)
+class LabelTable:
+    """A lookup table from stored label values to class indices, applied when a label is read.
 
-    def __init__(self, root: str | Path, split: str) -> None:
+    ``table[v]`` is the class index (or ignore index) for stored value ``v``, or -1 where ``v`` is
+    not a value of the format: reading such a label raises :class:`DataError` naming the file.
+    ``name`` identifies the table and its version in dataset fingerprints; ``valid`` describes
+    the accepted stored values for error messages.
+    """
+
+    name: str
+    table: np.ndarray  # int16, at most 65536 entries
+    valid: str
+
+    def apply(self, label: np.ndarray, path: Path) -> np.ndarray:
+        """Map ``label`` through the table; values outside it raise :class:`DataError` naming ``path``."""
+        table = self.table
+        too_big = label >= len(table)
+        if too_big.any():
+            self._reject(int(label[too_big].min()), path)
+        mapped = table[label]
+        bad = mapped < 0
+        if bad.any():
+            self._reject(int(label[bad].min()), path)
+        out_dtype = np.uint8 if int(table.max()) <= 255 else np.uint16
+        return mapped.astype(out_dtype)
+
+    def _reject(self, value: int, path: Path) -> NoReturn:
+        raise DataError(
+            f"{path}: label value {value} is not in the {self.name} table ({self.valid}); "
+            "fix or re-export the label file"
+        )
+
+
+class PairedDataset:
+    """One split given as explicit (id, image, label) files plus classes; reads and validates on demand.
+
+    Shared by every dataset format: formats differ only in how they find the files and, through
+    an optional :class:`LabelTable`, how stored label values map to class indices. ``definition``
+    (bytes describing the class definition and label mapping) is hashed into :meth:`fingerprint`,
+    so a changed mapping gives another fingerprint even for identical files.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        classes: ClassInfo,
+        ids: list[str],
+        image_paths: list[Path],
+        label_paths: list[Path],
+        label_table: LabelTable | None = None,
+        extra_files: tuple[Path, ...] = (),
+        definition: bytes | None = None,
+    ) -> None:
+        if not len(ids) == len(image_paths) == len(label_paths):
+            raise ValueError("ids, image_paths and label_paths must have the same length")
         self.root = Path(root)
         self.split = split
-        self.classes = load_classes(self.root)
-        self.ids, self.image_paths = _list_images(self.root / "images" / split)
-        self.label_paths = _match_labels(self.root / "labels" / split, self.ids, self.image_paths)
+        self.classes = classes
+        self.ids = list(ids)
+        self.image_paths = list(image_paths)
+        self.label_paths = list(label_paths)
+        self.label_table = label_table
+        self._extra_files = tuple(extra_files)
+        self._definition = definition
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -180,6 +237,10 @@ class FolderDataset:
             raise DataError(f"{path}: cannot read the image header ({e}); replace the file") from None
         return h, w
 
+    def label_table_for(self, i: int) -> LabelTable | None:
+        """The table that maps label ``i`` (formats may choose per file, e.g. labelIds vs trainIds)."""
+        return self.label_table
+
     def read_label(self, i: int) -> np.ndarray:
         """Label ``i`` as (H, W) uint8 or uint16 class indices, validated against its image and classes."""
         path = self.label_paths[i]
@@ -190,17 +251,29 @@ class FolderDataset:
                 f"{path}: label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
                 f"{self.image_paths[i].name} is {shape[1]}x{shape[0]}; labels must match their images"
             )
-        _check_label_values(label, self.classes, path)
+        table = self.label_table_for(i)
+        if table is not None:
+            label = table.apply(label, path)
+        _check_label_values(label, self.classes, path, self._label_fix_hint())
         return label
+
+    def _label_fix_hint(self) -> str:
+        return "fix the label file"
 
     def fingerprint(self) -> str:
         """Hex SHA-256 identifying this split's content.
 
         Covers every image and label file of the split (path relative to ROOT and full content,
-        in sorted order) and classes.json, so renaming, editing, adding or removing a file changes it.
+        in sorted order), the extra files (e.g. classes.json) and the definition bytes, so renaming,
+        editing, adding or removing a file, or changing the class mapping, changes it.
         """
         h = hashlib.sha256()
-        files = sorted([*self.image_paths, *self.label_paths, self.root / CLASSES_FILE])
+        if self._definition is not None:
+            # The NUL byte cannot occur in a path, so this entry never equals a file entry.
+            name = b"\0definition"
+            h.update(len(name).to_bytes(8, "little") + name)
+            h.update(len(self._definition).to_bytes(8, "little") + self._definition)
+        files = sorted([*self.image_paths, *self.label_paths, *self._extra_files])
         for path in files:
             rel = path.relative_to(self.root).as_posix().encode("utf-8")
             # Length-prefix each name and content so that no two file sets hash the same stream.
@@ -210,6 +283,20 @@ class FolderDataset:
                 while chunk := f.read(_HASH_CHUNK):
                     h.update(chunk)
         return h.hexdigest()
+
+
+class FolderDataset(PairedDataset):
+    """One split of a dataset in the generic folder format; reads and validates files on demand."""
+
+    def __init__(self, root: str | Path, split: str) -> None:
+        root = Path(root)
+        classes = load_classes(root)
+        ids, image_paths = _list_images(root / "images" / split)
+        label_paths = _match_labels(root / "labels" / split, ids, image_paths)
+        super().__init__(root, split, classes, ids, image_paths, label_paths, extra_files=(root / CLASSES_FILE,))
+
+    def _label_fix_hint(self) -> str:
+        return "fix the label file or classes.json"
 
 
 def _list_images(images_dir: Path) -> tuple[list[str], list[Path]]:
@@ -270,13 +357,15 @@ def _decode_label(path: Path) -> np.ndarray:
     return arr.astype(np.uint16, copy=False)
 
 
-def _check_label_values(label: np.ndarray, classes: ClassInfo, path: Path) -> None:
+def _check_label_values(
+    label: np.ndarray, classes: ClassInfo, path: Path, fix: str = "fix the label file or classes.json"
+) -> None:
     bad = (label >= classes.num_classes) & (label != classes.ignore_index)
     if bad.any():
         value = int(label[bad].min())
         raise DataError(
             f"{path}: label value {value} is outside 0..{classes.num_classes - 1} and is not the ignore "
-            f"label {classes.ignore_index}; fix the label file or classes.json"
+            f"label {classes.ignore_index}; {fix}"
         )
 
 
@@ -285,7 +374,7 @@ TransformFn = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, n
 
 
 class SegmentationDataset(torch.utils.data.Dataset):
-    """Training samples from a :class:`FolderDataset`, optionally resized and with uncertainty masks.
+    """Training samples from a :class:`PairedDataset` (any format), optionally resized and with uncertainty masks.
 
     ``size`` is (H, W). ``masks(index)`` gives a float32 (H, W) mask at the resized size.
     ``transform(sample, rng)`` maps ``{"image", "label"[, "iu"]}`` numpy arrays to the same keys,
@@ -295,7 +384,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
 
     def __init__(
         self,
-        folder: FolderDataset,
+        folder: PairedDataset,
         size: tuple[int, int] | None = None,
         masks: MaskFn | None = None,
         transform: TransformFn | None = None,
