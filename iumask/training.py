@@ -135,6 +135,8 @@ def train_model(
         for epoch in range(start_epoch, options.epochs):
             # The data order depends only on (seed, epoch): a resumed run sees the same batches.
             order = torch.Generator().manual_seed(options.seed * 100_003 + epoch)
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)  # fresh augmentations, reproducible per (seed, epoch)
             loader = DataLoader(train_set, batch_size=options.batch_size, shuffle=True, generator=order,
                                 drop_last=drop_last, num_workers=options.num_workers,
                                 pin_memory=device.type == "cuda")
