@@ -241,6 +241,23 @@ def run(
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 
+@app.command("stats")
+def stats(
+    data: DataRoot,
+    split: Annotated[str, typer.Option(help="Split to describe.")] = "train",
+    store: Annotated[Optional[Path], typer.Option(help="Mask store of this split: adds per-class mean IU and "
+                                                  "entropy and a picture of a few masks.")] = None,
+    out: Annotated[Path, typer.Option(help="Folder for stats.json, class_histogram.png (and masks.png).")] = Path("stats"),
+    connectivity: Connectivity = 8,
+):
+    """Class frequencies, instance counts and sizes of a dataset split (cached per dataset content in
+    $IUMASK_CACHE or ~/.cache/iumask), with a class histogram; with --store also mask statistics."""
+    from iumask.statistics import print_statistics, write_statistics
+
+    print_statistics(write_statistics(data, out, split, store, connectivity))
+    console.print(f"statistics: {out}")
+
+
 def _weights(text: str) -> str | None:
     return None if text in ("none", "") else text
 
