@@ -31,8 +31,22 @@ app = typer.Typer(
 )
 
 # Options shared by several commands (one definition each).
-DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root in the generic folder format "
-                                        "(images/<split>/, labels/<split>/, classes.json).")]
+DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root: generic folder format (images/<split>/, "
+                                        "labels/<split>/, classes.json), Cityscapes, ACDC or CamVid.")]
+Format = Annotated[str, typer.Option("--format", help="Dataset layout: auto (detect), folder, cityscapes, acdc, "
+                                     "camvid.")]
+Conditions = Annotated[Optional[str], typer.Option(help="ACDC only: conditions to use, comma-separated "
+                                                   "(fog,night,rain,snow). Default: all present.")]
+ClassWeights = Annotated[str, typer.Option(help="Class weights in the loss: none, inverse (inverse class "
+                                           "proportion) or median (median frequency balancing); combinable "
+                                           "with IU weighting.")]
+Augment = Annotated[bool, typer.Option(help="Augment training samples (scale, crop, flip, colour jitter; "
+                                       "label and IU mask move with the image).")]
+Scale = Annotated[str, typer.Option(help="Random scale range MIN,MAX of the augmentation.")]
+Crop = Annotated[Optional[str], typer.Option(help="Random crop HxW after scaling (padded with the ignore "
+                                             "label). Default: the input size.")]
+Flip = Annotated[bool, typer.Option(help="Random horizontal flip.")]
+Jitter = Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter (image only); 0 = off.")]
 Size = Annotated[Optional[str], typer.Option(help="Train/evaluate at a fixed size HxW, e.g. 768x768 "
                                              "(bilinear images, nearest labels). Default: native size.")]
 Encoders = Annotated[Optional[list[str]], typer.Option("--encoder", help="smp encoder of a member; repeat for "
@@ -67,6 +81,20 @@ def _size(text: str | None) -> tuple[int, int] | None:
     if h < 16 or w < 16:
         raise IumaskError(f"--size {text!r}: both sides must be at least 16 pixels")
     return h, w
+
+
+def _conditions(text: str | None) -> tuple[str, ...] | None:
+    return tuple(c.strip() for c in text.split(",") if c.strip()) if text else None
+
+
+def _augment(augment: bool, scale: str, crop: str | None, flip: bool, jitter: float) -> dict | None:
+    if not augment:
+        return None
+    try:
+        low, high = (float(v) for v in scale.split(","))
+    except ValueError:
+        raise IumaskError(f"--scale {scale!r}: write it as MIN,MAX, e.g. 0.5,2.0") from None
+    return {"scale": [low, high], "crop": list(_size(crop)) if crop else None, "flip": flip, "jitter": jitter}
 
 
 def _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers) -> TrainOptions:
@@ -110,14 +138,23 @@ def train_baseline(
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
+    class_weights: ClassWeights = "none",
+    format: Format = "auto",
+    conditions: Conditions = None,
+    augment: Augment = True,
+    scale: Scale = "0.5,2.0",
+    crop: Crop = None,
+    flip: Flip = True,
+    jitter: Jitter = 0.2,
     overwrite: Overwrite = False,
 ):
     """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
     ensemble.json). Rerunning resumes an interrupted run; a finished one is a cache hit."""
     manifest = pipeline.train_baseline(
-        pipeline.DataOptions(data, size=_size(size)), out, encoder or list(DEFAULT_ENCODERS),
+        pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), out,
+        encoder or list(DEFAULT_ENCODERS),
         _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
-        device, _weights(encoder_weights), overwrite)
+        device, _weights(encoder_weights), overwrite, class_weights, _augment(augment, scale, crop, flip, jitter))
     console.print(f"ensemble: {manifest}")
 
 
@@ -132,12 +169,14 @@ def make_masks(
     normalize: Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..1).")] = False,
     batch_size: BatchSize = 4,
     device: Device = "auto",
+    format: Format = "auto",
+    conditions: Conditions = None,
     overwrite: Overwrite = False,
 ):
     """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit."""
     result = pipeline.make_masks(ensemble, data, store, split, instances_from, connectivity, normalize,
-                                 batch_size, device, overwrite)
+                                 batch_size, device, overwrite, format, _conditions(conditions))
     pixels = sum(h * w for h, w in result.image_shapes)
     console.print(f"store: {store} ({result.num_images} images, mean entropy {result.attrs['mean_entropy']:.4f}, "
                   f"{result.nbytes_stored() / pixels:.2f} bytes/pixel)")
@@ -159,14 +198,24 @@ def train_weighted(
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
+    class_weights: ClassWeights = "none",
+    format: Format = "auto",
+    conditions: Conditions = None,
+    augment: Augment = True,
+    scale: Scale = "0.5,2.0",
+    crop: Crop = None,
+    flip: Flip = True,
+    jitter: Jitter = 0.2,
     overwrite: Overwrite = False,
 ):
     """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
     (checked to match the dataset). Trains at the size the store was made at."""
     manifest = pipeline.train_weighted(
-        pipeline.DataOptions(data), store, out, encoder or list(DEFAULT_ENCODERS),
+        pipeline.DataOptions(data, format=format, conditions=_conditions(conditions)), store, out,
+        encoder or list(DEFAULT_ENCODERS),
         _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
-        exponent, device, _weights(encoder_weights), overwrite)
+        exponent, device, _weights(encoder_weights), overwrite, class_weights,
+        _augment(augment, scale, crop, flip, jitter))
     console.print(f"ensemble: {manifest}")
 
 
@@ -188,12 +237,14 @@ def evaluate(
     inference: Annotated[str, typer.Option(help="With --resolution native and a model trained at a reduced "
                                            "size: 'resize' the image, or 'slide' windows of the training "
                                            "size over the full image.")] = "resize",
+    format: Format = "auto",
+    conditions: Conditions = None,
     device: Device = "auto",
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
     results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device,
-                                resolution, inference)
+                                resolution, inference, format, _conditions(conditions))
     pipeline.write_results(results, output)
     print_results(results)
     console.print(f"results: {output} and {output.with_suffix('.csv')}")
@@ -221,6 +272,14 @@ def run(
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
+    class_weights: ClassWeights = "none",
+    format: Format = "auto",
+    conditions: Conditions = None,
+    augment: Augment = True,
+    scale: Scale = "0.5,2.0",
+    crop: Crop = None,
+    flip: Flip = True,
+    jitter: Jitter = 0.2,
     overwrite: Overwrite = False,
 ):
     """All four stages in order; each is skipped when its artifact already matches its inputs and
@@ -235,6 +294,8 @@ def run(
                              weight_decay, seed, workers),
         size=_size(size), exponent=exponent, instances_from=instances_from, connectivity=connectivity,
         device=device, encoder_weights=_weights(encoder_weights), overwrite=overwrite,
+        format=format, conditions=_conditions(conditions), class_weighting=class_weights,
+        augment=_augment(augment, scale, crop, flip, jitter),
     )
     results = pipeline.run(options)
     print_results(results)
@@ -249,12 +310,15 @@ def stats(
                                                   "entropy and a picture of a few masks.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for stats.json, class_histogram.png (and masks.png).")] = Path("stats"),
     connectivity: Connectivity = 8,
+    format: Format = "auto",
+    conditions: Conditions = None,
 ):
     """Class frequencies, instance counts and sizes of a dataset split (cached per dataset content in
     $IUMASK_CACHE or ~/.cache/iumask), with a class histogram; with --store also mask statistics."""
     from iumask.statistics import print_statistics, write_statistics
 
-    print_statistics(write_statistics(data, out, split, store, connectivity))
+    print_statistics(write_statistics(data, out, split, store, connectivity, format=format,
+                                      conditions=_conditions(conditions)))
     console.print(f"statistics: {out}")
 
 

@@ -20,8 +20,17 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from iumask.core import SegmentationMetrics, instance_uncertainty, pixel_entropy, uncertainty_weighted_cross_entropy
-from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, FolderDataset, SegmentationDataset
+from iumask.core import (
+    CLASS_WEIGHTINGS,
+    SegmentationMetrics,
+    class_weights,
+    instance_uncertainty,
+    pixel_entropy,
+    uncertainty_weighted_cross_entropy,
+)
+from iumask.data.augment import JointAugment
+from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, SegmentationDataset
+from iumask.data.formats import open_dataset
 from iumask.errors import IumaskError
 from iumask.models import (
     ARCHITECTURE,
@@ -37,6 +46,7 @@ from iumask.models import (
     write_json_atomic,
 )
 from iumask.progress import console, progress_bar
+from iumask.statistics import cached_label_statistics
 from iumask.store import MaskStore
 from iumask.training import CHECKPOINT_FILE, TrainOptions, resolve_device, train_model
 
@@ -49,10 +59,21 @@ class DataOptions:
     train_split: str = "train"
     val_split: str = "val"
     size: tuple[int, int] | None = None  # (H, W); None keeps each image's own size
+    format: str = "auto"  # folder, cityscapes, acdc, camvid (see iumask.data.formats)
+    conditions: tuple[str, ...] | None = None  # ACDC conditions
+
+    def open(self, split: str) -> PairedDataset:
+        return open_dataset(self.root, split, self.format, self.conditions)
+
+    def source(self, split: str) -> dict:
+        """What a manifest records to reopen a split later (e.g. for the PAvPU threshold)."""
+        return {"root": str(Path(self.root).resolve()), "split": split, "format": self.format,
+                "conditions": list(self.conditions) if self.conditions else None}
 
     def to_dict(self) -> dict:
         return {"root": str(Path(self.root).resolve()), "train_split": self.train_split,
-                "val_split": self.val_split, "size": list(self.size) if self.size else None}
+                "val_split": self.val_split, "size": list(self.size) if self.size else None,
+                "format": self.format, "conditions": list(self.conditions) if self.conditions else None}
 
 
 def _json_normal(value: Any) -> Any:
@@ -107,15 +128,25 @@ def _train_members(
     loss: dict,
     masks: Path | None,
     extra_identity: dict,
+    augment: dict | None = None,
 ) -> Path:
-    """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
-    train_folder = FolderDataset(data.root, data.train_split)
-    val_folder = FolderDataset(data.root, data.val_split)
+    """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``.
+
+    ``loss`` holds the exponent γ and the class weighting (none, inverse, median); ``augment``
+    the :class:`JointAugment` options (None: no augmentation)."""
+    train_folder = data.open(data.train_split)
+    val_folder = data.open(data.val_split)
     classes = train_folder.classes
     fingerprint = train_folder.fingerprint()
     dev = resolve_device(device)
+    weights = _class_weight_values(train_folder, loss["class_weights"], fingerprint)
+    loss = dict(loss, class_weight_values=None if weights is None else weights.tolist())
+    transform = None
+    if augment is not None:
+        transform = JointAugment.from_options(augment, ignore_index=classes.ignore_index)
+        augment = transform.describe()
     mask_fn = _StoreMasks(masks) if masks is not None else None
-    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn)
+    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform, seed=options.seed)
     val_set = SegmentationDataset(val_folder, data.size)
     out.mkdir(parents=True, exist_ok=True)
     names = _member_names(encoders)
@@ -125,14 +156,15 @@ def _train_members(
             "format_version": FORMAT_VERSION, "stage": kind, "architecture": ARCHITECTURE,
             "encoder": encoder, "encoder_weights": encoder_weights, "classes": classes.to_dict(),
             "dataset_fingerprint": fingerprint, "data": data.to_dict(),
-            "train_options": dict(options.to_dict(), seed=options.seed + index), "loss": loss, **extra_identity,
+            "train_options": dict(options.to_dict(), seed=options.seed + index), "loss": loss,
+            "augmentation": augment, **extra_identity,
         })
         if not _prepare_member_folder(folder, identity, overwrite):
             console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
             continue
         member_options = TrainOptions(**identity["train_options"])
         model = build_model(encoder, classes.num_classes, encoder_weights)
-        class_weights = None
+        class_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         exponent = loss["exponent"]
 
         def loss_fn(logits, batch, exponent=exponent, class_weights=class_weights):
@@ -145,12 +177,12 @@ def _train_members(
         manifest = dict(identity, name=name, complete=True, history=history,
                         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
                         image_size=list(data.size) if data.size else None,
-                        train_data={"root": data.to_dict()["root"], "split": data.train_split})
+                        train_data=data.source(data.train_split))
         save_member(folder, model.cpu(), manifest)
         (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
     ensemble = {"format_version": FORMAT_VERSION, "stage": kind, "members": names,
                 "classes": classes.to_dict(), "image_size": list(data.size) if data.size else None,
-                "train_data": {"root": data.to_dict()["root"], "split": data.train_split}}
+                "train_data": data.source(data.train_split)}
     old = out / ENSEMBLE_FILE
     if old.is_file():
         previous = read_json(old, "ensemble manifest")
@@ -158,6 +190,17 @@ def _train_members(
             ensemble["train_mean_entropy"] = previous["train_mean_entropy"]
     write_json_atomic(out / ENSEMBLE_FILE, ensemble)
     return out / ENSEMBLE_FILE
+
+
+def _class_weight_values(folder: PairedDataset, method: str, fingerprint: str) -> np.ndarray | None:
+    """Class weights from the training labels' counts (computed once per dataset, cached)."""
+    if method == "none":
+        return None
+    if method not in CLASS_WEIGHTINGS:
+        raise IumaskError(f"--class-weights must be one of {', '.join(CLASS_WEIGHTINGS)}, got {method!r}")
+    stats = cached_label_statistics(folder, fingerprint=fingerprint)["per_class"]
+    # Eigen & Fergus: all pixels of the images that contain c (as in CamVid's published weights).
+    return class_weights(stats["pixels"], method, stats["total_pixels_in_images_containing"])
 
 
 def _prepare_member_folder(folder: Path, identity: dict, overwrite: bool) -> bool:
@@ -181,18 +224,21 @@ def _prepare_member_folder(folder: Path, identity: dict, overwrite: bool) -> boo
 
 
 def train_baseline(data: DataOptions, out: Path, encoders: list[str], options: TrainOptions,
-                   device: str = "auto", encoder_weights: str | None = None, overwrite: bool = False) -> Path:
-    """Stage 1: an ensemble trained with plain cross-entropy. Returns its ensemble.json."""
+                   device: str = "auto", encoder_weights: str | None = None, overwrite: bool = False,
+                   class_weighting: str = "none", augment: dict | None = None) -> Path:
+    """Stage 1: an ensemble trained with plain (optionally class-weighted) cross-entropy.
+    Returns its ensemble.json."""
     return _train_members("baseline", data, out, encoders, options, device, encoder_weights, overwrite,
-                          loss={"exponent": 0.0, "class_weights": "none"}, masks=None, extra_identity={})
+                          loss={"exponent": 0.0, "class_weights": class_weighting}, masks=None,
+                          extra_identity={}, augment=augment)
 
 
 def train_weighted(data: DataOptions, store_path: Path, out: Path, encoders: list[str], options: TrainOptions,
                    exponent: float = 2.0, device: str = "auto", encoder_weights: str | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, class_weighting: str = "none", augment: dict | None = None) -> Path:
     """Stage 3: models trained with the IU-weighted loss, reading masks from the store."""
     store = MaskStore.open(store_path)
-    train_folder = FolderDataset(data.root, data.train_split)
+    train_folder = data.open(data.train_split)
     size = store.identity["options"].get("image_size")
     size = tuple(size) if size else None
     if data.size is not None and size != tuple(data.size):
@@ -206,10 +252,11 @@ def train_weighted(data: DataOptions, store_path: Path, out: Path, encoders: lis
     )
     if not store.attrs.get("finished") or not store.completed().all():
         raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
-    data = DataOptions(data.root, data.train_split, data.val_split, size)
+    data = DataOptions(data.root, data.train_split, data.val_split, size, data.format, data.conditions)
     return _train_members("weighted", data, out, encoders, options, device, encoder_weights, overwrite,
-                          loss={"exponent": float(exponent), "class_weights": "none"}, masks=Path(store_path),
-                          extra_identity={"mask_store_sha256": _digest(store.identity)})
+                          loss={"exponent": float(exponent), "class_weights": class_weighting},
+                          masks=Path(store_path), extra_identity={"mask_store_sha256": _digest(store.identity)},
+                          augment=augment)
 
 
 # ----------------------------------------------------------------------------- masks
@@ -233,24 +280,25 @@ def _model_size(manifests: list[dict], path: Path) -> tuple[int, int] | None:
     return sizes.pop()
 
 
-def _check_classes(manifests: list[dict], folder: FolderDataset, model_path: Path) -> None:
+def _check_classes(manifests: list[dict], folder: PairedDataset, model_path: Path) -> None:
     model_names = list(manifests[0]["classes"]["names"])
     if model_names != list(folder.classes.names):
         raise IumaskError(
-            f"{folder.root / 'classes.json'}: classes {list(folder.classes.names)[:4]}... differ from those of "
+            f"{folder.root}: the dataset's classes {list(folder.classes.names)[:4]}... differ from those of "
             f"{model_path} ({model_names[:4]}...); evaluate on a dataset with the same class names and order"
         )
 
 
 def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str = "train",
                instances_from: str = "prediction", connectivity: int = 8, normalize: bool = False,
-               batch_size: int = 4, device: str = "auto", overwrite: bool = False) -> MaskStore:
+               batch_size: int = 4, device: str = "auto", overwrite: bool = False, format: str = "auto",
+               conditions: tuple[str, ...] | None = None) -> MaskStore:
     """Stage 2: entropy, IU mask and prediction of every training image into a zarr store."""
     if instances_from not in ("prediction", "label"):
         raise IumaskError(f"--instances-from must be 'prediction' or 'label', got {instances_from!r}")
     dev = resolve_device(device)
     models, manifests = _load_ensemble(model_path, dev)
-    folder = FolderDataset(data_root, split)
+    folder = open_dataset(data_root, split, format, conditions)
     _check_classes(manifests, folder, model_path)
     size = _model_size(manifests, model_path)
     dataset = SegmentationDataset(folder, size)
@@ -336,7 +384,8 @@ def _train_mean_entropy(model_path: Path, models, manifests, size, dev) -> float
     if not train or not Path(train["root"]).is_dir():
         raise IumaskError(f"{record}: the model's training data is not available to compute the PAvPU "
                           "threshold; pass --pavpu-threshold")
-    dataset = SegmentationDataset(FolderDataset(train["root"], train["split"]), size)
+    dataset = SegmentationDataset(
+        open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), size)
     mean = _predict_split(models, dataset, dev, "train-set entropy", None)
     write_json_atomic(record, dict(manifest, train_mean_entropy=mean))
     return mean
@@ -347,7 +396,8 @@ RESOLUTIONS = ("native", "train")
 
 def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu_threshold: float | None = None,
              pavpu_window: int = 4, pavpu_stride: int | None = None, device: str = "auto",
-             resolution: str = "native", inference: str = "resize") -> list[dict]:
+             resolution: str = "native", inference: str = "resize", format: str = "auto",
+             conditions: tuple[str, ...] | None = None) -> list[dict]:
     """Stage 4: per-class IoU, mIoU and PAvPU of each model (or ensemble) on a split.
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
@@ -358,7 +408,7 @@ def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu
     if resolution not in RESOLUTIONS:
         raise IumaskError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
     dev = resolve_device(device)
-    folder = FolderDataset(data_root, split)
+    folder = open_dataset(data_root, split, format, conditions)
     results = []
     for model_path in model_paths:
         models, manifests = _load_ensemble(model_path, dev)
@@ -423,6 +473,10 @@ class RunOptions:
     encoder_weights: str | None = None
     overwrite: bool = False
     synthetic: dict = field(default_factory=dict)
+    format: str = "auto"
+    conditions: tuple[str, ...] | None = None
+    class_weighting: str = "none"
+    augment: dict | None = None
 
 
 def run(options: RunOptions) -> list[dict]:
@@ -434,21 +488,23 @@ def run(options: RunOptions) -> list[dict]:
     if data_root is None:
         data_root = generate_synthetic(out / "data", **options.synthetic)
         console.print(f"data: embedded synthetic dataset in {data_root}")
-    data = DataOptions(Path(data_root), size=options.size)
+    data = DataOptions(Path(data_root), size=options.size, format=options.format, conditions=options.conditions)
     console.rule("1/4 train-baseline")
     baseline = train_baseline(data, out / "baseline", list(options.encoders), options.train, options.device,
-                              options.encoder_weights, options.overwrite)
+                              options.encoder_weights, options.overwrite, options.class_weighting, options.augment)
     console.rule("2/4 make-masks")
     store_path = out / "masks.zarr"
     make_masks(baseline, data.root, store_path, data.train_split, options.instances_from, options.connectivity,
-               device=options.device, overwrite=options.overwrite)
+               device=options.device, overwrite=options.overwrite, format=data.format, conditions=data.conditions)
     console.rule("3/4 train-weighted")
     weighted = train_weighted(data, store_path, out / "weighted", list(options.encoders), options.train,
-                              options.exponent, options.device, options.encoder_weights, options.overwrite)
+                              options.exponent, options.device, options.encoder_weights, options.overwrite,
+                              options.class_weighting, options.augment)
     console.rule("4/4 evaluate")
     models = [*(baseline.parent / m for m in read_json(baseline, "ensemble manifest")["members"]), baseline,
               *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"])]
-    return cached_evaluate(models, data.root, options.eval_split, out / "results.json", options.device)
+    return cached_evaluate(models, data.root, options.eval_split, out / "results.json", options.device,
+                           format=data.format, conditions=list(data.conditions) if data.conditions else None)
 
 
 def cached_evaluate(models: list[Path], data_root: Path, split: str, json_path: Path, device: str = "auto",
@@ -456,7 +512,8 @@ def cached_evaluate(models: list[Path], data_root: Path, split: str, json_path: 
     """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options."""
     weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
                for path in models for folder in resolve_models(path)]
-    identity = {"weights_sha256": weights, "data": FolderDataset(data_root, split).fingerprint(),
+    identity = {"weights_sha256": weights,
+                "data": open_dataset(data_root, split, kwargs.get("format", "auto"), kwargs.get("conditions")).fingerprint(),
                 "split": split, "options": _json_normal(kwargs)}
     if json_path.is_file():
         previous = read_json(json_path, "results file")

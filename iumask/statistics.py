@@ -596,13 +596,15 @@ def write_statistics(
     store_path: str | Path | None = None,
     connectivity: int = 8,
     cache_dir: str | Path | None = None,
+    format: str = "auto",
+    conditions: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
     """Write ``stats.json`` and ``class_histogram.png`` (and, with a mask store, ``masks.png``)
     into ``out``; return the stats.json content. A store must have been made from this split."""
-    from iumask.data.folder import FolderDataset
+    from iumask.data.formats import open_dataset
     from iumask.store import MaskStore
 
-    dataset = FolderDataset(data_root, split)
+    dataset = open_dataset(data_root, split, format, conditions)
     store = MaskStore.open(store_path) if store_path is not None else None
     fingerprint = dataset.fingerprint()
     if store is not None:
