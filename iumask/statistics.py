@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.table import Table
 
 from iumask.core import label_instances
+from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
 from iumask.progress import console, progress_bar
 
@@ -147,10 +148,7 @@ def label_statistics(dataset, connectivity: int = 8, size: tuple[int, int] | Non
 
 
 def _resized_label(label: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None or label.shape == tuple(size):
-        return label
-    h, w = int(size[0]), int(size[1])
-    return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+    return label if size is None else resize_label(label, size)
 
 
 def _class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
@@ -489,7 +487,7 @@ def mask_gallery_png(
         label = dataset.read_label(i)
         if image.shape[:2] != shape:
             image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
-            label = cv2.resize(label, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
+            label = resize_label(label, shape)
         rows.append((dataset.ids[i], image, label, arrays["entropy"], arrays["instance_uncertainty"]))
 
     if size is None:

@@ -369,6 +369,18 @@ def _check_label_values(
         )
 
 
+def resize_label(label: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a label map to (H, W) with nearest neighbour, which keeps it inside the label set.
+
+    ``INTER_NEAREST_EXACT`` samples pixel centres like the bilinear image resize does; plain
+    ``INTER_NEAREST`` is half a pixel off, so labels would drift from the image content.
+    """
+    h, w = int(size[0]), int(size[1])
+    if label.shape == (h, w):
+        return label
+    return cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST_EXACT)
+
+
 MaskFn = Callable[[int], np.ndarray]
 TransformFn = Callable[[dict[str, np.ndarray], np.random.Generator], dict[str, np.ndarray]]
 
@@ -424,8 +436,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if self.size is not None and image.shape[:2] != self.size:
             h, w = self.size
             image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-            # Nearest keeps labels inside the label set: no blended, meaningless class values.
-            label = cv2.resize(label, (w, h), interpolation=cv2.INTER_NEAREST)
+            label = resize_label(label, self.size)
         sample = {"image": image, "label": label}
         if self.masks is not None:
             sample["iu"] = self._load_mask(i, label.shape)
