@@ -10,28 +10,8 @@ The numerical core is importable from here for use in your own training loops::
     loss = iumask.uncertainty_weighted_cross_entropy(logits, target, iu, exponent=2.0)
 """
 
-from iumask.core import (
-    CLASS_WEIGHTINGS,
-    class_weights,
-    SegmentationMetrics,
-    instance_uncertainty,
-    instance_uncertainty_batch,
-    label_instances,
-    mean_softmax,
-    pixel_entropy,
-    uncertainty_weighted_cross_entropy,
-)
+from iumask import core
+from iumask.core import *  # noqa: F403  (the public API is the core's)
 
 __version__ = "0.1.0"
-
-__all__ = [
-    "CLASS_WEIGHTINGS",
-    "class_weights",
-    "SegmentationMetrics",
-    "instance_uncertainty",
-    "instance_uncertainty_batch",
-    "label_instances",
-    "mean_softmax",
-    "pixel_entropy",
-    "uncertainty_weighted_cross_entropy",
-]
+__all__ = core.__all__
