@@ -69,6 +69,11 @@ Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 
 InstancesFrom = Annotated[str, typer.Option(help="Instances from the ensemble's 'prediction' (authors) or the "
                                             "ground-truth 'label'.")]
 Connectivity = Annotated[int, typer.Option(help="Pixel connectivity of instances: 8 (authors) or 4.")]
+CheckpointEvery = Annotated[int, typer.Option(help="Write checkpoint.pt every N optimizer steps as well as at "
+                                              "each epoch end (0: epoch ends only). A rerun resumes exactly "
+                                              "from it; N does not change the result.")]
+Amp = Annotated[str, typer.Option(help="Mixed precision on CUDA: off, bf16 or fp16 (with gradient scaling). "
+                                  "Ignored with a warning on CPU.")]
 
 
 def _size(text: str | None) -> tuple[int, int] | None:
@@ -97,11 +102,15 @@ def _augment(augment: bool, scale: str, crop: str | None, flip: bool, jitter: fl
     return {"scale": [low, high], "crop": list(_size(crop)) if crop else None, "flip": flip, "jitter": jitter}
 
 
-def _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers) -> TrainOptions:
+def _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
+                   checkpoint_every: int = 500, amp: str = "off") -> TrainOptions:
     if epochs < 1 or batch_size < 1:
         raise IumaskError("--epochs and --batch-size must be at least 1")
+    if checkpoint_every < 0:
+        raise IumaskError("--checkpoint-every must be 0 (epoch ends only) or a positive number of steps")
     return TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_factor=backbone_lr_factor,
-                        weight_decay=weight_decay, seed=seed, num_workers=workers)
+                        weight_decay=weight_decay, seed=seed, num_workers=workers, amp=amp,
+                        checkpoint_every=checkpoint_every)
 
 
 @app.command("make-synthetic")
@@ -146,14 +155,16 @@ def train_baseline(
     crop: Crop = None,
     flip: Flip = True,
     jitter: Jitter = 0.2,
+    checkpoint_every: CheckpointEvery = 500,
+    amp: Amp = "off",
     overwrite: Overwrite = False,
 ):
     """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
-    ensemble.json). Rerunning resumes an interrupted run; a finished one is a cache hit."""
+    ensemble.json). Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     manifest = pipeline.train_baseline(
         pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), out,
         encoder or list(DEFAULT_ENCODERS),
-        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
+        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers, checkpoint_every, amp),
         device, _weights(encoder_weights), overwrite, class_weights, _augment(augment, scale, crop, flip, jitter))
     console.print(f"ensemble: {manifest}")
 
@@ -206,14 +217,34 @@ def train_weighted(
     crop: Crop = None,
     flip: Flip = True,
     jitter: Jitter = 0.2,
+    online: Annotated[bool, typer.Option(help="Online IU training: train the members jointly, masks computed "
+                                         "each step from their mean softmax (no baseline, no --store).")] = False,
+    instances_from: InstancesFrom = "prediction",
+    connectivity: Connectivity = 8,
+    normalize: Annotated[bool, typer.Option(help="--online: divide entropy by ln C (range 0..1).")] = False,
+    size: Annotated[Optional[str], typer.Option(help="--online: train at a fixed size HxW (offline training "
+                                                "uses the store's size).")] = None,
+    checkpoint_every: CheckpointEvery = 500,
+    amp: Amp = "off",
     overwrite: Overwrite = False,
 ):
     """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
-    (checked to match the dataset). Trains at the size the store was made at."""
+    (checked to match the dataset; trains at the store's size), or with --online: members trained
+    jointly with masks computed on the fly (--instances-from, --connectivity, --normalize apply)."""
+    train_options = _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
+                                   checkpoint_every, amp)
+    if online:
+        from iumask.online import train_online
+
+        manifest = train_online(
+            pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), out,
+            encoder or list(DEFAULT_ENCODERS), train_options, exponent, instances_from, connectivity, normalize,
+            device, _weights(encoder_weights), overwrite, class_weights, _augment(augment, scale, crop, flip, jitter))
+        console.print(f"ensemble: {manifest}")
+        return
     manifest = pipeline.train_weighted(
-        pipeline.DataOptions(data, format=format, conditions=_conditions(conditions)), store, out,
-        encoder or list(DEFAULT_ENCODERS),
-        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers),
+        pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), store, out,
+        encoder or list(DEFAULT_ENCODERS), train_options,
         exponent, device, _weights(encoder_weights), overwrite, class_weights,
         _augment(augment, scale, crop, flip, jitter))
     console.print(f"ensemble: {manifest}")
@@ -280,6 +311,10 @@ def run(
     crop: Crop = None,
     flip: Flip = True,
     jitter: Jitter = 0.2,
+    online: Annotated[bool, typer.Option(help="Stage 3 trains online (members jointly, masks on the fly); "
+                                         "stage 2 is skipped.")] = False,
+    checkpoint_every: CheckpointEvery = 500,
+    amp: Amp = "off",
     overwrite: Overwrite = False,
 ):
     """All four stages in order; each is skipped when its artifact already matches its inputs and
@@ -291,13 +326,15 @@ def run(
         train=_train_options(epochs or (12 if synthetic else 60), batch_size or (8 if synthetic else 2),
                              lr if lr is not None or not synthetic else 1e-3,
                              backbone_lr_factor if backbone_lr_factor is not None else (1.0 if synthetic else 0.1),
-                             weight_decay, seed, workers),
+                             weight_decay, seed, workers, checkpoint_every, amp),
         size=_size(size), exponent=exponent, instances_from=instances_from, connectivity=connectivity,
         device=device, encoder_weights=_weights(encoder_weights), overwrite=overwrite,
         format=format, conditions=_conditions(conditions), class_weighting=class_weights,
-        augment=_augment(augment, scale, crop, flip, jitter),
+        augment=_augment(augment, scale, crop, flip, jitter), online=online,
     )
     results = pipeline.run(options)
+    if not results:  # under torchrun only rank 0 evaluates
+        return
     print_results(results)
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 

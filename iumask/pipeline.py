@@ -12,7 +12,7 @@ import hashlib
 import json
 import math
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from iumask import distributed
 from iumask.core import (
     CLASS_WEIGHTINGS,
     SegmentationMetrics,
@@ -31,6 +32,7 @@ from iumask.core import (
 from iumask.data.augment import JointAugment
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, SegmentationDataset
 from iumask.data.formats import open_dataset
+from iumask.engine import resolve_amp
 from iumask.errors import IumaskError
 from iumask.models import (
     ARCHITECTURE,
@@ -48,7 +50,7 @@ from iumask.models import (
 from iumask.progress import console, progress_bar
 from iumask.statistics import cached_label_statistics
 from iumask.store import MaskStore
-from iumask.training import CHECKPOINT_FILE, TrainOptions, resolve_device, train_model
+from iumask.training import CHECKPOINT_FILE, TrainOptions, resolve_device, seed_everything, train_model
 
 FORMAT_VERSION = 1
 
@@ -116,6 +118,25 @@ def _member_names(encoders: list[str]) -> list[str]:
     return names
 
 
+def _training_sets(data: DataOptions, seed: int, loss: dict, masks: Path | None, augment: dict | None):
+    """The training and validation sets of a train command (offline and online), the ``loss``
+    with its class-weight values, and the augmentation's description."""
+    train_folder = data.open(data.train_split)
+    val_folder = data.open(data.val_split)
+    classes = train_folder.classes
+    fingerprint = train_folder.fingerprint()
+    weights = _class_weight_values(train_folder, loss["class_weights"], fingerprint)
+    loss = dict(loss, class_weight_values=None if weights is None else weights.tolist())
+    transform = None
+    if augment is not None:
+        transform = JointAugment.from_options(augment, ignore_index=classes.ignore_index)
+        augment = transform.describe()
+    mask_fn = _StoreMasks(masks) if masks is not None else None
+    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform, seed=seed)
+    val_set = SegmentationDataset(val_folder, data.size)
+    return train_set, val_set, fingerprint, loss, augment
+
+
 def _train_members(
     kind: str,
     data: DataOptions,
@@ -134,20 +155,11 @@ def _train_members(
 
     ``loss`` holds the exponent γ and the class weighting (none, inverse, median); ``augment``
     the :class:`JointAugment` options (None: no augmentation)."""
-    train_folder = data.open(data.train_split)
-    val_folder = data.open(data.val_split)
-    classes = train_folder.classes
-    fingerprint = train_folder.fingerprint()
-    dev = resolve_device(device)
-    weights = _class_weight_values(train_folder, loss["class_weights"], fingerprint)
-    loss = dict(loss, class_weight_values=None if weights is None else weights.tolist())
-    transform = None
-    if augment is not None:
-        transform = JointAugment.from_options(augment, ignore_index=classes.ignore_index)
-        augment = transform.describe()
-    mask_fn = _StoreMasks(masks) if masks is not None else None
-    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform, seed=options.seed)
-    val_set = SegmentationDataset(val_folder, data.size)
+    dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
+    options = resolve_amp(options, dev)
+    train_set, val_set, fingerprint, loss, augment = _training_sets(data, options.seed, loss, masks, augment)
+    classes = train_set.folder.classes
+    weights = loss["class_weight_values"]
     out.mkdir(parents=True, exist_ok=True)
     names = _member_names(encoders)
     for index, (name, encoder) in enumerate(zip(names, encoders)):
@@ -157,12 +169,13 @@ def _train_members(
             "encoder": encoder, "encoder_weights": encoder_weights, "classes": classes.to_dict(),
             "dataset_fingerprint": fingerprint, "data": data.to_dict(),
             "train_options": dict(options.to_dict(), seed=options.seed + index), "loss": loss,
-            "augmentation": augment, **extra_identity,
+            "augmentation": augment, "world_size": distributed.world_size(), **extra_identity,
         })
         if not _prepare_member_folder(folder, identity, overwrite):
             console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
             continue
-        member_options = TrainOptions(**identity["train_options"])
+        member_options = replace(options, seed=options.seed + index)
+        seed_everything(member_options.seed)  # the initial weights depend on the seed only
         model = build_model(encoder, classes.num_classes, encoder_weights)
         class_weights = None if weights is None else torch.as_tensor(weights, dtype=torch.float32)
         exponent = loss["exponent"]
@@ -178,8 +191,10 @@ def _train_members(
                         normalization={"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
                         image_size=list(data.size) if data.size else None,
                         train_data=data.source(data.train_split))
-        save_member(folder, model.cpu(), manifest)
-        (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        if distributed.is_main():  # under torchrun rank 0 writes, the others wait
+            save_member(folder, model.cpu(), manifest)
+            (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        distributed.barrier()
     ensemble = {"format_version": FORMAT_VERSION, "stage": kind, "members": names,
                 "classes": classes.to_dict(), "image_size": list(data.size) if data.size else None,
                 "train_data": data.source(data.train_split)}
@@ -188,7 +203,9 @@ def _train_members(
         previous = read_json(old, "ensemble manifest")
         if previous.get("members") == names and "train_mean_entropy" in previous:
             ensemble["train_mean_entropy"] = previous["train_mean_entropy"]
-    write_json_atomic(out / ENSEMBLE_FILE, ensemble)
+    if distributed.is_main():
+        write_json_atomic(out / ENSEMBLE_FILE, ensemble)
+    distributed.barrier()
     return out / ENSEMBLE_FILE
 
 
@@ -296,7 +313,7 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
     """Stage 2: entropy, IU mask and prediction of every training image into a zarr store."""
     if instances_from not in ("prediction", "label"):
         raise IumaskError(f"--instances-from must be 'prediction' or 'label', got {instances_from!r}")
-    dev = resolve_device(device)
+    dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     models, manifests = _load_ensemble(model_path, dev)
     folder = open_dataset(data_root, split, format, conditions)
     _check_classes(manifests, folder, model_path)
@@ -311,13 +328,18 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
         "member_sha256": {m["name"]: m["weights_sha256"] for m in manifests},
         "dataset_fingerprint": folder.fingerprint(),
     }
-    store = MaskStore.open_or_create(store_path, identity, overwrite=overwrite)
+    # Under torchrun rank 0 creates (or checks) the store, then the others open it.
+    store = distributed.main_first(lambda: MaskStore.open_or_create(store_path, identity, overwrite=overwrite),
+                                   lambda: MaskStore.open(store_path, mode="r+"))
     todo = [i for i, done in enumerate(store.completed()) if not done]
     if not todo:
         console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
     num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
     # Same-shape batches only (images without --size may differ in size): batch size 1 then.
-    loader = DataLoader(torch.utils.data.Subset(dataset, todo), batch_size=batch_size if size else 1)
+    # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
+    step = batch_size if size else 1
+    batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+    loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda")
     with progress_bar() as progress:
         task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
         for batch in loader:
@@ -329,11 +351,18 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
                 source = prediction[k] if instances_from == "prediction" else labels[k]
                 iu = instance_uncertainty(source, entropy[k], num_classes, connectivity, ignore)
                 store.write(index, entropy[k], iu, prediction[k])
-                progress.update(task, advance=1)
-    if not store.attrs.get("finished"):
+                progress.update(task, advance=distributed.world_size())  # rank 0 shows an estimate
+    distributed.barrier()  # every rank's images are written
+    if distributed.is_main() and not store.attrs.get("finished"):
+        if not store.completed().all():
+            raise IumaskError(f"{store_path}: {int((~store.completed()).sum())} images were not written; "
+                              "rerun iumask make-masks to finish the store")
         mean = _store_mean_entropy(store)
         store.set_attrs(mean_entropy=mean, num_complete=store.num_images, finished=True,
                         ensemble=str(Path(model_path).resolve()))
+    if distributed.is_distributed():
+        distributed.barrier()  # rank 0 has set the final attributes
+        store = MaskStore.open(store_path)  # fresh attributes on every rank
     return store
 
 
@@ -477,6 +506,7 @@ class RunOptions:
     conditions: tuple[str, ...] | None = None
     class_weighting: str = "none"
     augment: dict | None = None
+    online: bool = False  # stage 3 trains the members jointly with on-the-fly masks (no stage 2)
 
 
 def run(options: RunOptions) -> list[dict]:
@@ -484,25 +514,40 @@ def run(options: RunOptions) -> list[dict]:
     from iumask.data.synthetic import generate_synthetic
 
     out = Path(options.out)
+    distributed.init(resolve_device(options.device))
     data_root = options.data
     if data_root is None:
-        data_root = generate_synthetic(out / "data", **options.synthetic)
+        make_data = lambda: generate_synthetic(out / "data", **options.synthetic)  # noqa: E731
+        data_root = distributed.main_first(make_data, make_data)  # rank 0 writes, the others reuse it
         console.print(f"data: embedded synthetic dataset in {data_root}")
     data = DataOptions(Path(data_root), size=options.size, format=options.format, conditions=options.conditions)
     console.rule("1/4 train-baseline")
     baseline = train_baseline(data, out / "baseline", list(options.encoders), options.train, options.device,
                               options.encoder_weights, options.overwrite, options.class_weighting, options.augment)
-    console.rule("2/4 make-masks")
-    store_path = out / "masks.zarr"
-    make_masks(baseline, data.root, store_path, data.train_split, options.instances_from, options.connectivity,
-               device=options.device, overwrite=options.overwrite, format=data.format, conditions=data.conditions)
-    console.rule("3/4 train-weighted")
-    weighted = train_weighted(data, store_path, out / "weighted", list(options.encoders), options.train,
-                              options.exponent, options.device, options.encoder_weights, options.overwrite,
-                              options.class_weighting, options.augment)
+    if options.online:
+        from iumask.online import train_online
+
+        console.rule("2/4 make-masks: skipped (--online computes the masks during training)")
+        console.rule("3/4 train-weighted --online")
+        weighted = train_online(data, out / "online", list(options.encoders), options.train, options.exponent,
+                                options.instances_from, options.connectivity, device=options.device,
+                                encoder_weights=options.encoder_weights, overwrite=options.overwrite,
+                                class_weighting=options.class_weighting, augment=options.augment)
+    else:
+        console.rule("2/4 make-masks")
+        store_path = out / "masks.zarr"
+        make_masks(baseline, data.root, store_path, data.train_split, options.instances_from, options.connectivity,
+                   device=options.device, overwrite=options.overwrite, format=data.format, conditions=data.conditions)
+        console.rule("3/4 train-weighted")
+        weighted = train_weighted(data, store_path, out / "weighted", list(options.encoders), options.train,
+                                  options.exponent, options.device, options.encoder_weights, options.overwrite,
+                                  options.class_weighting, options.augment)
+    if not distributed.is_main():
+        return []  # under torchrun rank 0 evaluates
     console.rule("4/4 evaluate")
     models = [*(baseline.parent / m for m in read_json(baseline, "ensemble manifest")["members"]), baseline,
-              *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"])]
+              *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"]),
+              *([weighted] if options.online else [])]
     return cached_evaluate(models, data.root, options.eval_split, out / "results.json", options.device,
                            format=data.format, conditions=list(data.conditions) if data.conditions else None)
 

@@ -1,12 +1,13 @@
 """One training loop for every train command: only the loss differs (method.md §4, §9).
 
-Adam with a lower backbone learning rate, a poly schedule, per-epoch validation mIoU, and a
-checkpoint after every epoch (written atomically) so an interrupted run resumes where it stopped.
+Adam with a lower backbone learning rate, a poly schedule, per-epoch validation mIoU, and
+checkpoints (written atomically) every ``checkpoint_every`` steps and after every epoch, so an
+interrupted run resumes exactly where it stopped. The loop itself, shared with the online
+ensemble training, is :func:`iumask.engine.fit`.
 """
 
 from __future__ import annotations
 
-import os
 import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,11 +15,6 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
-
-from iumask.core import SegmentationMetrics
-from iumask.models import predict_logits
-from iumask.progress import progress_bar
 
 CHECKPOINT_FILE = "checkpoint.pt"
 
@@ -35,6 +31,10 @@ class TrainOptions:
     poly_power: float = 0.9
     seed: int = 0
     num_workers: int = 0
+    amp: str = "off"  # off, bf16 or fp16 autocast (CUDA only; see iumask.engine.resolve_amp)
+    # Steps between mid-epoch checkpoints (0: only at epoch ends). Not part of the result's
+    # identity: resuming is exact wherever the checkpoint was taken.
+    checkpoint_every: int = 500
 
     def lr_for(self, encoder: str) -> float:
         if self.lr is not None:
@@ -42,7 +42,12 @@ class TrainOptions:
         return 1e-3 if "mobilenet" in encoder else 1e-4
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The options the trained weights depend on (recorded in manifests, compared for cache hits)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+
+
+# TrainOptions fields that do not change the result.
+RUNTIME_OPTIONS = ("checkpoint_every",)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -74,22 +79,6 @@ def poly_schedule(optimizer, total_steps: int, power: float):
     )
 
 
-@torch.no_grad()
-def validate(model, loader, num_classes: int, ignore_index: int, device) -> float:
-    model.eval()
-    metrics = SegmentationMetrics(num_classes, ignore_index)
-    for batch in loader:
-        logits = predict_logits(model, batch["image"].to(device))
-        metrics.update(logits.argmax(1).cpu(), batch["label"])
-    return metrics.compute()["miou"]
-
-
-def _save_checkpoint(path: Path, state: dict) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)  # a crash while writing leaves the previous checkpoint intact
-
-
 def train_model(
     model: torch.nn.Module,
     encoder: str,
@@ -107,57 +96,23 @@ def train_model(
     """Train ``model`` in place; return the per-epoch history (loss, validation mIoU).
 
     ``identity`` describes everything the result depends on; a checkpoint in ``folder`` with the
-    same identity is resumed, one with another identity is ignored and replaced.
+    same identity is resumed (exactly, mid-epoch too), one with another identity is replaced.
     """
-    seed_everything(options.seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    model.to(device)
-    optimizer = make_optimizer(model, encoder, options)
-    drop_last = len(train_set) > options.batch_size  # BatchNorm in ASPP needs batches of 2+
-    steps_per_epoch = len(train_set) // options.batch_size if drop_last else 1
-    scheduler = poly_schedule(optimizer, options.epochs * steps_per_epoch, options.poly_power)
-    history: list[dict] = []
-    start_epoch = 0
-    checkpoint_path = folder / CHECKPOINT_FILE
-    if checkpoint_path.is_file():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        if state.get("identity") == identity:
-            model.load_state_dict(state["model"])
-            optimizer.load_state_dict(state["optimizer"])
-            scheduler.load_state_dict(state["scheduler"])
-            torch.set_rng_state(state["rng"])
-            history, start_epoch = state["history"], state["epoch"]
+    from iumask import distributed
+    from iumask.engine import Precision, fit, make_member, steps_per_epoch
 
-    val_loader = DataLoader(val_set, batch_size=options.batch_size, num_workers=options.num_workers)
-    with progress_bar() as progress:
-        task = progress.add_task(label, total=options.epochs * steps_per_epoch,
-                                 completed=start_epoch * steps_per_epoch, info="")
-        for epoch in range(start_epoch, options.epochs):
-            # The data order depends only on (seed, epoch): a resumed run sees the same batches.
-            order = torch.Generator().manual_seed(options.seed * 100_003 + epoch)
-            if hasattr(train_set, "set_epoch"):
-                train_set.set_epoch(epoch)  # fresh augmentations, reproducible per (seed, epoch)
-            loader = DataLoader(train_set, batch_size=options.batch_size, shuffle=True, generator=order,
-                                drop_last=drop_last, num_workers=options.num_workers,
-                                pin_memory=device.type == "cuda")
-            model.train()
-            total, count = 0.0, 0
-            for batch in loader:
-                batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
-                logits = model(batch["image"])
-                loss = loss_fn(logits, batch)
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                scheduler.step()
-                total, count = total + loss.item(), count + 1
-                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{options.epochs} loss {total / count:.3f}")
-            miou = validate(model, val_loader, num_classes, ignore_index, device) if len(val_set) else float("nan")
-            history.append({"epoch": epoch + 1, "loss": total / max(count, 1), "val_miou": miou})
-            progress.update(task, info=f"epoch {epoch + 1}/{options.epochs} loss {total / max(count, 1):.3f} val mIoU {miou:.3f}")
-            _save_checkpoint(checkpoint_path, {
-                "identity": identity, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                "scheduler": scheduler.state_dict(), "rng": torch.get_rng_state(),
-                "history": history, "epoch": epoch + 1,
-            })
-    return history
+    folder.mkdir(parents=True, exist_ok=True)
+    precision = Precision(options.amp, device)
+    total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
+    member = make_member(label, model, encoder, options, device, total_steps, precision)
+
+    def train_step(batch: dict) -> list[float]:
+        with precision.autocast():
+            logits = member.forward(batch["image"])
+        loss = loss_fn(logits.float(), batch)
+        member.step(loss)
+        return [loss.item()]
+
+    result = fit([member], train_step, train_set, val_set, options, folder / CHECKPOINT_FILE, identity,
+                 num_classes, ignore_index, device, label, precision)
+    return result.histories[0]

@@ -1,0 +1,119 @@
+"""Several processes (GPUs, machines) with ``torchrun``: process-group setup and small helpers.
+
+Every training command and ``make-masks`` call :func:`init` with the device they resolved. When
+the process was started by ``torchrun`` (``WORLD_SIZE`` > 1 in the environment) it joins the
+process group (NCCL on CUDA, Gloo on CPU), binds ``cuda`` to ``cuda:LOCAL_RANK`` and silences the
+shared console on every rank but 0 (one set of progress bars and messages). Without ``torchrun``
+every helper is a cheap no-op: rank 0 of a world of 1.
+
+Multi-node runs need ``--out``, ``--data`` and ``--store`` on a file system every node sees:
+rank 0 writes checkpoints and manifests that the other ranks read when resuming, and every rank
+writes its own images' chunks of the mask store.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+from typing import Any, Callable, TypeVar
+
+import torch
+import torch.distributed as dist
+
+from iumask.progress import console
+
+T = TypeVar("T")
+
+
+def env_world_size() -> int:
+    """The world size torchrun announced (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def rank() -> int:
+    return dist.get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def local_rank() -> int:
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+def is_main() -> bool:
+    """True on the process that writes checkpoints, manifests and progress (rank 0)."""
+    return rank() == 0
+
+
+def init(device: torch.device) -> torch.device:
+    """Join the process group when started by torchrun; return this process's device.
+
+    Idempotent. ``cuda`` (no index) becomes ``cuda:LOCAL_RANK`` under torchrun; an explicit
+    ``cuda:N`` is kept.
+    """
+    device = torch.device(device)
+    if env_world_size() <= 1:
+        return device
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    if not is_distributed():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        atexit.register(_shutdown)
+        if not is_main():
+            console.quiet = True  # one set of progress bars and messages: rank 0's
+    return device
+
+
+def _shutdown() -> None:
+    if is_distributed():
+        dist.destroy_process_group()
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum ``tensor`` over all ranks in place (and return it). NCCL needs it on this rank's GPU."""
+    if is_distributed():
+        if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
+            dist.all_reduce(moved)
+            tensor.copy_(moved.cpu())
+        else:
+            dist.all_reduce(tensor)
+    return tensor
+
+
+def all_gather_object(value: Any) -> list[Any]:
+    """``[value of rank 0, value of rank 1, ...]`` on every rank (``[value]`` without torchrun)."""
+    if not is_distributed():
+        return [value]
+    out: list[Any] = [None] * world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def main_first(on_main: Callable[[], T], on_others: Callable[[], T]) -> T:
+    """Run ``on_main`` on rank 0, then (after a barrier) ``on_others`` on the other ranks: e.g. rank 0
+    creates a file the others then open. An error on rank 0 ends the job (torchrun stops the rest)."""
+    if is_main():
+        result = on_main()
+        barrier()
+        return result
+    barrier()
+    return on_others()
+
+
+def shard(items: list[T]) -> list[T]:
+    """This rank's share of ``items``: every ``world_size``-th item starting at ``rank``."""
+    return items[rank()::world_size()]

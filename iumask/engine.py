@@ -1,0 +1,365 @@
+"""The training engine every train command shares: data order, precision, checkpoints, the loop.
+
+* **Data order.** An epoch's order is a permutation drawn from a ``torch.Generator`` seeded by
+  ``(seed, epoch)`` only (:class:`EpochBatchSampler`). A resumed epoch starts the sampler at the
+  saved position, so the batches already done are never loaded again. Under torchrun global step
+  ``s`` takes the permutation's slice ``[s·B·W, (s+1)·B·W)`` and rank ``r`` its ``r``-th block of
+  ``B`` images (``--batch-size`` is per process; the effective batch is ``B·W``).
+* **Checkpoints.** ``checkpoint.pt`` holds the models, optimizers, schedules and AMP scalers of all
+  members trained together, the epoch and the position in it, every rank's RNG state (torch CPU
+  and CUDA: dropout in DeepLabV3+'s ASPP draws from them; python/numpy RNGs are not used during
+  training) and running loss sums, the history, and caller state (e.g. online timings). Written
+  by rank 0 through a temporary file and ``os.replace`` every ``checkpoint_every`` steps and at the
+  end of every epoch; read with ``torch.load(weights_only=True)``. A checkpoint is resumed only
+  when its identity (all inputs of the result) and world size match; otherwise it is replaced.
+* **Exactness.** No global RNG is consumed outside the training steps (data loaders get their own
+  generator), so a run killed at any point and resumed ends bitwise equal to an uninterrupted run
+  on CPU (deterministic algorithms are switched on for the duration of the loop on CPU). On GPUs
+  the resume restores the same states, but some CUDA kernels (e.g. bilinear upsampling's
+  backward) are not bitwise deterministic.
+* **Precision.** ``amp``: ``off``, ``bf16`` or ``fp16`` autocast on CUDA (fp16 with a gradient
+  scaler); on CPU it is switched off with a warning (:func:`resolve_amp`) and the manifest
+  records ``off``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Sampler, Subset
+
+from iumask import distributed
+from iumask.core import SegmentationMetrics, mean_softmax
+from iumask.errors import IumaskError
+from iumask.models import predict_logits
+from iumask.progress import console, progress_bar
+from iumask.training import TrainOptions, make_optimizer, poly_schedule, seed_everything
+
+CHECKPOINT_FORMAT = 2
+AMP_MODES = ("off", "bf16", "fp16")
+# Rank r > 0 draws its dropout masks from seed + r · this (rank 0 keeps the single-process stream).
+_RANK_SEED_STRIDE = 1_000_003
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+def epoch_seed(seed: int, epoch: int) -> int:
+    return seed * 100_003 + epoch
+
+
+def steps_per_epoch(num_samples: int, batch_size: int, world_size: int = 1) -> int:
+    """Optimizer steps per epoch: full global batches of ``batch_size · world_size`` images (the
+    remainder is left out, as BatchNorm needs batches of 2+). A single process with fewer images
+    than one batch trains on one short batch per epoch."""
+    global_batch = batch_size * world_size
+    if num_samples >= global_batch:
+        return num_samples // global_batch
+    if world_size == 1 and num_samples > 0:
+        return 1
+    raise IumaskError(f"the training split has {num_samples} images, fewer than one batch of {batch_size} per "
+                      f"process × {world_size} processes; lower --batch-size or use fewer processes")
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """The batches (lists of dataset indices) of one epoch for this rank, from step ``start`` on.
+
+    The epoch's order depends only on ``(seed, epoch)``; skipping to ``start`` touches no data.
+    """
+
+    def __init__(self, num_samples: int, batch_size: int, seed: int, epoch: int, rank: int = 0,
+                 world_size: int = 1, start: int = 0):
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.seed, self.epoch, self.rank, self.world_size = seed, epoch, rank, world_size
+        self.steps = steps_per_epoch(num_samples, batch_size, world_size)
+        if not 0 <= start <= self.steps:
+            raise ValueError(f"start {start} is outside 0..{self.steps}")
+        self.start = start
+
+    def __len__(self) -> int:
+        return self.steps - self.start
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(epoch_seed(self.seed, self.epoch))
+        order = torch.randperm(self.num_samples, generator=generator).tolist()
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start, self.steps):
+            chunk = order[step * global_batch:(step + 1) * global_batch]
+            if len(chunk) < global_batch:  # one process, fewer images than a batch
+                yield chunk
+            else:
+                yield chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
+
+
+def _loader(dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
+    # An own generator: the loader must not draw from the global RNG (dropout's), or a resumed
+    # run would see other dropout masks than an uninterrupted one.
+    return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
+                      generator=torch.Generator(), **kwargs)
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def resolve_amp(options: TrainOptions, device: torch.device) -> TrainOptions:
+    """``options`` with the mixed precision that will really be used on ``device``: AMP needs CUDA;
+    on CPU it is switched off with a warning (so one config serves GPU and CPU machines)."""
+    amp = options.amp
+    if amp not in AMP_MODES:
+        raise IumaskError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
+    if amp != "off" and torch.device(device).type != "cuda":
+        console.print(f"[yellow]warning[/yellow]: --amp {amp} needs a CUDA device; training on "
+                      f"{torch.device(device).type} in float32", highlight=False)
+        return dataclasses.replace(options, amp="off")
+    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+        raise IumaskError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
+    return options
+
+
+class Precision:
+    """Autocast and gradient scaling for one AMP mode (see :func:`resolve_amp`)."""
+
+    def __init__(self, amp: str, device: torch.device):
+        self.device_type = torch.device(device).type
+        self.enabled = amp != "off" and self.device_type == "cuda"
+        self.dtype = torch.float16 if amp == "fp16" else torch.bfloat16
+        self.scaled = self.enabled and self.dtype == torch.float16
+
+    def autocast(self):
+        return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.enabled)
+
+    def scaler(self) -> torch.amp.GradScaler:
+        return torch.amp.GradScaler(self.device_type, enabled=self.scaled)
+
+
+@contextlib.contextmanager
+def _deterministic(device: torch.device):
+    """Deterministic algorithms on CPU for the duration of training (restored afterwards)."""
+    if device.type != "cpu":
+        yield
+        return
+    before = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=before[1])
+
+
+# ----------------------------------------------------------------------------- members
+
+
+@dataclass
+class TrainMember:
+    """One model being trained: its optimizer, schedule and gradient scaler."""
+
+    name: str
+    model: torch.nn.Module  # trained in place; what is saved
+    module: torch.nn.Module  # ``model`` wrapped in DistributedDataParallel under torchrun
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return predict_logits(self.module, images)
+
+    def step(self, loss: torch.Tensor) -> None:
+        """Backward, optimizer step (through the scaler) and schedule step."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+
+    def state_dict(self) -> dict:
+        return {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        if state["scaler"]:
+            self.scaler.load_state_dict(state["scaler"])
+
+
+def make_member(name: str, model: torch.nn.Module, encoder: str, options: TrainOptions, device: torch.device,
+                total_steps: int, precision: Precision) -> TrainMember:
+    """Move ``model`` to ``device``, give it Adam (lower encoder lr) and the poly schedule, and wrap
+    it in DistributedDataParallel under torchrun."""
+    model.to(device)
+    optimizer = make_optimizer(model, encoder, options)
+    scheduler = poly_schedule(optimizer, total_steps, options.poly_power)
+    module = model
+    if distributed.is_distributed():
+        module = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return TrainMember(name, model, module, optimizer, scheduler, precision.scaler())
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+
+def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically: a crash while writing leaves the previous checkpoint intact."""
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path, identity: dict) -> dict | None:
+    """The checkpoint at ``path`` if it belongs to this run (identity, format, world size)."""
+    if not path.is_file():
+        return None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated or foreign file: start over rather than fail
+        console.print(f"[yellow]warning[/yellow]: {path} is unreadable ({exc.__class__.__name__}); starting over",
+                      highlight=False)
+        return None
+    if (state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != identity
+            or state.get("world_size") != distributed.world_size()):
+        return None
+    return state
+
+
+def _rng_state(device: torch.device) -> dict:
+    return {"cpu": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and state.get("cuda") is not None:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# ----------------------------------------------------------------------------- validation
+
+
+@torch.no_grad()
+def validate_members(models: list[torch.nn.Module], val_set, options: TrainOptions, num_classes: int,
+                     ignore_index: int, device: torch.device, precision: Precision) -> tuple[list[float], float | None]:
+    """Validation mIoU of each model and (for several) of their ensemble (mean softmax). Under
+    torchrun each rank predicts its share of the images and the confusion matrices are summed."""
+    if not len(val_set):
+        return [float("nan")] * len(models), (float("nan") if len(models) > 1 else None)
+    for model in models:
+        model.eval()
+    metrics = [SegmentationMetrics(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
+    subset = Subset(val_set, distributed.shard(list(range(len(val_set)))))
+    for batch in _loader(subset, device, options.num_workers, batch_size=options.batch_size):
+        images = batch["image"].to(device, non_blocking=True)
+        with precision.autocast():
+            logits = [predict_logits(model, images) for model in models]
+        for m, member_logits in zip(metrics, logits):
+            m.update(member_logits.argmax(1).cpu(), batch["label"])
+        if len(models) > 1:
+            metrics[-1].update(mean_softmax(logits).argmax(1).cpu(), batch["label"])
+    for m in metrics:
+        distributed.all_reduce_sum(m.confusion)
+    mious = [m.compute()["miou"] for m in metrics]
+    return mious[:len(models)], (mious[-1] if len(models) > 1 else None)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+@dataclass
+class FitResult:
+    histories: list[list[dict]]  # per member: [{"epoch", "loss", "val_miou"}, ...]
+    ensemble_history: list[dict] = field(default_factory=list)  # several members: [{"epoch", "val_miou"}]
+
+
+StepFn = Callable[[dict], list[float]]
+
+
+def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, options: TrainOptions,
+        checkpoint_path: Path, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
+        label: str, precision: Precision, extra: dict | None = None) -> FitResult:
+    """Train ``members`` together for ``options.epochs``; ``train_step(batch)`` does one optimizer
+    step of every member on a batch (already on ``device``) and returns their losses.
+
+    ``extra`` is caller state (a dict of plain values, updated in place by ``train_step``) that is
+    saved in and restored from the checkpoint. Resumes from ``checkpoint_path`` when it belongs to
+    this run (see the module docstring).
+    """
+    world, rank = distributed.world_size(), distributed.rank()
+    steps = steps_per_epoch(len(train_set), options.batch_size, world)
+    k = len(members)
+    extra = {} if extra is None else extra
+    histories: list[list[dict]] = [[] for _ in members]
+    ensemble_history: list[dict] = []
+    start_epoch, start_step = 0, 0
+    loss_sums, loss_count = [0.0] * k, 0
+    state = load_checkpoint(checkpoint_path, identity)
+    if state is not None:
+        for member, member_state in zip(members, state["members"]):
+            member.load_state_dict(member_state)
+        histories, ensemble_history = state["histories"], state["ensemble_history"]
+        start_epoch, start_step = state["epoch"], state["step"]
+        extra.update(state["extra"])
+        own = state["ranks"][rank]
+        _set_rng_state(own["rng"], device)
+        loss_sums, loss_count = list(own["loss_sums"]), own["loss_count"]
+        if start_epoch < options.epochs:
+            console.print(f"{label}: resuming at epoch {start_epoch + 1}, step {start_step}/{steps}")
+    else:
+        seed_everything(options.seed)
+        if rank:
+            torch.manual_seed(options.seed + _RANK_SEED_STRIDE * rank)  # own dropout masks per rank
+    distributed.barrier()  # every rank has read the checkpoint before rank 0 may replace it
+
+    def checkpoint(epoch: int, step: int) -> None:
+        ranks = distributed.all_gather_object(
+            {"rng": _rng_state(device), "loss_sums": list(loss_sums), "loss_count": loss_count})
+        if distributed.is_main():
+            save_checkpoint(checkpoint_path, {
+                "format": CHECKPOINT_FORMAT, "identity": identity, "world_size": world,
+                "epoch": epoch, "step": step, "members": [m.state_dict() for m in members],
+                "histories": histories, "ensemble_history": ensemble_history, "extra": extra, "ranks": ranks,
+            })
+
+    every = max(0, options.checkpoint_every)
+    with _deterministic(device), progress_bar() as progress:
+        task = progress.add_task(label, total=options.epochs * steps, completed=start_epoch * steps + start_step,
+                                 info="")
+        for epoch in range(start_epoch, options.epochs):
+            first = start_step if epoch == start_epoch else 0
+            if first == 0:
+                loss_sums, loss_count = [0.0] * k, 0
+            if hasattr(train_set, "set_epoch"):
+                train_set.set_epoch(epoch)  # augmentations reproducible per (seed, epoch, index)
+            sampler = EpochBatchSampler(len(train_set), options.batch_size, options.seed, epoch, rank, world, first)
+            for member in members:
+                member.module.train()
+            for step, batch in enumerate(_loader(train_set, device, options.num_workers, batch_sampler=sampler),
+                                         start=first + 1):
+                losses = train_step(to_device(batch, device))
+                loss_sums, loss_count = [s + v for s, v in zip(loss_sums, losses)], loss_count + 1
+                progress.update(task, advance=1, info=f"epoch {epoch + 1}/{options.epochs} "
+                                f"loss {sum(loss_sums) / k / loss_count:.3f}")
+                if every and (epoch * steps + step) % every == 0 and step < steps:
+                    checkpoint(epoch, step)
+            totals = distributed.all_reduce_sum(torch.tensor([*loss_sums, loss_count], dtype=torch.float64))
+            epoch_losses = (totals[:k] / totals[k].clamp_min(1)).tolist()
+            mious, ensemble_miou = validate_members([m.model for m in members], val_set, options, num_classes,
+                                                    ignore_index, device, precision)
+            for history, loss, miou in zip(histories, epoch_losses, mious):
+                history.append({"epoch": epoch + 1, "loss": loss, "val_miou": miou})
+            shown = f"val mIoU {mious[0]:.3f}" if k == 1 else f"ensemble val mIoU {ensemble_miou:.3f}"
+            if k > 1:
+                ensemble_history.append({"epoch": epoch + 1, "val_miou": ensemble_miou})
+            progress.update(task, info=f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}")
+            checkpoint(epoch + 1, 0)
+    return FitResult(histories, ensemble_history)

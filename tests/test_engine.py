@@ -1,0 +1,297 @@
+"""The shared training engine: data order and sharding, exact resume after a real SIGKILL, online
+ensemble training (CLI, resume, evaluate/make-masks on its ensemble), torchrun with 2 Gloo
+processes on CPU, and the CPU side of mixed precision. Tiny data: 32x32 images, MobileNetV2."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from iumask import engine
+from iumask.cli import main
+from iumask.data.synthetic import generate_synthetic
+from iumask.engine import EpochBatchSampler, Precision, resolve_amp, steps_per_epoch
+from iumask.store import MaskStore
+from iumask.training import TrainOptions
+
+pytestmark = pytest.mark.slow
+
+SMALL = ["--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--backbone-lr-factor", "1", "--device", "cpu"]
+
+
+def iumask(*args, expect: int = 0) -> None:
+    argv = sys.argv
+    sys.argv = ["iumask", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    finally:
+        sys.argv = argv
+    assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return generate_synthetic(tmp_path_factory.mktemp("engine") / "data", num_train=8, num_val=2, height=32,
+                              width=32, seed=11)
+
+
+def assert_same_weights(a: Path, b: Path) -> None:
+    wa, wb = load_file(str(a)), load_file(str(b))
+    assert wa.keys() == wb.keys()
+    different = [k for k in wa if not torch.equal(wa[k], wb[k])]
+    assert not different, f"{len(different)} tensors differ, e.g. {different[:3]}"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def torchrun(*args, nproc: int = 2, timeout: float = 300) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), "--master-addr",
+           "127.0.0.1", "--master-port", str(free_port()), "-m", "iumask.cli", *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+# ----------------------------------------------------------------------------- data order
+
+
+@pytest.mark.parametrize("n, batch, world", [(10, 2, 1), (11, 2, 2), (9, 4, 1), (3, 4, 1), (16, 3, 2)])
+def test_epoch_order_depends_on_seed_and_epoch_and_shards_partition_global_batches(n, batch, world):
+    steps = steps_per_epoch(n, batch, world)
+    full = [list(EpochBatchSampler(n, batch, seed=5, epoch=3, rank=r, world_size=world)) for r in range(world)]
+    assert all(len(f) == steps for f in full)
+    seen = [i for step in range(steps) for r in range(world) for i in full[r][step]]
+    assert len(seen) == len(set(seen)) == min(n, steps * batch * world)
+    # Same (seed, epoch): same order; another epoch or seed: another order.
+    assert full[0] == list(EpochBatchSampler(n, batch, seed=5, epoch=3, rank=0, world_size=world))
+    if n > 3:
+        assert full[0] != list(EpochBatchSampler(n, batch, seed=5, epoch=4, rank=0, world_size=world))
+        assert full[0] != list(EpochBatchSampler(n, batch, seed=6, epoch=3, rank=0, world_size=world))
+    # Starting at step s yields exactly the remaining batches.
+    for start in range(steps + 1):
+        assert list(EpochBatchSampler(n, batch, 5, 3, 0, world, start=start)) == full[0][start:]
+
+
+def test_resumed_epoch_loads_only_the_remaining_batches():
+    """The skipped batches' samples are never read (the sampler starts at the saved position)."""
+    loaded = []
+
+    class Counting(torch.utils.data.Dataset):
+        def __len__(self):
+            return 12
+
+        def __getitem__(self, i):
+            loaded.append(i)
+            return torch.tensor(i)
+
+    sampler = EpochBatchSampler(12, 3, seed=0, epoch=1, start=3)
+    batches = [b.tolist() for b in torch.utils.data.DataLoader(Counting(), batch_sampler=sampler)]
+    assert len(batches) == 1 and sorted(loaded) == sorted(batches[0])
+
+
+def test_too_few_images_for_the_processes_is_an_error():
+    from iumask.errors import IumaskError
+
+    assert steps_per_epoch(3, 4, 1) == 1  # one short batch, as before
+    with pytest.raises(IumaskError, match="fewer than one batch"):
+        steps_per_epoch(5, 4, 2)
+
+
+# ----------------------------------------------------------------------------- exact resume
+
+
+def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, tmp_path):
+    """SIGKILL a real train-baseline right after its first (mid-epoch) checkpoint, rerun, and get
+    the very weights of an uninterrupted run (dropout RNG, optimizer, schedule, data position)."""
+    args = ["train-baseline", "--data", str(data), "--encoder", "mobilenet_v2", *SMALL, "--checkpoint-every", "3"]
+    iumask(*args, "--out", tmp_path / "straight")
+
+    out = tmp_path / "killed"
+    checkpoint = out / "mobilenet_v2" / "checkpoint.pt"
+    proc = subprocess.Popen([sys.executable, "-m", "iumask.cli", *args, "--out", str(out)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while time.time() < deadline and not checkpoint.exists() and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert not (out / "mobilenet_v2" / "manifest.json").exists(), "the run should have been killed part way"
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    assert (state["epoch"], state["step"]) == (0, 3), "killed right after the mid-epoch checkpoint"
+    assert set(state) >= {"identity", "members", "histories", "ranks", "world_size"}
+    assert set(state["members"][0]) == {"model", "optimizer", "scheduler", "scaler"}
+    assert state["ranks"][0]["loss_count"] == 3 and state["ranks"][0]["rng"]["cpu"].dtype == torch.uint8
+
+    iumask(*args, "--out", out)
+    assert_same_weights(tmp_path / "straight" / "mobilenet_v2" / "model.safetensors",
+                        out / "mobilenet_v2" / "model.safetensors")
+    straight = json.loads((tmp_path / "straight" / "mobilenet_v2" / "manifest.json").read_text())
+    resumed = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+    assert resumed["history"] == straight["history"] and len(resumed["history"]) == 2
+    assert resumed["train_options"] == straight["train_options"] and "checkpoint_every" not in resumed["train_options"]
+    assert not checkpoint.exists()
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, tmp_path, capsys):
+    out = tmp_path / "online"
+    args = ["train-weighted", "--online", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
+            "--encoder", "mobilenet_v2", "--store", tmp_path / "nothing.zarr", *SMALL[2:], "--epochs", "1"]
+    iumask(*args)
+    err = capsys.readouterr().err
+    assert "online step time" in err and "masks (entropy + instance uncertainty)" in err
+    ensemble = json.loads((out / "ensemble.json").read_text())
+    assert ensemble["stage"] == "online" and ensemble["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
+    for k, name in enumerate(ensemble["members"]):
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        assert manifest["stage"] == "online" and manifest["complete"] and manifest["init_seed"] == k
+        assert manifest["online_masks"] == {"instances_from": "prediction", "connectivity": 8, "normalize": False}
+        assert manifest["loss"]["exponent"] == 2.0 and len(manifest["history"]) == 1
+        assert len(manifest["ensemble_history"]) == 1
+        timing = manifest["timing"]
+        assert timing["steps"] == 4 and timing["forward_backward_s"] > 0 and timing["masks_s"] > 0
+    assert not (out / "checkpoint.pt").exists() and not (tmp_path / "nothing.zarr").exists()
+    # Two members, same data, other initialisations: different weights.
+    a, b = (load_file(str(out / n / "model.safetensors")) for n in ensemble["members"])
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+    iumask(*args)
+    assert "cache hit" in capsys.readouterr().err
+    iumask(*args, "--instances-from", "label", expect=2)  # other inputs: refused without --overwrite
+    assert "--overwrite" in capsys.readouterr().err
+
+    # Its ensemble.json works with evaluate and make-masks.
+    iumask("evaluate", "--model", out / "ensemble.json", "--model", out / "mobilenet_v2", "--data", data,
+           "--output", tmp_path / "results.json", "--device", "cpu")
+    results = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["online ensemble", "online mobilenet_v2"]
+    iumask("make-masks", "--ensemble", out / "ensemble.json", "--data", data, "--store", tmp_path / "m.zarr",
+           "--device", "cpu")
+    assert MaskStore.open(tmp_path / "m.zarr").completed().all()
+
+
+class _Interrupted(Exception):
+    pass
+
+
+def test_online_training_interrupted_mid_epoch_resumes_bitwise_identical(data, tmp_path, monkeypatch):
+    args = ["train-weighted", "--online", "--data", data, "--encoder", "mobilenet_v2", "--encoder", "mobilenet_v2",
+            *SMALL[2:], "--epochs", "1", "--checkpoint-every", "2", "--instances-from", "label"]
+    iumask(*args, "--out", tmp_path / "straight")
+
+    real_save = engine.save_checkpoint
+
+    def save_then_die(path, state):
+        real_save(path, state)
+        if state["step"]:
+            raise _Interrupted  # like a kill right after the mid-epoch checkpoint
+
+    monkeypatch.setattr(engine, "save_checkpoint", save_then_die)
+    with pytest.raises(_Interrupted):
+        iumask(*args, "--out", tmp_path / "resumed")
+    state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
+    assert (state["epoch"], state["step"], len(state["members"])) == (0, 2, 2)
+    assert state["extra"]["steps"] == 2  # the timing is saved and keeps counting
+    monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    iumask(*args, "--out", tmp_path / "resumed")
+    for name in ("mobilenet_v2", "mobilenet_v2-2"):
+        assert_same_weights(tmp_path / "straight" / name / "model.safetensors",
+                            tmp_path / "resumed" / name / "model.safetensors")
+    manifest = json.loads((tmp_path / "resumed" / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["timing"]["steps"] == 4
+
+
+def test_run_online_skips_make_masks_and_compares_side_by_side(tmp_path):
+    data = generate_synthetic(tmp_path / "data", num_train=4, num_val=2, height=32, width=32, seed=12)
+    iumask("run", "--online", "--data", data, "--out", tmp_path / "run", "--encoder", "mobilenet_v2",
+           "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-augment")
+    results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["baseline mobilenet_v2", "baseline mobilenet_v2",
+                                             "online mobilenet_v2", "online mobilenet_v2"]
+    assert not (tmp_path / "run" / "masks.zarr").exists()
+    assert (tmp_path / "run" / "online" / "ensemble.json").is_file()
+
+
+# ----------------------------------------------------------------------------- torchrun
+
+
+def test_make_masks_with_two_processes_equals_one_process(data, tmp_path):
+    iumask("train-baseline", "--data", data, "--out", tmp_path / "b", "--encoder", "mobilenet_v2", *SMALL[2:],
+           "--epochs", "1")
+    common = ["make-masks", "--ensemble", tmp_path / "b", "--data", data, "--device", "cpu", "--batch-size", "2"]
+    iumask(*common, "--store", tmp_path / "one.zarr")
+    torchrun(*common, "--store", tmp_path / "two.zarr")
+    one, two = MaskStore.open(tmp_path / "one.zarr"), MaskStore.open(tmp_path / "two.zarr")
+    assert two.completed().all() and two.attrs["finished"]
+    timing = {k for k in one.attrs if "time" in k or "timing" in k}
+    assert {k: v for k, v in one.attrs.items() if k not in timing} == \
+        {k: v for k, v in two.attrs.items() if k not in timing}
+    for i in range(one.num_images):
+        a, b = one.read(i), two.read(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_path):
+    out = tmp_path / "ddp"
+    result = torchrun("train-baseline", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
+                      "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--checkpoint-every", "1")
+    assert result.stderr.count("ensemble:") <= 1  # rank 1's console is silent
+    ensemble = json.loads((out / "ensemble.json").read_text())
+    assert ensemble["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
+    assert sorted(p.name for p in out.iterdir()) == ["ensemble.json", "mobilenet_v2", "mobilenet_v2-2"]
+    for name in ensemble["members"]:
+        files = sorted(p.name for p in (out / name).iterdir())
+        assert files == ["manifest.json", "model.safetensors"]
+        manifest = json.loads((out / name / "manifest.json").read_text())
+        assert manifest["world_size"] == 2 and len(manifest["history"]) == 1
+        assert np.isfinite(manifest["history"][0]["loss"]) and 0 <= manifest["history"][0]["val_miou"] <= 1
+
+
+# ----------------------------------------------------------------------------- precision
+
+
+def test_amp_on_cpu_is_switched_off_with_a_warning_and_recorded(data, tmp_path, capsys):
+    options = TrainOptions(amp="fp16")
+    assert resolve_amp(options, torch.device("cpu")).amp == "off"
+    assert "needs a CUDA device" in capsys.readouterr().err
+    assert resolve_amp(TrainOptions(amp="bf16"), torch.device("cpu")).amp == "off"
+    from iumask.errors import IumaskError
+
+    with pytest.raises(IumaskError, match="--amp"):
+        resolve_amp(TrainOptions(amp="fp8"), torch.device("cpu"))
+    # The CUDA code path with autocast and the scaler disabled is the CPU path.
+    for amp in ("off", "bf16", "fp16"):
+        precision = Precision(amp, torch.device("cpu"))
+        assert not precision.enabled and not precision.scaler().is_enabled()
+        with precision.autocast():
+            assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    cuda = Precision("fp16", torch.device("cuda"))
+    assert cuda.enabled and cuda.scaled and cuda.dtype == torch.float16
+    assert Precision("bf16", torch.device("cuda")).scaled is False
+
+    iumask("train-baseline", "--data", data, "--out", tmp_path / "b", "--encoder", "mobilenet_v2", *SMALL[2:],
+           "--epochs", "1", "--amp", "fp16", "--checkpoint-every", "0")
+    manifest = json.loads((tmp_path / "b" / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["train_options"]["amp"] == "off"
