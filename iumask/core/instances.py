@@ -96,11 +96,10 @@ def _to_codes(segmentation, num_classes: int, ignore_index: int) -> tuple[np.nda
         if not 0 <= ignore_index < num_classes:
             return seg, table  # class pixels already hold their class: no pass over the image
         return cv2.LUT(seg, table), np.arange(256, dtype=np.uint8)
-    codes = np.where((seg >= 0) & (seg < num_classes), seg, num_classes + 1)
+    codes = np.full(seg.shape, num_classes + 1, dtype=np.uint8 if small else np.int32)
+    np.copyto(codes, seg, casting="unsafe", where=(seg >= 0) & (seg < num_classes))
     codes[seg == ignore_index] = num_classes
-    if small:
-        return codes.astype(np.uint8), np.arange(256, dtype=np.uint8)
-    return codes.astype(np.int32), None
+    return codes, (np.arange(256, dtype=np.uint8) if small else None)
 
 
 def _raise_bad_values(segmentation, num_classes: int, ignore_index: int) -> None:
