@@ -27,7 +27,7 @@ from iumask.training import TrainOptions
 
 pytestmark = pytest.mark.slow
 
-SMALL = ["--epochs", "2", "--batch-size", "2", "--lr", "1e-3", "--backbone-lr-factor", "1", "--device", "cpu"]
+SMALL = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--backbone-lr-factor", "1", "--device", "cpu"]
 
 
 def iumask(*args, expect: int = 0) -> None:
@@ -43,10 +43,31 @@ def iumask(*args, expect: int = 0) -> None:
     assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
 
 
+BASELINE = ["train-baseline", "--encoder", "mobilenet_v2", *SMALL, "--checkpoint-every", "1"]  # 2 steps/epoch
+ONLINE = ["train-weighted", "--online", "--encoder", "mobilenet_v2", "--encoder", "mobilenet_v2", *SMALL[2:],
+          "--epochs", "1", "--checkpoint-every", "1"]
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     return generate_synthetic(tmp_path_factory.mktemp("engine") / "data", num_train=8, num_val=2, height=32,
                               width=32, seed=11)
+
+
+@pytest.fixture(scope="module")
+def baseline(data, tmp_path_factory):
+    """An uninterrupted train-baseline run (the reference of the kill test, the ensemble of make-masks)."""
+    out = tmp_path_factory.mktemp("straight") / "baseline"
+    iumask(*BASELINE, "--data", data, "--out", out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def online(data, tmp_path_factory):
+    """An uninterrupted online run of two members."""
+    out = tmp_path_factory.mktemp("straight") / "online"
+    iumask(*ONLINE, "--data", data, "--out", out)
+    return out
 
 
 def assert_same_weights(a: Path, b: Path) -> None:
@@ -119,11 +140,10 @@ def test_too_few_images_for_the_processes_is_an_error():
 # ----------------------------------------------------------------------------- exact resume
 
 
-def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, tmp_path):
+def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, baseline, tmp_path):
     """SIGKILL a real train-baseline right after its first (mid-epoch) checkpoint, rerun, and get
     the very weights of an uninterrupted run (dropout RNG, optimizer, schedule, data position)."""
-    args = ["train-baseline", "--data", str(data), "--encoder", "mobilenet_v2", *SMALL, "--checkpoint-every", "3"]
-    iumask(*args, "--out", tmp_path / "straight")
+    args = [*BASELINE, "--data", str(data)]
 
     out = tmp_path / "killed"
     checkpoint = out / "mobilenet_v2" / "checkpoint.pt"
@@ -136,15 +156,14 @@ def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, tmp_pat
     proc.wait()
     assert not (out / "mobilenet_v2" / "manifest.json").exists(), "the run should have been killed part way"
     state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    assert (state["epoch"], state["step"]) == (0, 3), "killed right after the mid-epoch checkpoint"
+    assert (state["epoch"], state["step"]) == (0, 1), "killed right after the mid-epoch checkpoint"
     assert set(state) >= {"identity", "members", "histories", "ranks", "world_size"}
     assert set(state["members"][0]) == {"model", "optimizer", "scheduler", "scaler"}
-    assert state["ranks"][0]["loss_count"] == 3 and state["ranks"][0]["rng"]["cpu"].dtype == torch.uint8
+    assert state["ranks"][0]["loss_count"] == 1 and state["ranks"][0]["rng"]["cpu"].dtype == torch.uint8
 
     iumask(*args, "--out", out)
-    assert_same_weights(tmp_path / "straight" / "mobilenet_v2" / "model.safetensors",
-                        out / "mobilenet_v2" / "model.safetensors")
-    straight = json.loads((tmp_path / "straight" / "mobilenet_v2" / "manifest.json").read_text())
+    assert_same_weights(baseline / "mobilenet_v2" / "model.safetensors", out / "mobilenet_v2" / "model.safetensors")
+    straight = json.loads((baseline / "mobilenet_v2" / "manifest.json").read_text())
     resumed = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
     assert resumed["history"] == straight["history"] and len(resumed["history"]) == 2
     assert resumed["train_options"] == straight["train_options"] and "checkpoint_every" not in resumed["train_options"]
@@ -154,13 +173,8 @@ def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, tmp_pat
 # ----------------------------------------------------------------------------- online
 
 
-def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, tmp_path, capsys):
-    out = tmp_path / "online"
-    args = ["train-weighted", "--online", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
-            "--encoder", "mobilenet_v2", "--store", tmp_path / "nothing.zarr", *SMALL[2:], "--epochs", "1"]
-    iumask(*args)
-    err = capsys.readouterr().err
-    assert "online step time" in err and "masks (entropy + instance uncertainty)" in err
+def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, online, tmp_path, capsys):
+    out = online
     ensemble = json.loads((out / "ensemble.json").read_text())
     assert ensemble["stage"] == "online" and ensemble["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
     for k, name in enumerate(ensemble["members"]):
@@ -170,12 +184,14 @@ def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, tmp_
         assert manifest["loss"]["exponent"] == 2.0 and len(manifest["history"]) == 1
         assert len(manifest["ensemble_history"]) == 1
         timing = manifest["timing"]
-        assert timing["steps"] == 4 and timing["forward_backward_s"] > 0 and timing["masks_s"] > 0
-    assert not (out / "checkpoint.pt").exists() and not (tmp_path / "nothing.zarr").exists()
+        assert timing["steps"] == 2 and timing["forward_backward_s"] > 0 and timing["masks_s"] > 0
+    assert not (out / "checkpoint.pt").exists()
     # Two members, same data, other initialisations: different weights.
     a, b = (load_file(str(out / n / "model.safetensors")) for n in ensemble["members"])
     assert any(not torch.equal(a[k], b[k]) for k in a)
 
+    args = [*ONLINE, "--data", data, "--out", out]
+    capsys.readouterr()
     iumask(*args)
     assert "cache hit" in capsys.readouterr().err
     iumask(*args, "--instances-from", "label", expect=2)  # other inputs: refused without --overwrite
@@ -195,10 +211,9 @@ class _Interrupted(Exception):
     pass
 
 
-def test_online_training_interrupted_mid_epoch_resumes_bitwise_identical(data, tmp_path, monkeypatch):
-    args = ["train-weighted", "--online", "--data", data, "--encoder", "mobilenet_v2", "--encoder", "mobilenet_v2",
-            *SMALL[2:], "--epochs", "1", "--checkpoint-every", "2", "--instances-from", "label"]
-    iumask(*args, "--out", tmp_path / "straight")
+def test_online_training_interrupted_mid_epoch_resumes_bitwise_identical(data, online, tmp_path, monkeypatch,
+                                                                         capsys):
+    args = [*ONLINE, "--data", data]
 
     real_save = engine.save_checkpoint
 
@@ -211,35 +226,39 @@ def test_online_training_interrupted_mid_epoch_resumes_bitwise_identical(data, t
     with pytest.raises(_Interrupted):
         iumask(*args, "--out", tmp_path / "resumed")
     state = torch.load(tmp_path / "resumed" / "checkpoint.pt", weights_only=True)
-    assert (state["epoch"], state["step"], len(state["members"])) == (0, 2, 2)
-    assert state["extra"]["steps"] == 2  # the timing is saved and keeps counting
+    assert (state["epoch"], state["step"], len(state["members"])) == (0, 1, 2)
+    assert state["extra"]["steps"] == 1  # the timing is saved and keeps counting
     monkeypatch.setattr(engine, "save_checkpoint", real_save)
+    capsys.readouterr()
     iumask(*args, "--out", tmp_path / "resumed")
+    err = capsys.readouterr().err
+    assert "resuming at epoch 1, step 1/2" in err
+    assert "online step time" in err and "masks (entropy + instance uncertainty)" in err
     for name in ("mobilenet_v2", "mobilenet_v2-2"):
-        assert_same_weights(tmp_path / "straight" / name / "model.safetensors",
-                            tmp_path / "resumed" / name / "model.safetensors")
+        assert_same_weights(online / name / "model.safetensors", tmp_path / "resumed" / name / "model.safetensors")
     manifest = json.loads((tmp_path / "resumed" / "mobilenet_v2" / "manifest.json").read_text())
-    assert manifest["timing"]["steps"] == 4
+    assert manifest["timing"]["steps"] == 2
+    assert manifest["history"] == json.loads((online / "mobilenet_v2" / "manifest.json").read_text())["history"]
 
 
 def test_run_online_skips_make_masks_and_compares_side_by_side(tmp_path):
     data = generate_synthetic(tmp_path / "data", num_train=4, num_val=2, height=32, width=32, seed=12)
     iumask("run", "--online", "--data", data, "--out", tmp_path / "run", "--encoder", "mobilenet_v2",
-           "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-augment")
+           "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-augment", "--instances-from", "label",
+           "--checkpoint-every", "0")
     results = json.loads((tmp_path / "run" / "results.json").read_text())["results"]
     assert [r["model"] for r in results] == ["baseline mobilenet_v2", "baseline mobilenet_v2",
                                              "online mobilenet_v2", "online mobilenet_v2"]
     assert not (tmp_path / "run" / "masks.zarr").exists()
-    assert (tmp_path / "run" / "online" / "ensemble.json").is_file()
+    manifest = json.loads((tmp_path / "run" / "online" / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["online_masks"]["instances_from"] == "label"
 
 
 # ----------------------------------------------------------------------------- torchrun
 
 
-def test_make_masks_with_two_processes_equals_one_process(data, tmp_path):
-    iumask("train-baseline", "--data", data, "--out", tmp_path / "b", "--encoder", "mobilenet_v2", *SMALL[2:],
-           "--epochs", "1")
-    common = ["make-masks", "--ensemble", tmp_path / "b", "--data", data, "--device", "cpu", "--batch-size", "2"]
+def test_make_masks_with_two_processes_equals_one_process(data, baseline, tmp_path):
+    common = ["make-masks", "--ensemble", baseline, "--data", data, "--device", "cpu", "--batch-size", "2"]
     iumask(*common, "--store", tmp_path / "one.zarr")
     torchrun(*common, "--store", tmp_path / "two.zarr")
     one, two = MaskStore.open(tmp_path / "one.zarr"), MaskStore.open(tmp_path / "two.zarr")
@@ -256,8 +275,10 @@ def test_make_masks_with_two_processes_equals_one_process(data, tmp_path):
 def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_path):
     out = tmp_path / "ddp"
     result = torchrun("train-baseline", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
-                      "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--checkpoint-every", "1")
-    assert result.stderr.count("ensemble:") <= 1  # rank 1's console is silent
+                      "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--batch-size", "2",
+                      "--checkpoint-every", "1", "--amp", "fp16")  # 2 global steps of 2 × 2 images
+    output = result.stdout + result.stderr
+    assert output.count("ensemble:") == 1 and output.count("needs a CUDA device") == 1  # rank 1 is silent
     ensemble = json.loads((out / "ensemble.json").read_text())
     assert ensemble["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
     assert sorted(p.name for p in out.iterdir()) == ["ensemble.json", "mobilenet_v2", "mobilenet_v2-2"]
@@ -266,13 +287,14 @@ def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_pat
         assert files == ["manifest.json", "model.safetensors"]
         manifest = json.loads((out / name / "manifest.json").read_text())
         assert manifest["world_size"] == 2 and len(manifest["history"]) == 1
+        assert manifest["train_options"]["amp"] == "off"  # --amp is ignored on CPU, and recorded so
         assert np.isfinite(manifest["history"][0]["loss"]) and 0 <= manifest["history"][0]["val_miou"] <= 1
 
 
 # ----------------------------------------------------------------------------- precision
 
 
-def test_amp_on_cpu_is_switched_off_with_a_warning_and_recorded(data, tmp_path, capsys):
+def test_amp_on_cpu_is_switched_off_with_a_warning(capsys):
     options = TrainOptions(amp="fp16")
     assert resolve_amp(options, torch.device("cpu")).amp == "off"
     assert "needs a CUDA device" in capsys.readouterr().err
@@ -290,8 +312,3 @@ def test_amp_on_cpu_is_switched_off_with_a_warning_and_recorded(data, tmp_path, 
     cuda = Precision("fp16", torch.device("cuda"))
     assert cuda.enabled and cuda.scaled and cuda.dtype == torch.float16
     assert Precision("bf16", torch.device("cuda")).scaled is False
-
-    iumask("train-baseline", "--data", data, "--out", tmp_path / "b", "--encoder", "mobilenet_v2", *SMALL[2:],
-           "--epochs", "1", "--amp", "fp16", "--checkpoint-every", "0")
-    manifest = json.loads((tmp_path / "b" / "mobilenet_v2" / "manifest.json").read_text())
-    assert manifest["train_options"]["amp"] == "off"
