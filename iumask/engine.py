@@ -202,9 +202,28 @@ def make_member(name: str, model: torch.nn.Module, encoder: str, options: TrainO
     scheduler = poly_schedule(optimizer, total_steps, options.poly_power)
     module = model
     if distributed.is_distributed():
+        # DDP waits for a gradient of every trainable parameter; ones the output never depends on
+        # never get one (and are never updated in a single process either): freeze them.
+        for parameter in unused_parameters(model, device).values():
+            parameter.requires_grad_(False)
         module = torch.nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None)
     return TrainMember(name, model, module, optimizer, scheduler, precision.scaler())
+
+
+def unused_parameters(model: torch.nn.Module, device: torch.device) -> dict[str, torch.nn.Parameter]:
+    """Trainable parameters the output does not depend on (e.g. smp's EfficientNet encoders keep a
+    head convolution they never run). Found with one eval-mode forward/backward on a blank image:
+    no dropout (no RNG draw), no BatchNorm statistics update, gradients cleared afterwards."""
+    training = model.training
+    model.eval()
+    try:
+        predict_logits(model, torch.zeros(1, 3, 64, 64, device=device)).float().sum().backward()
+        unused = {n: p for n, p in model.named_parameters() if p.requires_grad and p.grad is None}
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.train(training)
+    return unused
 
 
 # ----------------------------------------------------------------------------- checkpoints

@@ -332,6 +332,7 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
     store = distributed.main_first(lambda: MaskStore.open_or_create(store_path, identity, overwrite=overwrite),
                                    lambda: MaskStore.open(store_path, mode="r+"))
     todo = [i for i, done in enumerate(store.completed()) if not done]
+    distributed.barrier()  # every rank has read the completion flags before any rank writes
     if not todo:
         console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
     num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index

@@ -273,15 +273,16 @@ def test_make_masks_with_two_processes_equals_one_process(data, baseline, tmp_pa
 
 
 def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_path):
+    """DDP, with an encoder that has parameters the output does not use (EfficientNet's head)."""
     out = tmp_path / "ddp"
     result = torchrun("train-baseline", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
-                      "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--batch-size", "2",
+                      "--encoder", "efficientnet-b0", *SMALL[2:], "--epochs", "1", "--batch-size", "2",
                       "--checkpoint-every", "1", "--amp", "fp16")  # 2 global steps of 2 × 2 images
     output = result.stdout + result.stderr
     assert output.count("ensemble:") == 1 and output.count("needs a CUDA device") == 1  # rank 1 is silent
     ensemble = json.loads((out / "ensemble.json").read_text())
-    assert ensemble["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
-    assert sorted(p.name for p in out.iterdir()) == ["ensemble.json", "mobilenet_v2", "mobilenet_v2-2"]
+    assert ensemble["members"] == ["mobilenet_v2", "efficientnet-b0"]
+    assert sorted(p.name for p in out.iterdir()) == ["efficientnet-b0", "ensemble.json", "mobilenet_v2"]
     for name in ensemble["members"]:
         files = sorted(p.name for p in (out / name).iterdir())
         assert files == ["manifest.json", "model.safetensors"]
@@ -289,6 +290,40 @@ def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_pat
         assert manifest["world_size"] == 2 and len(manifest["history"]) == 1
         assert manifest["train_options"]["amp"] == "off"  # --amp is ignored on CPU, and recorded so
         assert np.isfinite(manifest["history"][0]["loss"]) and 0 <= manifest["history"][0]["val_miou"] <= 1
+
+
+def test_run_with_two_processes(data, tmp_path):
+    """All stages under torchrun: make-masks right after training in the same processes (every rank
+    reads the completion flags before any rank writes: without that barrier this run fails), DDP
+    training of baseline and weighted models, evaluation on rank 0 only."""
+    out = tmp_path / "run"
+    result = torchrun("run", "--data", data, "--out", out, "--encoder", "mobilenet_v2", "--epochs", "1",
+                      "--batch-size", "2", "--device", "cpu")
+    assert result.stdout.count("per-class IoU") == 1  # one table, from rank 0
+    for stage in ("baseline", "weighted"):
+        for name in ("mobilenet_v2",):
+            assert sorted(p.name for p in (out / stage / name).iterdir()) == ["manifest.json", "model.safetensors"]
+            assert json.loads((out / stage / name / "manifest.json").read_text())["world_size"] == 2
+    store = MaskStore.open(out / "masks.zarr")
+    assert store.completed().all() and store.attrs["finished"]
+    results = json.loads((out / "results.json").read_text())["results"]
+    assert [r["model"] for r in results] == ["baseline mobilenet_v2", "baseline mobilenet_v2", "weighted mobilenet_v2"]
+
+
+def test_unused_parameters_are_found_without_side_effects():
+    from iumask.engine import unused_parameters
+    from iumask.models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("efficientnet-b0", 3).train()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    assert sorted(unused_parameters(model, torch.device("cpu"))) == [
+        "encoder._bn1.bias", "encoder._bn1.weight", "encoder._conv_head.weight"]
+    assert model.training and all(p.grad is None for p in model.parameters())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert not unused_parameters(build_model("mobilenet_v2", 3), torch.device("cpu"))
 
 
 # ----------------------------------------------------------------------------- precision
