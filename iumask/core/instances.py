@@ -192,14 +192,14 @@ def _tile_numbers(height: int, width: int) -> np.ndarray:
 def _cluster_boxes(presence: _TilePresence, num_classes: int, height: int, width: int) -> np.ndarray:
     """``(n, 5)`` int array of ``(class, y0, y1, x0, x1)`` pixel boxes, disjoint within a class,
     each holding whole components of its class and every component in exactly one box."""
-    boxes = [np.zeros((0, 5), dtype=np.int64)]
+    boxes = [np.zeros((0, 5), dtype=np.int32)]
     for cls in range(num_classes):
         if not presence.holds(cls):
             continue
         # Grana's algorithm: its statistics pass is ~2x faster than the default's here.
         _, _, stats, _ = cv2.connectedComponentsWithStatsWithAlgorithm(
             presence.grid(cls), 8, cv2.CV_32S, cv2.CCL_GRANA)
-        x, y, w, h = (stats[1:, i].astype(np.int64) for i in range(4))
+        x, y, w, h = stats[1:, :4].T
         boxes.append(_merge_overlapping(np.stack([np.full_like(x, cls), y, y + h, x, x + w], axis=1)))
     boxes = np.concatenate(boxes)
     boxes[:, 1:] *= _TILE  # tiles to pixels, clipped to the image
@@ -248,7 +248,7 @@ def _label_boxes(values: np.ndarray, boxes: np.ndarray, connectivity: int, insta
     ``_TooManyInstances`` when a uint16 map can't hold them."""
     ltype, limit = (cv2.CV_16U, 0xFFFF) if instances.dtype == np.uint16 else (cv2.CV_32S, 2**31 - 1)
     # Most boxes are small and their cost is the calls, not the pixels: the loop is lean.
-    areas = (boxes[:, 2] - boxes[:, 1]) * (boxes[:, 4] - boxes[:, 3])
+    areas = (boxes[:, 2] - boxes[:, 1]).astype(np.int64) * (boxes[:, 4] - boxes[:, 3])
     largest = int(areas.max()) if len(boxes) else 0
     mask_buffer = _scratch.get("mask", (largest,), np.uint8)
     labels_buffer = _scratch.get(f"labels_{instances.dtype}", (largest,), instances.dtype)
