@@ -140,7 +140,7 @@ def test_too_few_images_for_the_processes_is_an_error():
 # ----------------------------------------------------------------------------- exact resume
 
 
-def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, baseline, tmp_path):
+def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, baseline, tmp_path, capsys):
     """SIGKILL a real train-baseline right after its first (mid-epoch) checkpoint, rerun, and get
     the very weights of an uninterrupted run (dropout RNG, optimizer, schedule, data position)."""
     args = [*BASELINE, "--data", str(data)]
@@ -161,7 +161,9 @@ def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, baselin
     assert set(state["members"][0]) == {"model", "optimizer", "scheduler", "scaler"}
     assert state["ranks"][0]["loss_count"] == 1 and state["ranks"][0]["rng"]["cpu"].dtype == torch.uint8
 
+    capsys.readouterr()
     iumask(*args, "--out", out)
+    assert "resuming at epoch 1, step 1/2" in capsys.readouterr().err  # not started over
     assert_same_weights(baseline / "mobilenet_v2" / "model.safetensors", out / "mobilenet_v2" / "model.safetensors")
     straight = json.loads((baseline / "mobilenet_v2" / "manifest.json").read_text())
     resumed = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
