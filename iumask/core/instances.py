@@ -327,14 +327,19 @@ def _instance_means(instances: np.ndarray, entropy: np.ndarray, count: int) -> n
     # Lanes pay off for long runs of one id; with very many instances they would only cost
     # memory (and keys must fit int32).
     lanes = _LANES if _LANES * count <= max(instances.size // 16, 1) else 1
-    lane_offsets = ((np.arange(width) % lanes) * count).astype(np.int32)  # key = id + offset
+    # torch.bincount takes int16 or int32 keys as they are (numpy's casts them to int64 first);
+    # int16 keys, when they fit, make both bincounts ~25% faster.
+    if instances.dtype == np.uint16 and lanes * count <= 1 << 15:
+        ids, key_dtype = instances.view(np.int16), np.int16
+    else:
+        ids, key_dtype = instances, np.int32
+    lane_offsets = ((np.arange(width) % lanes) * count).astype(key_dtype)  # key = id + offset
     sums = np.zeros(lanes * count, dtype=np.float64)
     counts = np.zeros(lanes * count, dtype=np.int64)
-    # Bands of rows, so that keys and float64 weights stay in cache; torch.bincount takes int32
-    # keys as they are (numpy's casts them to int64 first).
+    # Bands of rows, so that keys and float64 weights stay in cache.
     band = max(1, _BAND_PIXELS // max(width, 1))
     for y0 in range(0, height, band):
-        keys = torch.from_numpy((instances[y0:y0 + band] + lane_offsets).reshape(-1))
+        keys = torch.from_numpy((ids[y0:y0 + band] + lane_offsets).reshape(-1))
         weights = torch.from_numpy(entropy[y0:y0 + band].astype(np.float64).reshape(-1))
         sums += torch.bincount(keys, weights, minlength=lanes * count).numpy()
         counts += torch.bincount(keys, minlength=lanes * count).numpy()
