@@ -510,11 +510,6 @@ def test_border_components():
     assert np.bincount(cls4[1:], minlength=4).tolist() == [1, 4, 2, 1]
 
 
-@pytest.mark.xfail(strict=True, raises=cv2.error, reason=(
-    "instances._instance_map: when a class's tile-cluster box clips to 1x1 pixel (image side = "
-    "32k+1 in both dimensions and the class only in the bottom-right corner pixel, or a 1x1 "
-    "image), cv2.compare(codes[y0:y1, x0:x1], cls, CMP_EQ) treats the 1x1 array as a scalar and "
-    "raises cv2.error instead of labelling the pixel"))
 @pytest.mark.parametrize("shape", [(33, 33), (513, 513), (1, 1)])
 def test_one_pixel_corner_box(shape):
     h, w = shape
