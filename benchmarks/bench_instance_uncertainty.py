@@ -19,6 +19,9 @@ Usage::
 
     python benchmarks/bench_instance_uncertainty.py [--repeats 25] [--ref-repeats 3] [--seed 0]
         [--size 1024x2048]
+
+On a machine busy with other work, ``nice -n -20 python benchmarks/...`` (as root) keeps the
+scheduler from counting other processes' time slices into the wall-clock figures.
 """
 
 from __future__ import annotations
