@@ -16,7 +16,6 @@ computation is measured and recorded (``timing`` in the manifests).
 from __future__ import annotations
 
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
-import shutil
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -41,7 +39,6 @@ from iumask.models import (
     build_model,
     ensemble_probs,
     load_member,
-    predict_logits,
     read_json,
     resolve_models,
     save_member,

@@ -9,34 +9,20 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-from iumask.cli import main
 from iumask.core import label_instances
 from iumask.data.synthetic import generate_synthetic
 from iumask.store import MaskStore
+from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 
 TRAIN = ["--encoder", "mobilenet_v2", "--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "4",
          "--lr", "1e-3", "--backbone-lr-factor", "1", "--device", "cpu"]
 
-
-def iumask(*args, expect: int = 0) -> None:
-    """Run the CLI in-process (like the console script) and check its exit code."""
-    argv = sys.argv
-    sys.argv = ["iumask", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
 
 
 @pytest.fixture(scope="module")

@@ -19,28 +19,16 @@ import torch
 from safetensors.torch import load_file
 
 from iumask import engine
-from iumask.cli import main
 from iumask.data.synthetic import generate_synthetic
 from iumask.engine import EpochBatchSampler, Precision, resolve_amp, steps_per_epoch
 from iumask.store import MaskStore
 from iumask.training import TrainOptions
+from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 
 SMALL = ["--epochs", "2", "--batch-size", "4", "--lr", "1e-3", "--backbone-lr-factor", "1", "--device", "cpu"]
 
-
-def iumask(*args, expect: int = 0) -> None:
-    argv = sys.argv
-    sys.argv = ["iumask", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
 
 
 BASELINE = ["train-baseline", "--encoder", "mobilenet_v2", *SMALL, "--checkpoint-every", "1"]  # 2 steps/epoch

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import cv2
@@ -16,11 +15,11 @@ import numpy as np
 import pytest
 
 from iumask import statistics as S
-from iumask.cli import main
 from iumask.core import instance_uncertainty
 from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.store import MaskStore
+from cli_runner import iumask
 
 CAMVID_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",
                 "bicyclist"]
@@ -28,19 +27,6 @@ CAMVID_COLORS = [[128, 128, 128], [128, 0, 0], [192, 192, 128], [128, 64, 128], 
                  [192, 128, 128], [64, 64, 128], [64, 0, 128], [64, 64, 0], [0, 128, 192]]
 CAMVID_VOID = 11
 
-
-def iumask(*args, expect: int = 0) -> None:
-    """Run the CLI in-process (like the console script) and check its exit code."""
-    argv = sys.argv
-    sys.argv = ["iumask", *map(str, args)]
-    try:
-        main()
-        code = 0
-    except SystemExit as exc:
-        code = exc.code or 0
-    finally:
-        sys.argv = argv
-    assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
 
 
 # --------------------------------------------------------------------------------------------
