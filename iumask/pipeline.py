@@ -459,7 +459,11 @@ def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu
 
 
 def _display_name(path: Path, manifests: list[dict]) -> str:
+    """E.g. ``baseline mobilenet_v2``, ``baseline+inverse mobilenet_v2``, ``weighted ensemble``."""
     stage = manifests[0].get("stage", "model")
+    weighting = manifests[0].get("loss", {}).get("class_weights", "none")
+    if weighting != "none":
+        stage = f"{stage}+{weighting}"
     if len(manifests) > 1:
         return f"{stage} ensemble"
     return f"{stage} {manifests[0].get('name', manifests[0]['encoder'])}"
