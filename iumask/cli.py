@@ -287,7 +287,7 @@ def run(
                                                  "embedded synthetic dataset with small settings.")] = None,
     out: Out = Path("iumask-run"),
     encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Members' encoders. Default: "
-                                                         "mobilenet_v2, resnet18, efficientnet-b0.")] = None,
+                                                         "mobilenet_v2, resnet18, resnet34.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Epochs per model. Default: 12 on synthetic data, "
                                                   "60 otherwise.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Batch size. Default: 8 synthetic, 2 otherwise.")] = None,

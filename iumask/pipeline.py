@@ -493,7 +493,7 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
 class RunOptions:
     out: Path
     data: Path | None = None
-    encoders: tuple[str, ...] = ("mobilenet_v2", "resnet18", "efficientnet-b0")
+    encoders: tuple[str, ...] = ("mobilenet_v2", "resnet18", "resnet34")
     train: TrainOptions = field(default_factory=TrainOptions)
     size: tuple[int, int] | None = None
     exponent: float = 2.0
