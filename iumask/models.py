@@ -11,7 +11,6 @@ import hashlib
 import json
 import os
 from pathlib import Path
-from typing import Any
 
 import segmentation_models_pytorch as smp
 import torch
@@ -205,7 +204,3 @@ def _sliding_probs(models, images: torch.Tensor, window: tuple[int, int]) -> tor
             total[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += probs
             count[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += 1
     return total / count
-
-
-def member_summary(manifest: dict[str, Any]) -> str:
-    return f"{manifest.get('name', manifest['encoder'])}"
