@@ -8,15 +8,16 @@ from __future__ import annotations
 
 import math
 import sys
-import tomllib
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from iumask import pipeline
+from iumask.artifacts import check_writable, describe_os_error
 from iumask.errors import IumaskError
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
@@ -261,7 +262,9 @@ def evaluate(
     pavpu_window: Annotated[int, typer.Option(help="PAvPU patch side w.")] = 4,
     pavpu_stride: Annotated[Optional[int], typer.Option(help="PAvPU patch stride (default w: non-overlapping; "
                                                         "the authors' code used 1).")] = None,
-    output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it).")] = Path("runs/results.json"),
+    output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it). An existing results "
+                                         "file is merged: entries of the same model, data, split and "
+                                         "resolution are replaced, others kept.")] = Path("runs/results.json"),
     resolution: Annotated[str, typer.Option(help="'native': score at each label's own size (logits "
                                             "upsampled; the default for reporting); 'train': resize "
                                             "images and labels to the training size.")] = "native",
@@ -274,11 +277,15 @@ def evaluate(
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
+    pipeline.merge_results(output, [])  # refuse a foreign --output file before any work
+    check_writable(output.parent)
     results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device,
                                 resolution, inference, format, _conditions(conditions))
-    pipeline.write_results(results, output)
-    print_results(results)
-    console.print(f"results: {output} and {output.with_suffix('.csv')}")
+    print_results(results)  # shown even if the file cannot be written
+    merged, kept, replaced = pipeline.merge_results(output, results)
+    pipeline.write_results(merged, output)
+    note = f" (kept {kept} earlier result(s), replaced {replaced})" if kept or replaced else ""
+    console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
 
 
 @app.command("run")
@@ -388,26 +395,25 @@ def print_results(results: list[dict]) -> None:
 
 
 def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:
-    """Pull ``--config FILE`` out of argv and turn the TOML into click's default_map."""
-    if "--config" not in argv:
+    """Pull ``--config FILE`` (or ``--config=FILE``) out of argv, anywhere on the line, and turn the
+    TOML file into click's default_map, validated against the commands (see :mod:`iumask.configfile`)."""
+    from iumask.configfile import load_config
+
+    found = [i for i, arg in enumerate(argv) if arg == "--config" or arg.startswith("--config=")]
+    if not found:
         return argv, None
-    i = argv.index("--config")
-    if i + 1 >= len(argv):
+    if len(found) > 1:
+        raise IumaskError("--config given more than once; give one config file")
+    i = found[0]
+    if argv[i] == "--config":
+        if i + 1 >= len(argv):
+            raise IumaskError("--config needs a file path")
+        path, rest = argv[i + 1], argv[:i] + argv[i + 2:]
+    else:
+        path, rest = argv[i].split("=", 1)[1], argv[:i] + argv[i + 1:]
+    if not path:
         raise IumaskError("--config needs a file path")
-    path = Path(argv[i + 1])
-    try:
-        config = tomllib.loads(path.read_text())
-    except FileNotFoundError:
-        raise IumaskError(f"{path}: config file not found") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise IumaskError(f"{path}: not valid TOML ({exc}); fix the file") from None
-    shared = {k.replace("-", "_"): v for k, v in config.items() if not isinstance(v, dict)}
-    default_map = {}
-    for command in app.registered_commands:
-        name = command.name
-        own = {k.replace("-", "_"): v for k, v in config.get(name, {}).items()}
-        default_map[name] = {**shared, **own}
-    return argv[:i] + argv[i + 2:], default_map
+    return rest, load_config(Path(path), typer.main.get_command(app))
 
 
 def main() -> None:
@@ -415,8 +421,14 @@ def main() -> None:
         argv, default_map = _extract_config(sys.argv[1:])
         app(args=argv, prog_name="iumask", default_map=default_map)
     except IumaskError as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except OSError as exc:  # read-only folder, full disk, ...: one line naming the path, no traceback
+        _fail(describe_os_error(exc))
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

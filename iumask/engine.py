@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -35,6 +34,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from iumask import distributed
+from iumask.artifacts import atomic_write
 from iumask.core import SegmentationMetrics, mean_softmax
 from iumask.errors import IumaskError
 from iumask.models import predict_logits
@@ -230,10 +230,10 @@ def unused_parameters(model: torch.nn.Module, device: torch.device) -> dict[str,
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
-    """Write atomically: a crash while writing leaves the previous checkpoint intact."""
-    tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    """Write atomically: a crash or a full disk while writing leaves the previous checkpoint intact
+    and no temporary file."""
+    with atomic_write(path) as tmp:
+        torch.save(state, tmp)
 
 
 def load_checkpoint(path: Path, identity: dict) -> dict | None:
@@ -277,7 +277,9 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainOptio
         model.eval()
     metrics = [SegmentationMetrics(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
     subset = Subset(val_set, distributed.shard(list(range(len(val_set)))))
-    for batch in _loader(subset, device, options.num_workers, batch_size=options.batch_size):
+    # Validation images of several sizes (no --size) go one at a time.
+    batch_size = options.batch_size if val_set.uniform_shape() else 1
+    for batch in _loader(subset, device, options.num_workers, batch_size=batch_size):
         images = batch["image"].to(device, non_blocking=True)
         with precision.autocast():
             logits = [predict_logits(model, images) for model in models]

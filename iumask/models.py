@@ -7,9 +7,7 @@ history). An ensemble is an ``ensemble.json`` that names member folders.
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
+import difflib
 from pathlib import Path
 
 import segmentation_models_pytorch as smp
@@ -17,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
+from iumask.artifacts import atomic_write, file_sha256, read_json, write_json_atomic
 from iumask.core import mean_softmax
 from iumask.errors import IumaskError
 
@@ -35,11 +34,7 @@ def build_model(encoder: str, num_classes: int, encoder_weights: str | None = No
     the path of a local state dict (``.pth``/``.pt``/``.safetensors``) for the encoder, for offline
     machines.
     """
-    if encoder not in smp.encoders.get_encoder_names():
-        raise IumaskError(
-            f"unknown encoder {encoder!r}; choose one of segmentation-models-pytorch's encoders, "
-            f"e.g. {', '.join(DEFAULT_ENCODERS)}"
-        )
+    check_encoder(encoder)
     local = encoder_weights not in (None, "none", "imagenet")
     model = smp.DeepLabV3Plus(
         encoder_name=encoder,
@@ -50,6 +45,27 @@ def build_model(encoder: str, num_classes: int, encoder_weights: str | None = No
     if local:
         load_encoder_weights(model, Path(encoder_weights))
     return model
+
+
+def check_encoder(encoder: str) -> None:
+    """Refuse an encoder name smp does not know, suggesting the closest ones."""
+    names = smp.encoders.get_encoder_names()
+    if encoder not in names:
+        close = difflib.get_close_matches(encoder, names, n=3)
+        hint = f"did you mean {', '.join(close)}?" if close else f"e.g. {', '.join(DEFAULT_ENCODERS)}"
+        raise IumaskError(f"--encoder {encoder!r}: unknown encoder; choose one of segmentation-models-pytorch's "
+                          f"encoders ({hint})")
+
+
+def encoder_weights_identity(encoder_weights: str | None) -> dict:
+    """What a manifest records of ``--encoder-weights`` beyond its name: a local file's SHA-256,
+    so a file whose content changed is not taken for the same initialisation. Checks the file."""
+    if encoder_weights in (None, "none", "imagenet"):
+        return {}
+    path = Path(encoder_weights)
+    if not path.is_file():
+        raise IumaskError(f"--encoder-weights {path}: file not found; give an existing file, 'imagenet' or 'none'")
+    return {"encoder_weights_sha256": file_sha256(path)}
 
 
 def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
@@ -72,53 +88,61 @@ def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
     model.encoder.load_state_dict({k: state[k] for k in own})
 
 
-def file_sha256(path: Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-def write_json_atomic(path: Path, data: dict) -> None:
-    """Write JSON through a temporary file and a rename, so a crash never leaves half a file."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
-def read_json(path: Path, what: str) -> dict:
-    try:
-        return json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise IumaskError(f"{path}: {what} not found; check the path or run the stage that makes it") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise IumaskError(f"{path}: {what} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
-                          "delete it and rerun the stage that makes it") from None
-
-
 def save_member(folder: Path, model: torch.nn.Module, manifest: dict) -> None:
-    """Weights first, manifest last: a manifest says the weights beside it are complete."""
+    """Weights first, manifest last: a manifest says the weights beside it are complete.
+
+    An older member in ``folder`` stays usable until the new weights are fully written; its
+    manifest is removed just before they replace the old ones, so a crash in between leaves a
+    folder that reads as unfinished (the train command resumes it), never old manifest + new weights.
+    """
     folder.mkdir(parents=True, exist_ok=True)
-    tmp = folder / (WEIGHTS_FILE + ".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, folder / WEIGHTS_FILE)
+    with atomic_write(folder / WEIGHTS_FILE) as tmp:
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        (folder / MANIFEST_FILE).unlink(missing_ok=True)
     manifest = dict(manifest, weights_sha256=file_sha256(folder / WEIGHTS_FILE))
     write_json_atomic(folder / MANIFEST_FILE, manifest)
 
 
-def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
-    """Rebuild a member from its manifest and load its weights (no code runs from the file)."""
+def weights_problem(folder: Path, manifest: dict) -> str | None:
+    """Why the weights in ``folder`` cannot be used with ``manifest`` (missing, or another SHA-256
+    than recorded: corrupt, truncated or replaced), or None when they match."""
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        return "weights file missing"
+    recorded = manifest.get("weights_sha256")
+    if recorded is None:
+        return "manifest records no weights_sha256"
+    if file_sha256(weights) != recorded:
+        return "weights file does not match the SHA-256 in its manifest (corrupt, truncated or replaced)"
+    return None
+
+
+def checked_manifest(folder: Path) -> dict:
+    """A member's manifest, after checking that it finished training and that its weights are the
+    ones it recorded (so a corrupt or replaced file is found before any work starts)."""
     folder = Path(folder)
     manifest = read_json(folder / MANIFEST_FILE, "model manifest")
     if not manifest.get("complete"):
         raise IumaskError(f"{folder}: training of this model did not finish; rerun its train command to resume")
+    problem = weights_problem(folder, manifest)
+    if problem:
+        raise IumaskError(f"{folder / WEIGHTS_FILE}: {problem}; rerun the train command that made it with the "
+                          "same options (it retrains this member)")
+    return manifest
+
+
+def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
+    """Rebuild a member from its manifest and load its weights (no code runs from the file), after
+    checking that they are the weights the manifest recorded."""
+    folder = Path(folder)
+    manifest = checked_manifest(folder)
     weights = folder / WEIGHTS_FILE
-    if not weights.is_file():
-        raise IumaskError(f"{weights}: weights missing; rerun the train command with --overwrite")
     model = build_model(manifest["encoder"], len(manifest["classes"]["names"]))
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:
-        raise IumaskError(f"{weights}: cannot load weights ({exc.__class__.__name__}); "
-                          "the file is corrupt: rerun the train command with --overwrite") from exc
+        raise IumaskError(f"{weights}: cannot load weights ({exc.__class__.__name__}); rerun the train command "
+                          "that made it with the same options (it retrains this member)") from exc
     return model.to(device).eval(), manifest
 
 

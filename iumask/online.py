@@ -21,11 +21,12 @@ from pathlib import Path
 import torch
 
 from iumask import distributed
+from iumask.artifacts import check_writable, read_json, write_json_atomic
 from iumask.core import instance_uncertainty_batch, mean_softmax, pixel_entropy, uncertainty_weighted_cross_entropy
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from iumask.engine import Precision, fit, make_member, resolve_amp, steps_per_epoch
 from iumask.errors import IumaskError
-from iumask.models import ARCHITECTURE, ENSEMBLE_FILE, build_model, read_json, save_member, write_json_atomic
+from iumask.models import ARCHITECTURE, ENSEMBLE_FILE, build_model, save_member
 from iumask.pipeline import (
     FORMAT_VERSION,
     DataOptions,
@@ -33,6 +34,7 @@ from iumask.pipeline import (
     _member_names,
     _prepare_member_folder,
     _training_sets,
+    check_train_inputs,
 )
 from iumask.progress import console
 from iumask.training import CHECKPOINT_FILE, TrainOptions, resolve_device, seed_everything
@@ -53,12 +55,12 @@ def train_online(data: DataOptions, out: Path, encoders: list[str], options: Tra
         raise IumaskError(f"--instances-from must be 'prediction' or 'label', got {instances_from!r}")
     if connectivity not in (4, 8):
         raise IumaskError(f"--connectivity must be 4 or 8, got {connectivity}")
-    if not encoders:
-        raise IumaskError("online training needs at least one --encoder (the paper uses three)")
     dev = distributed.init(resolve_device(device))
     options = resolve_amp(options, dev)
+    weights_identity = check_train_inputs(encoders, encoder_weights)
     train_set, val_set, fingerprint, loss, augment = _training_sets(
-        data, options.seed, {"exponent": float(exponent), "class_weights": class_weighting}, None, augment)
+        data, options.seed, {"exponent": float(exponent), "class_weights": class_weighting}, None, augment,
+        valid_mask=True)
     classes = train_set.folder.classes
     names = _member_names(encoders)
     identity = _json_normal({
@@ -67,14 +69,12 @@ def train_online(data: DataOptions, out: Path, encoders: list[str], options: Tra
         "classes": classes.to_dict(), "dataset_fingerprint": fingerprint, "data": data.to_dict(),
         "train_options": options.to_dict(), "loss": loss, "augmentation": augment,
         "online_masks": {"instances_from": instances_from, "connectivity": connectivity, "normalize": normalize},
-        "world_size": distributed.world_size(),
+        "world_size": distributed.world_size(), **weights_identity,
     })
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, encoders)]
     todo = [_prepare_member_folder(out / name, ident, overwrite) for name, ident in zip(names, member_identities)]
-    if overwrite:
-        checkpoint_path.unlink(missing_ok=True)
     ensemble_path = out / ENSEMBLE_FILE
     if not any(todo) and ensemble_path.is_file():
         console.print(f"[green]cache hit[/green]: {out} holds online members trained with these inputs")
@@ -136,12 +136,18 @@ class OnlineStep:
             torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it where it ends
         return time.perf_counter()
 
-    def masks(self, logits: list[torch.Tensor], label: torch.Tensor) -> torch.Tensor:
-        """IU masks of the batch: entropy of the members' detached mean softmax, averaged per instance."""
+    def masks(self, logits: list[torch.Tensor], label: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+        """IU masks of the batch: entropy of the members' detached mean softmax, averaged per instance.
+
+        ``valid`` (bool, B×H×W) is False on augmentation padding: those pixels are outside the image,
+        so they join no instance (else their entropy would leak into real instances touching the
+        padding); they carry no loss either (ignore label)."""
         with torch.no_grad():
             probs = mean_softmax([x.detach() for x in logits])
             entropy = pixel_entropy(probs, normalize=self.normalize)
             source = probs.argmax(1) if self.instances_from == "prediction" else label
+            if valid is not None:
+                source = source.masked_fill(~valid, self.ignore_index)
             return instance_uncertainty_batch(source, entropy, self.num_classes, self.connectivity, self.ignore_index)
 
     def __call__(self, batch: dict) -> list[float]:
@@ -149,7 +155,7 @@ class OnlineStep:
         with self.precision.autocast():
             logits = [member.forward(batch["image"]) for member in self.members]
         forward_done = self._now()
-        iu = self.masks(logits, batch["label"])
+        iu = self.masks(logits, batch["label"], batch.get("valid"))
         masks_done = self._now()
         losses = []
         for member, member_logits in zip(self.members, logits):

@@ -8,8 +8,9 @@ artifact made from other inputs is never silently replaced: the stage stops and 
 
 from __future__ import annotations
 
-import hashlib
+import csv
 import json
+import math
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -32,17 +33,21 @@ from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, Segme
 from iumask.data.formats import open_dataset
 from iumask.engine import resolve_amp
 from iumask.errors import IumaskError
+from iumask.artifacts import atomic_write, check_writable, json_digest, read_json, write_json_atomic
 from iumask.models import (
     ARCHITECTURE,
     ENSEMBLE_FILE,
     MANIFEST_FILE,
+    INFERENCE_MODES,
     build_model,
+    check_encoder,
+    checked_manifest,
+    encoder_weights_identity,
     ensemble_probs,
     load_member,
-    read_json,
     resolve_models,
     save_member,
-    write_json_atomic,
+    weights_problem,
 )
 from iumask.progress import console, progress_bar
 from iumask.statistics import cached_label_statistics
@@ -80,10 +85,6 @@ def _json_normal(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
-
-
 def _mismatch_keys(stored: dict, given: dict) -> list[str]:
     return sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
 
@@ -115,12 +116,19 @@ def _member_names(encoders: list[str]) -> list[str]:
     return names
 
 
-def _training_sets(data: DataOptions, seed: int, loss: dict, masks: Path | None, augment: dict | None):
+def _training_sets(data: DataOptions, seed: int, loss: dict, masks: Path | None, augment: dict | None,
+                   valid_mask: bool = False):
     """The training and validation sets of a train command (offline and online), the ``loss``
-    with its class-weight values, and the augmentation's description."""
+    with its class-weight values, and the augmentation's description. ``valid_mask``: training
+    samples carry ``valid`` (False on augmentation padding)."""
     train_folder = data.open(data.train_split)
     val_folder = data.open(data.val_split)
     classes = train_folder.classes
+    # Every file's header now, not a corrupt file after the first epoch.
+    train_shapes = train_folder.check_headers()
+    val_folder.check_headers()
+    if data.size is None and not (augment and augment.get("crop")):
+        _require_one_shape(train_folder, train_shapes)
     fingerprint = train_folder.fingerprint()
     weights = _class_weight_values(train_folder, loss["class_weights"], fingerprint)
     loss = dict(loss, class_weight_values=None if weights is None else weights.tolist())
@@ -129,9 +137,31 @@ def _training_sets(data: DataOptions, seed: int, loss: dict, masks: Path | None,
         transform = JointAugment.from_options(augment, ignore_index=classes.ignore_index)
         augment = transform.describe()
     mask_fn = _StoreMasks(masks) if masks is not None else None
-    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform, seed=seed)
+    train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform, seed=seed,
+                                    valid_mask=valid_mask)
     val_set = SegmentationDataset(val_folder, data.size)
     return train_set, val_set, fingerprint, loss, augment
+
+
+def _require_one_shape(folder: PairedDataset, shapes: list[tuple[int, int]]) -> None:
+    """Training batches stack samples, so without --size (or a crop) the images must share one size."""
+    first = shapes[0] if shapes else None
+    for i, shape in enumerate(shapes):
+        if shape != first:
+            raise IumaskError(
+                f"{folder.root}: the {folder.split} images differ in size ({folder.ids[0]} is {first[1]}x{first[0]}, "
+                f"{folder.ids[i]} is {shape[1]}x{shape[0]}, WxH); pass --size HxW to train at one size "
+                "(or --crop HxW with augmentation)")
+
+
+def check_train_inputs(encoders: list[str], encoder_weights: str | None) -> dict:
+    """Encoder names and the encoder-weights file, checked before anything is trained or removed;
+    returns what the identity records of the weights file."""
+    if not encoders:
+        raise IumaskError("give at least one --encoder")
+    for encoder in encoders:
+        check_encoder(encoder)
+    return encoder_weights_identity(encoder_weights)
 
 
 def _train_members(
@@ -154,10 +184,11 @@ def _train_members(
     the :class:`JointAugment` options (None: no augmentation)."""
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     options = resolve_amp(options, dev)
+    weights_identity = check_train_inputs(encoders, encoder_weights)
     train_set, val_set, fingerprint, loss, augment = _training_sets(data, options.seed, loss, masks, augment)
     classes = train_set.folder.classes
     weights = loss["class_weight_values"]
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable(out)
     names = _member_names(encoders)
     for index, (name, encoder) in enumerate(zip(names, encoders)):
         folder = out / name
@@ -166,7 +197,8 @@ def _train_members(
             "encoder": encoder, "encoder_weights": encoder_weights, "classes": classes.to_dict(),
             "dataset_fingerprint": fingerprint, "data": data.to_dict(),
             "train_options": dict(options.to_dict(), seed=options.seed + index), "loss": loss,
-            "augmentation": augment, "world_size": distributed.world_size(), **extra_identity,
+            "augmentation": augment, "world_size": distributed.world_size(), **weights_identity,
+            **extra_identity,
         })
         if not _prepare_member_folder(folder, identity, overwrite):
             console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
@@ -197,9 +229,11 @@ def _train_members(
                 "train_data": data.source(data.train_split)}
     old = out / ENSEMBLE_FILE
     if old.is_file():
+        # The PAvPU threshold computed for these very members (same weights) stays valid.
         previous = read_json(old, "ensemble manifest")
-        if previous.get("members") == names and "train_mean_entropy" in previous:
-            ensemble["train_mean_entropy"] = previous["train_mean_entropy"]
+        cached = {k: previous[k] for k in THRESHOLD_KEYS if k in previous}
+        if len(cached) == len(THRESHOLD_KEYS) and cached[THRESHOLD_KEYS[1]] == _weights_key(out, names):
+            ensemble.update(cached)
     if distributed.is_main():
         write_json_atomic(out / ENSEMBLE_FILE, ensemble)
     distributed.barrier()
@@ -218,22 +252,29 @@ def _class_weight_values(folder: PairedDataset, method: str, fingerprint: str) -
 
 
 def _prepare_member_folder(folder: Path, identity: dict, overwrite: bool) -> bool:
-    """True when the member must be (re)trained; False on a cache hit."""
+    """True when the member must be (re)trained; False on a cache hit.
+
+    Nothing is removed here: with ``overwrite`` the old member stays in place (and usable) until
+    :func:`save_member` replaces it with the finished new one; a checkpoint of other inputs is
+    never resumed (its identity differs) and is replaced by the new run's first checkpoint."""
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "model manifest")
         stored = {k: manifest.get(k) for k in identity}
         if stored == identity and manifest.get("complete"):
-            return False
+            problem = weights_problem(folder, manifest)
+            if problem is None:
+                return False
+            # Same inputs, unusable weights: nothing worth keeping, so retrain without --overwrite.
+            console.print(f"[yellow]warning[/yellow]: {folder}: {problem}; training this member again",
+                          highlight=False)
+            return True
         if not overwrite:
             differ = ", ".join(_mismatch_keys(stored, identity))
             raise IumaskError(
                 f"{folder}: holds a model trained with other inputs ({differ}); pass --overwrite to "
                 "replace it or choose another --out"
             )
-    if overwrite:
-        for name in (MANIFEST_FILE, CHECKPOINT_FILE, "model.safetensors"):
-            (folder / name).unlink(missing_ok=True)
     return True
 
 
@@ -269,11 +310,24 @@ def train_weighted(data: DataOptions, store_path: Path, out: Path, encoders: lis
     data = DataOptions(data.root, data.train_split, data.val_split, size, data.format, data.conditions)
     return _train_members("weighted", data, out, encoders, options, device, encoder_weights, overwrite,
                           loss={"exponent": float(exponent), "class_weights": class_weighting},
-                          masks=Path(store_path), extra_identity={"mask_store_sha256": _digest(store.identity)},
+                          masks=Path(store_path), extra_identity={"mask_store_sha256": json_digest(store.identity)},
                           augment=augment)
 
 
 # ----------------------------------------------------------------------------- masks
+
+
+def check_models(model_path: Path, folder: PairedDataset | None = None) -> list[dict]:
+    """The manifests of a model or ensemble, checked without loading it: finished, weights
+    present and matching their SHA-256, one class list (that of ``folder`` when given), one size."""
+    manifests = [checked_manifest(member) for member in resolve_models(model_path)]
+    if len({tuple(m["classes"]["names"]) for m in manifests}) > 1:
+        raise IumaskError(f"{model_path}: members were trained on different classes; build the ensemble from "
+                          "models of one dataset")
+    if folder is not None:
+        _check_classes(manifests, folder, model_path)
+    _model_size(manifests, model_path)
+    return manifests
 
 
 def _load_ensemble(model_path: Path, device) -> tuple[list[torch.nn.Module], list[dict]]:
@@ -325,43 +379,50 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
         "member_sha256": {m["name"]: m["weights_sha256"] for m in manifests},
         "dataset_fingerprint": folder.fingerprint(),
     }
-    # Under torchrun rank 0 creates (or checks) the store, then the others open it.
-    store = distributed.main_first(lambda: MaskStore.open_or_create(store_path, identity, overwrite=overwrite),
-                                   lambda: MaskStore.open(store_path, mode="r+"))
-    todo = [i for i, done in enumerate(store.completed()) if not done]
-    distributed.barrier()  # every rank has read the completion flags before any rank writes
-    if not todo:
-        console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
-    num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
-    # Same-shape batches only (images without --size may differ in size): batch size 1 then.
-    # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
-    step = batch_size if size else 1
-    batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
-    loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda")
-    with progress_bar() as progress:
-        task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
-        for batch in loader:
-            probs = ensemble_probs(models, batch["image"].to(dev))
-            entropy = pixel_entropy(probs, normalize=normalize).cpu().numpy()
-            prediction = probs.argmax(1).to(torch.uint8).cpu().numpy()
-            labels = batch["label"].numpy()
-            for k, index in enumerate(batch["index"].tolist()):
-                source = prediction[k] if instances_from == "prediction" else labels[k]
-                iu = instance_uncertainty(source, entropy[k], num_classes, connectivity, ignore)
-                store.write(index, entropy[k], iu, prediction[k])
-                progress.update(task, advance=distributed.world_size())  # rank 0 shows an estimate
-    distributed.barrier()  # every rank's images are written
-    if distributed.is_main() and not store.attrs.get("finished"):
-        if not store.completed().all():
-            raise IumaskError(f"{store_path}: {int((~store.completed()).sum())} images were not written; "
-                              "rerun iumask make-masks to finish the store")
-        mean = _store_mean_entropy(store)
-        store.set_attrs(mean_entropy=mean, num_complete=store.num_images, finished=True,
-                        ensemble=str(Path(model_path).resolve()))
-    if distributed.is_distributed():
-        distributed.barrier()  # rank 0 has set the final attributes
-        store = MaskStore.open(store_path)  # fresh attributes on every rank
-    return store
+    # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
+    # --overwrite replacement is built beside the old store); the other ranks open what it opened.
+    writer = MaskStore.open_or_create(store_path, identity, overwrite=overwrite) if distributed.is_main() else None
+    try:
+        path = distributed.all_gather_object(writer.path if writer else None)[0]  # rank 0's
+        store = writer or MaskStore.open(path, mode="r+")
+        todo = [i for i, done in enumerate(store.completed()) if not done]
+        distributed.barrier()  # every rank has read the completion flags before any rank writes
+        if not todo:
+            console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
+        num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
+        # Same-shape batches only (images without --size may differ in size): batch size 1 then.
+        # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
+        step = batch_size if size else 1
+        batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+        loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda")
+        with progress_bar() as progress:
+            task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
+            for batch in loader:
+                probs = ensemble_probs(models, batch["image"].to(dev))
+                entropy = pixel_entropy(probs, normalize=normalize).cpu().numpy()
+                prediction = probs.argmax(1).cpu().numpy()  # int64: the store checks the range
+                labels = batch["label"].numpy()
+                for k, index in enumerate(batch["index"].tolist()):
+                    # In the store's dtype (uint8 up to 256 classes: instance_uncertainty's fast path)
+                    source = (prediction[k].astype(store.prediction_dtype) if instances_from == "prediction"
+                              else labels[k])
+                    iu = instance_uncertainty(source, entropy[k], num_classes, connectivity, ignore)
+                    store.write(index, entropy[k], iu, prediction[k])
+                    progress.update(task, advance=distributed.world_size())  # rank 0 shows an estimate
+        distributed.barrier()  # every rank's images are written
+        if writer:
+            if not writer.attrs.get("finished"):
+                if not writer.completed().all():
+                    raise IumaskError(f"{store_path}: {int((~writer.completed()).sum())} images were not written; "
+                                      "rerun iumask make-masks to finish the store")
+                writer.set_attrs(mean_entropy=_store_mean_entropy(writer), num_complete=writer.num_images,
+                                 finished=True, ensemble=str(Path(model_path).resolve()))
+            writer.commit()  # a finished --overwrite replacement takes the old store's place
+    finally:
+        if writer:
+            writer.close()
+    distributed.barrier()  # rank 0 has set the final attributes and swapped the store in
+    return MaskStore.open(store_path)  # fresh attributes on every rank
 
 
 def _store_mean_entropy(store: MaskStore) -> float:
@@ -380,7 +441,7 @@ def _predict_split(models, dataset: SegmentationDataset, dev, label: str, metric
                    model_size: tuple[int, int] | None = None, inference: str = "resize"):
     """Run models over a dataset; feed ``metrics``; return the mean pixel entropy."""
     total, pixels = 0.0, 0
-    loader = DataLoader(dataset, batch_size=4 if _uniform_shape(dataset) else 1)
+    loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1)
     with progress_bar() as progress:
         task = progress.add_task(label, total=len(dataset), info="")
         for batch in loader:
@@ -393,20 +454,26 @@ def _predict_split(models, dataset: SegmentationDataset, dev, label: str, metric
     return total / max(pixels, 1)
 
 
-def _uniform_shape(dataset: SegmentationDataset) -> bool:
-    """Whether samples can be batched (all of one shape)."""
-    return dataset.size is not None or len({dataset.sample_shape(i) for i in range(len(dataset))}) == 1
+# The cached PAvPU threshold and the members' weights it was computed with: retrained members
+# (other weights) never inherit the old value.
+THRESHOLD_KEYS = ("train_mean_entropy", "train_mean_entropy_weights_sha256")
+
+
+def _weights_key(out: Path, names: list[str]) -> list[str | None]:
+    return [read_json(out / name / MANIFEST_FILE, "model manifest").get("weights_sha256") for name in names]
 
 
 def _train_mean_entropy(model_path: Path, models, manifests, size, dev) -> float:
     """The model's training-set mean pixel entropy (the default PAvPU threshold), cached in its
-    manifest (member manifest.json or ensemble.json) once computed."""
+    manifest (member manifest.json or ensemble.json) with the weights it belongs to, once computed.
+    A manifest that cannot be written (read-only folder) only loses the cache: a warning."""
     path = Path(model_path)
     record = path / ENSEMBLE_FILE if path.is_dir() and (path / ENSEMBLE_FILE).is_file() else (
         path if path.is_file() else path / MANIFEST_FILE)
     manifest = read_json(record, "model manifest")
-    if manifest.get("train_mean_entropy") is not None:
-        return float(manifest["train_mean_entropy"])
+    weights = [m["weights_sha256"] for m in manifests]
+    if manifest.get(THRESHOLD_KEYS[0]) is not None and manifest.get(THRESHOLD_KEYS[1]) == weights:
+        return float(manifest[THRESHOLD_KEYS[0]])
     train = manifest.get("train_data") or manifests[0].get("train_data")
     if not train or not Path(train["root"]).is_dir():
         raise IumaskError(f"{record}: the model's training data is not available to compute the PAvPU "
@@ -414,7 +481,10 @@ def _train_mean_entropy(model_path: Path, models, manifests, size, dev) -> float
     dataset = SegmentationDataset(
         open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), size)
     mean = _predict_split(models, dataset, dev, "train-set entropy", None)
-    write_json_atomic(record, dict(manifest, train_mean_entropy=mean))
+    try:
+        write_json_atomic(record, dict(manifest, **dict(zip(THRESHOLD_KEYS, (mean, weights)))))
+    except IumaskError as exc:
+        console.print(f"[yellow]warning[/yellow]: PAvPU threshold not cached ({exc})", highlight=False)
     return mean
 
 
@@ -434,8 +504,17 @@ def evaluate(model_paths: list[Path], data_root: Path, split: str = "val", pavpu
     """
     if resolution not in RESOLUTIONS:
         raise IumaskError(f"--resolution must be one of {', '.join(RESOLUTIONS)}, got {resolution!r}")
+    if inference not in INFERENCE_MODES:
+        raise IumaskError(f"--inference must be one of {', '.join(INFERENCE_MODES)}, got {inference!r}")
+    if pavpu_window < 1 or (pavpu_stride is not None and pavpu_stride < 1):
+        raise IumaskError("--pavpu-window and --pavpu-stride must be at least 1 pixel")
+    if pavpu_threshold is not None and not (math.isfinite(pavpu_threshold) and pavpu_threshold >= 0):
+        raise IumaskError(f"--pavpu-threshold must be a finite entropy >= 0, got {pavpu_threshold}")
     dev = resolve_device(device)
     folder = open_dataset(data_root, split, format, conditions)
+    folder.check_headers()
+    for model_path in model_paths:  # every model usable before the first is evaluated
+        check_models(model_path, folder)
     results = []
     for model_path in model_paths:
         models, manifests = _load_ensemble(model_path, dev)
@@ -469,20 +548,42 @@ def _display_name(path: Path, manifests: list[dict]) -> str:
     return f"{stage} {manifests[0].get('name', manifests[0]['encoder'])}"
 
 
+# What tells results apart in a results file: evaluating the same model on the same data, split
+# and resolution again replaces its entry; anything else is added beside the earlier entries.
+RESULT_KEY = ("path", "data", "split", "resolution", "inference")
+
+
+def merge_results(json_path: Path, results: list[dict]) -> tuple[list[dict], int, int]:
+    """``results`` merged into those already in ``json_path`` (if any): returns the merged list,
+    the number of earlier entries kept and replaced. Refuses a file that is not an iumask results
+    file or holds results over other classes (one CSV header serves all rows)."""
+    if not json_path.exists():
+        return results, 0, 0
+    previous = read_json(json_path, "results file")
+    if not isinstance(previous.get("results"), list):
+        raise IumaskError(f"{json_path}: not an iumask results file, so it is not replaced; choose another --output")
+    new_keys = {tuple(r.get(k) for k in RESULT_KEY) for r in results}
+    kept = [r for r in previous["results"] if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
+    if kept and results and any(r.get("classes") != results[0]["classes"] for r in kept):
+        raise IumaskError(f"{json_path}: holds results over other classes; choose another --output to keep both")
+    return kept + results, len(kept), len(previous["results"]) - len(kept)
+
+
 def write_results(results: list[dict], json_path: Path, identity: dict | None = None) -> Path:
-    """Results as JSON and, beside it, a CSV with one row per model."""
+    """Results as JSON and, beside it, a CSV with one row per model (both written atomically)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(json_path, {"identity": identity, "results": results})
     csv_path = json_path.with_suffix(".csv")
     classes = results[0]["classes"] if results else []
     header = ["model", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
               "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold"]
-    lines = [",".join(header)]
-    for r in results:
-        row = [r["model"], r["split"], *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
-               r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"]]
-        lines.append(",".join(f"{v:.6f}" if isinstance(v, float) else str(v) for v in row))
-    csv_path.write_text("\n".join(lines) + "\n")
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for r in results:
+            row = [r["model"], r["split"], *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
+                   r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"]]
+            writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in row])
     return csv_path
 
 
@@ -519,7 +620,7 @@ def run(options: RunOptions) -> list[dict]:
     distributed.init(resolve_device(options.device))
     data_root = options.data
     if data_root is None:
-        make_data = lambda: generate_synthetic(out / "data", **options.synthetic)  # noqa: E731
+        make_data = lambda: generate_synthetic(out / "data", overwrite=options.overwrite, **options.synthetic)  # noqa: E731
         data_root = distributed.main_first(make_data, make_data)  # rank 0 writes, the others reuse it
         console.print(f"data: embedded synthetic dataset in {data_root}")
     data = DataOptions(Path(data_root), size=options.size, format=options.format, conditions=options.conditions)

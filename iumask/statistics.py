@@ -154,8 +154,8 @@ def _resized_label(label: np.ndarray, size: tuple[int, int] | None) -> np.ndarra
 def _class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
     """Pixels of each class 0..C-1 (other values, i.e. the ignore label, are not counted)."""
     values = label.ravel()
-    if label.dtype == np.uint8:
-        return np.bincount(values, minlength=256)[:num_classes].astype(np.int64)
+    if label.dtype == np.uint8:  # no masking pass: every value counts, then all but the classes are cut
+        return np.bincount(values, minlength=max(256, num_classes))[:num_classes].astype(np.int64)
     return np.bincount(values[values < num_classes], minlength=num_classes)[:num_classes].astype(np.int64)
 
 
@@ -255,9 +255,10 @@ def mask_statistics(store) -> dict[str, Any]:
             pred = arrays["prediction"].ravel()
             iu = arrays["instance_uncertainty"].ravel().astype(np.float64)
             entropy = arrays["entropy"].ravel().astype(np.float64)
-            pixels += np.bincount(pred, minlength=256)[:num_classes]
-            iu_sum += np.bincount(pred, weights=iu, minlength=256)[:num_classes]
-            entropy_sum += np.bincount(pred, weights=entropy, minlength=256)[:num_classes]
+            # argmax class ids 0..C-1 (uint16 beyond 256 classes): C bins, whatever was predicted
+            pixels += np.bincount(pred, minlength=num_classes)[:num_classes]
+            iu_sum += np.bincount(pred, weights=iu, minlength=num_classes)[:num_classes]
+            entropy_sum += np.bincount(pred, weights=entropy, minlength=num_classes)[:num_classes]
             total += pred.size
             total_iu += float(iu.sum())
             total_entropy += float(entropy.sum())

@@ -3,9 +3,10 @@
 
 Layout (one group):
 
-* ``entropy``, ``instance_uncertainty`` (float16) and ``prediction`` (uint8), shape
-  (N, Hmax, Wmax), one chunk per image so an image is read or written without touching the
-  others. An image of shape (H, W) sits in the top-left corner of its slot; reads crop it.
+* ``entropy``, ``instance_uncertainty`` (float16) and ``prediction`` (uint8, or uint16 when the
+  class ids do not fit in a byte: more than 256 classes), shape (N, Hmax, Wmax), one chunk per
+  image so an image is read or written without touching the others. An image of shape (H, W)
+  sits in the top-left corner of its slot; reads crop it.
 * ``complete`` (bool, shape (N,)), one chunk per image: set only after an image's three arrays
   are written, so an interrupted write reads as incomplete and is recomputed. Because every
   image owns its own chunk files, several processes (e.g. torch distributed ranks) may write
@@ -13,13 +14,31 @@ Layout (one group):
   one process (rank 0) should call ``set_attrs``.
 * Group attributes: the store's identity (``IDENTITY_KEYS``) plus free-form values set later
   (``mean_entropy``, ``num_complete``, ``finished``, ...).
+* ``.iumask-writer.lock``: the writer lock. :meth:`MaskStore.create` and
+  :meth:`MaskStore.open_or_create` (one writer, e.g. the make-masks run or its rank 0) hold an OS
+  lock (``flock``) on it until :meth:`MaskStore.close`; the file names the holder (PID, host,
+  command) for the error another writer gets. The OS drops the lock when the holder dies, so a
+  killed run's lock needs no cleaning up. Other ranks of the same job open the store unlocked.
+
+A store is never built in place: it is created in a hidden sibling ``.<name>.iumask-new`` and
+renamed into place once created (empty), or, when it replaces an existing store, once finished
+(:meth:`MaskStore.commit`: the old store is renamed to ``.<name>.iumask-old``, the new one into
+place, then the old one removed). A run killed at any point leaves either no store or a whole
+one, the old store survives a failed replacement, and the next writer resumes a staged store
+made from the same inputs or finishes a half-done swap.
 """
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import os
+import re
+import shlex
 import shutil
+import socket
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +48,12 @@ from zarr.codecs import BloscCodec
 
 from iumask.errors import IumaskError, StoreMismatchError
 
+# Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
+# a byte stay version 1, the same layout as before, so older iumask still reads them; it would
+# cut 16-bit class ids to 8 bits without a word, so it must refuse version 2.
 STORE_FORMAT_VERSION = 1
+WIDE_FORMAT_VERSION = 2
+_PREDICTION_DTYPES = {STORE_FORMAT_VERSION: np.dtype(np.uint8), WIDE_FORMAT_VERSION: np.dtype(np.uint16)}
 IDENTITY_KEYS = (
     "format_version",
     "image_ids",
@@ -41,12 +65,23 @@ IDENTITY_KEYS = (
 )
 _FLOAT_ARRAYS = ("entropy", "instance_uncertainty")
 _ARRAYS = (*_FLOAT_ARRAYS, "prediction", "complete")
+LOCK_FILE = ".iumask-writer.lock"
+# zarr writes metadata atomically through "zarr.<uuid hex>.partial", which a kill leaves behind.
+_ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+_STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumask-new / -old
 # Byte shuffle groups the float16 high bytes (sign/exponent, which vary slowly) apart from the
 # noisy low bytes; on smooth entropy fields it beat noshuffle and bitshuffle (about 1.1-1.2 vs
 # 1.3-1.7 bytes/pixel). Shuffle is a no-op for 1-byte predictions, so they use noshuffle.
 _FLOAT_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
 _RECREATE_FIX = "rerun iumask make-masks with --overwrite (or use another --store path)"
+
+
+def format_version(num_classes: int) -> int:
+    """The store format for ``num_classes``: 1 (uint8 predictions) up to 256 classes, else 2 (uint16)."""
+    if num_classes > 1 << 16:
+        raise ValueError(f"a mask store holds at most {1 << 16} classes, not {num_classes}")
+    return STORE_FORMAT_VERSION if num_classes <= 1 << 8 else WIDE_FORMAT_VERSION
 
 
 def _to_json(value: Any) -> Any:
@@ -84,69 +119,290 @@ def _describe(key: str, stored: Any, given: Any, missing: object) -> list[str]:
     return [f"{key} differs"]
 
 
+def _checked_identity(identity: dict) -> dict:
+    """The identity as stored (JSON-normal, ``format_version`` added for its class count), checked."""
+    identity = _to_json(dict(identity))
+    missing = [k for k in IDENTITY_KEYS if k not in identity and k != "format_version"]
+    if missing:
+        raise ValueError(f"mask store identity lacks {', '.join(missing)}")
+    version = format_version(len(identity["class_names"]))
+    if identity.setdefault("format_version", version) != version:
+        raise ValueError(f"format_version must be {version} for {len(identity['class_names'])} classes")
+    ids, shapes = identity["image_ids"], identity["image_shapes"]
+    if len(ids) != len(shapes) or len(set(ids)) != len(ids):
+        raise ValueError("image_ids must be unique and match image_shapes one to one")
+    if any(len(s) != 2 or min(s) < 1 for s in shapes):
+        raise ValueError("image_shapes must be [H, W] pairs of positive integers")
+    return identity
+
+
+def _is_own(name: str) -> bool:
+    """Whether a top-level entry is one that writing a store makes (zarr's files, the lock, leftovers)."""
+    return name in ("zarr.json", LOCK_FILE, *_ARRAYS) or bool(_ZARR_PARTIAL.fullmatch(name))
+
+
+def _only_own(path: Path) -> bool:
+    return all(map(_is_own, os.listdir(path)))
+
+
 def _looks_like_store(path: Path) -> bool:
-    """True for a directory holding only a zarr group's files (even if corrupt) - safe to delete."""
-    names = set(os.listdir(path))
-    return "zarr.json" in names and names <= {"zarr.json", *_ARRAYS}
+    """True for a directory holding nothing but a store's files, or what a killed writer left of them
+    (even if corrupt or incomplete), or nothing at all: safe to delete. Array folders alone do not
+    tell a store from a user's folder (one may be called ``prediction``): zarr's metadata must be there."""
+    names = set(os.listdir(path)) - {LOCK_FILE}
+    return not names or (all(map(_is_own, names)) and any(n == "zarr.json" or _ZARR_PARTIAL.fullmatch(n) for n in names))
+
+
+def _sibling(path: Path, kind: str) -> Path:
+    """The hidden folder beside ``path`` where a store is staged (``new``) or set aside (``old``)."""
+    path = Path(os.path.abspath(path))
+    return path.with_name(f".{path.name}.iumask-{kind}")
+
+
+def _remove_own(path: Path) -> None:
+    """Delete one of iumask's hidden siblings; refuse if it holds files iumask did not write."""
+    if not _only_own(path):
+        raise IumaskError(f"{path} holds files iumask did not write, so iumask will not delete it; "
+                          "move them elsewhere and rerun")
+    shutil.rmtree(path)
+
+
+def _finish_swap(path: Path) -> None:
+    """Complete a replacement of ``path`` that was killed between its renames (see :meth:`MaskStore.commit`)."""
+    aside = _sibling(path, _ASIDE)
+    if not aside.is_dir():
+        return
+    lock = _WriterLock(aside, path)  # a live process in the middle of the swap holds it
+    try:
+        staged = _sibling(path, _STAGED)
+        if not (path.exists() or path.is_symlink()):
+            # Killed between the renames: the staged store was finished, so it goes in (if it is
+            # gone, the old one goes back).
+            os.rename(staged if staged.is_dir() else aside, path)
+        if aside.is_dir():
+            _remove_own(aside)
+    finally:
+        lock.close()
+
+
+class _WriterLock:
+    """An exclusive ``flock`` on the lock file in ``directory``, whose content names the holder.
+
+    The OS releases it when the holder exits or is killed, so a dead holder's lock is simply taken.
+    It excludes other processes; within one process, handles on one store share it.
+    """
+
+    def __init__(self, directory: Path, store: Path):
+        self._key: tuple[int, int] | None = None
+        file = directory / LOCK_FILE
+        try:
+            fd, writable = os.open(file, os.O_RDWR | os.O_CREAT, 0o666), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if not file.is_file():
+                return  # a folder this process cannot write to: it cannot write the store either
+            fd, writable = os.open(file, os.O_RDONLY), False
+        try:
+            stat = os.fstat(fd)
+            key = (stat.st_dev, stat.st_ino)
+            held = _held.get(key)
+            if held is not None and held[2] == os.getpid():
+                os.close(fd)
+                held[1] += 1
+                self._key = key
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IumaskError(f"mask store {store} is being written by another process ({_holder(fd)}); wait "
+                                  "for it to finish or stop it, or use another --store path") from None
+            try:
+                same = os.path.samestat(stat, os.stat(file))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the folder was swapped or removed between opening and locking
+                raise IumaskError(f"mask store {store} was replaced by another process while this one was "
+                                  "locking it; rerun the command")
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _held[key] = [fd, 1, os.getpid()]
+        self._key = key
+
+    def close(self) -> None:
+        if self._key is not None:
+            held = _held[self._key]
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(held[0])
+                del _held[self._key]
+            self._key = None
+
+    __del__ = close
+
+
+# Lock files this process holds: (st_dev, st_ino) -> [fd, handles, pid]. An inode stays unique
+# while its file is open, even after the file is deleted.
+_held: dict[tuple[int, int], list[int]] = {}
+
+
+def _holder_info() -> dict:
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    command = " ".join(command.split())  # one line
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "command": command if len(command) <= 300 else command[:297] + "..."}
+
+
+def _holder(fd: int) -> str:
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on {info['host']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown process"
 
 
 class MaskStore:
     """A mask store on disk. Build with ``create``, ``open`` or ``open_or_create``."""
 
     def __init__(self, path: Path, group: zarr.Group, mode: str):
-        self.path = path
-        self._group = group
         self._mode = mode
-        self._arrays = {name: group[name] for name in _ARRAYS}
+        self._bind(path, group)
         attrs = dict(group.attrs)
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.image_shapes: list[tuple[int, int]] = [(int(h), int(w)) for h, w in attrs["image_shapes"]]
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self._locks: list[_WriterLock] = []
+        self._replaces: tuple[Path, _WriterLock] | None = None  # (old store, its lock) that commit() replaces
+
+    def _bind(self, path: Path, group: zarr.Group | None = None) -> None:
+        """Point at the store in ``path`` (after it was renamed there)."""
+        self.path = Path(path)
+        self._group = group if group is not None else zarr.open_group(self.path, mode=self._mode, zarr_format=3)
+        self._arrays = {name: self._group[name] for name in _ARRAYS}
 
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path, identity: dict, overwrite: bool = False) -> "MaskStore":
-        """Create an empty store (all images incomplete); ``format_version`` is added here."""
+        """Create an empty store (all images incomplete); ``format_version`` is added here. An existing
+        store is replaced only with ``overwrite``. Holds the writer lock until :meth:`close`."""
         path = Path(path)
-        identity = _to_json(dict(identity))
-        if identity.setdefault("format_version", STORE_FORMAT_VERSION) != STORE_FORMAT_VERSION:
-            raise ValueError(f"format_version must be {STORE_FORMAT_VERSION}")
-        missing = [k for k in IDENTITY_KEYS if k not in identity]
-        if missing:
-            raise ValueError(f"mask store identity lacks {', '.join(missing)}")
-        ids, shapes = identity["image_ids"], identity["image_shapes"]
-        if len(ids) != len(shapes) or len(set(ids)) != len(ids):
-            raise ValueError("image_ids must be unique and match image_shapes one to one")
-        if any(len(s) != 2 or min(s) < 1 for s in shapes):
-            raise ValueError("image_shapes must be [H, W] pairs of positive integers")
+        identity = _checked_identity(identity)
+        if (path.exists() or path.is_symlink()) and not overwrite:
+            raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another --store path")
+        store = cls._writer(path, identity, overwrite=True, resume=False)
+        store.commit()  # an empty store is finished: it replaces the old one at once
+        return store
 
-        if path.exists() or path.is_symlink():
-            if not overwrite:
-                raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another --store path")
-            if not path.is_dir() or path.is_symlink():
+    @classmethod
+    def open_or_create(cls, path, identity: dict, overwrite: bool = False) -> "MaskStore":
+        """The writer's store, holding the writer lock until :meth:`close`: the store at ``path`` if it
+        was made from the same identity (to resume), else a new one (replacing a store needs
+        ``overwrite``). A replacement is built beside the old store, which stays in place until
+        :meth:`commit` swaps them; ``path`` of the returned store is then that staging folder, and a
+        rerun resumes the replacement made from the same identity."""
+        return cls._writer(Path(path), _checked_identity(identity), overwrite, resume=True)
+
+    @classmethod
+    def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool) -> "MaskStore":
+        _finish_swap(path)
+        lock = store = None
+        try:
+            replaces = False
+            if path.is_dir():
+                lock = _WriterLock(path, path)
+                replaces = (path / "zarr.json").exists()
+                if replaces and not overwrite:
+                    store = cls.open(path, mode="r+")
+                    store.check_identity(identity)
+                    store._locks = [lock]
+                    return store
+                if path.is_symlink():
+                    raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
+                                      "or use another --store path")
+                if not _looks_like_store(path):
+                    raise IumaskError(f"{path} is not a mask store (it holds other files), so --overwrite will not "
+                                      "delete it; use another --store path")
+            elif path.exists() or path.is_symlink():
                 raise IumaskError(f"{path} is not a directory; remove it yourself or use another --store path")
-            if os.listdir(path) and not _looks_like_store(path):
-                raise IumaskError(
-                    f"{path} is not a mask store (it holds other files), so --overwrite will not delete it; use another --store path"
-                )
-            shutil.rmtree(path)
+            store = cls._staged(_sibling(path, _STAGED), path, identity, resume)
+            if replaces:
+                store._replaces = (path, lock)
+            else:  # nothing there, or debris of a store killed while being created: the new store goes in now
+                if path.is_dir():
+                    shutil.rmtree(path)
+                try:
+                    os.rename(store.path, path)
+                except OSError as exc:
+                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
+                        raise
+                    raise IumaskError(f"mask store {path} was created by another process meanwhile; rerun the "
+                                      "command") from None
+                store._bind(path)
+                if lock is not None:
+                    lock.close()
+            return store
+        except BaseException:
+            if store is not None:
+                store.close()
+            if lock is not None:
+                lock.close()
+            raise
 
-        n = len(ids)
+    @classmethod
+    def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool) -> "MaskStore":
+        """The locked store in the staging folder: the one there if made from ``identity`` and
+        ``resume``, else a new one."""
+        staged.mkdir(parents=True, exist_ok=True)
+        lock = _WriterLock(staged, target)
+        try:
+            if not _only_own(staged):
+                raise IumaskError(f"{staged} holds files iumask did not write (iumask builds {target} there); "
+                                  "move them elsewhere and rerun")
+            store = None
+            if resume and (staged / "zarr.json").exists():
+                try:
+                    store = cls.open(staged, mode="r+")
+                    store.check_identity(identity)
+                except IumaskError:
+                    store = None  # another run's or a broken store: start over
+            if store is None:
+                for entry in os.scandir(staged):
+                    if entry.is_dir(follow_symlinks=False):
+                        shutil.rmtree(entry.path)
+                    elif entry.name != LOCK_FILE:
+                        os.unlink(entry.path)
+                store = cls._new(staged, identity)
+            store._locks = [lock]
+            return store
+        except BaseException:
+            lock.close()
+            raise
+
+    @classmethod
+    def _new(cls, path: Path, identity: dict) -> "MaskStore":
+        """Write an empty store into the (locked, otherwise empty) folder ``path``."""
+        shapes = identity["image_shapes"]
+        n = len(shapes)
         hmax = max((h for h, _ in shapes), default=1)
         wmax = max((w for _, w in shapes), default=1)
-        group = zarr.open_group(path, mode="w-", zarr_format=3, attributes=identity)
+        group = zarr.create_group(path, zarr_format=3, attributes=identity)
         for name in _FLOAT_ARRAYS:
             group.create_array(name, shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype="float16",
                                compressors=_FLOAT_CODEC, fill_value=0)
-        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype="uint8",
-                           compressors=_BYTE_CODEC, fill_value=0)
+        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax),
+                           dtype=_PREDICTION_DTYPES[identity["format_version"]], compressors=_BYTE_CODEC, fill_value=0)
         # Uncompressed: each flag chunk is a single byte on disk.
         group.create_array("complete", shape=(n,), chunks=(1,), dtype="bool", compressors=None, fill_value=False)
         return cls(path, group, "r+")
 
     @classmethod
     def open(cls, path, mode: str = "r") -> "MaskStore":
-        """Open an existing store for reading (``"r"``) or resuming (``"r+"``)."""
+        """Open an existing store for reading (``"r"``) or resuming (``"r+"``), without the writer
+        lock (for readers, and the ranks of a job whose rank 0 holds it)."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         path = Path(path)
@@ -157,12 +413,17 @@ class MaskStore:
             attrs = dict(group.attrs)
             version = attrs.get("format_version")
             problem = None
-            if version != STORE_FORMAT_VERSION:
-                problem = f"has format_version {version}, expected {STORE_FORMAT_VERSION}"
+            if version not in _PREDICTION_DTYPES:
+                problem = f"has format_version {version}, expected {' or '.join(map(str, _PREDICTION_DTYPES))}"
             elif any(k not in attrs for k in IDENTITY_KEYS):
                 problem = "lacks identity attributes"
+            elif version != format_version(len(attrs["class_names"])):
+                problem = (f"has format_version {version} for {len(attrs['class_names'])} classes (8-bit predictions "
+                           "cannot hold class ids above 255)")
             elif any(name not in group for name in _ARRAYS):
                 problem = "lacks the mask arrays"
+            elif np.dtype(group["prediction"].dtype) != _PREDICTION_DTYPES[version]:
+                problem = f"has {group['prediction'].dtype} predictions, expected {_PREDICTION_DTYPES[version]}"
             else:
                 store = cls(path, group, mode)
                 if any(a.shape[0] != len(store.image_ids) for a in store._arrays.values()):
@@ -174,22 +435,44 @@ class MaskStore:
             raise IumaskError(f"mask store {path} {problem}; {_RECREATE_FIX}")
         return store
 
-    @classmethod
-    def open_or_create(cls, path, identity: dict, overwrite: bool = False) -> "MaskStore":
-        """Resume a store made from the same identity, else create (or recreate with overwrite)."""
-        path = Path(path)
-        if not path.exists():
-            return cls.create(path, identity)
-        if overwrite:
-            return cls.create(path, identity, overwrite=True)
-        store = cls.open(path, mode="r+")
-        store.check_identity({"format_version": STORE_FORMAT_VERSION, **identity})
-        return store
+    def commit(self) -> None:
+        """Put a replacement built beside the old store (see :meth:`open_or_create`) in its place:
+        rename the old store aside, this one into place, remove the old one. A kill in between is
+        completed by the next writer. Nothing to do for a store that replaces none."""
+        if self._replaces is None:
+            return
+        target, old_lock = self._replaces
+        aside = _sibling(target, _ASIDE)
+        os.rename(target, aside)
+        os.rename(self.path, target)
+        shutil.rmtree(aside)
+        old_lock.close()
+        self._replaces = None
+        self._bind(target)
+
+    def close(self) -> None:
+        """Release the writer lock (if this store holds it); the store stays usable."""
+        for lock in self._locks:
+            lock.close()
+        if self._replaces is not None:
+            self._replaces[1].close()
+        self._locks = []
+
+    def __enter__(self) -> "MaskStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # ------------------------------------------------------------------ metadata
     @property
     def num_images(self) -> int:
         return len(self.image_ids)
+
+    @property
+    def prediction_dtype(self) -> np.dtype:
+        """uint8, or uint16 for more than 256 classes (see :func:`format_version`)."""
+        return np.dtype(self._arrays["prediction"].dtype)
 
     @property
     def attrs(self) -> dict:
@@ -239,14 +522,16 @@ class MaskStore:
             if np.shape(value) != shape:
                 raise ValueError(f"{name} for image {index} has shape {np.shape(value)}, expected {shape}")
         pred = np.asarray(prediction)
-        if pred.min() < 0 or pred.max() > 255:
-            raise ValueError(f"prediction for image {index} has class ids outside 0..255")
+        top = np.iinfo(self.prediction_dtype).max
+        if not np.issubdtype(pred.dtype, np.integer) or pred.min() < 0 or pred.max() > top:
+            raise ValueError(f"prediction for image {index} must hold integer class ids in 0..{top} "
+                             f"(this store's {self.prediction_dtype})")
         h, w = shape
         complete = self._arrays["complete"]
         complete[index] = False  # rewriting a finished image: invalid until all three are written
         for name in _FLOAT_ARRAYS:
             self._arrays[name][index, :h, :w] = np.asarray(values[name], dtype=np.float16)
-        self._arrays["prediction"][index, :h, :w] = pred.astype(np.uint8)
+        self._arrays["prediction"][index, :h, :w] = pred.astype(self.prediction_dtype)
         complete[index] = True
 
     def is_complete(self, index: int) -> bool:
@@ -264,11 +549,12 @@ class MaskStore:
             )
 
     def read(self, index: int) -> dict:
-        """``{"entropy", "instance_uncertainty"}`` as float32 and ``"prediction"`` as uint8, (H, W)."""
+        """``{"entropy", "instance_uncertainty"}`` as float32 and ``"prediction"`` in the store's
+        :attr:`prediction_dtype`, (H, W)."""
         self._check_complete(index)
         h, w = self.image_shapes[index]
         out = {name: self._arrays[name][index, :h, :w].astype(np.float32) for name in _FLOAT_ARRAYS}
-        out["prediction"] = np.asarray(self._arrays["prediction"][index, :h, :w], dtype=np.uint8)
+        out["prediction"] = np.asarray(self._arrays["prediction"][index, :h, :w], dtype=self.prediction_dtype)
         return out
 
     def read_iu(self, index: int) -> np.ndarray:
@@ -278,12 +564,12 @@ class MaskStore:
         return self._arrays["instance_uncertainty"][index, :h, :w].astype(np.float32)
 
     def nbytes_stored(self) -> int:
-        """Bytes on disk of the chunk files (metadata excluded)."""
+        """Bytes on disk of the chunk files (metadata and the lock file excluded)."""
         return sum(
             os.path.getsize(os.path.join(root, name))
             for root, _, names in os.walk(self.path)
             for name in names
-            if name != "zarr.json"
+            if name not in ("zarr.json", LOCK_FILE)
         )
 
     def __repr__(self) -> str:

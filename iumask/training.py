@@ -16,6 +16,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from iumask.errors import IumaskError
+
 CHECKPOINT_FILE = "checkpoint.pt"
 
 
@@ -51,9 +53,22 @@ RUNTIME_OPTIONS = ("checkpoint_every",)
 
 
 def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; checked before any work starts."""
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise IumaskError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise IumaskError(f"--device {device!r}: iumask runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise IumaskError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= count:
+            raise IumaskError(f"--device {device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    return resolved
 
 
 def seed_everything(seed: int) -> None:

@@ -315,15 +315,22 @@ def test_shifted_domain_is_darker(tmp_path, synthetic_root):
     np.testing.assert_array_equal(dst.read_label(0), src.read_label(0))
 
 
-def test_regenerate_is_noop_and_other_params_replace(tmp_path):
+def test_regenerate_is_noop_and_other_params_need_overwrite(tmp_path):
+    # Issue 7 item 5 changed this behaviour: other parameters used to replace the dataset silently.
     root = generate_synthetic(tmp_path / "d", num_train=2, num_val=1, seed=1)
     label = root / "labels" / "train" / "train_0000.png"
-    marker = b"untouched"
+    original, marker = label.read_bytes(), b"untouched"
     label.write_bytes(marker)  # a no-op must not rewrite existing files
     generate_synthetic(root, num_train=2, num_val=1, seed=1)
     assert label.read_bytes() == marker
-    generate_synthetic(root, num_train=3, num_val=1, seed=1)  # another synthetic dataset: replaced
-    assert len(FolderDataset(root, "train")) == 3 and label.read_bytes() != marker
+    with pytest.raises(IumaskError, match="changed"):  # an edited file is never replaced, even with overwrite
+        generate_synthetic(root, num_train=3, num_val=1, seed=1, overwrite=True)
+    label.write_bytes(original)
+    with pytest.raises(IumaskError, match="--overwrite"):
+        generate_synthetic(root, num_train=3, num_val=1, seed=1)
+    assert len(FolderDataset(root, "train")) == 2
+    generate_synthetic(root, num_train=3, num_val=1, seed=1, overwrite=True)
+    assert len(FolderDataset(root, "train")) == 3
 
 
 def test_refuses_foreign_directory(tmp_path):

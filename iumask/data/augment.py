@@ -33,7 +33,7 @@ from iumask.errors import IumaskError
 DEFAULT_AUGMENTATION: dict[str, Any] = {"scale": [0.5, 2.0], "crop": None, "flip": True, "jitter": 0.2}
 
 OPTION_KEYS = ("scale", "crop", "flip", "jitter", "ignore_index")
-SAMPLE_KEYS = ("image", "label", "iu")
+SAMPLE_KEYS = ("image", "label", "iu", "valid")  # valid: uint8, 1 inside the image, 0 in padding
 MAX_LABEL_VALUE = 65535
 
 # ITU-R BT.601 luma weights for RGB, used for the contrast mean and the saturation grey.
@@ -118,7 +118,7 @@ class JointAugment:
                 f"jitter={self.jitter}, ignore_index={self.ignore_index})")
 
     def __call__(self, sample: Mapping[str, np.ndarray], rng: np.random.Generator) -> dict[str, np.ndarray]:
-        image, label, iu = _check_sample(sample, self.ignore_index)
+        image, label, iu, valid = _check_sample(sample, self.ignore_index)
         h, w = label.shape
         u = rng.random(_NUM_DRAWS)
 
@@ -137,6 +137,8 @@ class JointAugment:
                 label = cv2.resize(label, (sw, sh), interpolation=cv2.INTER_NEAREST_EXACT)
                 if iu is not None:
                     iu = cv2.resize(iu, (sw, sh), interpolation=cv2.INTER_NEAREST_EXACT)
+                if valid is not None:
+                    valid = cv2.resize(valid, (sw, sh), interpolation=cv2.INTER_NEAREST_EXACT)
         else:
             sh, sw = h, w
 
@@ -149,16 +151,21 @@ class JointAugment:
             label = _place(label, (ch, cw), ys, yd, ny, xs, xd, nx, self.ignore_index)
             if iu is not None:
                 iu = _place(iu, (ch, cw), ys, yd, ny, xs, xd, nx, 0.0)
+            if valid is not None:
+                valid = _place(valid, (ch, cw), ys, yd, ny, xs, xd, nx, 0)
 
         if self.flip and u[3] < 0.5:
             image = image[:, ::-1]
             label = label[:, ::-1]
             if iu is not None:
                 iu = iu[:, ::-1]
+            if valid is not None:
+                valid = valid[:, ::-1]
 
         out = {"image": np.ascontiguousarray(image), "label": np.ascontiguousarray(label)}
-        if iu is not None:
-            out["iu"] = np.ascontiguousarray(iu)
+        for key, value in (("iu", iu), ("valid", valid)):
+            if value is not None:
+                out[key] = np.ascontiguousarray(value)
         return out
 
 
@@ -198,7 +205,7 @@ def _color_jitter(image: np.ndarray, brightness: float, contrast: float, saturat
 
 def _check_sample(
     sample: Mapping[str, np.ndarray], ignore_index: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, np.ndarray | None]:
     extra = sorted(set(sample) - set(SAMPLE_KEYS))
     if extra:
         raise ValueError(f"JointAugment: cannot align unknown sample key(s) {extra}; expected {SAMPLE_KEYS}")
@@ -213,7 +220,10 @@ def _check_sample(
         if iu.shape != label.shape:
             raise ValueError(f"JointAugment: iu mask is {iu.shape} but the label is {label.shape}")
         iu = iu.astype(np.float32, copy=False)
-    return image, label, iu
+    valid = sample.get("valid")
+    if valid is not None and (valid.shape != label.shape or valid.dtype != np.uint8):
+        raise ValueError(f"JointAugment: valid mask must be uint8 {label.shape}, got {valid.dtype} {valid.shape}")
+    return image, label, iu, valid
 
 
 def _number(value: Any) -> bool:

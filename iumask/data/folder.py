@@ -229,13 +229,19 @@ class PairedDataset:
 
     def image_shape(self, i: int) -> tuple[int, int]:
         """(H, W) of image ``i`` from its header, without decoding the pixels."""
-        path = self.image_paths[i]
-        try:
-            with Image.open(path) as im:
-                w, h = im.size
-        except (OSError, ValueError, SyntaxError) as e:
-            raise DataError(f"{path}: cannot read the image header ({e}); replace the file") from None
-        return h, w
+        return _header_shape(self.image_paths[i], "image")
+
+    def check_headers(self) -> list[tuple[int, int]]:
+        """Read every image's and label's header (not the pixels), so that a missing, unreadable
+        or mismatched file stops a command before its first expensive step; return the images'
+        (H, W)."""
+        shapes = []
+        for i in range(len(self)):
+            shape = self.image_shape(i)
+            _check_label_shape(self.label_paths[i], _header_shape(self.label_paths[i], "label"),
+                               self.image_paths[i], shape)
+            shapes.append(shape)
+        return shapes
 
     def label_table_for(self, i: int) -> LabelTable | None:
         """The table that maps label ``i`` (formats may choose per file, e.g. labelIds vs trainIds)."""
@@ -245,12 +251,7 @@ class PairedDataset:
         """Label ``i`` as (H, W) uint8 or uint16 class indices, validated against its image and classes."""
         path = self.label_paths[i]
         label = _decode_label(path)
-        shape = self.image_shape(i)
-        if label.shape != shape:
-            raise DataError(
-                f"{path}: label is {label.shape[1]}x{label.shape[0]} (WxH) but its image "
-                f"{self.image_paths[i].name} is {shape[1]}x{shape[0]}; labels must match their images"
-            )
+        _check_label_shape(path, label.shape, self.image_paths[i], self.image_shape(i))
         table = self.label_table_for(i)
         if table is not None:
             label = table.apply(label, path)
@@ -325,6 +326,23 @@ def _match_labels(labels_dir: Path, ids: list[str], image_paths: list[Path]) -> 
     return paths
 
 
+def _header_shape(path: Path, what: str) -> tuple[int, int]:
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+    except (OSError, ValueError, SyntaxError) as e:
+        raise DataError(f"{path}: cannot read the {what} header ({e}); replace the file") from None
+    return h, w
+
+
+def _check_label_shape(path: Path, label_shape: tuple[int, ...], image_path: Path, shape: tuple[int, int]) -> None:
+    if tuple(label_shape) != tuple(shape):
+        raise DataError(
+            f"{path}: label is {label_shape[1]}x{label_shape[0]} (WxH) but its image "
+            f"{image_path.name} is {shape[1]}x{shape[0]}; labels must match their images"
+        )
+
+
 def _read_bytes(path: Path) -> bytes:
     try:
         return path.read_bytes()
@@ -389,9 +407,11 @@ class SegmentationDataset(torch.utils.data.Dataset):
     """Training samples from a :class:`PairedDataset` (any format), optionally resized and with uncertainty masks.
 
     ``size`` is (H, W). ``masks(index)`` gives a float32 (H, W) mask at the resized size.
-    ``transform(sample, rng)`` maps ``{"image", "label"[, "iu"]}`` numpy arrays to the same keys,
-    after resizing. ``rng`` is seeded from ``(seed, epoch, index)``, so a sample's augmentation
-    depends only on those: the same in every worker process, and again after a resume.
+    ``transform(sample, rng)`` maps ``{"image", "label"[, "iu"][, "valid"]}`` numpy arrays to the
+    same keys, after resizing. ``rng`` is seeded from ``(seed, epoch, index)``, so a sample's
+    augmentation depends only on those: the same in every worker process, and again after a resume.
+    ``valid_mask``: add ``"valid"`` (bool, False where augmentation padded outside the image), for
+    code that must tell padding from unlabelled pixels (online instances).
     """
 
     def __init__(
@@ -403,8 +423,10 @@ class SegmentationDataset(torch.utils.data.Dataset):
         seed: int = 0,
         mean: tuple[float, float, float] = IMAGENET_MEAN,
         std: tuple[float, float, float] = IMAGENET_STD,
+        valid_mask: bool = False,
     ) -> None:
         self.folder = folder
+        self.valid_mask = valid_mask
         self.size = None if size is None else (int(size[0]), int(size[1]))
         self.masks = masks
         self.transform = transform
@@ -412,6 +434,7 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
+        self._uniform: bool | None = None
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -423,6 +446,12 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def sample_shape(self, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i``: ``size`` if given, else the image's own shape."""
         return self.size if self.size is not None else self.folder.image_shape(i)
+
+    def uniform_shape(self) -> bool:
+        """Whether all samples have one shape (so they can be batched); read from headers once."""
+        if self._uniform is None:
+            self._uniform = self.size is not None or len({self.sample_shape(i) for i in range(len(self))}) <= 1
+        return self._uniform
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self._load_arrays(i)
@@ -440,6 +469,8 @@ class SegmentationDataset(torch.utils.data.Dataset):
         sample = {"image": image, "label": label}
         if self.masks is not None:
             sample["iu"] = self._load_mask(i, label.shape)
+        if self.valid_mask:
+            sample["valid"] = np.ones(label.shape, dtype=np.uint8)
         return sample
 
     def _load_mask(self, i: int, shape: tuple[int, ...]) -> np.ndarray:
@@ -460,4 +491,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         }
         if "iu" in sample:
             out["iu"] = torch.from_numpy(np.ascontiguousarray(sample["iu"], dtype=np.float32))
+        if "valid" in sample:
+            out["valid"] = torch.from_numpy(np.ascontiguousarray(sample["valid"]).astype(bool))
         return out

@@ -5,12 +5,18 @@ vegetation and small instances (poles, signs, persons, bicycles, cars). Class fr
 imbalanced like CamVid's. ``domain="shifted"`` renders the same scenes darker, foggier and
 noisier, for domain-shift evaluation. Output is the generic folder format of
 :mod:`iumask.data.folder`; identical arguments give byte-identical files.
+
+The generator never deletes or overwrites a file it did not write. Its manifest
+(``synthetic.json``) records its parameters and the SHA-256 of every file it wrote; only those
+files, unchanged, are ever replaced, and only with ``overwrite``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import shutil
+import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -34,9 +40,16 @@ SYNTHETIC_CLASSES = ClassInfo(
 )
 
 MANIFEST_FILE = "synthetic.json"
-GENERATOR_VERSION = 1  # bump when the rendering changes, so old folders are regenerated
+_MANIFEST_TMP = MANIFEST_FILE + ".tmp"  # the manifest is written here first, then renamed
+GENERATOR = "iumask.synthetic"
+GENERATOR_VERSION = 1  # bump when the rendering changes (an old folder then needs --overwrite)
 DOMAINS = ("source", "shifted")
 SPLITS = ("train", "val")
+_PARAM_KEYS = ("generator", "version", "seed", "num_train", "num_val", "height", "width", "domain")
+# What makes up the dataset: anything here that make-synthetic did not write stops a replacement.
+# Other files in the folder (a README beside the dataset) are left alone.
+_DATASET_DIRS = ("images", "labels")
+_DATASET_FILES = (CLASSES_FILE, MANIFEST_FILE)
 
 # Rendering colours (RGB). Deliberately close for some classes (road/sidewalk/building/pole,
 # vegetation/person, car/building) so that colour alone does not solve the task.
@@ -74,24 +87,64 @@ def generate_synthetic(
 ) -> Path:
     """Write a synthetic dataset (splits "train" and "val") to ``root`` and return ``root``.
 
-    A folder already holding exactly this dataset is left untouched. A previous synthetic
-    dataset with other arguments is replaced; any other non-empty folder is refused unless
-    ``overwrite`` (which replaces images/, labels/ and classes.json only). The same seed gives
-    the same scenes in both domains, so a domain shift is purely photometric.
+    A folder already holding this dataset (same arguments) is left untouched; files of it that
+    are missing are written again and an interrupted write is finished. Anything else needs
+    ``overwrite``: a synthetic dataset made with other arguments is then replaced, deleting only
+    the files make-synthetic wrote (checked by SHA-256 against its manifest), and a folder holding
+    no dataset gets the dataset beside its files. Files it did not write, or that changed since,
+    in ``images/``, ``labels/``, ``classes.json`` or ``synthetic.json`` (a user's dataset, a file
+    added to the synthetic one) are never deleted or overwritten: the call is refused, even with
+    ``overwrite``. Files elsewhere in the folder are kept. The same seed gives the same scenes in
+    both domains, so a domain shift is purely photometric.
     """
     params = _params(num_train, num_val, height, width, seed, domain)
     root = Path(root)
-    state = _folder_state(root, params)
-    if state == "same":
+    if root.exists() and not root.is_dir():
+        raise IumaskError(f"{root}: is a file, not a directory; choose a directory for the dataset")
+    existing = _read_manifest(root)
+    if existing is not None and existing.params == params:
+        if not existing.complete:  # an interrupted write of this dataset: its files are ours, finish it
+            _write(root, params)
+        else:
+            _write(root, params, only=[f for f in existing.files if not os.path.lexists(root / f)])
         return root
-    if state == "foreign" and not overwrite:
+    entries = [e for e in _entries(root) if e != _MANIFEST_TMP]
+    if not entries:
+        _write(root, params)
+        return root
+    foreign = _foreign_files(root, entries, existing)
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f", … ({len(foreign)} in all)" if len(foreign) > 3 else "")
+        if existing is None:
+            raise IumaskError(
+                f"{root}: holds files that make-synthetic did not write ({shown}); it never deletes or "
+                "overwrites those, even with --overwrite: choose an empty or new folder for the synthetic dataset")
         raise IumaskError(
-            f"{root}: directory is not empty and holds no synthetic dataset; "
-            "choose an empty or new directory, or pass overwrite=True (--overwrite)"
-        )
-    _clear(root)
+            f"{root}: the synthetic dataset here has files that make-synthetic did not write or that changed "
+            f"since ({shown}); it never deletes or overwrites those, even with --overwrite: move them out of the "
+            "folder, or choose an empty or new folder")
+    if not overwrite:
+        if existing is None:
+            shown = ", ".join(entries[:3]) + (", …" if len(entries) > 3 else "")
+            raise IumaskError(
+                f"{root}: folder is not empty ({shown}) and holds no synthetic dataset; choose an empty or new "
+                "folder, or pass --overwrite to write the dataset beside those files (they are kept)")
+        differ = ", ".join(f"{k} {existing.params.get(k)!r} (now {params[k]!r})"
+                           for k in _PARAM_KEYS if existing.params.get(k) != params[k])
+        raise IumaskError(
+            f"{root}: holds a synthetic dataset made with other parameters ({differ}); pass --overwrite to "
+            "replace it (only the files make-synthetic wrote are deleted), or choose another folder")
+    if existing is not None:
+        _delete_own(root, existing)
     _write(root, params)
     return root
+
+
+@dataclass(frozen=True)
+class _Manifest:
+    params: dict[str, Any]
+    complete: bool
+    files: dict[str, str | None]  # every file make-synthetic wrote -> its SHA-256 (None: not known)
 
 
 def _params(num_train: int, num_val: int, height: int, width: int, seed: int, domain: str) -> dict[str, Any]:
@@ -101,7 +154,7 @@ def _params(num_train: int, num_val: int, height: int, width: int, seed: int, do
             raise IumaskError(f"synthetic dataset: {name} must be an integer >= {low}, got {value!r}")
     if domain not in DOMAINS:
         raise IumaskError(f"synthetic dataset: domain must be one of {', '.join(DOMAINS)}, got {domain!r}")
-    return {"generator": "iumask.synthetic", "version": GENERATOR_VERSION, "seed": seed, "num_train": num_train,
+    return {"generator": GENERATOR, "version": GENERATOR_VERSION, "seed": seed, "num_train": num_train,
             "num_val": num_val, "height": height, "width": width, "domain": domain}
 
 
@@ -109,54 +162,149 @@ def _sample_ids(params: dict[str, Any]) -> dict[str, list[str]]:
     return {split: [f"{split}_{i:04d}" for i in range(params[f"num_{split}"])] for split in SPLITS}
 
 
-def _folder_state(root: Path, params: dict[str, Any]) -> str:
-    """"empty", "same" (holds exactly this dataset), "synthetic" (another one) or "foreign"."""
-    if root.exists() and not root.is_dir():
-        raise IumaskError(f"{root}: is a file, not a directory; choose a directory for the dataset")
-    if not root.exists() or not any(root.iterdir()):
-        return "empty"
+def _planned_files(params: dict[str, Any]) -> list[str]:
+    """Every file of the dataset ``params`` describes, manifest excluded."""
+    return [CLASSES_FILE, *(f"{kind}/{split}/{sample_id}.png" for split, ids in _sample_ids(params).items()
+                            for kind in _DATASET_DIRS for sample_id in ids)]
+
+
+def _read_manifest(root: Path) -> _Manifest | None:
+    """The manifest of a synthetic dataset in ``root``, or None when there is none (or not ours)."""
+    path = root / MANIFEST_FILE
+    if path.is_symlink() or not path.is_file():
+        return None
     try:
-        manifest = json.loads((root / MANIFEST_FILE).read_text(encoding="utf-8"))
+        data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
-        return "foreign"
-    if not isinstance(manifest, dict) or manifest.get("generator") != "iumask.synthetic":
-        return "foreign"
-    return "same" if manifest == params and _files_complete(root, params) else "synthetic"
+        return None
+    if not isinstance(data, dict) or data.get("generator") != GENERATOR:
+        return None
+    params = {k: data.get(k) for k in _PARAM_KEYS}
+    files = data.get("files")
+    if files is None:
+        # Written before manifests recorded files (the manifest came last, so the dataset is complete):
+        # its files are the ones its parameters name.
+        if not all(isinstance(params[k], int) and params[k] >= 0 for k in ("num_train", "num_val")):
+            return None
+        return _Manifest(params, True, dict.fromkeys(_planned_files(params)))
+    if not isinstance(files, dict) or not all(isinstance(k, str) and (v is None or isinstance(v, str))
+                                              for k, v in files.items()):
+        return None
+    return _Manifest(params, data.get("complete") is True, files)
 
 
-def _files_complete(root: Path, params: dict[str, Any]) -> bool:
-    for split, ids in _sample_ids(params).items():
-        for kind in ("images", "labels"):
-            if sorted(p.stem for p in (root / kind / split).glob("*.png")) != ids:
-                return False
-    return (root / CLASSES_FILE).is_file()
+def _entries(root: Path) -> list[str]:
+    """Relative paths of everything in ``root`` that is not a directory (links are not followed)."""
+    if not root.is_dir():
+        return []
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        base = Path(dirpath)
+        links = [d for d in dirnames if (base / d).is_symlink()]
+        dirnames[:] = sorted(d for d in dirnames if d not in links)
+        found += [(base / name).relative_to(root).as_posix() for name in (*links, *filenames)]
+    return sorted(found)
 
 
-def _clear(root: Path) -> None:
-    # The manifest goes first so that an interrupted run never looks complete.
-    for name in (MANIFEST_FILE, CLASSES_FILE):
-        (root / name).unlink(missing_ok=True)
-    for name in ("images", "labels"):
-        shutil.rmtree(root / name, ignore_errors=True)
+def _in_dataset(rel: str) -> bool:
+    return rel in _DATASET_FILES or rel.split("/", 1)[0] in _DATASET_DIRS
 
 
-def _write(root: Path, params: dict[str, Any]) -> None:
-    root.mkdir(parents=True, exist_ok=True)
-    (root / CLASSES_FILE).write_text(json.dumps(SYNTHETIC_CLASSES.to_dict(), indent=2) + "\n", encoding="utf-8")
+def _foreign_files(root: Path, entries: list[str], existing: _Manifest | None) -> list[str]:
+    """Files in the dataset's part of the folder that make-synthetic did not write or that changed."""
+    foreign = []
+    for rel in entries:
+        if not _in_dataset(rel) or (existing is not None and rel == MANIFEST_FILE):
+            continue
+        if existing is not None and rel in existing.files:
+            digest = existing.files[rel]
+            path = root / rel
+            if digest is None or (not path.is_symlink() and path.is_file() and _file_sha256(path) == digest):
+                continue
+        foreign.append(rel)
+    return foreign
+
+
+def _delete_own(root: Path, existing: _Manifest) -> None:
+    """Delete the files of ``existing`` (checked unchanged by the caller) and the folders they leave
+    empty. The manifest stays until the new one replaces it, so an interrupted replacement can be
+    rerun."""
+    folders = set()
+    for rel in existing.files:
+        path = root / rel
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise IumaskError(f"{path}: cannot delete it ({exc.strerror}); check the folder's permissions") from None
+        folders.update(p for p in Path(rel).parents if p != Path("."))
+    for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
+        try:
+            (root / folder).rmdir()
+        except OSError:
+            pass  # not empty: holds something else
+
+
+def _write(root: Path, params: dict[str, Any], only: list[str] | None = None) -> None:
+    """Write the dataset (or just the files in ``only``), recording it in the manifest as it goes."""
+    if only is not None and not only:
+        return
+    files = _planned_files(params)
+    wanted = set(files if only is None else only)
+    if only is None:  # claim the files first, so that an interrupted write is recognised as ours
+        root.mkdir(parents=True, exist_ok=True)
+        _write_manifest(root, {**params, "complete": False, "files": dict.fromkeys(files)})
+    digests = {}
+    if CLASSES_FILE in wanted:
+        digests[CLASSES_FILE] = _write_file(
+            root / CLASSES_FILE, (json.dumps(SYNTHETIC_CLASSES.to_dict(), indent=2) + "\n").encode("utf-8"))
     for split_code, (split, ids) in enumerate(_sample_ids(params).items()):
-        (root / "images" / split).mkdir(parents=True, exist_ok=True)
-        (root / "labels" / split).mkdir(parents=True, exist_ok=True)
         for i, sample_id in enumerate(ids):
+            name = f"{split}/{sample_id}.png"
+            if f"images/{name}" not in wanted and f"labels/{name}" not in wanted:
+                continue
             rng = np.random.default_rng([params["seed"], split_code, i])
             image, label = render_scene(rng, params["height"], params["width"], params["domain"])
-            _imwrite(root / "images" / split / f"{sample_id}.png", cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-            _imwrite(root / "labels" / split / f"{sample_id}.png", label)
-    (root / MANIFEST_FILE).write_text(json.dumps(params, indent=2) + "\n", encoding="utf-8")
+            for kind, array in (("images", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), ("labels", label)):
+                if f"{kind}/{name}" in wanted:
+                    digests[f"{kind}/{name}"] = _write_file(root / kind / name, _png(array))
+    if only is None:
+        _write_manifest(root, {**params, "complete": True, "files": dict(sorted(digests.items()))})
 
 
-def _imwrite(path: Path, array: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), array, [cv2.IMWRITE_PNG_COMPRESSION, 3]):
-        raise IumaskError(f"{path}: cannot write the file; check that the directory is writable")
+def _png(array: np.ndarray) -> bytes:
+    ok, encoded = cv2.imencode(".png", array, [cv2.IMWRITE_PNG_COMPRESSION, 3])
+    if not ok:  # pragma: no cover - PNG encoding of a uint8 array does not fail
+        raise IumaskError("synthetic dataset: cannot encode a PNG")
+    return encoded.tobytes()
+
+
+def _write_file(path: Path, data: bytes) -> str:
+    """Write ``data`` to ``path`` and return its SHA-256."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+    except OSError as exc:
+        raise IumaskError(f"{path}: cannot write the file ({exc.strerror}); check that the folder is writable "
+                          "and the disk not full") from None
+    return hashlib.sha256(data).hexdigest()
+
+
+def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
+    tmp = root / _MANIFEST_TMP
+    _write_file(tmp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
+    try:
+        os.replace(tmp, root / MANIFEST_FILE)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise IumaskError(f"{root / MANIFEST_FILE}: cannot write the file ({exc.strerror}); check that the "
+                          "folder is writable") from None
+
+
+def _file_sha256(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 class _Canvas:

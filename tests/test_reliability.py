@@ -1,0 +1,384 @@
+"""Regression tests for issue 7 (wrong numbers and lost work under faults and bad input): the
+training, evaluation and file-system items. Each test fails on the code before its fix.
+
+Models are tiny (one MobileNetV2 member, 1 epoch, 64x64 synthetic images). File-system tests use
+real mounts (a read-only bind mount, a size-limited tmpfs) and skip where mounting is not allowed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from iumask.artifacts import file_sha256
+from iumask.core import pixel_entropy
+from iumask.data.augment import JointAugment
+from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.synthetic import generate_synthetic
+from iumask.models import build_model, load_member, save_member
+from iumask.online import OnlineStep
+from cli_runner import iumask
+
+pytestmark = pytest.mark.slow
+
+TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
+         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
+
+
+def _error_line(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A synthetic dataset and a trained one-member baseline (copied by tests that change it)."""
+    root = tmp_path_factory.mktemp("reliability")
+    data = generate_synthetic(root / "data", num_train=4, num_val=2, height=64, width=64, seed=3)
+    iumask("train-baseline", "--data", data, "--out", root / "baseline", *TRAIN)
+    return root, data
+
+
+def _copy_baseline(trained, tmp_path) -> Path:
+    root, _ = trained
+    out = tmp_path / "baseline"
+    shutil.copytree(root / "baseline", out)
+    return out
+
+
+def _truncate_last_train_image_pixels(data: Path) -> Path:
+    """A copy of the dataset whose last training image keeps a valid header but has corrupt pixel
+    data, so it is found only when the image is decoded (during training)."""
+    images = sorted((data / "images" / "train").iterdir())
+    victim = images[-1]
+    raw = victim.read_bytes()
+    victim.write_bytes(raw[: len(raw) // 2])  # PNG header intact, IDAT cut
+    return victim
+
+
+# ----------------------------------------------------------------------------- item 1
+
+
+def test_retrained_members_do_not_inherit_the_old_pavpu_threshold(trained, tmp_path):
+    root, data = trained
+    out = _copy_baseline(trained, tmp_path)
+    ensemble = out / "ensemble.json"
+    iumask("evaluate", "--model", ensemble, "--data", data, "--output", tmp_path / "r1.json", "--device", "cpu")
+    old = json.loads(ensemble.read_text())["train_mean_entropy"]
+    # Other options, same member names: the old code carried the threshold over.
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--seed", "7", "--overwrite")
+    iumask("evaluate", "--model", ensemble, "--data", data, "--output", tmp_path / "r2.json", "--device", "cpu")
+    used = json.loads((tmp_path / "r2.json").read_text())["results"][0]["pavpu_threshold"]
+    # An independent recomputation: no cache at all.
+    manifest = json.loads(ensemble.read_text())
+    for key in ("train_mean_entropy", "train_mean_entropy_weights_sha256"):
+        manifest.pop(key, None)
+    ensemble.write_text(json.dumps(manifest))
+    iumask("evaluate", "--model", ensemble, "--data", data, "--output", tmp_path / "r3.json", "--device", "cpu")
+    fresh = json.loads((tmp_path / "r3.json").read_text())["results"][0]["pavpu_threshold"]
+    assert used == pytest.approx(fresh, rel=1e-6)
+    assert fresh != pytest.approx(old, rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- item 4
+
+
+def test_overwrite_with_bad_new_data_keeps_the_old_member(trained, tmp_path, capsys):
+    root, data = trained
+    out = _copy_baseline(trained, tmp_path)
+    member = out / "mobilenet_v2"
+    before = {name: (member / name).read_bytes() for name in ("manifest.json", "model.safetensors")}
+    bad = shutil.copytree(data, tmp_path / "bad")
+    _truncate_last_train_image_pixels(bad)
+    capsys.readouterr()
+    iumask("train-baseline", "--data", bad, "--out", out, *TRAIN, "--overwrite", expect=2)
+    assert "cannot decode" in _error_line(capsys)
+    for name, content in before.items():
+        assert (member / name).read_bytes() == content, name
+    load_member(member)  # still usable: weights match their manifest
+    iumask("evaluate", "--model", out / "ensemble.json", "--data", data, "--output", tmp_path / "r.json",
+           "--device", "cpu")
+
+
+def test_kill_during_overwrite_keeps_old_member_and_resumes(trained, tmp_path):
+    """A real process killed while it retrains a member with --overwrite: the old member stays
+    usable; the rerun finishes the new one."""
+    root, data = trained
+    out = _copy_baseline(trained, tmp_path)
+    member = out / "mobilenet_v2"
+    old_sha = json.loads((member / "manifest.json").read_text())["weights_sha256"]
+    more = generate_synthetic(tmp_path / "more", num_train=24, num_val=2, height=64, width=64, seed=4)
+    args = ["train-baseline", "--data", str(more), "--out", str(out), *TRAIN, "--epochs", "3",
+            "--checkpoint-every", "2", "--overwrite"]
+    proc = subprocess.Popen([sys.executable, "-c", "from iumask.cli import main; main()", *args],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    checkpoint = member / "checkpoint.pt"
+    try:
+        for _ in range(600):
+            if checkpoint.exists() or proc.poll() is not None:
+                break
+            time.sleep(0.1)
+        assert proc.poll() is None, "training ended before it could be killed"
+        proc.kill()
+    finally:
+        proc.wait()
+    assert file_sha256(member / "model.safetensors") == old_sha
+    assert json.loads((member / "manifest.json").read_text())["weights_sha256"] == old_sha
+    load_member(member)
+    iumask(*args)
+    manifest = json.loads((member / "manifest.json").read_text())
+    assert manifest["weights_sha256"] != old_sha and manifest["weights_sha256"] == file_sha256(member / "model.safetensors")
+    assert not checkpoint.exists()
+
+
+# ----------------------------------------------------------------------------- item 7
+
+
+def test_evaluate_output_merges_instead_of_replacing(trained, tmp_path, capsys):
+    root, data = trained
+    out = tmp_path / "results.json"
+    member = root / "baseline" / "mobilenet_v2"
+    iumask("evaluate", "--model", member, "--data", data, "--output", out, "--device", "cpu")
+    iumask("evaluate", "--model", member, "--data", data, "--split", "train", "--output", out, "--device", "cpu",
+           "--pavpu-threshold", "0.5")
+    results = json.loads(out.read_text())["results"]
+    assert [r["split"] for r in results] == ["val", "train"]
+    # The same model, data and split again replaces its entry.
+    iumask("evaluate", "--model", member, "--data", data, "--output", out, "--device", "cpu", "--pavpu-threshold", "0.25")
+    results = json.loads(out.read_text())["results"]
+    assert [r["split"] for r in results] == ["train", "val"] and results[1]["pavpu_threshold"] == 0.25
+    assert len(out.with_suffix(".csv").read_text().splitlines()) == 3
+    # A file that is not a results file is never replaced.
+    foreign = tmp_path / "notes.json"
+    foreign.write_text('{"my": "notes"}')
+    capsys.readouterr()
+    iumask("evaluate", "--model", member, "--data", data, "--output", foreign, "--device", "cpu", expect=2)
+    assert "not an iumask results file" in _error_line(capsys)
+    assert foreign.read_text() == '{"my": "notes"}'
+
+
+# ----------------------------------------------------------------------------- item 8
+
+
+@pytest.mark.parametrize("damage", ["corrupt", "missing"])
+def test_damaged_weights_are_found_and_the_advice_works(trained, tmp_path, capsys, damage):
+    root, data = trained
+    out = _copy_baseline(trained, tmp_path)
+    weights = out / "mobilenet_v2" / "model.safetensors"
+    if damage == "corrupt":
+        raw = bytearray(weights.read_bytes())
+        raw[-100] ^= 0xFF  # a flipped byte inside a tensor: still loads, other numbers
+        weights.write_bytes(bytes(raw))
+    else:
+        weights.unlink()
+    capsys.readouterr()
+    iumask("make-masks", "--ensemble", out / "ensemble.json", "--data", data, "--store", tmp_path / "m.zarr",
+           "--device", "cpu", expect=2)
+    line = _error_line(capsys)
+    assert "rerun the train command" in line and not (tmp_path / "m.zarr").exists()
+    # The advice: rerun the train command with the same options. It must retrain, not report a cache hit.
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN)
+    assert "cache hit" not in capsys.readouterr().err
+    manifest = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["weights_sha256"] == file_sha256(weights)
+    iumask("evaluate", "--model", out / "ensemble.json", "--data", data, "--output", tmp_path / "r.json",
+           "--device", "cpu", "--pavpu-threshold", "1")
+
+
+def test_changed_encoder_weights_file_is_not_a_cache_hit(trained, tmp_path, capsys):
+    root, data = trained
+    encoder_file = tmp_path / "encoder.pt"
+    torch.manual_seed(0)
+    torch.save(build_model("mobilenet_v2", 10).encoder.state_dict(), encoder_file)
+    out = tmp_path / "out"
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--encoder-weights", encoder_file)
+    torch.manual_seed(1)
+    torch.save(build_model("mobilenet_v2", 10).encoder.state_dict(), encoder_file)  # same path, other content
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--encoder-weights", encoder_file, expect=2)
+    assert "encoder_weights_sha256" in _error_line(capsys)
+
+
+# ----------------------------------------------------------------------------- item 9
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "gpu"], "not a device"),
+    (["--encoder", "resnet9000"], "unknown encoder"),  # the second encoder: nothing trains first
+])
+def test_bad_training_options_stop_before_any_training(trained, tmp_path, capsys, args, needle):
+    root, data = trained
+    out = tmp_path / "out"
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, *args, expect=2)
+    assert needle in _error_line(capsys)
+    assert not (out / "mobilenet_v2").exists()
+
+
+def test_corrupt_validation_image_stops_before_training(trained, tmp_path, capsys):
+    root, data = trained
+    bad = shutil.copytree(data, tmp_path / "bad")
+    victim = sorted((bad / "images" / "val").iterdir())[0]
+    victim.write_bytes(b"not an image at all")
+    capsys.readouterr()
+    iumask("train-baseline", "--data", bad, "--out", tmp_path / "out", *TRAIN, expect=2)
+    assert victim.name in _error_line(capsys)
+    assert not (tmp_path / "out" / "mobilenet_v2").exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--pavpu-window", "0"], "--pavpu-window"),
+    (["--pavpu-stride", "0"], "--pavpu-stride"),
+    (["--device", "gpu"], "not a device"),
+    (["--inference", "tiles"], "--inference"),
+])
+def test_bad_evaluate_options_are_one_line_errors(trained, tmp_path, capsys, args, needle):
+    root, data = trained
+    capsys.readouterr()
+    iumask("evaluate", "--model", root / "baseline" / "mobilenet_v2", "--data", data,
+           "--output", tmp_path / "r.json", *args, expect=2)
+    assert needle in _error_line(capsys)
+    assert not (tmp_path / "r.json").exists()
+
+
+# ----------------------------------------------------------------------------- item 11
+
+
+def _mount(args: list[str], target: Path) -> None:
+    try:
+        subprocess.run(["mount", *args, str(target)], check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount here ({exc}); needs root in a mount namespace")
+
+
+@pytest.fixture
+def read_only_copy(trained, tmp_path):
+    """The trained baseline on a real read-only bind mount."""
+    src = _copy_baseline(trained, tmp_path)
+    target = tmp_path / "ro"
+    target.mkdir()
+    _mount(["--bind", str(src)], target)
+    try:
+        _mount(["-o", "remount,ro,bind"], target)
+        yield target
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+def test_evaluate_reports_results_from_a_read_only_model_folder(trained, read_only_copy, tmp_path, capsys):
+    root, data = trained
+    out = tmp_path / "r.json"
+    iumask("evaluate", "--model", read_only_copy / "ensemble.json", "--data", data, "--output", out, "--device", "cpu")
+    err = capsys.readouterr().err
+    assert "PAvPU threshold not cached" in err and "Traceback" not in err
+    assert json.loads(out.read_text())["results"][0]["pavpu_threshold"] > 0
+
+
+def test_read_only_output_folder_is_one_line_error(trained, read_only_copy, tmp_path, capsys):
+    root, data = trained
+    capsys.readouterr()
+    iumask("evaluate", "--model", root / "baseline" / "mobilenet_v2", "--data", data,
+           "--output", read_only_copy / "results.json", "--device", "cpu", expect=2)
+    assert "Read-only file system" in _error_line(capsys)
+    iumask("train-baseline", "--data", data, "--out", read_only_copy / "new", *TRAIN, expect=2)
+    assert str(read_only_copy / "new") in _error_line(capsys)
+
+
+def test_full_disk_during_training_is_one_line_error_without_temporary_files(trained, tmp_path, capsys):
+    root, data = trained
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=2m", "tmpfs"], target)  # a DeepLabV3+ checkpoint is far larger
+    try:
+        capsys.readouterr()
+        iumask("train-baseline", "--data", data, "--out", target / "run", *TRAIN, expect=2)
+        line = _error_line(capsys)
+        assert "No space left on device" in line and "checkpoint.pt" in line
+        leftovers = [p.name for p in target.rglob("*") if p.name.endswith(".tmp")]
+        assert leftovers == []
+    finally:
+        subprocess.run(["umount", str(target)], check=False)
+
+
+# ----------------------------------------------------------------------------- item 12
+
+
+def test_training_on_images_of_several_sizes_needs_size(tmp_path, capsys):
+    data = generate_synthetic(tmp_path / "data", num_train=4, num_val=2, height=64, width=64, seed=5)
+    image = sorted((data / "images" / "train").iterdir())[1]
+    label = data / "labels" / "train" / (image.stem + ".png")
+    for path, interpolation in ((image, cv2.INTER_LINEAR), (label, cv2.INTER_NEAREST)):
+        array = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+        cv2.imwrite(str(path), cv2.resize(array, (80, 48), interpolation=interpolation))
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", tmp_path / "out", *TRAIN, expect=2)
+    line = _error_line(capsys)
+    assert "--size" in line and image.stem in line
+    assert not (tmp_path / "out" / "mobilenet_v2").exists()
+    # With --size it trains (validation images of several sizes are batched one at a time).
+    iumask("train-baseline", "--data", data, "--out", tmp_path / "out", *TRAIN, "--size", "64x64")
+
+
+# ----------------------------------------------------------------------------- also noticed
+
+
+def test_online_instances_exclude_augmentation_padding():
+    """A predicted class touching the padded border: padding pixels (high entropy) must not be
+    averaged into the real instance."""
+    num_classes, h, w = 3, 8, 8
+    logits = torch.full((1, num_classes, h, w), -4.0)
+    logits[:, 1] = 4.0  # class 1 everywhere, confident
+    logits[:, :, :, 6:] = 0.0  # the two right columns (the padding): nearly uniform, high entropy,
+    logits[:, 1, :, 6:] = 0.3  # yet predicted as class 1, so without the mask they join the real instance
+    label = torch.full((1, h, w), 1, dtype=torch.long)
+    label[:, :, 6:] = 255
+    valid = torch.ones(1, h, w, dtype=torch.bool)
+    valid[:, :, 6:] = False
+    step = OnlineStep([], None, num_classes, 255, 2.0, "prediction", 8, False, None, torch.device("cpu"))
+    iu = step.masks([logits], label, valid)
+    entropy = pixel_entropy(torch.softmax(logits, 1))
+    inside = entropy[0, :, :6]
+    assert torch.allclose(iu[0, :, :6], inside.mean().expand_as(inside), atol=1e-6)
+    assert torch.all(iu[0, :, 6:] == 0)
+    # Without the padding mask the padding's entropy leaks into the instance (what the bug did).
+    leaked = step.masks([logits], label)
+    assert leaked[0, 0, 0] > iu[0, 0, 0] + 0.1
+
+
+def test_augmentation_valid_mask_marks_exactly_the_padding(tmp_path):
+    data = generate_synthetic(tmp_path / "data", num_train=2, num_val=1, height=64, width=64, seed=6)
+    folder = FolderDataset(data, "train")
+    augment = JointAugment(scale=(0.5, 0.5), crop=(64, 64), flip=True, jitter=0.0, ignore_index=255)
+    dataset = SegmentationDataset(folder, transform=augment, valid_mask=True)
+    plain = SegmentationDataset(folder)
+    for i in range(len(folder)):
+        sample = dataset[i]
+        valid = sample["valid"].numpy()
+        assert valid.dtype == bool and valid.sum() == 32 * 32  # the half-size image inside a 64x64 crop
+        assert np.all(sample["label"].numpy()[~valid] == 255)
+        assert set(np.unique(sample["label"].numpy()[valid])) <= set(np.unique(plain[i]["label"].numpy()))
+    assert "valid" not in SegmentationDataset(folder, transform=augment)[0]
+
+
+def test_saved_weights_follow_the_umask(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_member(tmp_path / "m", build_model("mobilenet_v2", 3), {"complete": True})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
+    assert (tmp_path / "m" / "manifest.json").stat().st_mode & 0o777 == 0o644
