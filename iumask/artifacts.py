@@ -54,20 +54,22 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
-        if isinstance(exc, OSError):
-            raise IumaskError(describe_os_error(exc, path)) from exc
-        if isinstance(exc, RuntimeError) and _disk_full(path):
-            # torch.save reports a failed write as RuntimeError("... failed writing file ...").
-            raise IumaskError(describe_os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)) from exc
+        cause = _os_error_in(exc)
+        if cause is not None:
+            raise IumaskError(describe_os_error(cause, path)) from exc
         raise
 
 
-def _disk_full(path: Path) -> bool:
-    try:
-        stat = os.statvfs(path.parent)
-    except OSError:
-        return False
-    return stat.f_bavail * stat.f_frsize < 1 << 20
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any (torch.save, for one, reports a failed write of its file
+    object as a RuntimeError raised while handling the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def check_writable(folder: str | os.PathLike) -> None:

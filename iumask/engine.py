@@ -232,8 +232,8 @@ def unused_parameters(model: torch.nn.Module, device: torch.device) -> dict[str,
 def save_checkpoint(path: Path, state: dict) -> None:
     """Write atomically: a crash or a full disk while writing leaves the previous checkpoint intact
     and no temporary file."""
-    with atomic_write(path) as tmp:
-        torch.save(state, tmp)
+    with atomic_write(path) as tmp, open(tmp, "wb") as f:  # our handle: closed even when the write fails
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path, identity: dict) -> dict | None:

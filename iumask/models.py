@@ -187,7 +187,7 @@ def ensemble_probs(
     model_size: tuple[int, int] | None = None,
     mode: str = "resize",
 ) -> torch.Tensor:
-    """p̄, the members' equal-weight mean softmax (method.md §1), at the images' resolution.
+    """p̄, the members' equal-weight mean softmax (docs/method.md §1), at the images' resolution.
 
     Members must be in eval mode. ``model_size`` is the (H, W) the members were trained at (None:
     they run on the images as they are). When the images have another size, ``mode`` says how:

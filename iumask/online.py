@@ -1,4 +1,4 @@
-"""Online IU training (method.md §5 item 2; paper section 4): the members are trained jointly and
+"""Online IU training (docs/method.md §5 item 2; paper section 4): the members are trained jointly and
 the masks are computed on the fly, so no baseline ensemble and no mask store are needed.
 
 Every step, every member runs forward on the same (augmented) batch in train mode; p̄ is the mean of
@@ -25,7 +25,6 @@ from iumask.artifacts import check_writable, read_json, write_json_atomic
 from iumask.core import instance_uncertainty_batch, mean_softmax, pixel_entropy, uncertainty_weighted_cross_entropy
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD
 from iumask.engine import Precision, fit, make_member, resolve_amp, steps_per_epoch
-from iumask.errors import IumaskError
 from iumask.models import ARCHITECTURE, ENSEMBLE_FILE, build_model, save_member
 from iumask.pipeline import (
     FORMAT_VERSION,
@@ -34,6 +33,7 @@ from iumask.pipeline import (
     _member_names,
     _prepare_member_folder,
     _training_sets,
+    check_mask_options,
     check_train_inputs,
 )
 from iumask.progress import console
@@ -51,10 +51,7 @@ def train_online(data: DataOptions, out: Path, encoders: list[str], options: Tra
     Member ``k`` is initialised from seed ``options.seed + k``; all members see the same batches
     (data order and augmentation from ``options.seed``).
     """
-    if instances_from not in ("prediction", "label"):
-        raise IumaskError(f"--instances-from must be 'prediction' or 'label', got {instances_from!r}")
-    if connectivity not in (4, 8):
-        raise IumaskError(f"--connectivity must be 4 or 8, got {connectivity}")
+    check_mask_options(instances_from, connectivity)
     dev = distributed.init(resolve_device(device))
     options = resolve_amp(options, dev)
     weights_identity = check_train_inputs(encoders, encoder_weights)

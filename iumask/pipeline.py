@@ -20,6 +20,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from iumask import distributed
+from iumask.artifacts import atomic_write, check_writable, json_digest, read_json, write_json_atomic
 from iumask.core import (
     CLASS_WEIGHTINGS,
     SegmentationMetrics,
@@ -33,12 +34,11 @@ from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, Segme
 from iumask.data.formats import open_dataset
 from iumask.engine import resolve_amp
 from iumask.errors import IumaskError
-from iumask.artifacts import atomic_write, check_writable, json_digest, read_json, write_json_atomic
 from iumask.models import (
     ARCHITECTURE,
     ENSEMBLE_FILE,
-    MANIFEST_FILE,
     INFERENCE_MODES,
+    MANIFEST_FILE,
     build_model,
     check_encoder,
     checked_manifest,
@@ -78,6 +78,18 @@ class DataOptions:
         return {"root": str(Path(self.root).resolve()), "train_split": self.train_split,
                 "val_split": self.val_split, "size": list(self.size) if self.size else None,
                 "format": self.format, "conditions": list(self.conditions) if self.conditions else None}
+
+
+INSTANCE_SOURCES = ("prediction", "label")
+CONNECTIVITIES = (4, 8)
+
+
+def check_mask_options(instances_from: str, connectivity: int) -> None:
+    """The IU mask options (make-masks, online training, run), checked before any work."""
+    if instances_from not in INSTANCE_SOURCES:
+        raise IumaskError(f"--instances-from must be one of {', '.join(INSTANCE_SOURCES)}, got {instances_from!r}")
+    if connectivity not in CONNECTIVITIES:
+        raise IumaskError(f"--connectivity must be 4 or 8 (pixel neighbourhood of instances), got {connectivity}")
 
 
 def _json_normal(value: Any) -> Any:
@@ -362,12 +374,14 @@ def make_masks(model_path: Path, data_root: Path, store_path: Path, split: str =
                batch_size: int = 4, device: str = "auto", overwrite: bool = False, format: str = "auto",
                conditions: tuple[str, ...] | None = None) -> MaskStore:
     """Stage 2: entropy, IU mask and prediction of every training image into a zarr store."""
-    if instances_from not in ("prediction", "label"):
-        raise IumaskError(f"--instances-from must be 'prediction' or 'label', got {instances_from!r}")
+    check_mask_options(instances_from, connectivity)
+    if batch_size < 1:
+        raise IumaskError(f"--batch-size must be at least 1, got {batch_size}")
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
-    models, manifests = _load_ensemble(model_path, dev)
     folder = open_dataset(data_root, split, format, conditions)
-    _check_classes(manifests, folder, model_path)
+    check_models(model_path, folder)  # members usable and of these classes, before the store is touched
+    folder.check_headers()
+    models, manifests = _load_ensemble(model_path, dev)
     size = _model_size(manifests, model_path)
     dataset = SegmentationDataset(folder, size)
     shapes = [list(dataset.sample_shape(i)) for i in range(len(folder))]
@@ -617,6 +631,8 @@ def run(options: RunOptions) -> list[dict]:
     from iumask.data.synthetic import generate_synthetic
 
     out = Path(options.out)
+    check_mask_options(options.instances_from, options.connectivity)  # stage 2/3 options, before stage 1
+    check_train_inputs(list(options.encoders), options.encoder_weights)
     distributed.init(resolve_device(options.device))
     data_root = options.data
     if data_root is None:

@@ -24,8 +24,8 @@ A store is never built in place: it is created in a hidden sibling ``.<name>.ium
 renamed into place once created (empty), or, when it replaces an existing store, once finished
 (:meth:`MaskStore.commit`: the old store is renamed to ``.<name>.iumask-old``, the new one into
 place, then the old one removed). A run killed at any point leaves either no store or a whole
-one, the old store survives a failed replacement, and the next writer resumes a staged store
-made from the same inputs or finishes a half-done swap.
+one, and the old store survives a failed replacement: the next writer puts it back if a swap was
+cut short, and resumes a staged store made from the same inputs.
 """
 
 from __future__ import annotations
@@ -150,7 +150,8 @@ def _looks_like_store(path: Path) -> bool:
     (even if corrupt or incomplete), or nothing at all: safe to delete. Array folders alone do not
     tell a store from a user's folder (one may be called ``prediction``): zarr's metadata must be there."""
     names = set(os.listdir(path)) - {LOCK_FILE}
-    return not names or (all(map(_is_own, names)) and any(n == "zarr.json" or _ZARR_PARTIAL.fullmatch(n) for n in names))
+    metadata = any(n == "zarr.json" or _ZARR_PARTIAL.fullmatch(n) for n in names)
+    return not names or (metadata and all(map(_is_own, names)))
 
 
 def _sibling(path: Path, kind: str) -> Path:
@@ -167,20 +168,20 @@ def _remove_own(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def _finish_swap(path: Path) -> None:
-    """Complete a replacement of ``path`` that was killed between its renames (see :meth:`MaskStore.commit`)."""
+def _recover_swap(path: Path) -> None:
+    """Clean up after a replacement of ``path`` killed inside :meth:`MaskStore.commit`: if the old
+    store is set aside and the new one not yet in place, the old one goes back (the commit did not
+    happen; a rerun resumes the finished replacement from its staging folder); if the new one is in
+    place, the old one is removed."""
     aside = _sibling(path, _ASIDE)
     if not aside.is_dir():
         return
     lock = _WriterLock(aside, path)  # a live process in the middle of the swap holds it
     try:
-        staged = _sibling(path, _STAGED)
-        if not (path.exists() or path.is_symlink()):
-            # Killed between the renames: the staged store was finished, so it goes in (if it is
-            # gone, the old one goes back).
-            os.rename(staged if staged.is_dir() else aside, path)
-        if aside.is_dir():
+        if path.exists() or path.is_symlink():
             _remove_own(aside)
+        else:
+            os.rename(aside, path)
     finally:
         lock.close()
 
@@ -308,7 +309,8 @@ class MaskStore:
 
     @classmethod
     def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool) -> "MaskStore":
-        _finish_swap(path)
+        """The locked store to write (see :meth:`open_or_create`); ``resume=False`` always starts afresh."""
+        _recover_swap(path)
         lock = store = None
         try:
             replaces = False
@@ -393,8 +395,10 @@ class MaskStore:
         for name in _FLOAT_ARRAYS:
             group.create_array(name, shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype="float16",
                                compressors=_FLOAT_CODEC, fill_value=0)
-        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax),
-                           dtype=_PREDICTION_DTYPES[identity["format_version"]], compressors=_BYTE_CODEC, fill_value=0)
+        dtype = _PREDICTION_DTYPES[identity["format_version"]]
+        # 2-byte class ids: shuffle puts their high bytes (nearly all alike) together
+        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype=dtype,
+                           compressors=_BYTE_CODEC if dtype.itemsize == 1 else _FLOAT_CODEC, fill_value=0)
         # Uncompressed: each flag chunk is a single byte on disk.
         group.create_array("complete", shape=(n,), chunks=(1,), dtype="bool", compressors=None, fill_value=False)
         return cls(path, group, "r+")
@@ -437,8 +441,8 @@ class MaskStore:
 
     def commit(self) -> None:
         """Put a replacement built beside the old store (see :meth:`open_or_create`) in its place:
-        rename the old store aside, this one into place, remove the old one. A kill in between is
-        completed by the next writer. Nothing to do for a store that replaces none."""
+        rename the old store aside, this one into place, remove the old one (after a kill in between,
+        the next writer puts the old one back or removes it). Nothing to do for a store that replaces none."""
         if self._replaces is None:
             return
         target, old_lock = self._replaces

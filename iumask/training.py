@@ -1,4 +1,4 @@
-"""One training loop for every train command: only the loss differs (method.md §4, §9).
+"""One training loop for every train command: only the loss differs (docs/method.md §4, §9).
 
 Adam with a lower backbone learning rate, a poly schedule, per-epoch validation mIoU, and
 checkpoints (written atomically) every ``checkpoint_every`` steps and after every epoch, so an
@@ -23,7 +23,7 @@ CHECKPOINT_FILE = "checkpoint.pt"
 
 @dataclass(frozen=True)
 class TrainOptions:
-    """Optimisation settings; defaults are the authors' (method.md §9) except where noted."""
+    """Optimisation settings; defaults are the authors' (docs/method.md §9) except where noted."""
 
     epochs: int = 60
     batch_size: int = 2

@@ -1,4 +1,4 @@
-"""Class-weight baselines (method.md §7) on the real CamVid training labels, checked against an
+"""Class-weight baselines (docs/method.md §7) on the real CamVid training labels, checked against an
 independent count and against the median-frequency weights published in the CamVid README."""
 
 from __future__ import annotations

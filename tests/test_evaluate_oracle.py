@@ -203,10 +203,12 @@ def assert_same_metrics(result: dict, ref: dict, ambiguous: int = 0, window: int
     iou = np.array(result["iou"], dtype=np.float64)
     confusion = ref["confusion"]
     union = confusion.sum(0) + confusion.sum(1) - np.diag(confusion)
-    slack = 0.0 if not ambiguous else 2.0 * ambiguous / max(int(union[union > 0].min()) - ambiguous, 1)
+    # a flipped pixel changes a class's TP + FP + FN by at most 1 and its TP by at most 1
+    slack = np.where(union > ambiguous, 2.0 * ambiguous / np.maximum(union - ambiguous, 1), 1.0)
     np.testing.assert_array_equal(np.isnan(iou), np.isnan(ref["iou"]))
-    np.testing.assert_allclose(iou, ref["iou"], rtol=1e-12, atol=slack)
-    assert result["miou"] == pytest.approx(ref["miou"], rel=1e-12, abs=slack)
+    present = ~np.isnan(iou)
+    assert np.all(np.abs(iou[present] - ref["iou"][present]) <= slack[present] + 1e-12 * ref["iou"][present])
+    assert result["miou"] == pytest.approx(ref["miou"], rel=1e-12, abs=float(slack[present].mean()) if ambiguous else 0)
     assert result["pixel_accuracy"] == pytest.approx(ref["pixel_accuracy"], rel=1e-12,
                                                      abs=ambiguous / confusion.sum())
     assert result["mean_entropy"] == pytest.approx(ref["mean_entropy"], rel=1e-5)
@@ -254,6 +256,16 @@ def instance_means(seg, entropy, connectivity, ignore) -> np.ndarray:
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One intra-op thread while this module trains and predicts: on a machine whose cores are busy
+    with other work, two spinning OpenMP threads made one tiny training take 1 s or 25 s at random."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
@@ -311,7 +323,7 @@ def test_evaluate_native_resolution_member_and_ensemble(data, ensemble, members)
         threshold = threshold_between(ents, 4, 4)
         ref = reference_metrics(preds, targets, ents, NUM_CLASSES, IGNORE, 4, None, threshold)
         assert ref["confusion"].sum() == sum(int((t != IGNORE).sum()) for t in targets)  # native pixels
-        assert all(ref["pavpu_counts"].values()) and (~np.isnan(ref["iou"])).sum() >= 3
+        assert all(ref["pavpu_counts"].values()) and (ref["iou"] > 0).sum() >= 2  # not a trivial model
         (result,) = evaluate([path], data, "val", pavpu_threshold=threshold, device="cpu")
         assert result["resolution"] == "native" and result["image_size"] == list(SIZE)
         assert result["pavpu_threshold"] == threshold
@@ -350,7 +362,7 @@ def test_evaluate_train_resolution(data, ensemble, members):
 
 
 @pytest.mark.slow
-def test_evaluate_default_threshold_is_training_mean_entropy(data, ensemble, members, tmp_path):
+def test_evaluate_default_threshold_is_training_mean_entropy(data, ensemble, members):
     models, manifest = members
     total, pixels = 0.0, 0
     for image_id in ids_of(data, "train"):
@@ -477,12 +489,13 @@ def test_metrics_match_reference(metric_data, window, stride):
 
 
 def test_metrics_patch_accuracy_counts_valid_pixels_only(metric_data):
-    """Patches half void: accuracy is over their valid pixels (an implementation dividing by all
-    pixels, or counting void as wrong, gives other counts)."""
+    """Patches three quarters void: accuracy is over their valid pixels (an implementation dividing
+    by all pixels, or counting void as wrong, finds them inaccurate)."""
     targets, preds, ents, num_classes, ignore = metric_data
     t, p = targets[0].copy(), preds[0].copy()
-    t[:, ::2] = ignore  # every patch is half void
-    p[:, 1::2] = t[:, 1::2]  # and right on all of its valid pixels
+    keep = np.arange(t.shape[1]) % 4 == 3
+    t[:, ~keep] = ignore  # every 4x4 patch has at most 4 valid pixels
+    p[:, keep] = t[:, keep]  # and is right on all of them
     m = iumask.SegmentationMetrics(num_classes, ignore_index=ignore, pavpu_window=4, pavpu_threshold=1.0)
     m.update(p, t, ents[0])
     ref = reference_metrics([p], [t], [ents[0]], num_classes, ignore, 4, None, 1.0)

@@ -1,4 +1,4 @@
-"""Pixel uncertainty: the entropy of a predictive distribution (method.md §2)."""
+"""Pixel uncertainty: the entropy of a predictive distribution (docs/method.md §2)."""
 
 from __future__ import annotations
 

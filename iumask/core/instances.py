@@ -1,4 +1,4 @@
-"""Instances and instance uncertainty (method.md §3).
+"""Instances and instance uncertainty (docs/method.md §3).
 
 An instance is a connected component of the pixels of one class. The instance uncertainty (IU) of
 a pixel is the mean pixel uncertainty over its instance (paper eq. 7).

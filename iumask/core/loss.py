@@ -1,4 +1,4 @@
-"""Uncertainty-weighted cross-entropy (method.md §4) and class-weight baselines (§7)."""
+"""Uncertainty-weighted cross-entropy (docs/method.md §4) and class-weight baselines (§7)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ def uncertainty_weighted_cross_entropy(
     Args:
         logits: ``(B, C, H, W)`` raw scores.
         target: ``(B, H, W)`` class indices; ``ignore_index`` pixels carry no loss and are not
-            counted in ``N_valid`` (the authors' code divides by all pixels; see method.md §4).
+            counted in ``N_valid`` (the authors' code divides by all pixels; see docs/method.md §4).
         iu: ``(B, H, W)`` instance-uncertainty mask, or None for plain (class-weighted) CE. It is
             a constant: no gradient flows into it.
         exponent: γ; 0 gives plain cross-entropy.
@@ -60,7 +60,7 @@ def class_weights(
     method: str,
     pixels_in_images_containing=None,
 ) -> np.ndarray:
-    """Per-class loss weights from training-label counts (method.md §7).
+    """Per-class loss weights from training-label counts (docs/method.md §7).
 
     Args:
         pixel_counts: ``(C,)`` labelled pixels of each class (ignore label excluded).

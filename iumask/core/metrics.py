@@ -1,4 +1,4 @@
-"""Segmentation and uncertainty metrics (method.md §8): IoU from one confusion matrix over the
+"""Segmentation and uncertainty metrics (docs/method.md §8): IoU from one confusion matrix over the
 split, and PAvPU (Mukhoti & Gal 2018) from pooled patch counts. Streaming: memory does not grow
 with the number of images."""
 
@@ -23,7 +23,7 @@ class SegmentationMetrics:
         ignore_index: label excluded from every count.
         pavpu_window: patch side w (4 by default).
         pavpu_threshold: u_th; a patch is certain when its mean entropy is below it. When None,
-            PAvPU is not computed (pass the training-set mean entropy, method.md §8).
+            PAvPU is not computed (pass the training-set mean entropy, docs/method.md §8).
         pavpu_stride: patch stride; ``None`` means ``pavpu_window`` (non-overlapping patches).
             The authors' code used stride 1 (dense windows) and counted ignored pixels as wrong;
             here a patch's accuracy is over its valid pixels only (a patch with none is skipped),
