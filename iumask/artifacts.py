@@ -1,4 +1,9 @@
-"""Writing and reading artifact files safely: atomic replacement, JSON, SHA-256.
+"""Artifacts on disk: atomic writes, JSON, digests, weights hashing, member folders and ensemble
+manifests.
+
+A member is a folder holding ``model.safetensors`` and ``manifest.json`` (architecture, encoder,
+classes, normalisation, image size, the inputs it was trained from, history, and the weights'
+SHA-256). An ensemble is an ``ensemble.json`` naming member folders beside it.
 
 Every file iumask writes goes through :func:`atomic_write`: the content is written to a temporary
 file beside the target and renamed over it, so a crash never leaves half a file; a failed write
@@ -20,6 +25,13 @@ from typing import Iterator
 from iumask.errors import IumaskError
 
 TEMP_SUFFIX = ".tmp"
+WEIGHTS_FILE = "model.safetensors"
+MANIFEST_FILE = "manifest.json"
+ENSEMBLE_FILE = "ensemble.json"
+CHECKPOINT_FILE = "checkpoint.pt"
+# The cached PAvPU threshold and the members' weights it was computed with: retrained members
+# (other weights) never inherit the old value.
+THRESHOLD_KEYS = ("train_mean_entropy", "train_mean_entropy_weights_sha256")
 
 
 def _umask() -> int:
@@ -112,3 +124,120 @@ def file_sha256(path: str | os.PathLike) -> str:
 def json_digest(value) -> str:
     """SHA-256 of a JSON value (keys sorted), e.g. to identify a store by its identity."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- members and ensembles
+
+
+def weights_problem(folder: Path, manifest: dict) -> str | None:
+    """Why the weights in ``folder`` cannot be used with ``manifest`` (missing, or another SHA-256
+    than recorded: corrupt, truncated or replaced), or None when they match."""
+    weights = Path(folder) / WEIGHTS_FILE
+    if not weights.is_file():
+        return "weights file missing"
+    recorded = manifest.get("weights_sha256")
+    if recorded is None:
+        return "manifest records no weights_sha256"
+    if file_sha256(weights) != recorded:
+        return "weights file does not match the SHA-256 in its manifest (corrupt, truncated or replaced)"
+    return None
+
+
+def checked_manifest(folder: Path) -> dict:
+    """A member's manifest, after checking that it finished training and that its weights are the
+    ones it recorded (so a corrupt or replaced file is found before any work starts)."""
+    folder = Path(folder)
+    manifest = read_json(folder / MANIFEST_FILE, "model manifest")
+    if not manifest.get("complete"):
+        raise IumaskError(f"{folder}: training of this model did not finish; rerun its train command to resume")
+    problem = weights_problem(folder, manifest)
+    if problem:
+        raise IumaskError(f"{folder / WEIGHTS_FILE}: {problem}; rerun the train command that made it with the "
+                          "same options (it retrains this member)")
+    return manifest
+
+
+def resolve_models(path: Path) -> list[Path]:
+    """A model folder, a member manifest, or an ensemble manifest → member folders."""
+    path = Path(path)
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        path = path / ENSEMBLE_FILE
+    if path.is_file() and path.name == MANIFEST_FILE:
+        return [path.parent]
+    if path.is_dir() and (path / MANIFEST_FILE).is_file():
+        return [path]
+    if path.is_file():
+        ensemble = read_json(path, "ensemble manifest")
+        if "members" not in ensemble:
+            raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a model folder")
+        return [(path.parent / m).resolve() for m in ensemble["members"]]
+    raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
+
+
+def mismatch_keys(stored: dict, given: dict) -> list[str]:
+    return sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
+
+
+def member_needs_training(folder: Path, identity: dict, overwrite: bool, warn) -> bool:
+    """True when the member in ``folder`` must be (re)trained; False on a cache hit (same identity,
+    finished, weights matching their SHA-256).
+
+    Nothing is removed here: with ``overwrite`` the old member stays in place (and usable) until
+    the finished new one replaces it (:func:`iumask.models.save_member`); a checkpoint of other
+    inputs is never resumed (its identity differs). ``warn(message)`` reports damaged weights."""
+    manifest_path = folder / MANIFEST_FILE
+    if manifest_path.is_file():
+        manifest = read_json(manifest_path, "model manifest")
+        stored = {k: manifest.get(k) for k in identity}
+        if stored == identity and manifest.get("complete"):
+            problem = weights_problem(folder, manifest)
+            if problem is None:
+                return False
+            # Same inputs, unusable weights: nothing worth keeping, so retrain without --overwrite.
+            warn(f"{folder}: {problem}; training this member again")
+            return True
+        if not overwrite:
+            raise IumaskError(
+                f"{folder}: holds a model trained with other inputs ({', '.join(mismatch_keys(stored, identity))}); "
+                "pass --overwrite to replace it or choose another --out"
+            )
+    return True
+
+
+def members_weights(folder: Path, names: list[str]) -> list[str | None]:
+    """The recorded weights SHA-256 of the members ``names`` in ``folder``."""
+    return [read_json(folder / name / MANIFEST_FILE, "model manifest").get("weights_sha256") for name in names]
+
+
+def write_ensemble(out: Path, manifest: dict) -> Path:
+    """Write ``out/ensemble.json``, keeping a cached PAvPU threshold only when it was computed for
+    exactly these members' weights."""
+    path = out / ENSEMBLE_FILE
+    if path.is_file():
+        previous = read_json(path, "ensemble manifest")
+        cached = {k: previous[k] for k in THRESHOLD_KEYS if k in previous}
+        if len(cached) == len(THRESHOLD_KEYS) and cached[THRESHOLD_KEYS[1]] == members_weights(out, manifest["members"]):
+            manifest = dict(manifest, **cached)
+    write_json_atomic(path, manifest)
+    return path
+
+
+def threshold_record(model_path: Path) -> Path:
+    """The manifest that caches a model's PAvPU threshold: its ensemble.json or member manifest.json."""
+    path = Path(model_path)
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        return path / ENSEMBLE_FILE
+    return path if path.is_file() else path / MANIFEST_FILE
+
+
+def cached_threshold(model_path: Path, weights: list[str]) -> float | None:
+    manifest = read_json(threshold_record(model_path), "model manifest")
+    if manifest.get(THRESHOLD_KEYS[0]) is not None and manifest.get(THRESHOLD_KEYS[1]) == weights:
+        return float(manifest[THRESHOLD_KEYS[0]])
+    return None
+
+
+def cache_threshold(model_path: Path, weights: list[str], value: float) -> None:
+    record = threshold_record(model_path)
+    manifest = read_json(record, "model manifest")
+    write_json_atomic(record, dict(manifest, **dict(zip(THRESHOLD_KEYS, (value, weights)))))

@@ -1,7 +1,9 @@
-"""The ``iumask`` command line: a thin layer over :mod:`iumask.pipeline`.
+"""The ``iumask`` command line: typer only. Each option is declared once (the ``Annotated`` aliases
+below) and each configuration group is built in one function (``*_config``); the stages do the work.
 
 Any option can also come from a TOML file given with ``--config FILE`` (anywhere on the command
-line): top-level keys apply to every command, a ``[train-baseline]``-style table to one command.
+line): top-level keys apply to every command, a ``[train-baseline]``-style table to one command
+(validated by :mod:`iumask.configfile`).
 """
 
 from __future__ import annotations
@@ -16,12 +18,28 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from iumask import pipeline
 from iumask.artifacts import check_writable, describe_os_error
+from iumask.config import (
+    Amp,
+    AugmentConfig,
+    ClassWeighting,
+    Connectivity,
+    DataConfig,
+    EvalConfig,
+    Format,
+    Inference,
+    InstanceSource,
+    LossConfig,
+    MaskConfig,
+    ModelConfig,
+    Resolution,
+    RunConfig,
+    TrainConfig,
+    UncertaintyKind,
+)
 from iumask.errors import IumaskError
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
-from iumask.training import TrainOptions
 
 app = typer.Typer(
     help="Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation.\n\n"
@@ -31,16 +49,16 @@ app = typer.Typer(
     add_completion=False,
 )
 
-# Options shared by several commands (one definition each).
+# ----------------------------------------------------------------------------- options, declared once
+
 DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root: generic folder format (images/<split>/, "
                                         "labels/<split>/, classes.json), Cityscapes, ACDC or CamVid.")]
-Format = Annotated[str, typer.Option("--format", help="Dataset layout: auto (detect), folder, cityscapes, acdc, "
-                                     "camvid.")]
+FormatOpt = Annotated[Format, typer.Option("--format", help="Dataset layout (auto detects it).")]
 Conditions = Annotated[Optional[str], typer.Option(help="ACDC only: conditions to use, comma-separated "
                                                    "(fog,night,rain,snow). Default: all present.")]
-ClassWeights = Annotated[str, typer.Option(help="Class weights in the loss: none, inverse (inverse class "
-                                           "proportion) or median (median frequency balancing); combinable "
-                                           "with IU weighting.")]
+ClassWeights = Annotated[ClassWeighting, typer.Option(help="Class weights in the loss: inverse (inverse class "
+                                                      "proportion) or median (median frequency balancing); "
+                                                      "combinable with IU weighting.")]
 Augment = Annotated[bool, typer.Option(help="Augment training samples (scale, crop, flip, colour jitter; "
                                        "label and IU mask move with the image).")]
 Scale = Annotated[str, typer.Option(help="Random scale range MIN,MAX of the augmentation.")]
@@ -63,55 +81,55 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Workers = Annotated[int, typer.Option(help="Data-loader worker processes.")]
 EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none, imagenet (downloads; needs "
                                              "internet) or the path of a local encoder state dict.")]
-Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping.")]
+Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping "
+                                         "(the old artifact stays until its replacement is complete).")]
 Out = Annotated[Path, typer.Option(help="Output folder.")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
 Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
-InstancesFrom = Annotated[str, typer.Option(help="Instances from the ensemble's 'prediction' (authors) or the "
-                                            "ground-truth 'label'.")]
-Connectivity = Annotated[int, typer.Option(help="Pixel connectivity of instances: 8 (authors) or 4.")]
+InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
+                                                       "or the ground-truth label.")]
+ConnectivityOpt = Annotated[Connectivity, typer.Option("--connectivity", help="Pixel connectivity of instances "
+                                                       "(authors: 8).")]
+Normalize = Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..1).")]
 CheckpointEvery = Annotated[int, typer.Option(help="Write checkpoint.pt every N optimizer steps as well as at "
                                               "each epoch end (0: epoch ends only). A rerun resumes exactly "
                                               "from it; N does not change the result.")]
-Amp = Annotated[str, typer.Option(help="Mixed precision on CUDA: off, bf16 or fp16 (with gradient scaling). "
-                                  "Ignored with a warning on CPU.")]
+AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision on CUDA (fp16 with gradient scaling). "
+                                     "Ignored with a warning on CPU.")]
+SourceOpt = Annotated[UncertaintyKind, typer.Option("--source", help="Where p̄ comes from: the ensemble's mean "
+                                                    "softmax, or one model with MC dropout (--passes passes).")]
+Passes = Annotated[int, typer.Option(help="MC dropout: stochastic forward passes per image (cost: T × one "
+                                     "prediction).")]
 
 
-def _size(text: str | None) -> tuple[int, int] | None:
-    if not text:
-        return None
-    try:
-        h, w = (int(v) for v in text.lower().split("x"))
-    except ValueError:
-        raise IumaskError(f"--size {text!r}: write it as HxW, e.g. 768x768") from None
-    if h < 16 or w < 16:
-        raise IumaskError(f"--size {text!r}: both sides must be at least 16 pixels")
-    return h, w
+# ----------------------------------------------------------------------------- configuration groups
 
 
-def _conditions(text: str | None) -> tuple[str, ...] | None:
-    return tuple(c.strip() for c in text.split(",") if c.strip()) if text else None
+def data_config(data: Path, size: str | None, format: Format | str, conditions: str | None,
+                train_split: str = "train", val_split: str = "val") -> DataConfig:
+    return DataConfig(data, train_split, val_split, size, format, conditions)
 
 
-def _augment(augment: bool, scale: str, crop: str | None, flip: bool, jitter: float) -> dict | None:
-    if not augment:
-        return None
-    try:
-        low, high = (float(v) for v in scale.split(","))
-    except ValueError:
-        raise IumaskError(f"--scale {scale!r}: write it as MIN,MAX, e.g. 0.5,2.0") from None
-    return {"scale": [low, high], "crop": list(_size(crop)) if crop else None, "flip": flip, "jitter": jitter}
+def model_config(encoder: list[str] | None, encoder_weights: str) -> ModelConfig:
+    return ModelConfig(tuple(encoder) if encoder else DEFAULT_ENCODERS, encoder_weights)
 
 
-def _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
-                   checkpoint_every: int = 500, amp: str = "off") -> TrainOptions:
-    if epochs < 1 or batch_size < 1:
-        raise IumaskError("--epochs and --batch-size must be at least 1")
-    if checkpoint_every < 0:
-        raise IumaskError("--checkpoint-every must be 0 (epoch ends only) or a positive number of steps")
-    return TrainOptions(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_factor=backbone_lr_factor,
-                        weight_decay=weight_decay, seed=seed, num_workers=workers, amp=amp,
-                        checkpoint_every=checkpoint_every)
+def train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers, checkpoint_every,
+                 amp) -> TrainConfig:
+    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_factor=backbone_lr_factor,
+                       weight_decay=weight_decay, seed=seed, num_workers=workers, amp=amp,
+                       checkpoint_every=checkpoint_every)
+
+
+def augment_config(augment: bool, scale: str, crop: str | None, flip: bool, jitter: float) -> AugmentConfig:
+    return AugmentConfig(augment, scale, crop, flip, jitter)
+
+
+def _print_path(label: str, path: Path) -> None:
+    console.print(f"{label}: {path}")
+
+
+# ----------------------------------------------------------------------------- commands
 
 
 @app.command("make-synthetic")
@@ -123,14 +141,15 @@ def make_synthetic(
     width: Annotated[int, typer.Option(help="Image width.")] = 128,
     seed: Seed = 0,
     shifted: Annotated[bool, typer.Option(help="Shifted domain: darker, foggier, noisier.")] = False,
-    overwrite: Overwrite = False,
+    overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset made with other "
+                                            "parameters (only files make-synthetic wrote are deleted).")] = False,
 ):
     """Write the embedded synthetic road-scene dataset (deterministic by seed)."""
     from iumask.data.synthetic import generate_synthetic
 
     root = generate_synthetic(out, num_train, num_val, height, width, seed,
                               "shifted" if shifted else "source", overwrite)
-    console.print(f"wrote {root}")
+    _print_path("wrote", root)
 
 
 @app.command("train-baseline")
@@ -148,8 +167,8 @@ def train_baseline(
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
-    class_weights: ClassWeights = "none",
-    format: Format = "auto",
+    class_weights: ClassWeights = ClassWeighting.NONE,
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     augment: Augment = True,
     scale: Scale = "0.5,2.0",
@@ -157,38 +176,47 @@ def train_baseline(
     flip: Flip = True,
     jitter: Jitter = 0.2,
     checkpoint_every: CheckpointEvery = 500,
-    amp: Amp = "off",
+    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
     ensemble.json). Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
-    manifest = pipeline.train_baseline(
-        pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), out,
-        encoder or list(DEFAULT_ENCODERS),
-        _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers, checkpoint_every, amp),
-        device, _weights(encoder_weights), overwrite, class_weights, _augment(augment, scale, crop, flip, jitter))
-    console.print(f"ensemble: {manifest}")
+    from iumask.stages.train import train_baseline as stage
+
+    manifest = stage(data_config(data, size, format, conditions), model_config(encoder, encoder_weights),
+                     train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
+                                  checkpoint_every, amp),
+                     LossConfig(0.0, class_weights), augment_config(augment, scale, crop, flip, jitter), out,
+                     device, overwrite)
+    _print_path("ensemble", manifest)
 
 
 @app.command("make-masks")
 def make_masks(
-    ensemble: Annotated[Path, typer.Option(help="ensemble.json (or its folder) of the baseline members.")],
+    ensemble: Annotated[Path, typer.Option("--ensemble", "--model", help="ensemble.json (or its folder) of the "
+                                           "baseline members; with --source mc-dropout one model's folder.")],
     data: DataRoot,
     store: Store = Path("runs/masks.zarr"),
     split: Annotated[str, typer.Option(help="Split to compute masks for.")] = "train",
-    instances_from: InstancesFrom = "prediction",
-    connectivity: Connectivity = 8,
-    normalize: Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..1).")] = False,
+    source: SourceOpt = UncertaintyKind.ENSEMBLE,
+    passes: Passes = 8,
+    instances_from: InstancesFrom = InstanceSource.PREDICTION,
+    connectivity: ConnectivityOpt = Connectivity.EIGHT,
+    normalize: Normalize = False,
     batch_size: BatchSize = 4,
     device: Device = "auto",
-    format: Format = "auto",
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     overwrite: Overwrite = False,
 ):
     """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit."""
-    result = pipeline.make_masks(ensemble, data, store, split, instances_from, connectivity, normalize,
-                                 batch_size, device, overwrite, format, _conditions(conditions))
+    from iumask.stages.masks import make_masks as stage
+
+    masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size)
+    data_options = data_config(data, None, format, conditions, train_split=split)
+    check_writable(store.parent)
+    result = stage(ensemble, data_options, masks, store, device, overwrite)
     pixels = sum(h * w for h, w in result.image_shapes)
     console.print(f"store: {store} ({result.num_images} images, mean entropy {result.attrs['mean_entropy']:.4f}, "
                   f"{result.nbytes_stored() / pixels:.2f} bytes/pixel)")
@@ -210,8 +238,8 @@ def train_weighted(
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
-    class_weights: ClassWeights = "none",
-    format: Format = "auto",
+    class_weights: ClassWeights = ClassWeighting.NONE,
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     augment: Augment = True,
     scale: Scale = "0.5,2.0",
@@ -220,35 +248,29 @@ def train_weighted(
     jitter: Jitter = 0.2,
     online: Annotated[bool, typer.Option(help="Online IU training: train the members jointly, masks computed "
                                          "each step from their mean softmax (no baseline, no --store).")] = False,
-    instances_from: InstancesFrom = "prediction",
-    connectivity: Connectivity = 8,
+    instances_from: InstancesFrom = InstanceSource.PREDICTION,
+    connectivity: ConnectivityOpt = Connectivity.EIGHT,
     normalize: Annotated[bool, typer.Option(help="--online: divide entropy by ln C (range 0..1).")] = False,
     size: Annotated[Optional[str], typer.Option(help="--online: train at a fixed size HxW (offline training "
                                                 "uses the store's size).")] = None,
     checkpoint_every: CheckpointEvery = 500,
-    amp: Amp = "off",
+    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
     (checked to match the dataset; trains at the store's size), or with --online: members trained
     jointly with masks computed on the fly (--instances-from, --connectivity, --normalize apply)."""
-    train_options = _train_options(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
-                                   checkpoint_every, amp)
-    if online:
-        from iumask.online import train_online
+    from iumask.stages.train import train_online, train_weighted as stage
 
-        manifest = train_online(
-            pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), out,
-            encoder or list(DEFAULT_ENCODERS), train_options, exponent, instances_from, connectivity, normalize,
-            device, _weights(encoder_weights), overwrite, class_weights, _augment(augment, scale, crop, flip, jitter))
-        console.print(f"ensemble: {manifest}")
-        return
-    manifest = pipeline.train_weighted(
-        pipeline.DataOptions(data, size=_size(size), format=format, conditions=_conditions(conditions)), store, out,
-        encoder or list(DEFAULT_ENCODERS), train_options,
-        exponent, device, _weights(encoder_weights), overwrite, class_weights,
-        _augment(augment, scale, crop, flip, jitter))
-    console.print(f"ensemble: {manifest}")
+    configs = (data_config(data, size, format, conditions), model_config(encoder, encoder_weights),
+               train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
+                            checkpoint_every, amp),
+               LossConfig(exponent, class_weights), augment_config(augment, scale, crop, flip, jitter))
+    if online:
+        manifest = train_online(*configs, MaskConfig(instances_from, connectivity, normalize), out, device, overwrite)
+    else:
+        manifest = stage(*configs, store, out, device, overwrite)
+    _print_path("ensemble", manifest)
 
 
 @app.command("evaluate")
@@ -265,32 +287,35 @@ def evaluate(
     output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it). An existing results "
                                          "file is merged: entries of the same model, data, split and "
                                          "resolution are replaced, others kept.")] = Path("runs/results.json"),
-    resolution: Annotated[str, typer.Option(help="'native': score at each label's own size (logits "
-                                            "upsampled; the default for reporting); 'train': resize "
-                                            "images and labels to the training size.")] = "native",
-    inference: Annotated[str, typer.Option(help="With --resolution native and a model trained at a reduced "
-                                           "size: 'resize' the image, or 'slide' windows of the training "
-                                           "size over the full image.")] = "resize",
-    format: Format = "auto",
+    resolution: Annotated[Resolution, typer.Option(help="native: score at each label's own size (logits "
+                                                   "upsampled; the default for reporting); train: resize "
+                                                   "images and labels to the training size.")] = Resolution.NATIVE,
+    inference: Annotated[Inference, typer.Option(help="With --resolution native and a model trained at a reduced "
+                                                 "size: resize the image, or slide windows of the training "
+                                                 "size over the full image.")] = Inference.RESIZE,
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     device: Device = "auto",
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
-    pipeline.merge_results(output, [])  # refuse a foreign --output file before any work
+    from iumask.stages.evaluate import evaluate as stage, merge_results, write_results
+
+    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference)
+    data_options = data_config(data, None, format, conditions)
+    merge_results(output, [])  # refuse a foreign --output file before any work
     check_writable(output.parent)
-    results = pipeline.evaluate(model, data, split, pavpu_threshold, pavpu_window, pavpu_stride, device,
-                                resolution, inference, format, _conditions(conditions))
+    results = stage(model, data_options, options, device)
     print_results(results)  # shown even if the file cannot be written
-    merged, kept, replaced = pipeline.merge_results(output, results)
-    pipeline.write_results(merged, output)
+    merged, kept, replaced = merge_results(output, results)
+    write_results(merged, output)
     note = f" (kept {kept} earlier result(s), replaced {replaced})" if kept or replaced else ""
     console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
 
 
 @app.command("run")
 def run(
-    data: Annotated[Optional[Path], typer.Option(help="Dataset root (generic folder format). Default: the "
+    data: Annotated[Optional[Path], typer.Option(help="Dataset root (any supported format). Default: the "
                                                  "embedded synthetic dataset with small settings.")] = None,
     out: Out = Path("iumask-run"),
     encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Members' encoders. Default: "
@@ -304,14 +329,15 @@ def run(
     weight_decay: WeightDecay = 1e-4,
     size: Size = None,
     exponent: Exponent = 2.0,
-    instances_from: InstancesFrom = "prediction",
-    connectivity: Connectivity = 8,
+    instances_from: InstancesFrom = InstanceSource.PREDICTION,
+    connectivity: ConnectivityOpt = Connectivity.EIGHT,
+    normalize: Normalize = False,
     seed: Seed = 0,
     device: Device = "auto",
     workers: Workers = 0,
     encoder_weights: EncoderWeights = "none",
-    class_weights: ClassWeights = "none",
-    format: Format = "auto",
+    class_weights: ClassWeights = ClassWeighting.NONE,
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     augment: Augment = True,
     scale: Scale = "0.5,2.0",
@@ -321,25 +347,28 @@ def run(
     online: Annotated[bool, typer.Option(help="Stage 3 trains online (members jointly, masks on the fly); "
                                          "stage 2 is skipped.")] = False,
     checkpoint_every: CheckpointEvery = 500,
-    amp: Amp = "off",
+    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """All four stages in order; each is skipped when its artifact already matches its inputs and
     resumed when it was interrupted. Ends with baseline and IU-weighted models side by side."""
+    from iumask.stages.run import run as stage
+
     synthetic = data is None
-    options = pipeline.RunOptions(
-        out=out, data=data,
-        encoders=tuple(encoder) if encoder else pipeline.RunOptions.encoders,
-        train=_train_options(epochs or (12 if synthetic else 60), batch_size or (8 if synthetic else 2),
-                             lr if lr is not None or not synthetic else 1e-3,
-                             backbone_lr_factor if backbone_lr_factor is not None else (1.0 if synthetic else 0.1),
-                             weight_decay, seed, workers, checkpoint_every, amp),
-        size=_size(size), exponent=exponent, instances_from=instances_from, connectivity=connectivity,
-        device=device, encoder_weights=_weights(encoder_weights), overwrite=overwrite,
-        format=format, conditions=_conditions(conditions), class_weighting=class_weights,
-        augment=_augment(augment, scale, crop, flip, jitter), online=online,
+    config = RunConfig(
+        out=out,
+        data=data_config(out / "data" if synthetic else data, size, format, conditions),
+        model=model_config(encoder or ["mobilenet_v2", "resnet18", "resnet34"], encoder_weights),
+        train=train_config(epochs or (12 if synthetic else 60), batch_size or (8 if synthetic else 2),
+                           lr if lr is not None or not synthetic else 1e-3,
+                           backbone_lr_factor if backbone_lr_factor is not None else (1.0 if synthetic else 0.1),
+                           weight_decay, seed, workers, checkpoint_every, amp),
+        loss=LossConfig(exponent, class_weights),
+        masks=MaskConfig(instances_from, connectivity, normalize),
+        augment=augment_config(augment, scale, crop, flip, jitter),
+        online=online, device=device, overwrite=overwrite, synthetic={} if synthetic else None,
     )
-    results = pipeline.run(options)
+    results = stage(config)
     if not results:  # under torchrun only rank 0 evaluates
         return
     print_results(results)
@@ -353,21 +382,22 @@ def stats(
     store: Annotated[Optional[Path], typer.Option(help="Mask store of this split: adds per-class mean IU and "
                                                   "entropy and a picture of a few masks.")] = None,
     out: Annotated[Path, typer.Option(help="Folder for stats.json, class_histogram.png (and masks.png).")] = Path("stats"),
-    connectivity: Connectivity = 8,
-    format: Format = "auto",
+    connectivity: ConnectivityOpt = Connectivity.EIGHT,
+    format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
 ):
     """Class frequencies, instance counts and sizes of a dataset split (cached per dataset content in
     $IUMASK_CACHE or ~/.cache/iumask), with a class histogram; with --store also mask statistics."""
-    from iumask.statistics import print_statistics, write_statistics
+    from iumask.report import print_statistics
+    from iumask.stages.stats import write_statistics
 
-    print_statistics(write_statistics(data, out, split, store, connectivity, format=format,
-                                      conditions=_conditions(conditions)))
-    console.print(f"statistics: {out}")
+    data_options = data_config(data, None, format, conditions)
+    print_statistics(write_statistics(data_options.root, out, split, store, int(connectivity.value),
+                                      format=data_options.format, conditions=data_options.conditions))
+    _print_path("statistics", out)
 
 
-def _weights(text: str) -> str | None:
-    return None if text in ("none", "") else text
+# ----------------------------------------------------------------------------- results table
 
 
 def _fmt(value) -> str:
@@ -392,6 +422,9 @@ def print_results(results: list[dict]) -> None:
     if not out.is_terminal:
         out = Console(width=max(out.width, 20 + 16 * len(results)))
     out.print(table)
+
+
+# ----------------------------------------------------------------------------- entry point
 
 
 def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:
@@ -419,16 +452,31 @@ def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:
 def main() -> None:
     try:
         argv, default_map = _extract_config(sys.argv[1:])
-        app(args=argv, prog_name="iumask", default_map=default_map)
+        command = typer.main.get_command(app)
+        # Not standalone: usage errors (an unknown option, a value outside its choices) come back
+        # here and are printed as one line like every other error.
+        code = command.main(args=argv, prog_name="iumask", default_map=default_map, standalone_mode=False)
     except IumaskError as exc:
         _fail(str(exc))
     except OSError as exc:  # read-only folder, full disk, ...: one line naming the path, no traceback
         _fail(describe_os_error(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted; rerun the same command to resume", code=130)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):  # not a click usage error
+            raise
+        if not exc.format_message():  # e.g. no arguments: the help was printed
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        where = f"iumask {' '.join(ctx.command_path.split()[1:])} --help".replace("  ", " ") if ctx else "iumask --help"
+        _fail(f"{exc.format_message().rstrip('.')}; see {where}", code=exc.exit_code)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, code: int = 2) -> None:
     console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
-    sys.exit(2)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

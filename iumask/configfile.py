@@ -17,6 +17,7 @@ import difflib
 import json
 import tomllib
 import typing
+from enum import Enum
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ _KINDS = {
     "boolean": (lambda v: isinstance(v, bool), "true or false", "true/false values"),
     "string": (lambda v: isinstance(v, str), "a string", "strings"),
     "path": (lambda v: isinstance(v, str), "a path (a string)", "paths (strings)"),
+    # A choice (an Enum option): its value as a string, or a number for numeric choices (connectivity = 8).
+    "choice": (lambda v: isinstance(v, (str, int)) and not isinstance(v, bool), "one of the option's choices",
+               "choices"),
 }
 _CLICK_TYPE_KINDS = {"integer": "integer", "integer range": "integer", "float": "number", "float range": "number",
                      "boolean": "boolean", "text": "string", "path": "path", "directory": "path", "file": "path"}
@@ -84,7 +88,7 @@ class _Validator:
                 raise IumaskError(self._unknown(key, None))
             self._check_twice(seen_keys, norm, key, None)
             for command in takers:
-                self._check_value(command, self.options[command][norm], key, value, None)
+                value = self._check_value(command, self.options[command][norm], key, value, None)
             shared[norm] = value
         default_map: dict[str, dict[str, Any]] = {}
         for command, keys in self.options.items():
@@ -95,8 +99,7 @@ class _Validator:
                 if norm not in keys:
                     raise IumaskError(self._unknown(key, seen_tables[command]))
                 self._check_twice(seen, norm, key, seen_tables[command])
-                self._check_value(command, keys[norm], key, value, seen_tables[command])
-                own[keys[norm].name] = value
+                own[keys[norm].name] = self._check_value(command, keys[norm], key, value, seen_tables[command])
             default_map[command] = {**{keys[k].name: v for k, v in shared.items() if k in keys}, **own}
         return default_map
 
@@ -134,8 +137,11 @@ class _Validator:
                               f"'{key}'); keep one")
         seen[norm] = key
 
-    def _check_value(self, command: str, param: Any, key: str, value: Any, table: str | None) -> None:
+    def _check_value(self, command: str, param: Any, key: str, value: Any, table: str | None) -> Any:
+        """``value`` checked against the option; returned as the command line would spell it."""
         kind, is_list = _param_kind(param)
+        if kind == "choice" and _KINDS[kind][0](value):
+            value = str(value)
         problem, applies = None, ""
         if kind is not None:
             test, one, many = _KINDS[kind]
@@ -157,6 +163,7 @@ class _Validator:
         if problem is not None:
             raise IumaskError(f"{self.path}: key '{key}' {_where(table)}{applies} {problem}; got "
                               f"{_toml_repr(value)}")
+        return value
 
 
 def _where(table: str | None) -> str:
@@ -190,6 +197,8 @@ def _param_kind(param: Any) -> tuple[str | None, bool]:
         annotation, is_list = descriptor.annotation, False
         if typing.get_origin(annotation) is list:
             (annotation,), is_list = typing.get_args(annotation), True
+        if isinstance(annotation, type) and issubclass(annotation, Enum):
+            return "choice", is_list
         for python_type, kind in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
                                   (Path, "path")):
             if isinstance(annotation, type) and issubclass(annotation, python_type):

@@ -1,4 +1,6 @@
-"""The training engine every train command shares: data order, precision, checkpoints, the loop.
+"""The training engine every train command shares: device, seeds, optimizer and schedule, data
+order, precision, checkpoints, the loop (:func:`fit`), and :func:`train_model` for one member
+trained with a given loss (docs/method.md §4, §9).
 
 * **Data order.** An epoch's order is a permutation drawn from a ``torch.Generator`` seeded by
   ``(seed, epoch)`` only (:class:`EpochBatchSampler`). A resumed epoch starts the sampler at the
@@ -26,20 +28,22 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from iumask import distributed
-from iumask.artifacts import atomic_write
+from iumask.artifacts import CHECKPOINT_FILE, atomic_write
+from iumask.config import TrainConfig
 from iumask.core import SegmentationMetrics, mean_softmax
 from iumask.errors import IumaskError
 from iumask.models import predict_logits
 from iumask.progress import console, progress_bar
-from iumask.training import TrainOptions, make_optimizer, poly_schedule, seed_everything
 
 CHECKPOINT_FORMAT = 2
 AMP_MODES = ("off", "bf16", "fp16")
@@ -108,10 +112,55 @@ def to_device(batch: dict, device: torch.device) -> dict:
     return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
+# ----------------------------------------------------------------------------- device, seeds, optimizer
+
+
+def resolve_device(device: str) -> torch.device:
+    """``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``; checked before any work starts."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise IumaskError(f"--device {device!r} is not a device; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type not in ("cpu", "cuda"):
+        raise IumaskError(f"--device {device!r}: iumask runs on cpu or cuda; use auto, cpu, cuda or cuda:N")
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise IumaskError(f"--device {device!r}: no CUDA GPU is available here; use --device cpu (or auto)")
+        if resolved.index is not None and resolved.index >= count:
+            raise IumaskError(f"--device {device!r}: this machine has {count} CUDA GPU(s) (cuda:0..cuda:{count - 1})")
+    return resolved
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def make_optimizer(model: torch.nn.Module, encoder: str, options: TrainConfig):
+    lr = options.lr_for(encoder)
+    encoder_params = list(model.encoder.parameters())
+    encoder_ids = {id(p) for p in encoder_params}
+    rest = [p for p in model.parameters() if id(p) not in encoder_ids]
+    return torch.optim.Adam(
+        [{"params": encoder_params, "lr": lr * options.backbone_lr_factor}, {"params": rest, "lr": lr}],
+        weight_decay=options.weight_decay,
+    )
+
+
+def poly_schedule(optimizer, total_steps: int, power: float):
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: max(0.0, 1.0 - step / max(1, total_steps)) ** power
+    )
+
+
 # ----------------------------------------------------------------------------- precision
 
 
-def resolve_amp(options: TrainOptions, device: torch.device) -> TrainOptions:
+def resolve_amp(options: TrainConfig, device: torch.device) -> TrainConfig:
     """``options`` with the mixed precision that will really be used on ``device``: AMP needs CUDA;
     on CPU it is switched off with a warning (so one config serves GPU and CPU machines)."""
     amp = options.amp
@@ -193,7 +242,7 @@ class TrainMember:
             self.scaler.load_state_dict(state["scaler"])
 
 
-def make_member(name: str, model: torch.nn.Module, encoder: str, options: TrainOptions, device: torch.device,
+def make_member(name: str, model: torch.nn.Module, encoder: str, options: TrainConfig, device: torch.device,
                 total_steps: int, precision: Precision) -> TrainMember:
     """Move ``model`` to ``device``, give it Adam (lower encoder lr) and the poly schedule, and wrap
     it in DistributedDataParallel under torchrun."""
@@ -267,7 +316,7 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 
 
 @torch.no_grad()
-def validate_members(models: list[torch.nn.Module], val_set, options: TrainOptions, num_classes: int,
+def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfig, num_classes: int,
                      ignore_index: int, device: torch.device, precision: Precision) -> tuple[list[float], float | None]:
     """Validation mIoU of each model and (for several) of their ensemble (mean softmax). Under
     torchrun each rank predicts its share of the images and the confusion matrices are summed."""
@@ -305,7 +354,7 @@ class FitResult:
 StepFn = Callable[[dict], list[float]]
 
 
-def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, options: TrainOptions,
+def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, options: TrainConfig,
         checkpoint_path: Path, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
         label: str, precision: Precision, extra: dict | None = None) -> FitResult:
     """Train ``members`` together for ``options.epochs``; ``train_step(batch)`` does one optimizer
@@ -384,3 +433,39 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
             progress.update(task, info=f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}")
             checkpoint(epoch + 1, 0)
     return FitResult(histories, ensemble_history)
+
+
+def train_model(
+    model: torch.nn.Module,
+    encoder: str,
+    train_set,
+    val_set,
+    loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
+    options: TrainConfig,
+    folder: Path,
+    identity: dict,
+    num_classes: int,
+    ignore_index: int,
+    device: torch.device,
+    label: str,
+) -> list[dict]:
+    """Train ``model`` in place; return the per-epoch history (loss, validation mIoU).
+
+    ``identity`` describes everything the result depends on; a checkpoint in ``folder`` with the
+    same identity is resumed (exactly, mid-epoch too), one with another identity is replaced.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    precision = Precision(options.amp, device)
+    total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
+    member = make_member(label, model, encoder, options, device, total_steps, precision)
+
+    def train_step(batch: dict) -> list[float]:
+        with precision.autocast():
+            logits = member.forward(batch["image"])
+        loss = loss_fn(logits.float(), batch)
+        member.step(loss)
+        return [loss.item()]
+
+    result = fit([member], train_step, train_set, val_set, options, folder / CHECKPOINT_FILE, identity,
+                 num_classes, ignore_index, device, label, precision)
+    return result.histories[0]

@@ -1,8 +1,8 @@
-"""DeepLabV3+ members (segmentation-models-pytorch): building, saving, loading, predicting.
+"""DeepLabV3+ members (segmentation-models-pytorch): building, saving and loading weights, logits.
 
-A member lives in a folder: ``model.safetensors`` (weights, loaded without running code from the
-file) and ``manifest.json`` (architecture, encoder, classes, normalisation, image size, options,
-history). An ensemble is an ``ensemble.json`` that names member folders.
+A member lives in a folder (see :mod:`iumask.artifacts`): ``model.safetensors`` (weights, loaded
+without running code from the file) and ``manifest.json``. How members' outputs become class
+probabilities (an ensemble, MC dropout) is :mod:`iumask.uncertainty`.
 """
 
 from __future__ import annotations
@@ -15,16 +15,19 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from iumask.artifacts import atomic_write, file_sha256, read_json, write_json_atomic
-from iumask.core import mean_softmax
+from iumask.artifacts import (
+    MANIFEST_FILE,
+    WEIGHTS_FILE,
+    atomic_write,
+    checked_manifest,
+    file_sha256,
+    write_json_atomic,
+)
 from iumask.errors import IumaskError
 
 DEFAULT_ENCODERS = ("mobilenet_v2", "resnet50", "resnet101")
 ARCHITECTURE = "DeepLabV3Plus"
 OUTPUT_STRIDE = 16
-WEIGHTS_FILE = "model.safetensors"
-MANIFEST_FILE = "manifest.json"
-ENSEMBLE_FILE = "ensemble.json"
 
 
 def build_model(encoder: str, num_classes: int, encoder_weights: str | None = None) -> torch.nn.Module:
@@ -103,34 +106,6 @@ def save_member(folder: Path, model: torch.nn.Module, manifest: dict) -> None:
     write_json_atomic(folder / MANIFEST_FILE, manifest)
 
 
-def weights_problem(folder: Path, manifest: dict) -> str | None:
-    """Why the weights in ``folder`` cannot be used with ``manifest`` (missing, or another SHA-256
-    than recorded: corrupt, truncated or replaced), or None when they match."""
-    weights = Path(folder) / WEIGHTS_FILE
-    if not weights.is_file():
-        return "weights file missing"
-    recorded = manifest.get("weights_sha256")
-    if recorded is None:
-        return "manifest records no weights_sha256"
-    if file_sha256(weights) != recorded:
-        return "weights file does not match the SHA-256 in its manifest (corrupt, truncated or replaced)"
-    return None
-
-
-def checked_manifest(folder: Path) -> dict:
-    """A member's manifest, after checking that it finished training and that its weights are the
-    ones it recorded (so a corrupt or replaced file is found before any work starts)."""
-    folder = Path(folder)
-    manifest = read_json(folder / MANIFEST_FILE, "model manifest")
-    if not manifest.get("complete"):
-        raise IumaskError(f"{folder}: training of this model did not finish; rerun its train command to resume")
-    problem = weights_problem(folder, manifest)
-    if problem:
-        raise IumaskError(f"{folder / WEIGHTS_FILE}: {problem}; rerun the train command that made it with the "
-                          "same options (it retrains this member)")
-    return manifest
-
-
 def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a member from its manifest and load its weights (no code runs from the file), after
     checking that they are the weights the manifest recorded."""
@@ -144,23 +119,6 @@ def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch
         raise IumaskError(f"{weights}: cannot load weights ({exc.__class__.__name__}); rerun the train command "
                           "that made it with the same options (it retrains this member)") from exc
     return model.to(device).eval(), manifest
-
-
-def resolve_models(path: Path) -> list[Path]:
-    """A model folder, a member manifest, or an ensemble manifest → member folders."""
-    path = Path(path)
-    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
-        path = path / ENSEMBLE_FILE
-    if path.is_file() and path.name == MANIFEST_FILE:
-        return [path.parent]
-    if path.is_dir() and (path / MANIFEST_FILE).is_file():
-        return [path]
-    if path.is_file():
-        ensemble = read_json(path, "ensemble manifest")
-        if "members" not in ensemble:
-            raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a model folder")
-        return [(path.parent / m).resolve() for m in ensemble["members"]]
-    raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
 
 
 def pad_to_stride(images: torch.Tensor, stride: int = OUTPUT_STRIDE) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -177,54 +135,3 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor
     return model(padded)[..., :h, :w]
 
 
-INFERENCE_MODES = ("resize", "slide")
-
-
-@torch.no_grad()
-def ensemble_probs(
-    models: list[torch.nn.Module],
-    images: torch.Tensor,
-    model_size: tuple[int, int] | None = None,
-    mode: str = "resize",
-) -> torch.Tensor:
-    """p̄, the members' equal-weight mean softmax (docs/method.md §1), at the images' resolution.
-
-    Members must be in eval mode. ``model_size`` is the (H, W) the members were trained at (None:
-    they run on the images as they are). When the images have another size, ``mode`` says how:
-    ``"resize"`` resizes the images to ``model_size`` and upsamples the logits back (bilinear);
-    ``"slide"`` runs windows of ``model_size`` over the full-resolution image (overlap 1/3) and
-    averages their softmax, for large images seen at the training scale.
-    """
-    if mode not in INFERENCE_MODES:
-        raise IumaskError(f"inference mode must be one of {', '.join(INFERENCE_MODES)}, got {mode!r}")
-    size = tuple(images.shape[-2:])
-    if model_size is None or tuple(model_size) == size:
-        return mean_softmax([predict_logits(m, images) for m in models])
-    if mode == "slide":
-        return _sliding_probs(models, images, tuple(model_size))
-    small = F.interpolate(images, size=tuple(model_size), mode="bilinear", align_corners=False)
-    return mean_softmax([F.interpolate(predict_logits(m, small), size=size, mode="bilinear", align_corners=False)
-                         for m in models])
-
-
-def _window_starts(length: int, window: int) -> list[int]:
-    if length <= window:
-        return [0]
-    stride = max(1, (2 * window) // 3)
-    starts = list(range(0, length - window, stride))
-    return starts + [length - window]
-
-
-def _sliding_probs(models, images: torch.Tensor, window: tuple[int, int]) -> torch.Tensor:
-    h, w = images.shape[-2:]
-    total = count = None
-    for y in _window_starts(h, window[0]):
-        for x in _window_starts(w, window[1]):
-            crop = images[..., y:y + window[0], x:x + window[1]]
-            probs = mean_softmax([predict_logits(m, crop) for m in models])
-            if total is None:
-                total = images.new_zeros((images.shape[0], probs.shape[1], h, w))
-                count = images.new_zeros((1, 1, h, w))
-            total[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += probs
-            count[..., y:y + crop.shape[-2], x:x + crop.shape[-1]] += 1
-    return total / count

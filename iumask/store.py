@@ -578,3 +578,20 @@ class MaskStore:
 
     def __repr__(self) -> str:
         return f"MaskStore({str(self.path)!r}, {self.num_images} images, mode={self._mode!r})"
+
+
+class StoreMaskReader:
+    """Picklable ``masks(index) -> IU mask`` over a store, for a training dataset (each DataLoader
+    worker opens the store for itself)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._store: MaskStore | None = None
+
+    def __call__(self, index: int) -> np.ndarray:
+        if self._store is None:
+            self._store = MaskStore.open(self.path)
+        return self._store.read_iu(index)
+
+    def __getstate__(self):
+        return {"path": self.path, "_store": None}

@@ -31,6 +31,16 @@ def run_with(tmp_path, capsys, text: str, *args, expect: int = 2) -> str:
     return error_line(capsys) if expect else ""
 
 
+def assert_refused(tmp_path, capsys, text: str, needles) -> None:
+    """The config file ``text`` is refused with one error line naming the file and every needle,
+    before anything runs."""
+    line = run_with(tmp_path, capsys, text)
+    assert line.startswith(f"error: {tmp_path / 'my-options.toml'}: ")
+    for needle in needles:
+        assert needle in line, line
+    assert not (tmp_path / "syn").exists(), "nothing may run with an invalid config file"
+
+
 @pytest.mark.parametrize(
     "text, needles",
     [
@@ -50,11 +60,7 @@ def run_with(tmp_path, capsys, text: str, *args, expect: int = 2) -> str:
     ],
 )
 def test_unknown_tables_and_keys_are_errors(tmp_path, capsys, text, needles):
-    line = run_with(tmp_path, capsys, text)
-    assert line.startswith(f"error: {tmp_path / 'my-options.toml'}: ")
-    for needle in needles:
-        assert needle in line, line
-    assert not (tmp_path / "syn").exists(), "nothing may run with an invalid config file"
+    assert_refused(tmp_path, capsys, text, needles)
 
 
 @pytest.mark.parametrize(
@@ -73,11 +79,7 @@ def test_unknown_tables_and_keys_are_errors(tmp_path, capsys, text, needles):
     ],
 )
 def test_values_of_the_wrong_type_are_errors(tmp_path, capsys, text, needles):
-    line = run_with(tmp_path, capsys, text)
-    assert line.startswith(f"error: {tmp_path / 'my-options.toml'}: ")
-    for needle in needles:
-        assert needle in line, line
-    assert not (tmp_path / "syn").exists(), "nothing may run with an invalid config file"
+    assert_refused(tmp_path, capsys, text, needles)
 
 
 def test_valid_file_spellings_precedence_and_placement(tmp_path, capsys):

@@ -22,7 +22,7 @@ from iumask import engine
 from iumask.data.synthetic import generate_synthetic
 from iumask.engine import EpochBatchSampler, Precision, resolve_amp, steps_per_epoch
 from iumask.store import MaskStore
-from iumask.training import TrainOptions
+from iumask.config import TrainConfig as TrainOptions
 from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
@@ -37,9 +37,8 @@ ONLINE = ["train-weighted", "--online", "--encoder", "mobilenet_v2", "--encoder"
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    return generate_synthetic(tmp_path_factory.mktemp("engine") / "data", num_train=8, num_val=2, height=32,
-                              width=32, seed=11)
+def data(make_synthetic):
+    return make_synthetic("engine", num_train=8, num_val=2, height=32, width=32, seed=11)
 
 
 @pytest.fixture(scope="module")

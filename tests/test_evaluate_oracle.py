@@ -18,15 +18,13 @@ mIoU, pixel accuracy, mean entropy and PAvPU with plain numpy loops, following t
   the recomputed ones, and the stored IU equals the mean of the stored entropy over every
   4-connected component of the (resized) label, 0 on ignore-label pixels.
 
-Plus generated-data twins (always run) of the metric reference tests of ``test_core.py`` that skip
+Plus generated-data twins (always run) of the metric reference tests of ``test_metrics.py`` that skip
 without CamVid, with the CamVid version alongside (skipped when the data is absent).
 """
 
 from __future__ import annotations
 
 import math
-import os
-from collections import deque
 from pathlib import Path
 
 import cv2
@@ -34,14 +32,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 import iumask
-from iumask.data.synthetic import generate_synthetic
 from iumask.models import load_member
-from iumask.pipeline import evaluate
+from iumask.config import DataConfig, EvalConfig
+from iumask.stages import evaluate as evaluate_stage
 from iumask.store import MaskStore
-from cli_runner import iumask as cli
+from reference import entropy_np, instance_means
+from testdata import camvid_labels, downsample, ids_of, read_label
 
 NUM_CLASSES = 10
 IGNORE = 255
@@ -49,22 +47,21 @@ NATIVE = (64, 96)
 SIZE = (32, 48)  # training size (H, W)
 MEMBERS = ("mobilenet_v2", "mobilenet_v2-2")
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------------------------------------
 # independent helpers
 # --------------------------------------------------------------------------------------------
 
-def ids_of(root: Path, split: str) -> list[str]:
-    return sorted(p.stem for p in (root / "images" / split).glob("*.png"))
-
-
-def read_label(root: Path, split: str, image_id: str) -> np.ndarray:
-    return np.array(Image.open(root / "labels" / split / f"{image_id}.png"))
-
-
 def read_rgb(root: Path, split: str, image_id: str) -> np.ndarray:
     bgr = cv2.imread(str(root / "images" / split / f"{image_id}.png"), cv2.IMREAD_COLOR)
     return np.ascontiguousarray(bgr[..., ::-1])
+
+
+def evaluate(models, root, split, device="cpu", **options):
+    """The evaluate stage with the options spelled as on the command line."""
+    return evaluate_stage.evaluate(models, DataConfig(root), EvalConfig(split, **options), device)
 
 
 def to_input(rgb: np.ndarray, manifest: dict) -> torch.Tensor:
@@ -122,10 +119,6 @@ def probs_slide(models, x: torch.Tensor) -> np.ndarray:
             count[y:y + SIZE[0], x0:x0 + SIZE[1]] += 1
     assert count.min() >= 1 and count.max() > 1  # windows overlap
     return total / count
-
-
-def entropy_np(probs: np.ndarray) -> np.ndarray:
-    return -(probs * np.log(np.maximum(probs, 1e-12))).sum(axis=1)
 
 
 def patch_means(ents, window, stride):
@@ -221,62 +214,19 @@ def assert_same_metrics(result: dict, ref: dict, ambiguous: int = 0, window: int
             assert result[key] == pytest.approx(ref[key], rel=1e-12, abs=2 * ambiguous * per_pixel / n * 4), key
 
 
-def bfs_components(seg: np.ndarray, valid: np.ndarray, connectivity: int) -> np.ndarray:
-    h, w = seg.shape
-    s, v = seg.tolist(), valid.tolist()
-    out = [[-1] * w for _ in range(h)]
-    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)] + ([(-1, -1), (-1, 1), (1, -1), (1, 1)] if connectivity == 8 else [])
-    n = 0
-    for y0 in range(h):
-        for x0 in range(w):
-            if not v[y0][x0] or out[y0][x0] != -1:
-                continue
-            cls, out[y0][x0], queue = s[y0][x0], n, deque([(y0, x0)])
-            while queue:
-                y, x = queue.popleft()
-                for dy, dx in steps:
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and v[yy][xx] and out[yy][xx] == -1 and s[yy][xx] == cls:
-                        out[yy][xx] = n
-                        queue.append((yy, xx))
-            n += 1
-    return np.array(out, dtype=np.int64)
-
-
-def instance_means(seg, entropy, connectivity, ignore) -> np.ndarray:
-    valid = seg != ignore
-    comp = bfs_components(seg, valid, connectivity)
-    out = np.zeros(seg.shape)
-    if valid.any():
-        ids = comp[valid]
-        out[valid] = (np.bincount(ids, weights=entropy[valid].astype(np.float64)) / np.bincount(ids))[ids]
-    return out
-
-
 # --------------------------------------------------------------------------------------------
 # fixtures
 # --------------------------------------------------------------------------------------------
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while this module trains and predicts: on a machine whose cores are busy
-    with other work, two spinning OpenMP threads made one tiny training take 1 s or 25 s at random."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = generate_synthetic(tmp_path_factory.mktemp("eval-oracle") / "data", num_train=4, num_val=3,
-                              height=NATIVE[0], width=NATIVE[1], seed=2)
+def data(make_synthetic):
+    root = make_synthetic("eval-oracle", num_train=4, num_val=3, height=NATIVE[0], width=NATIVE[1], seed=2)
     assert any((read_label(root, "val", i) == IGNORE).any() for i in ids_of(root, "val"))
     return root
 
 
 @pytest.fixture(scope="module")
-def ensemble(data, tmp_path_factory):
+def ensemble(data, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("eval-oracle") / "baseline"
     cli("train-baseline", "--data", data, "--out", out, "--encoder", MEMBERS[0], "--encoder", MEMBERS[0],
         "--size", f"{SIZE[0]}x{SIZE[1]}", "--epochs", "2", "--batch-size", "4", "--lr", "5e-2",
@@ -374,7 +324,7 @@ def test_evaluate_default_threshold_is_training_mean_entropy(data, ensemble, mem
 
 
 @pytest.mark.slow
-def test_make_masks_instances_from_label(data, ensemble, members, tmp_path):
+def test_make_masks_instances_from_label(data, ensemble, members, tmp_path, cli):
     models, manifest = members
     path = tmp_path / "label.zarr"
     cli("make-masks", "--ensemble", ensemble / "ensemble.json", "--data", data, "--store", path,
@@ -419,28 +369,18 @@ def test_make_masks_instances_from_label(data, ensemble, members, tmp_path):
 # generated-data twins of the metric reference tests (and their CamVid versions)
 # --------------------------------------------------------------------------------------------
 
-def camvid_root() -> Path:
-    env = os.environ.get("IUMASK_CAMVID")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-
-
 @pytest.fixture(scope="module", params=["generated", "camvid"])
-def metric_data(request, tmp_path_factory):
+def metric_data(request, make_synthetic):
     """Targets (one class removed, a void block punched in), predictions perturbed from them and
     entropies quantised to multiples of 1/64 (exact patch means), at 61x83 (not a multiple of any
     window): from synthetic scenes (ignore 255) or downsampled CamVid labels (ignore 11)."""
     h, w = 61, 83
     if request.param == "generated":
-        root = generate_synthetic(tmp_path_factory.mktemp("metric-ref") / "data", num_train=4, num_val=1,
-                                  height=h, width=w, seed=5)
+        root = make_synthetic("metric-ref", num_train=4, num_val=1, height=h, width=w, seed=5)
         labels = [read_label(root, "train", i) for i in ids_of(root, "train")]
         num_classes, ignore = NUM_CLASSES, IGNORE
     else:
-        files = sorted((camvid_root() / "trainannot").glob("*.png"))
-        if len(files) < 4:
-            pytest.skip(f"CamVid not found at {camvid_root()} (set IUMASK_CAMVID)")
-        picks = [files[i] for i in np.linspace(0, len(files) - 1, 4).round().astype(int)]
-        labels = [cv2.resize(np.array(Image.open(f)), (w, h), interpolation=cv2.INTER_NEAREST) for f in picks]
+        labels = [downsample(label, h, w) for label in camvid_labels(4)]
         num_classes, ignore = 11, 11
     rng = np.random.default_rng(0)
     removed = num_classes - 1

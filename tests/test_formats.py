@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import cv2
@@ -23,6 +22,7 @@ from iumask.data.formats import (
     open_dataset,
 )
 from iumask.errors import DataError
+from testdata import camvid_root
 
 H, W = 16, 32
 
@@ -377,8 +377,7 @@ def test_open_dataset_argument_errors(tmp_path):
 
 # ---------------------------------------------------------------- real CamVid
 
-_DEFAULT_CAMVID = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-CAMVID = Path(os.environ.get("IUMASK_CAMVID", _DEFAULT_CAMVID))
+CAMVID = camvid_root()
 needs_camvid = pytest.mark.skipif(not (CAMVID / "train").is_dir(), reason=f"CamVid not found at {CAMVID}")
 
 

@@ -26,7 +26,8 @@ from iumask.data.augment import JointAugment
 from iumask.data.folder import FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.models import build_model, load_member, save_member
-from iumask.online import OnlineStep
+from iumask.config import MaskConfig
+from iumask.stages.train import online_masks
 from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
@@ -351,14 +352,14 @@ def test_online_instances_exclude_augmentation_padding():
     label[:, :, 6:] = 255
     valid = torch.ones(1, h, w, dtype=torch.bool)
     valid[:, :, 6:] = False
-    step = OnlineStep([], None, num_classes, 255, 2.0, "prediction", 8, False, None, torch.device("cpu"))
-    iu = step.masks([logits], label, valid)
+    masks = MaskConfig("prediction", 8, False)
+    iu = online_masks([logits], label, masks, num_classes, 255, valid)
     entropy = pixel_entropy(torch.softmax(logits, 1))
     inside = entropy[0, :, :6]
     assert torch.allclose(iu[0, :, :6], inside.mean().expand_as(inside), atol=1e-6)
     assert torch.all(iu[0, :, 6:] == 0)
     # Without the padding mask the padding's entropy leaks into the instance (what the bug did).
-    leaked = step.masks([logits], label)
+    leaked = online_masks([logits], label, masks, num_classes, 255)
     assert leaked[0, 0, 0] > iu[0, 0, 0] + 0.1
 
 

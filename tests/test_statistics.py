@@ -1,4 +1,4 @@
-"""iumask.statistics against independent numpy / cv2 computations, on generated data and on real
+"""iumask.stats and iumask.report against independent numpy / cv2 computations, on generated data and on real
 CamVid labels (3 files of the SegNet 11-class version, 11 = void, at ``<repo>/../shared/data/camvid``
 or ``$IUMASK_CAMVID``; those tests are skipped without them), plus the cache, the PNGs and the
 ``iumask stats`` command."""
@@ -14,10 +14,12 @@ import cv2
 import numpy as np
 import pytest
 
-from iumask import statistics as S
+from iumask import stats as stats_module
 from iumask.core import instance_uncertainty
 from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
+from iumask.report import class_histogram_png, mask_gallery_png
+from iumask.stats import CACHE_SUBDIR, cached_label_statistics, label_statistics, mask_statistics
 from iumask.store import MaskStore
 from cli_runner import iumask
 
@@ -126,7 +128,7 @@ def labels_of(ds: FolderDataset) -> list[np.ndarray]:
 @pytest.mark.parametrize("connectivity", [8, 4])
 def test_label_statistics_synthetic(synthetic, connectivity):
     ds = FolderDataset(synthetic, "train")
-    stats = S.label_statistics(ds, connectivity=connectivity)
+    stats = label_statistics(ds, connectivity=connectivity)
     json.dumps(stats, allow_nan=False)  # JSON-able as it is
     assert stats["num_images"] == 6 and stats["class_names"] == list(ds.classes.names)
     ref = reference(labels_of(ds), ds.classes.num_classes, 255, connectivity)
@@ -136,7 +138,7 @@ def test_label_statistics_synthetic(synthetic, connectivity):
 
 def test_label_statistics_camvid(camvid):
     ds = FolderDataset(camvid, "train")
-    stats = S.label_statistics(ds)
+    stats = label_statistics(ds)
     labels = labels_of(ds)
     assert labels[0].shape == (360, 480)
     ref = reference(labels, 11, 255, 8)
@@ -148,7 +150,7 @@ def test_label_statistics_camvid(camvid):
 
 def test_label_statistics_resized(synthetic):
     ds = FolderDataset(synthetic, "train")
-    stats = S.label_statistics(ds, size=(40, 24))
+    stats = label_statistics(ds, size=(40, 24))
     labels = [cv2.resize(label, (24, 40), interpolation=cv2.INTER_NEAREST_EXACT) for label in labels_of(ds)]
     check_against_reference(stats, reference(labels, 10, 255, 8), 10)
     assert stats["size"] == [40, 24] and stats["total_pixels"] == 6 * 40 * 24
@@ -162,21 +164,21 @@ def test_cache_reused_and_invalidated(synthetic, tmp_path, monkeypatch):
     root = tmp_path / "data"
     shutil.copytree(synthetic, root)
     calls = []
-    compute = S.label_statistics
-    monkeypatch.setattr(S, "label_statistics", lambda *a, **k: calls.append(1) or compute(*a, **k))
+    compute = label_statistics
+    monkeypatch.setattr(stats_module, "label_statistics", lambda *a, **k: calls.append(1) or compute(*a, **k))
     cache = tmp_path / "cache"
 
-    first = S.cached_label_statistics(FolderDataset(root, "train"), cache)
-    files = list((cache / S.CACHE_SUBDIR).glob("*.json"))
+    first = cached_label_statistics(FolderDataset(root, "train"), cache)
+    files = list((cache / CACHE_SUBDIR).glob("*.json"))
     assert len(calls) == 1 and len(files) == 1
     mtime = files[0].stat().st_mtime_ns
-    assert S.cached_label_statistics(FolderDataset(root, "train"), cache) == first
+    assert cached_label_statistics(FolderDataset(root, "train"), cache) == first
     assert len(calls) == 1 and files[0].stat().st_mtime_ns == mtime  # reused, not rewritten
 
     # Other options are another entry; the first stays valid.
-    S.cached_label_statistics(FolderDataset(root, "train"), cache, connectivity=4)
+    cached_label_statistics(FolderDataset(root, "train"), cache, connectivity=4)
     assert len(calls) == 2
-    S.cached_label_statistics(FolderDataset(root, "train"), cache)
+    cached_label_statistics(FolderDataset(root, "train"), cache)
     assert len(calls) == 2
 
     # Changing a label invalidates it.
@@ -184,28 +186,28 @@ def test_cache_reused_and_invalidated(synthetic, tmp_path, monkeypatch):
     label = cv2.imread(str(ds.label_paths[0]), cv2.IMREAD_UNCHANGED)
     label[:8, :8] = 9  # a car block in the corner
     cv2.imwrite(str(ds.label_paths[0]), label)
-    changed = S.cached_label_statistics(FolderDataset(root, "train"), cache)
+    changed = cached_label_statistics(FolderDataset(root, "train"), cache)
     assert len(calls) == 3 and changed != first
     check_against_reference(changed, reference(labels_of(ds), 10, 255, 8), 10)
 
     # A corrupt entry is recomputed; refresh recomputes.
-    for f in (cache / S.CACHE_SUBDIR).glob("*.json"):
+    for f in (cache / CACHE_SUBDIR).glob("*.json"):
         f.write_text("{not json")
-    assert S.cached_label_statistics(FolderDataset(root, "train"), cache) == changed
+    assert cached_label_statistics(FolderDataset(root, "train"), cache) == changed
     assert len(calls) == 4
-    S.cached_label_statistics(FolderDataset(root, "train"), cache, refresh=True)
+    cached_label_statistics(FolderDataset(root, "train"), cache, refresh=True)
     assert len(calls) == 5
 
 
 def test_cache_location_and_unwritable(synthetic, tmp_path, monkeypatch):
     monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "env-cache"))
     ds = FolderDataset(synthetic, "val")
-    stats = S.cached_label_statistics(ds)
-    assert len(list((tmp_path / "env-cache" / S.CACHE_SUBDIR).glob("*.json"))) == 1
+    stats = cached_label_statistics(ds)
+    assert len(list((tmp_path / "env-cache" / CACHE_SUBDIR).glob("*.json"))) == 1
     # A cache folder that cannot be made only costs a warning.
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert S.cached_label_statistics(ds, blocker / "sub") == stats
+    assert cached_label_statistics(ds, blocker / "sub") == stats
 
 
 # --------------------------------------------------------------------------------------------
@@ -215,8 +217,8 @@ def test_cache_location_and_unwritable(synthetic, tmp_path, monkeypatch):
 @pytest.mark.parametrize("log_scale", [True, False])
 def test_class_histogram_png(synthetic, tmp_path, log_scale):
     ds = FolderDataset(synthetic, "train")
-    stats = S.label_statistics(ds)
-    path = S.class_histogram_png(stats, ds.classes, tmp_path / "sub" / "hist.png", log_scale=log_scale)
+    stats = label_statistics(ds)
+    path = class_histogram_png(stats, ds.classes, tmp_path / "sub" / "hist.png", log_scale=log_scale)
     img = cv2.imread(str(path))
     assert img is not None and img.ndim == 3
     assert 360 <= img.shape[1] <= 2000 and 300 <= img.shape[0] <= 1000
@@ -232,7 +234,7 @@ def test_class_histogram_png(synthetic, tmp_path, log_scale):
 
 def test_class_histogram_png_camvid(camvid, tmp_path):
     ds = FolderDataset(camvid, "train")
-    path = S.class_histogram_png(S.label_statistics(ds), ds.classes, tmp_path / "hist.png")
+    path = class_histogram_png(label_statistics(ds), ds.classes, tmp_path / "hist.png")
     img = cv2.imread(str(path))
     assert img is not None and img.shape[1] >= 11 * 34
 
@@ -266,7 +268,7 @@ def make_store(path: Path, ds: FolderDataset, seed: int = 0) -> MaskStore:
 def test_mask_statistics(synthetic, tmp_path):
     ds = FolderDataset(synthetic, "train")
     store = make_store(tmp_path / "masks.zarr", ds)
-    stats = S.mask_statistics(MaskStore.open(tmp_path / "masks.zarr"))
+    stats = mask_statistics(MaskStore.open(tmp_path / "masks.zarr"))
     json.dumps(stats, allow_nan=False)
     arrays = [store.read(i) for i in range(store.num_images)]
     pred = np.concatenate([a["prediction"].ravel() for a in arrays])
@@ -292,19 +294,19 @@ def test_mask_statistics_class_never_predicted(synthetic, tmp_path):
         pred = np.zeros((8, 8), np.uint8)
         pred[:, 4:] = 2
         store.write(i, np.full((8, 8), 0.5), np.where(pred == 2, 1.0, 0.25), pred)
-    per = S.mask_statistics(store)["per_class"]
+    per = mask_statistics(store)["per_class"]
     assert per["mean_iu"] == [0.25, None, 1.0] and per["mean_entropy"] == [0.5, None, 0.5]
 
 
 def test_mask_gallery_png(synthetic, tmp_path):
     ds = FolderDataset(synthetic, "train")
     store = make_store(tmp_path / "masks.zarr", ds)
-    path = S.mask_gallery_png(ds, store, tmp_path / "g.png", count=3)
+    path = mask_gallery_png(ds, store, tmp_path / "g.png", count=3)
     img = cv2.imread(str(path))
     assert img is not None
     assert img.shape[1] == 6 + 4 * (256 + 6)  # image, label, entropy, IU tiles of 256 px
     assert 3 * 256 < img.shape[0] < 3 * 256 + 300
-    small = cv2.imread(str(S.mask_gallery_png(ds, store, tmp_path / "s.png", count=10, size=(40, 50))))
+    small = cv2.imread(str(mask_gallery_png(ds, store, tmp_path / "s.png", count=10, size=(40, 50))))
     assert small.shape[1] == 6 + 4 * (50 + 6) and small.shape[0] > 6 * 40
 
 
@@ -320,7 +322,7 @@ def test_cli_stats(synthetic, tmp_path, monkeypatch, capsys):
     iumask("stats", "--data", synthetic, "--out", tmp_path / "plain")
     out = json.loads((tmp_path / "plain" / "stats.json").read_text())
     assert out["masks"] is None and out["dataset"]["split"] == "train"
-    assert out["labels"] == S.label_statistics(ds)
+    assert out["labels"] == label_statistics(ds)
     assert cv2.imread(str(tmp_path / "plain" / "class_histogram.png")) is not None
     assert not (tmp_path / "plain" / "masks.png").exists()
     assert "sidewalk" in capsys.readouterr().out  # the table
@@ -329,11 +331,11 @@ def test_cli_stats(synthetic, tmp_path, monkeypatch, capsys):
            "--connectivity", "4")
     out = json.loads((tmp_path / "full" / "stats.json").read_text())
     assert out["labels"]["connectivity"] == 4
-    assert out["masks"]["per_class"] == S.mask_statistics(MaskStore.open(tmp_path / "masks.zarr"))["per_class"]
+    assert out["masks"]["per_class"] == mask_statistics(MaskStore.open(tmp_path / "masks.zarr"))["per_class"]
     for name in ("class_histogram.png", "masks.png"):
         assert cv2.imread(str(tmp_path / "full" / name)) is not None
     assert "mean IU" in capsys.readouterr().out
-    assert len(list((tmp_path / "cache" / S.CACHE_SUBDIR).glob("*.json"))) == 2  # connectivity 8 and 4
+    assert len(list((tmp_path / "cache" / CACHE_SUBDIR).glob("*.json"))) == 2  # connectivity 8 and 4
 
     # A store of another split (other images, other fingerprint) is refused.
     capsys.readouterr()

@@ -29,8 +29,10 @@ from iumask.core import instance_uncertainty, label_instances, pixel_entropy
 from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.errors import IumaskError
-from iumask.models import ensemble_probs, load_member, resolve_models, save_member
-from iumask.statistics import label_statistics, mask_statistics
+from iumask.artifacts import resolve_models
+from iumask.models import load_member, save_member
+from iumask.uncertainty import ensemble_probs
+from iumask.stats import label_statistics, mask_statistics
 from iumask.store import MaskStore
 from cli_runner import iumask
 

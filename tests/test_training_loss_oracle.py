@@ -16,7 +16,7 @@ could not catch what matters most").
   over the label PNGs (inverse class proportion and median frequency balancing as defined in
   ``iumask.core.class_weights`` and the README). One class is removed from the training labels so
   that "a class that never occurs gets 0" and "C counts every class" are exercised.
-* Generated-data twins (always run) of the loss reference tests of ``test_core.py`` that skip
+* Generated-data twins (always run) of the loss reference tests of ``test_loss.py`` that skip
   without CamVid, with the CamVid version alongside (skipped when the data is absent).
 """
 
@@ -24,8 +24,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-from collections import deque
 from pathlib import Path
 
 import cv2
@@ -36,13 +34,14 @@ import torch.nn.functional as F
 from PIL import Image
 
 import iumask
-from iumask.data.synthetic import generate_synthetic
 from iumask.engine import EpochBatchSampler, Precision
 from iumask.models import build_model
-from iumask.online import OnlineStep
+from iumask.config import MaskConfig
+from iumask.stages.train import online_masks
 from iumask.store import MaskStore
-from iumask.training import seed_everything
-from cli_runner import iumask as cli
+from iumask.engine import seed_everything
+from reference import entropy_np, instance_means
+from testdata import camvid_labels, downsample, ids_of, read_label
 
 NUM_CLASSES = 10
 IGNORE = 255
@@ -52,18 +51,12 @@ EXPONENT = 2.0
 COMMON = ["--epochs", "1", "--batch-size", "4", "--lr", "1e-3", "--backbone-lr-factor", "1", "--seed", str(SEED),
           "--device", "cpu", "--no-augment"]
 
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 
 # --------------------------------------------------------------------------------------------
 # independent helpers (numpy / PIL / cv2, nothing from iumask)
 # --------------------------------------------------------------------------------------------
-
-def ids_of(root: Path, split: str) -> list[str]:
-    return sorted(p.stem for p in (root / "images" / split).glob("*.png"))
-
-
-def read_label(root: Path, split: str, image_id: str) -> np.ndarray:
-    return np.array(Image.open(root / "labels" / split / f"{image_id}.png"))
-
 
 def read_image(root: Path, split: str, image_id: str, mean, std) -> np.ndarray:
     """(3, H, W) float32, RGB scaled to [0, 1] and normalised with the manifest's mean/std."""
@@ -123,65 +116,9 @@ def loss_reference(logits, target, iu, gamma, ignore, class_weights=None) -> flo
     return float((ce * weight)[valid].sum() / max(int(valid.sum()), 1))
 
 
-def bfs_components(seg: np.ndarray, valid: np.ndarray, connectivity: int) -> np.ndarray:
-    """Pure-Python flood fill: component id per pixel, -1 where not valid."""
-    h, w = seg.shape
-    s, v = seg.tolist(), valid.tolist()
-    out = [[-1] * w for _ in range(h)]
-    steps = [(-1, 0), (1, 0), (0, -1), (0, 1)]
-    if connectivity == 8:
-        steps += [(-1, -1), (-1, 1), (1, -1), (1, 1)]
-    n = 0
-    for y0 in range(h):
-        for x0 in range(w):
-            if not v[y0][x0] or out[y0][x0] != -1:
-                continue
-            cls = s[y0][x0]
-            out[y0][x0] = n
-            queue = deque([(y0, x0)])
-            while queue:
-                y, x = queue.popleft()
-                for dy, dx in steps:
-                    yy, xx = y + dy, x + dx
-                    if 0 <= yy < h and 0 <= xx < w and v[yy][xx] and out[yy][xx] == -1 and s[yy][xx] == cls:
-                        out[yy][xx] = n
-                        queue.append((yy, xx))
-            n += 1
-    return np.array(out, dtype=np.int64)
-
-
-def instance_means(seg: np.ndarray, entropy: np.ndarray, connectivity: int, ignore: int) -> np.ndarray:
-    """Each valid pixel: mean entropy (float64) over its connected component of one class; 0 on
-    ignored pixels."""
-    valid = seg != ignore
-    comp = bfs_components(seg, valid, connectivity)
-    out = np.zeros(seg.shape, dtype=np.float64)
-    if valid.any():
-        ids = comp[valid]
-        sums = np.bincount(ids, weights=entropy[valid].astype(np.float64))
-        counts = np.bincount(ids)
-        out[valid] = sums[ids] / counts[ids]
-    return out
-
-
-def entropy_np(probs: np.ndarray) -> np.ndarray:
-    p = probs.astype(np.float64)
-    return -(p * np.log(np.maximum(p, 1e-12))).sum(axis=1)
-
-
 # --------------------------------------------------------------------------------------------
 # fixtures: data and one-step trainings
 # --------------------------------------------------------------------------------------------
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One intra-op thread while this module trains and predicts: on a machine whose cores are busy
-    with other work, two spinning OpenMP threads made one tiny training take 1 s or 25 s at random."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def cache_env(tmp_path_factory):
@@ -192,9 +129,8 @@ def cache_env(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    root = generate_synthetic(tmp_path_factory.mktemp("loss-oracle") / "data", num_train=4, num_val=2,
-                              height=64, width=64, seed=1)
+def data(make_synthetic):
+    root = make_synthetic("loss-oracle", num_train=4, num_val=2, height=64, width=64, seed=1)
     for path in sorted((root / "labels" / "train").glob("*.png")):
         label = np.array(Image.open(path))
         label[label == REMOVED_CLASS] = REMOVED_CLASS - 1
@@ -213,7 +149,7 @@ def data(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def baseline(data, cache_env, tmp_path_factory):
+def baseline(data, cache_env, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("loss-oracle") / "baseline"
     cli("train-baseline", "--data", data, "--out", out, "--encoder", "mobilenet_v2", "--class-weights", "inverse",
         *COMMON)
@@ -221,14 +157,14 @@ def baseline(data, cache_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def store(data, baseline, tmp_path_factory):
+def store(data, baseline, tmp_path_factory, cli):
     path = tmp_path_factory.mktemp("loss-oracle") / "masks.zarr"
     cli("make-masks", "--ensemble", baseline, "--data", data, "--store", path, "--device", "cpu")
     return path
 
 
 @pytest.fixture(scope="module")
-def weighted(data, store, cache_env, tmp_path_factory):
+def weighted(data, store, cache_env, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("loss-oracle") / "weighted"
     cli("train-weighted", "--data", data, "--store", store, "--out", out, "--encoder", "mobilenet_v2",
         "--exponent", str(EXPONENT), "--class-weights", "median", *COMMON)
@@ -236,7 +172,7 @@ def weighted(data, store, cache_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def online(data, cache_env, tmp_path_factory):
+def online(data, cache_env, tmp_path_factory, cli):
     out = tmp_path_factory.mktemp("loss-oracle") / "online"
     cli("train-weighted", "--online", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
         "--encoder", "mobilenet_v2", "--exponent", str(EXPONENT), "--class-weights", "median", *COMMON)
@@ -366,10 +302,8 @@ def test_online_step_loss_uses_the_batch_online_masks(data, online):
     probs = ((torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1)) / 2).numpy()
     entropy, prediction = entropy_np(probs), probs.argmax(1)
     mine = np.stack([instance_means(p, e, 8, IGNORE) for p, e in zip(prediction, entropy)])
-    # ... and by the real OnlineStep (its mask function; the same instances, the same means).
-    step = OnlineStep([], Precision("off", torch.device("cpu")), NUM_CLASSES, IGNORE, EXPONENT, "prediction", 8,
-                      False, None, torch.device("cpu"))
-    iu = step.masks(logits, labels)
+    # ... and by the real online step's mask function (the same instances, the same means).
+    iu = online_masks(logits, labels, MaskConfig("prediction", 8, False), NUM_CLASSES, IGNORE)
     np.testing.assert_allclose(iu.numpy(), mine, rtol=1e-5, atol=1e-5)
     assert float(iu.max()) > 0.3
 
@@ -393,26 +327,16 @@ def test_online_step_loss_uses_the_batch_online_masks(data, online):
 # generated-data twins of the loss reference tests (and their CamVid versions)
 # --------------------------------------------------------------------------------------------
 
-def camvid_root() -> Path:
-    env = os.environ.get("IUMASK_CAMVID")
-    return Path(env) if env else Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
-
-
 @pytest.fixture(scope="module", params=["generated", "camvid"])
-def targets(request, tmp_path_factory):
+def targets(request, make_synthetic):
     """(targets (B, H, W) int64, num_classes, ignore): synthetic scene labels (ignore 255) or
     downsampled CamVid labels (ignore 11; skipped when CamVid is absent)."""
     if request.param == "generated":
-        root = generate_synthetic(tmp_path_factory.mktemp("loss-ref") / "data", num_train=2, num_val=1,
-                                  height=37, width=53, seed=7)
+        root = make_synthetic("loss-ref", num_train=2, num_val=1, height=37, width=53, seed=7)
         labels = [read_label(root, "train", i) for i in ids_of(root, "train")]
         num_classes, ignore = NUM_CLASSES, IGNORE
     else:
-        files = sorted((camvid_root() / "trainannot").glob("*.png"))
-        if len(files) < 2:
-            pytest.skip(f"CamVid not found at {camvid_root()} (set IUMASK_CAMVID)")
-        labels = [cv2.resize(np.array(Image.open(f)), (53, 37), interpolation=cv2.INTER_NEAREST)
-                  for f in (files[0], files[-1])]
+        labels = [downsample(label, 37, 53) for label in camvid_labels(2)]  # the first and the last
         num_classes, ignore = 11, 11
     target = torch.from_numpy(np.stack(labels).astype(np.int64))
     assert (target == ignore).any() and (target != ignore).any()

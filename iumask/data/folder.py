@@ -292,15 +292,15 @@ class FolderDataset(PairedDataset):
     def __init__(self, root: str | Path, split: str) -> None:
         root = Path(root)
         classes = load_classes(root)
-        ids, image_paths = _list_images(root / "images" / split)
-        label_paths = _match_labels(root / "labels" / split, ids, image_paths)
+        ids, image_paths = list_images(root / "images" / split)
+        label_paths = match_labels(root / "labels" / split, ids, image_paths)
         super().__init__(root, split, classes, ids, image_paths, label_paths, extra_files=(root / CLASSES_FILE,))
 
     def _label_fix_hint(self) -> str:
         return "fix the label file or classes.json"
 
 
-def _list_images(images_dir: Path) -> tuple[list[str], list[Path]]:
+def list_images(images_dir: Path) -> tuple[list[str], list[Path]]:
     if not images_dir.is_dir():
         raise DataError(f"{images_dir}: split folder not found; put the images of this split there")
     by_id: dict[str, Path] = {}
@@ -316,7 +316,7 @@ def _list_images(images_dir: Path) -> tuple[list[str], list[Path]]:
     return ids, [by_id[i] for i in ids]
 
 
-def _match_labels(labels_dir: Path, ids: list[str], image_paths: list[Path]) -> list[Path]:
+def match_labels(labels_dir: Path, ids: list[str], image_paths: list[Path]) -> list[Path]:
     if not labels_dir.is_dir():
         raise DataError(f"{labels_dir}: label folder not found; put one <id>.png label per image there")
     paths = [labels_dir / f"{i}{LABEL_SUFFIX}" for i in ids]

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -36,12 +37,11 @@ from iumask.data.folder import (
     FolderDataset,
     LabelTable,
     PairedDataset,
-    _list_images,
-    _match_labels,
+    list_images,
+    match_labels,
 )
 from iumask.errors import DataError
 
-FORMATS = ("auto", "folder", "cityscapes", "acdc", "camvid")
 ACDC_CONDITIONS = ("fog", "night", "rain", "snow")
 IGNORE_INDEX = 255
 
@@ -259,8 +259,8 @@ class CamVidDataset(PairedDataset):
                 f"{image_dir}: split folder not found (CamVid splits present: {splits}); check the split name"
             )
         # The folder format's listing and matching rules apply unchanged (same file name in both folders).
-        ids, images = _list_images(image_dir)
-        labels = _match_labels(label_dir, ids, images)
+        ids, images = list_images(image_dir)
+        labels = match_labels(label_dir, ids, images)
         definition = _definition("camvid", CAMVID_CLASSES, [CAMVID_LABELS])
         super().__init__(root, split, CAMVID_CLASSES, ids, images, labels, CAMVID_LABELS, definition=definition)
 
@@ -271,14 +271,47 @@ def _camvid_splits(root: Path) -> list[str]:
     return [p.name for p in _subdirs(root) if (root / f"{p.name}annot").is_dir()]
 
 
-# ---------------------------------------------------------------- detection and opening
+# ---------------------------------------------------------------- the registry: detection and opening
 
-_MARKERS = (
-    ("folder", "classes.json + images/"),
-    ("cityscapes", "leftImg8bit/ + gtFine/"),
-    ("acdc", "rgb_anon/ + gt/"),
-    ("camvid", "train/ + trainannot/ (or another <split>/ + <split>annot/)"),
-)
+
+@dataclass(frozen=True)
+class DatasetFormat:
+    """One dataset layout: how to recognise it and how to open a split. A new format is one
+    :func:`register_format` call."""
+
+    name: str
+    layout: str  # what detection looks for, for messages
+    detect: Callable[[Path], bool]
+    open: Callable[[Path, str, Iterable[str] | str | None], PairedDataset]
+    takes_conditions: bool = False
+
+
+DATASET_FORMATS: dict[str, DatasetFormat] = {}
+
+
+def register_format(fmt: DatasetFormat) -> DatasetFormat:
+    DATASET_FORMATS[fmt.name] = fmt
+    return fmt
+
+
+register_format(DatasetFormat(
+    "folder", "classes.json + images/",
+    lambda root: (root / CLASSES_FILE).is_file() and (root / "images").is_dir(),
+    lambda root, split, conditions: FolderDataset(root, split)))
+register_format(DatasetFormat(
+    "cityscapes", "leftImg8bit/ + gtFine/",
+    lambda root: (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir(),
+    lambda root, split, conditions: CityscapesDataset(root, split)))
+register_format(DatasetFormat(
+    "acdc", "rgb_anon/ + gt/",
+    lambda root: (root / "rgb_anon").is_dir() and (root / "gt").is_dir(),
+    ACDCDataset, takes_conditions=True))
+register_format(DatasetFormat(
+    "camvid", "train/ + trainannot/ (or another <split>/ + <split>annot/)",
+    lambda root: bool(_camvid_splits(root)),
+    lambda root, split, conditions: CamVidDataset(root, split)))
+
+FORMATS = ("auto", *DATASET_FORMATS)  # the --format choices
 
 
 def detect_format(root: str | Path) -> str:
@@ -286,16 +319,10 @@ def detect_format(root: str | Path) -> str:
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; check the path")
-    found = {
-        "folder": (root / CLASSES_FILE).is_file() and (root / "images").is_dir(),
-        "cityscapes": (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir(),
-        "acdc": (root / "rgb_anon").is_dir() and (root / "gt").is_dir(),
-        "camvid": bool(_camvid_splits(root)),
-    }
-    matches = [name for name, hit in found.items() if hit]
+    matches = [name for name, fmt in DATASET_FORMATS.items() if fmt.detect(root)]
     if len(matches) == 1:
         return matches[0]
-    looked = "; ".join(f"{desc} ({name})" for name, desc in _MARKERS)
+    looked = "; ".join(f"{fmt.layout} ({name})" for name, fmt in DATASET_FORMATS.items())
     if not matches:
         raise DataError(
             f"{root}: cannot tell the dataset format, looked for {looked}; fix the layout or pass the format"
@@ -319,13 +346,7 @@ def open_dataset(
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; check the path")
-    fmt = detect_format(root) if format == "auto" else format
-    if conditions is not None and fmt != "acdc":
-        raise DataError(f"{root}: conditions apply only to ACDC, but this is a {fmt} dataset; drop the conditions")
-    if fmt == "folder":
-        return FolderDataset(root, split)
-    if fmt == "cityscapes":
-        return CityscapesDataset(root, split)
-    if fmt == "acdc":
-        return ACDCDataset(root, split, conditions)
-    return CamVidDataset(root, split)
+    fmt = DATASET_FORMATS[detect_format(root) if format == "auto" else format]
+    if conditions is not None and not fmt.takes_conditions:
+        raise DataError(f"{root}: conditions apply only to ACDC, but this is a {fmt.name} dataset; drop the conditions")
+    return fmt.open(root, split, conditions)

@@ -1,293 +1,27 @@
-"""Dataset and mask-store statistics: class frequencies, instance counts and sizes, per-class
-uncertainty, and pictures of them (the paper's Figures 1, 2 and 4), drawn with OpenCV.
+"""Presentation of :mod:`iumask.stats` results: rich tables, and pictures (the paper's Figures 1,
+2 and 4) drawn with OpenCV.
 
-* :func:`label_statistics` counts over a dataset's labels (pure counting, JSON-able output);
-  class-weight computation (e.g. median frequency balancing) reads its per-class
-  ``pixels`` and ``pixels_in_images_containing``.
-* :func:`cached_label_statistics` computes that once per dataset content and options and keeps
-  it in a JSON cache outside the dataset folder (which may be read-only).
-* :func:`mask_statistics` gives per-class mean IU and entropy of a mask store.
+* :func:`statistics_table` and :func:`print_statistics` show the ``iumask stats`` result.
 * :func:`class_histogram_png` and :func:`mask_gallery_png` draw PNGs.
-* :func:`write_statistics` is the ``iumask stats`` command.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
-import os
-import tempfile
 from pathlib import Path
-from typing import Any
 
 import cv2
 import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from iumask.core import label_instances
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
-from iumask.progress import console, progress_bar
-
-STATS_FORMAT_VERSION = 1
-CACHE_ENV = "IUMASK_CACHE"
-CACHE_SUBDIR = "label-statistics"
-STATS_FILE = "stats.json"
-HISTOGRAM_FILE = "class_histogram.png"
-GALLERY_FILE = "masks.png"
-STORE_FIX = "run iumask make-masks on this dataset"
-
-# Instance sizes go into log2 bins: bin k holds sizes in [2^k, 2^(k+1)). 63 bins cover int64.
-_SIZE_BINS = 63
 
 _FONT = cv2.FONT_HERSHEY_SIMPLEX
 _BLACK = (0, 0, 0)
 _WHITE = (255, 255, 255)
 _GREY = (110, 110, 110)
 _LIGHT = (225, 225, 225)
-
-
-# --------------------------------------------------------------------------------------------
-# label statistics
-
-
-def label_statistics(dataset, connectivity: int = 8, size: tuple[int, int] | None = None) -> dict[str, Any]:
-    """Count class pixels, images and instances over every label of ``dataset``.
-
-    ``dataset`` has the :class:`~iumask.data.folder.FolderDataset` interface (``ids``,
-    ``classes``, ``read_label(i)``). ``size`` (H, W) resizes labels with nearest neighbour first
-    (as training at that size does). Instances are the connected components of one class
-    (:func:`iumask.label_instances`, ``connectivity`` 8 or 4); ignored pixels belong to none.
-
-    Returns a JSON-able dict (plain lists and numbers). Per class, in ``per_class`` (lists of C
-    entries, class order of ``classes.json``):
-
-    * ``pixels``: labelled pixels of the class; ``fraction``: ``pixels`` / all labelled pixels
-    * ``images``: images containing the class
-    * ``pixels_in_images_containing``: labelled pixels of the images containing the class, and
-      ``total_pixels_in_images_containing`` the same counting ignored pixels too (median
-      frequency balancing: ``freq_c = pixels_c / pixels_in_images_containing_c``)
-    * ``instances``; ``instance_size_mean``, ``_median``, ``_min``, ``_max`` (``None`` without
-      instances); ``instance_size_histogram``: counts per log2 bin, bin k holding sizes in
-      ``[2^k, 2^(k+1))`` (lower edges in the top-level ``instance_size_bins``)
-
-    and over the dataset ``num_images``, ``total_pixels``, ``ignored_pixels``, ``labelled_pixels``.
-    """
-    if connectivity not in (4, 8):
-        raise IumaskError(f"connectivity must be 4 or 8, got {connectivity}")
-    classes = dataset.classes
-    num_classes, ignore = classes.num_classes, classes.ignore_index
-    pixels = np.zeros(num_classes, dtype=np.int64)
-    images = np.zeros(num_classes, dtype=np.int64)
-    in_images = np.zeros(num_classes, dtype=np.int64)
-    total_in_images = np.zeros(num_classes, dtype=np.int64)
-    histogram = np.zeros((num_classes, _SIZE_BINS), dtype=np.int64)
-    sizes_parts, classes_parts = [], []
-    total = 0
-    n = len(dataset.ids)
-    with progress_bar() as progress:
-        task = progress.add_task("label statistics", total=n, info="")
-        for i in range(n):
-            label = _resized_label(dataset.read_label(i), size)
-            counts = _class_counts(label, num_classes)
-            labelled = int(counts.sum())
-            present = counts > 0
-            pixels += counts
-            images += present
-            in_images += np.where(present, labelled, 0)
-            total_in_images += np.where(present, label.size, 0)
-            total += label.size
-
-            instances, instance_class = label_instances(label, num_classes, connectivity, ignore)
-            sizes = np.bincount(instances.ravel(), minlength=len(instance_class))[1:]
-            owner = np.asarray(instance_class[1:], dtype=np.int64)
-            bins = np.frexp(sizes.astype(np.float64))[1] - 1  # floor(log2(size)), exact
-            histogram += np.bincount(owner * _SIZE_BINS + bins,
-                                     minlength=num_classes * _SIZE_BINS).reshape(num_classes, _SIZE_BINS)
-            sizes_parts.append(sizes.astype(np.int64))
-            classes_parts.append(owner)
-            progress.update(task, advance=1)
-
-    sizes = np.concatenate(sizes_parts) if sizes_parts else np.zeros(0, dtype=np.int64)
-    owners = np.concatenate(classes_parts) if classes_parts else np.zeros(0, dtype=np.int64)
-    order = np.argsort(owners, kind="stable")
-    by_class = np.split(sizes[order], np.cumsum(np.bincount(owners, minlength=num_classes))[:-1])
-    used_bins = max(1, int(np.flatnonzero(histogram.any(axis=0)).max(initial=-1)) + 1)
-    labelled_total = int(pixels.sum())
-
-    def size_stat(fn):
-        return [None if len(s) == 0 else _py(fn(s)) for s in by_class]
-
-    return {
-        "format_version": STATS_FORMAT_VERSION,
-        "num_images": n,
-        "num_classes": num_classes,
-        "class_names": list(classes.names),
-        "ignore_index": ignore,
-        "connectivity": connectivity,
-        "size": None if size is None else [int(size[0]), int(size[1])],
-        "total_pixels": int(total),
-        "ignored_pixels": int(total - labelled_total),
-        "labelled_pixels": labelled_total,
-        "instance_size_bins": [1 << k for k in range(used_bins)],
-        "per_class": {
-            "pixels": pixels.tolist(),
-            "fraction": (pixels / labelled_total if labelled_total else np.zeros(num_classes)).tolist(),
-            "images": images.tolist(),
-            "pixels_in_images_containing": in_images.tolist(),
-            "total_pixels_in_images_containing": total_in_images.tolist(),
-            "instances": [len(s) for s in by_class],
-            "instance_size_mean": size_stat(lambda s: float(s.mean())),
-            "instance_size_median": size_stat(lambda s: float(np.median(s))),
-            "instance_size_min": size_stat(lambda s: int(s.min())),
-            "instance_size_max": size_stat(lambda s: int(s.max())),
-            "instance_size_histogram": histogram[:, :used_bins].tolist(),
-        },
-    }
-
-
-def _resized_label(label: np.ndarray, size: tuple[int, int] | None) -> np.ndarray:
-    return label if size is None else resize_label(label, size)
-
-
-def _class_counts(label: np.ndarray, num_classes: int) -> np.ndarray:
-    """Pixels of each class 0..C-1 (other values, i.e. the ignore label, are not counted)."""
-    values = label.ravel()
-    if label.dtype == np.uint8:  # no masking pass: every value counts, then all but the classes are cut
-        return np.bincount(values, minlength=max(256, num_classes))[:num_classes].astype(np.int64)
-    return np.bincount(values[values < num_classes], minlength=num_classes)[:num_classes].astype(np.int64)
-
-
-def _py(value):
-    return value.item() if isinstance(value, np.generic) else value
-
-
-# --------------------------------------------------------------------------------------------
-# cache
-
-
-def default_cache_dir() -> Path:
-    """``$IUMASK_CACHE`` if set, else ``~/.cache/iumask``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "iumask"
-
-
-def cached_label_statistics(
-    dataset,
-    cache_dir: str | Path | None = None,
-    connectivity: int = 8,
-    size: tuple[int, int] | None = None,
-    fingerprint: str | None = None,
-    refresh: bool = False,
-) -> dict[str, Any]:
-    """:func:`label_statistics`, computed once per dataset content and options.
-
-    The result is cached as JSON in ``<cache_dir>/label-statistics/`` (``cache_dir`` defaults
-    to :func:`default_cache_dir`), keyed by ``dataset.fingerprint()`` (which changes when any
-    image, label or classes.json changes) and the options. Pass ``fingerprint`` if already known.
-    A cache that cannot be written only costs a warning; ``refresh`` recomputes.
-    """
-    key = {
-        "format_version": STATS_FORMAT_VERSION,
-        "dataset_fingerprint": fingerprint or dataset.fingerprint(),
-        "connectivity": int(connectivity),
-        "size": None if size is None else [int(size[0]), int(size[1])],
-    }
-    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:32]
-    folder = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    path = folder / CACHE_SUBDIR / f"{digest}.json"
-    if not refresh:
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("stats"), dict):
-                return cached["stats"]
-        except (OSError, ValueError):
-            pass  # missing, unreadable or corrupt: recompute
-    stats = label_statistics(dataset, connectivity=connectivity, size=size)
-    try:
-        _write_json(path, {"key": key, "stats": stats})
-    except OSError as exc:
-        console.print(f"[yellow]warning:[/yellow] cannot cache label statistics in {path.parent} "
-                      f"({exc.strerror or exc}); set {CACHE_ENV} to a writable folder", highlight=False)
-    return stats
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomic write with a unique temporary name (concurrent writers of one cache entry are safe)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-# --------------------------------------------------------------------------------------------
-# mask statistics
-
-
-def mask_statistics(store) -> dict[str, Any]:
-    """Per-class mean IU and mean entropy of a :class:`~iumask.store.MaskStore`.
-
-    A pixel's class is the store's ``prediction`` (the ensemble's argmax; the store keeps it
-    also when the IU was made from labels). Per class (``per_class``, C entries): ``pixels``,
-    ``fraction``, ``mean_iu``, ``mean_entropy`` (``None`` for a class never predicted);
-    overall ``mean_entropy``, ``mean_iu``, ``max_entropy``, ``max_iu``. Every image must be complete.
-    """
-    identity = store.identity
-    names = list(identity["class_names"])
-    num_classes = len(names)
-    pixels = np.zeros(num_classes, dtype=np.int64)
-    iu_sum = np.zeros(num_classes, dtype=np.float64)
-    entropy_sum = np.zeros(num_classes, dtype=np.float64)
-    total = 0
-    total_iu = total_entropy = 0.0
-    max_iu = max_entropy = 0.0
-    with progress_bar() as progress:
-        task = progress.add_task("mask statistics", total=store.num_images, info="")
-        for i in range(store.num_images):
-            arrays = store.read(i)
-            pred = arrays["prediction"].ravel()
-            iu = arrays["instance_uncertainty"].ravel().astype(np.float64)
-            entropy = arrays["entropy"].ravel().astype(np.float64)
-            # argmax class ids 0..C-1 (uint16 beyond 256 classes): C bins, whatever was predicted
-            pixels += np.bincount(pred, minlength=num_classes)[:num_classes]
-            iu_sum += np.bincount(pred, weights=iu, minlength=num_classes)[:num_classes]
-            entropy_sum += np.bincount(pred, weights=entropy, minlength=num_classes)[:num_classes]
-            total += pred.size
-            total_iu += float(iu.sum())
-            total_entropy += float(entropy.sum())
-            max_iu = max(max_iu, float(iu.max(initial=0.0)))
-            max_entropy = max(max_entropy, float(entropy.max(initial=0.0)))
-            progress.update(task, advance=1)
-
-    def mean(sums):
-        return [float(s / p) if p else None for s, p in zip(sums, pixels)]
-
-    return {
-        "format_version": STATS_FORMAT_VERSION,
-        "store": str(store.path),
-        "num_images": store.num_images,
-        "class_names": names,
-        "class_source": "prediction",
-        "options": identity.get("options"),
-        "total_pixels": int(total),
-        "mean_entropy": total_entropy / total if total else None,
-        "mean_iu": total_iu / total if total else None,
-        "max_entropy": max_entropy,
-        "max_iu": max_iu,
-        "per_class": {
-            "pixels": pixels.tolist(),
-            "fraction": (pixels / total if total else np.zeros(num_classes)).tolist(),
-            "mean_iu": mean(iu_sum),
-            "mean_entropy": mean(entropy_sum),
-        },
-    }
 
 
 # --------------------------------------------------------------------------------------------
@@ -364,7 +98,7 @@ def class_histogram_png(
     bar_width: int = 34,
     plot_height: int = 320,
 ) -> Path:
-    """Bar chart of the pixels per class of :func:`label_statistics` ``stats`` (the paper's
+    """Bar chart of the pixels per class of :func:`iumask.stats.label_statistics` ``stats`` (the paper's
     Figure 4): bars in the class colours (``classes``: a ClassInfo), largest first when ``sort``,
     on a log scale when ``log_scale``, class names written vertically below the bars and each
     class's share of labelled pixels above its bar. Returns ``path``."""
@@ -583,52 +317,12 @@ def _class_legend(classes, width: int) -> np.ndarray:
         _put(legend, name, x + swatch + 4, y + swatch - 1, scale)
     return legend
 
-
 # --------------------------------------------------------------------------------------------
-# the `iumask stats` command
-
-
-def write_statistics(
-    data_root: str | Path,
-    out: str | Path,
-    split: str = "train",
-    store_path: str | Path | None = None,
-    connectivity: int = 8,
-    cache_dir: str | Path | None = None,
-    format: str = "auto",
-    conditions: tuple[str, ...] | None = None,
-) -> dict[str, Any]:
-    """Write ``stats.json`` and ``class_histogram.png`` (and, with a mask store, ``masks.png``)
-    into ``out``; return the stats.json content. A store must have been made from this split."""
-    from iumask.data.formats import open_dataset
-    from iumask.store import MaskStore
-
-    dataset = open_dataset(data_root, split, format, conditions)
-    store = MaskStore.open(store_path) if store_path is not None else None
-    fingerprint = dataset.fingerprint()
-    if store is not None:
-        store.check_identity({"image_ids": dataset.ids, "dataset_fingerprint": fingerprint}, fix=STORE_FIX)
-    labels = cached_label_statistics(dataset, cache_dir, connectivity=connectivity, fingerprint=fingerprint)
-    result = {
-        "dataset": {"root": str(Path(data_root).resolve()), "split": split, "fingerprint": fingerprint},
-        "labels": labels,
-        "masks": mask_statistics(store) if store is not None else None,
-    }
-    out = Path(out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / STATS_FILE, result)
-    except OSError as exc:
-        raise IumaskError(f"{out}: cannot write the statistics ({exc.strerror}); "
-                          "choose a writable --out folder") from None
-    class_histogram_png(labels, dataset.classes, out / HISTOGRAM_FILE)
-    if store is not None:
-        mask_gallery_png(dataset, store, out / GALLERY_FILE)
-    return result
+# tables
 
 
 def statistics_table(result: dict) -> Table:
-    """A rich table of :func:`write_statistics`' result: one row per class."""
+    """A rich table of :func:`iumask.stages.stats.write_statistics`' result: one row per class."""
     labels, masks = result["labels"], result.get("masks")
     per = labels["per_class"]
     title = (f"{result['dataset']['split']}: {labels['num_images']} images, "

@@ -1,0 +1,408 @@
+"""Configuration objects: every option of every stage, validated once, when the object is made.
+
+Each group is a frozen dataclass whose ``__post_init__`` normalises and checks its fields and
+raises :class:`IumaskError` naming the option (as the CLI spells it) and the fix, so a bad value
+stops a command before any work. Stages take these objects; the CLI and a config file only build
+them. Choices are :class:`enum.Enum` subclasses of ``str``, so ``--help`` lists them and typer
+rejects other values; the objects store the plain string (``value``), which is what manifests
+record.
+
+An artifact's identity (what a cache hit compares) is built by :func:`artifact_identity` from the
+groups it depends on, through each group's ``identity()``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field, replace
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+from iumask.data.augment import JointAugment
+from iumask.data.folder import PairedDataset
+from iumask.data.formats import ACDC_CONDITIONS, FORMATS, open_dataset
+from iumask.errors import IumaskError
+from iumask.models import DEFAULT_ENCODERS, check_encoder
+
+FORMAT_VERSION = 1  # of member manifests and results files
+
+
+class Choice(str, Enum):
+    """A closed set of option values (``str`` so that it compares equal to, and prints as, its value)."""
+
+    def __str__(self) -> str:
+        return self.value
+
+
+Format = Choice("Format", {name: name for name in FORMATS})
+Format.__doc__ = "Dataset layout (auto detects it)."
+
+
+class InstanceSource(Choice):
+    PREDICTION = "prediction"
+    LABEL = "label"
+
+
+class Connectivity(Choice):
+    FOUR = "4"
+    EIGHT = "8"
+
+
+class ClassWeighting(Choice):
+    NONE = "none"
+    INVERSE = "inverse"
+    MEDIAN = "median"
+
+
+class Amp(Choice):
+    OFF = "off"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Resolution(Choice):
+    NATIVE = "native"
+    TRAIN = "train"
+
+
+class Inference(Choice):
+    RESIZE = "resize"
+    SLIDE = "slide"
+
+
+class UncertaintyKind(Choice):
+    ENSEMBLE = "ensemble"
+    MC_DROPOUT = "mc-dropout"
+
+
+def choice(enum: type[Choice], value: Any, option: str) -> str:
+    """``value`` (an enum member or its string) as a plain string, or an error naming ``option``."""
+    text = value.value if isinstance(value, Enum) else str(value)
+    allowed = [member.value for member in enum]
+    if text not in allowed:
+        raise IumaskError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
+    return text
+
+
+def json_normal(value: Any) -> Any:
+    """Tuples → lists, enums → strings, paths → strings: what a JSON round trip gives back."""
+    def default(obj: Any) -> Any:
+        if isinstance(obj, Enum):
+            return obj.value
+        if isinstance(obj, Path):
+            return str(obj)
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+    return json.loads(json.dumps(value, default=default))
+
+
+def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:
+    """``"768x768"`` → (768, 768); None or "" → None."""
+    if not text:
+        return None
+    try:
+        h, w = (int(v) for v in str(text).lower().split("x"))
+    except ValueError:
+        raise IumaskError(f"{option} {text!r}: write it as HxW, e.g. 768x768") from None
+    return _checked_size((h, w), option)
+
+
+def _checked_size(size, option: str) -> tuple[int, int] | None:
+    if size is None:
+        return None
+    if isinstance(size, str):
+        return parse_size(size, option)
+    try:
+        h, w = (int(v) for v in size)
+    except (TypeError, ValueError):
+        raise IumaskError(f"{option} {size!r}: give (height, width), e.g. 768x768") from None
+    if h < 16 or w < 16:
+        raise IumaskError(f"{option} {h}x{w}: both sides must be at least 16 pixels")
+    return h, w
+
+
+def _at_least(value, low, option: str, what: str = "") -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
+        raise IumaskError(f"{option} must be {what or f'a number >= {low}'}, got {value!r}")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data is and how to read it: ``--data``, ``--format``, ``--conditions``, ``--size``
+    and the split names."""
+
+    root: Path
+    train_split: str = "train"
+    val_split: str = "val"
+    size: tuple[int, int] | None = None  # (H, W); None keeps each image's own size
+    format: str = "auto"
+    conditions: tuple[str, ...] | None = None  # ACDC only
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        object.__setattr__(self, "size", _checked_size(self.size, "--size"))
+        object.__setattr__(self, "format", choice(Format, self.format, "--format"))
+        conditions = self.conditions
+        if isinstance(conditions, str):
+            conditions = [c.strip() for c in conditions.split(",") if c.strip()]
+        conditions = tuple(conditions) if conditions else None
+        unknown = [c for c in conditions or () if c not in ACDC_CONDITIONS]
+        if unknown:
+            raise IumaskError(f"--conditions: unknown ACDC condition(s) {', '.join(unknown)}; "
+                              f"choose from {', '.join(ACDC_CONDITIONS)}")
+        object.__setattr__(self, "conditions", conditions)
+        for name in ("train_split", "val_split"):
+            if not getattr(self, name) or "/" in getattr(self, name):
+                raise IumaskError(f"--{name.replace('_', '-')}: give a split name such as train or val")
+
+    def open(self, split: str) -> PairedDataset:
+        return open_dataset(self.root, split, self.format, self.conditions)
+
+    def with_size(self, size: tuple[int, int] | None) -> DataConfig:
+        return replace(self, size=size)
+
+    def with_train_split(self, split: str) -> DataConfig:
+        return replace(self, train_split=split)
+
+    def source(self, split: str) -> dict:
+        """What a manifest records to reopen a split later (e.g. for the PAvPU threshold)."""
+        return {"root": str(self.root.resolve()), "split": split, "format": self.format,
+                "conditions": list(self.conditions) if self.conditions else None}
+
+    def identity(self) -> dict:
+        return {"root": str(self.root.resolve()), "train_split": self.train_split, "val_split": self.val_split,
+                "size": list(self.size) if self.size else None, "format": self.format,
+                "conditions": list(self.conditions) if self.conditions else None}
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Training augmentation (``--augment/--no-augment``, ``--scale``, ``--crop``, ``--flip``, ``--jitter``)."""
+
+    enabled: bool = True
+    scale: tuple[float, float] = (0.5, 2.0)
+    crop: tuple[int, int] | None = None
+    flip: bool = True
+    jitter: float = 0.2
+
+    def __post_init__(self) -> None:
+        scale = self.scale
+        if isinstance(scale, str):
+            try:
+                scale = tuple(float(v) for v in scale.split(","))
+            except ValueError:
+                raise IumaskError(f"--scale {self.scale!r}: write it as MIN,MAX, e.g. 0.5,2.0") from None
+        if len(scale) != 2:
+            raise IumaskError(f"--scale {self.scale!r}: write it as MIN,MAX, e.g. 0.5,2.0")
+        object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
+        object.__setattr__(self, "crop", _checked_size(self.crop, "--crop"))
+        if self.enabled:
+            JointAugment.from_options(self.options())  # its checks, once, before any work
+
+    def options(self) -> dict | None:
+        """The :class:`JointAugment` options, or None when augmentation is off."""
+        if not self.enabled:
+            return None
+        return {"scale": list(self.scale), "crop": list(self.crop) if self.crop else None, "flip": self.flip,
+                "jitter": self.jitter}
+
+    def transform(self, ignore_index: int) -> JointAugment | None:
+        options = self.options()
+        return None if options is None else JointAugment.from_options(options, ignore_index=ignore_index)
+
+
+# ----------------------------------------------------------------------------- models and training
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The members: one DeepLabV3+ per ``--encoder`` and their initialisation (``--encoder-weights``)."""
+
+    encoders: tuple[str, ...] = DEFAULT_ENCODERS
+    encoder_weights: str | None = None  # None (random), "imagenet", or a local state-dict file
+
+    def __post_init__(self) -> None:
+        encoders = (self.encoders,) if isinstance(self.encoders, str) else tuple(self.encoders or ())
+        if not encoders:
+            raise IumaskError("--encoder: give at least one encoder")
+        for encoder in encoders:
+            check_encoder(encoder)
+        object.__setattr__(self, "encoders", encoders)
+        weights = self.encoder_weights
+        weights = None if weights in (None, "", "none") else str(weights)
+        if weights not in (None, "imagenet") and not Path(weights).is_file():
+            raise IumaskError(f"--encoder-weights {weights}: file not found; give an existing file, 'imagenet' "
+                              "or 'none'")
+        object.__setattr__(self, "encoder_weights", weights)
+
+    @property
+    def names(self) -> list[str]:
+        """Member folder names: the encoder, with ``-2``, ``-3`` for repeats."""
+        names, seen = [], {}
+        for encoder in self.encoders:
+            seen[encoder] = seen.get(encoder, 0) + 1
+            names.append(encoder if seen[encoder] == 1 else f"{encoder}-{seen[encoder]}")
+        return names
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings; defaults are the authors' (docs/method.md §9) except where noted."""
+
+    epochs: int = 60
+    batch_size: int = 2
+    lr: float | None = None  # None: 1e-3 for MobileNet encoders, 1e-4 otherwise (authors)
+    backbone_lr_factor: float = 0.1
+    weight_decay: float = 1e-4
+    poly_power: float = 0.9
+    seed: int = 0
+    num_workers: int = 0
+    amp: str = "off"  # off, bf16 or fp16 autocast (CUDA only; see iumask.engine.resolve_amp)
+    # Steps between mid-epoch checkpoints (0: only at epoch ends). Not part of the result's
+    # identity: resuming is exact wherever the checkpoint was taken.
+    checkpoint_every: int = 500
+
+    def __post_init__(self) -> None:
+        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("checkpoint_every", 0),
+                          ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                option = "--workers" if name == "num_workers" else f"--{name.replace('_', '-')}"
+                raise IumaskError(f"{option} must be an integer >= {low}, got {value!r}")
+        if self.lr is not None:
+            _at_least(self.lr, 0, "--lr", "a positive learning rate")
+            if self.lr == 0:
+                raise IumaskError("--lr must be a positive learning rate, got 0")
+        _at_least(self.backbone_lr_factor, 0, "--backbone-lr-factor")
+        _at_least(self.weight_decay, 0, "--weight-decay")
+        _at_least(self.poly_power, 0, "poly_power")
+        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
+
+    def lr_for(self, encoder: str) -> float:
+        if self.lr is not None:
+            return self.lr
+        return 1e-3 if "mobilenet" in encoder else 1e-4
+
+    def identity(self) -> dict:
+        """The options the trained weights depend on (recorded in manifests, compared for cache hits)."""
+        return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
+
+
+# TrainConfig fields that do not change the result.
+RUNTIME_OPTIONS = ("checkpoint_every",)
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    """The training loss: cross-entropy × (1 + IU)^γ (γ = ``--exponent``; 0 or no masks: plain CE),
+    optionally with class weights (``--class-weights``)."""
+
+    exponent: float = 2.0
+    class_weights: str = "none"
+
+    def __post_init__(self) -> None:
+        _at_least(self.exponent, 0, "--exponent", "a finite γ >= 0")
+        object.__setattr__(self, "exponent", float(self.exponent))
+        object.__setattr__(self, "class_weights", choice(ClassWeighting, self.class_weights, "--class-weights"))
+
+    def plain(self) -> LossConfig:
+        """The same class weighting without IU weighting (the baseline's loss)."""
+        return replace(self, exponent=0.0)
+
+
+# ----------------------------------------------------------------------------- masks and evaluation
+
+
+@dataclass(frozen=True)
+class MaskConfig:
+    """How IU masks are made (make-masks, online training): the uncertainty source, the instances
+    (``--instances-from``, ``--connectivity``) and the entropy (``--normalize``)."""
+
+    instances_from: str = "prediction"
+    connectivity: int = 8
+    normalize: bool = False
+    source: str = "ensemble"
+    passes: int = 8  # MC dropout: stochastic forward passes per image
+    batch_size: int = 4
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
+        object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
+        object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
+        for name, low in (("passes", 2), ("batch_size", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise IumaskError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+
+    def identity(self) -> dict:
+        """The mask options a store records (the source only when it is not the default ensemble,
+        so stores of earlier versions keep their identity)."""
+        out = {"connectivity": self.connectivity, "instances_from": self.instances_from, "normalize": self.normalize}
+        if self.source != UncertaintyKind.ENSEMBLE.value:
+            out.update(source=self.source, passes=self.passes)
+        return out
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    """How models are scored: the split, PAvPU's threshold, window and stride, and the resolution."""
+
+    split: str = "val"
+    pavpu_threshold: float | None = None  # None: the model's training-set mean entropy
+    pavpu_window: int = 4
+    pavpu_stride: int | None = None  # None: the window (non-overlapping patches)
+    resolution: str = "native"
+    inference: str = "resize"
+
+    def __post_init__(self) -> None:
+        for name in ("pavpu_window", "pavpu_stride"):
+            value = getattr(self, name)
+            if value is None and name == "pavpu_stride":
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise IumaskError(f"--{name.replace('_', '-')} must be at least 1 pixel, got {value!r}")
+        if self.pavpu_threshold is not None:
+            _at_least(self.pavpu_threshold, 0, "--pavpu-threshold", "a finite entropy >= 0")
+        object.__setattr__(self, "resolution", choice(Resolution, self.resolution, "--resolution"))
+        object.__setattr__(self, "inference", choice(Inference, self.inference, "--inference"))
+
+    def identity(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- all stages
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Every stage of ``iumask run``. With ``synthetic`` (the generator's arguments, ``{}`` for its
+    defaults) the embedded synthetic dataset is written to ``data.root`` first."""
+
+    out: Path
+    data: DataConfig
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(("mobilenet_v2", "resnet18", "resnet34")))
+    train: TrainConfig = field(default_factory=TrainConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    online: bool = False  # stage 3 trains the members jointly with on-the-fly masks (no stage 2)
+    device: str = "auto"
+    overwrite: bool = False
+    synthetic: dict | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "out", Path(self.out))
+
+
+def artifact_identity(stage: str, **parts: Any) -> dict:
+    """The inputs an artifact depends on, as compared for a cache hit: ``format_version``,
+    ``stage`` and ``parts`` (config objects turned into their ``identity()``), JSON-normal."""
+    out: dict[str, Any] = {"format_version": FORMAT_VERSION, "stage": stage}
+    for key, value in parts.items():
+        out[key] = value.identity() if hasattr(value, "identity") else value
+    return json_normal(out)

@@ -1,0 +1,179 @@
+"""Stage 4, evaluate: per-class IoU, mIoU, pixel accuracy and PAvPU of models or ensembles on a
+split (docs/method.md §8), and the results files (JSON + CSV, merged across runs).
+
+The PAvPU threshold defaults to the evaluated model's training-set mean pixel entropy, computed
+once and cached in its manifest with the weights it belongs to (:mod:`iumask.artifacts`).
+"""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+
+from iumask.artifacts import (
+    MANIFEST_FILE,
+    atomic_write,
+    cache_threshold,
+    cached_threshold,
+    read_json,
+    resolve_models,
+    threshold_record,
+    write_json_atomic,
+)
+from iumask.config import DataConfig, EvalConfig, json_normal
+from iumask.core import SegmentationMetrics, pixel_entropy
+from iumask.data.folder import SegmentationDataset
+from iumask.data.formats import open_dataset
+from iumask.engine import resolve_device
+from iumask.errors import IumaskError
+from iumask.progress import console, progress_bar
+from iumask.uncertainty import UncertaintySource, check_models, load_source
+
+# What tells results apart in a results file: evaluating the same model on the same data, split
+# and resolution again replaces its entry; anything else is added beside the earlier entries.
+RESULT_KEY = ("path", "data", "split", "resolution", "inference")
+
+
+@torch.no_grad()
+def predict_split(source: UncertaintySource, dataset: SegmentationDataset, device: torch.device, label: str,
+                  metrics: SegmentationMetrics | None, inference: str = "resize") -> float:
+    """Run ``source`` over a dataset; feed ``metrics``; return the mean pixel entropy."""
+    total, pixels = 0.0, 0
+    loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1)
+    with progress_bar() as progress:
+        task = progress.add_task(label, total=len(dataset), info="")
+        for batch in loader:
+            probs = source.probs(batch["image"].to(device), inference)
+            entropy = pixel_entropy(probs).cpu()
+            total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
+            if metrics is not None:
+                metrics.update(probs.argmax(1).cpu(), batch["label"], entropy)
+            progress.update(task, advance=len(batch["index"]))
+    return total / max(pixels, 1)
+
+
+def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device) -> float:
+    """The model's training-set mean pixel entropy (the default PAvPU threshold), cached in its
+    manifest (member manifest.json or ensemble.json) with the weights it belongs to, once computed.
+    A manifest that cannot be written (read-only folder) only loses the cache: a warning."""
+    weights = [m["weights_sha256"] for m in source.manifests]
+    cached = cached_threshold(model_path, weights)
+    if cached is not None:
+        return cached
+    record = threshold_record(model_path)
+    train = read_json(record, "model manifest").get("train_data") or source.manifests[0].get("train_data")
+    if not train or not Path(train["root"]).is_dir():
+        raise IumaskError(f"{record}: the model's training data is not available to compute the PAvPU "
+                          "threshold; pass --pavpu-threshold")
+    dataset = SegmentationDataset(
+        open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), source.size)
+    mean = predict_split(source, dataset, device, "train-set entropy", None)
+    try:
+        cache_threshold(model_path, weights, mean)
+    except IumaskError as exc:
+        console.print(f"[yellow]warning[/yellow]: PAvPU threshold not cached ({exc})", highlight=False)
+    return mean
+
+
+def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = EvalConfig(),
+             device: str = "auto") -> list[dict]:
+    """Per-class IoU, mIoU and PAvPU of each model (or ensemble) on ``data``'s ``options.split``.
+
+    ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
+    (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
+    and upsample the logits, or ``slide`` windows over the full-resolution image);
+    ``"train"`` resizes images and labels (nearest) to the training size.
+    """
+    dev = resolve_device(device)
+    folder = data.open(options.split)
+    folder.check_headers()
+    for model_path in model_paths:  # every model usable before the first is evaluated
+        check_models(model_path, folder)
+    results = []
+    for model_path in model_paths:
+        source = load_source(model_path, "ensemble", dev)
+        threshold = options.pavpu_threshold
+        if threshold is None:
+            threshold = train_mean_entropy(model_path, source, dev)
+        metrics = SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index,
+                                      pavpu_window=options.pavpu_window, pavpu_threshold=threshold,
+                                      pavpu_stride=options.pavpu_stride)
+        name = display_name(source.manifests)
+        eval_size = source.size if options.resolution == "train" else None
+        predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
+                      inference=options.inference)
+        size = source.size
+        results.append({"model": name, "path": str(Path(model_path).resolve()), "split": options.split,
+                        "data": str(data.root.resolve()), "classes": list(folder.classes.names),
+                        "image_size": list(size) if size else None, "resolution": options.resolution,
+                        "inference": options.inference if size and options.resolution == "native" else None,
+                        **metrics.compute()})
+    return results
+
+
+def display_name(manifests: list[dict]) -> str:
+    """E.g. ``baseline mobilenet_v2``, ``baseline+inverse mobilenet_v2``, ``weighted ensemble``."""
+    stage = manifests[0].get("stage", "model")
+    weighting = manifests[0].get("loss", {}).get("class_weights", "none")
+    if weighting != "none":
+        stage = f"{stage}+{weighting}"
+    if len(manifests) > 1:
+        return f"{stage} ensemble"
+    return f"{stage} {manifests[0].get('name', manifests[0]['encoder'])}"
+
+
+def merge_results(json_path: Path, results: list[dict]) -> tuple[list[dict], int, int]:
+    """``results`` merged into those already in ``json_path`` (if any): returns the merged list,
+    the number of earlier entries kept and replaced. Refuses a file that is not an iumask results
+    file or holds results over other classes (one CSV header serves all rows)."""
+    if not json_path.exists():
+        return results, 0, 0
+    previous = read_json(json_path, "results file")
+    if not isinstance(previous.get("results"), list):
+        raise IumaskError(f"{json_path}: not an iumask results file, so it is not replaced; choose another --output")
+    new_keys = {tuple(r.get(k) for k in RESULT_KEY) for r in results}
+    kept = [r for r in previous["results"] if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
+    if kept and results and any(r.get("classes") != results[0]["classes"] for r in kept):
+        raise IumaskError(f"{json_path}: holds results over other classes; choose another --output to keep both")
+    return kept + results, len(kept), len(previous["results"]) - len(kept)
+
+
+def write_results(results: list[dict], json_path: Path, identity: dict | None = None) -> Path:
+    """Results as JSON and, beside it, a CSV with one row per model (both written atomically)."""
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(json_path, {"identity": identity, "results": results})
+    csv_path = json_path.with_suffix(".csv")
+    classes = results[0]["classes"] if results else []
+    header = ["model", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
+              "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold"]
+    with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(header)
+        for r in results:
+            row = [r["model"], r["split"], *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
+                   r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"]]
+            writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in row])
+    return csv_path
+
+
+def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, json_path: Path,
+                    device: str = "auto") -> list[dict]:
+    """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options."""
+    weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
+               for path in models for folder in resolve_models(path)]
+    identity = json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
+                            "split": options.split,
+                            "options": {"format": data.format,
+                                        "conditions": list(data.conditions) if data.conditions else None,
+                                        "evaluation": options.identity()}})
+    if json_path.is_file():
+        previous = read_json(json_path, "results file")
+        if previous.get("identity") == identity:
+            console.print(f"[green]cache hit[/green]: {json_path} holds these results")
+            return previous["results"]
+    results = evaluate(models, data, options, device)
+    write_results(results, json_path, identity)
+    return results

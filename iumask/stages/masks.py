@@ -1,0 +1,100 @@
+"""Stage 2, make-masks: pixel entropy, IU mask and prediction of every training image into a zarr
+store (docs/method.md §2, §3), from an ensemble or from one model with MC dropout.
+
+The store is opened, created or staged by :meth:`MaskStore.open_or_create` under its writer lock;
+an interrupted run resumes from the store's completion flags; a finished store with the same
+inputs is a cache hit; under torchrun each rank writes its share of the images.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from torch.utils.data import DataLoader
+
+from iumask import distributed
+from iumask.config import DataConfig, MaskConfig
+from iumask.core import instance_uncertainty, pixel_entropy
+from iumask.data.folder import SegmentationDataset
+from iumask.engine import resolve_device
+from iumask.errors import IumaskError
+from iumask.progress import console, progress_bar
+from iumask.store import MaskStore
+from iumask.uncertainty import check_models, load_source
+
+
+def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
+               overwrite: bool = False) -> MaskStore:
+    """Masks of every image of ``data.train_split`` into the store at ``store_path``; returns it
+    (opened read-only). ``model_path``: an ensemble.json or model folder (``masks.source``
+    ``ensemble``), or one model folder (``mc-dropout``, ``masks.passes`` passes per image)."""
+    dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
+    folder = data.open(data.train_split)
+    check_models(model_path, folder)  # members usable and of these classes, before the store is touched
+    folder.check_headers()
+    source = load_source(model_path, masks.source, dev, masks.passes)
+    dataset = SegmentationDataset(folder, source.size)
+    shapes = [list(dataset.sample_shape(i)) for i in range(len(folder))]
+    identity = {
+        "image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
+        "options": {**masks.identity(), "image_size": list(source.size) if source.size else None,
+                    "split": data.train_split, "ignore_index": folder.classes.ignore_index},
+        "member_sha256": source.member_sha256(),
+        "dataset_fingerprint": folder.fingerprint(),
+    }
+    # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
+    # --overwrite replacement is built beside the old store); the other ranks open what it opened.
+    writer = MaskStore.open_or_create(store_path, identity, overwrite=overwrite) if distributed.is_main() else None
+    try:
+        path = distributed.all_gather_object(writer.path if writer else None)[0]  # rank 0's
+        store = writer or MaskStore.open(path, mode="r+")
+        todo = [i for i, done in enumerate(store.completed()) if not done]
+        distributed.barrier()  # every rank has read the completion flags before any rank writes
+        if not todo:
+            console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
+        num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
+        # Same-shape batches only (images without --size may differ in size): batch size 1 then.
+        # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
+        step = masks.batch_size if source.size else 1
+        batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+        loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda")
+        with progress_bar() as progress:
+            task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
+            for batch in loader:
+                # MC dropout draws depend on the batch's first image (the same after a resume
+                # that batches images the same way).
+                probs = source.probs(batch["image"].to(dev), seed=int(batch["index"][0]))
+                entropy = pixel_entropy(probs, normalize=masks.normalize).cpu().numpy()
+                prediction = probs.argmax(1).cpu().numpy()  # int64: the store checks the range
+                labels = batch["label"].numpy()
+                for k, index in enumerate(batch["index"].tolist()):
+                    # In the store's dtype (uint8 up to 256 classes: instance_uncertainty's fast path)
+                    instances = (prediction[k].astype(store.prediction_dtype) if masks.instances_from == "prediction"
+                                 else labels[k])
+                    iu = instance_uncertainty(instances, entropy[k], num_classes, masks.connectivity, ignore)
+                    store.write(index, entropy[k], iu, prediction[k])
+                    progress.update(task, advance=distributed.world_size())  # rank 0 shows an estimate
+        distributed.barrier()  # every rank's images are written
+        if writer:
+            if not writer.attrs.get("finished"):
+                if not writer.completed().all():
+                    raise IumaskError(f"{store_path}: {int((~writer.completed()).sum())} images were not written; "
+                                      "rerun iumask make-masks to finish the store")
+                writer.set_attrs(mean_entropy=store_mean_entropy(writer), num_complete=writer.num_images,
+                                 finished=True, ensemble=str(Path(model_path).resolve()))
+            writer.commit()  # a finished --overwrite replacement takes the old store's place
+    finally:
+        if writer:
+            writer.close()
+    distributed.barrier()  # rank 0 has set the final attributes and swapped the store in
+    return MaskStore.open(store_path)  # fresh attributes on every rank
+
+
+def store_mean_entropy(store: MaskStore) -> float:
+    """Mean stored pixel entropy over all images (float64 sums of the float16 values)."""
+    total, pixels = 0.0, 0
+    for i in range(store.num_images):
+        entropy = store.read(i)["entropy"]
+        total, pixels = total + float(entropy.sum(dtype=np.float64)), pixels + entropy.size
+    return total / max(pixels, 1)

@@ -1,0 +1,349 @@
+"""The training stages: baseline (plain CE), weighted (IU masks from a store) and online (members
+trained jointly, masks computed every step). All three share the data preparation, the member
+folders and the engine's loop; only the loss and where the masks come from differ.
+
+* ``train_baseline``: one member per encoder, cross-entropy (docs/method.md §9).
+* ``train_weighted``: the same with CE·(1 + IU)^γ, each image's IU mask read from the store.
+* ``train_online`` (docs/method.md §5 item 2; paper section 4): every step, every member runs on
+  the same batch in train mode; p̄ is the mean of their *detached* softmax; its entropy is averaged
+  over the instances of the ensemble's prediction (or the label); each member's loss is
+  CE·(1 + IU)^γ with those masks. One ``checkpoint.pt`` holds all members; the time spent in the
+  members' passes and in the masks is recorded (``timing``).
+
+Each writes one folder per member and an ``ensemble.json``; a member whose manifest records the
+same inputs (and whose weights match their SHA-256) is a cache hit.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from iumask import distributed
+from iumask.artifacts import (
+    CHECKPOINT_FILE,
+    MANIFEST_FILE,
+    check_writable,
+    json_digest,
+    member_needs_training,
+    read_json,
+    write_ensemble,
+)
+from iumask.config import (
+    FORMAT_VERSION,
+    AugmentConfig,
+    DataConfig,
+    LossConfig,
+    MaskConfig,
+    ModelConfig,
+    TrainConfig,
+    UncertaintyKind,
+    artifact_identity,
+)
+from iumask.core import class_weights, instance_uncertainty_batch, mean_softmax, pixel_entropy
+from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, SegmentationDataset
+from iumask.engine import (
+    Precision,
+    fit,
+    make_member,
+    resolve_amp,
+    resolve_device,
+    seed_everything,
+    steps_per_epoch,
+    train_model,
+)
+from iumask.errors import IumaskError
+from iumask.losses import LossFn, build_loss
+from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, save_member
+from iumask.progress import console
+from iumask.stats import cached_label_statistics
+from iumask.store import MaskStore, StoreMaskReader
+
+ONLINE_STAGE = "online"
+
+
+# ----------------------------------------------------------------------------- shared preparation
+
+
+class TrainingInputs:
+    """What every train stage prepares before its first expensive step: the datasets (every file
+    header read), the class weights, the augmentation and the identity parts they contribute."""
+
+    def __init__(self, data: DataConfig, train: TrainConfig, loss: LossConfig, augment: AugmentConfig,
+                 masks: Path | None = None, valid_mask: bool = False):
+        train_folder = data.open(data.train_split)
+        val_folder = data.open(data.val_split)
+        self.classes = train_folder.classes
+        # Every file's header now, not a corrupt file after the first epoch.
+        shapes = train_folder.check_headers()
+        val_folder.check_headers()
+        if data.size is None and not (augment.enabled and augment.crop):
+            require_one_shape(train_folder, shapes)
+        self.fingerprint = train_folder.fingerprint()
+        weights = class_weight_values(train_folder, loss.class_weights, self.fingerprint)
+        self.loss = {"exponent": loss.exponent, "class_weights": loss.class_weights,
+                     "class_weight_values": None if weights is None else weights.tolist()}
+        transform = augment.transform(self.classes.ignore_index)
+        self.augmentation = None if transform is None else transform.describe()
+        mask_fn = StoreMaskReader(masks) if masks is not None else None
+        self.train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform,
+                                             seed=train.seed, valid_mask=valid_mask)
+        self.val_set = SegmentationDataset(val_folder, data.size)
+
+    def loss_fn(self, name: str, config: LossConfig) -> LossFn:
+        return build_loss(name, config, self.loss["class_weight_values"], self.classes.ignore_index)
+
+    def manifest_extras(self, data: DataConfig) -> dict:
+        """What every member manifest records beside its identity."""
+        return {"normalization": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD)},
+                "image_size": list(data.size) if data.size else None, "train_data": data.source(data.train_split)}
+
+    def ensemble_manifest(self, stage: str, names: list[str], data: DataConfig, **extra) -> dict:
+        return {"format_version": FORMAT_VERSION, "stage": stage, "members": names,
+                "classes": self.classes.to_dict(), "image_size": list(data.size) if data.size else None,
+                "train_data": data.source(data.train_split), **extra}
+
+
+def require_one_shape(folder: PairedDataset, shapes: list[tuple[int, int]]) -> None:
+    """Training batches stack samples, so without --size (or a crop) the images must share one size."""
+    first = shapes[0] if shapes else None
+    for i, shape in enumerate(shapes):
+        if shape != first:
+            raise IumaskError(
+                f"{folder.root}: the {folder.split} images differ in size ({folder.ids[0]} is {first[1]}x{first[0]}, "
+                f"{folder.ids[i]} is {shape[1]}x{shape[0]}, WxH); pass --size HxW to train at one size "
+                "(or --crop HxW with augmentation)")
+
+
+def class_weight_values(folder: PairedDataset, method: str, fingerprint: str) -> np.ndarray | None:
+    """Class weights from the training labels' counts (computed once per dataset, cached)."""
+    if method == "none":
+        return None
+    stats = cached_label_statistics(folder, fingerprint=fingerprint)["per_class"]
+    # Eigen & Fergus: all pixels of the images that contain c (as in CamVid's published weights).
+    return class_weights(stats["pixels"], method, stats["total_pixels_in_images_containing"])
+
+
+def _start(model: ModelConfig, train: TrainConfig, device: str) -> tuple[torch.device, TrainConfig, dict]:
+    """Join the process group (torchrun), settle the precision, hash a local encoder-weights file."""
+    dev = distributed.init(resolve_device(device))
+    return dev, resolve_amp(train, dev), encoder_weights_identity(model.encoder_weights)
+
+
+# ----------------------------------------------------------------------------- baseline and weighted
+
+
+def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelConfig, train: TrainConfig,
+                   loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
+                   masks: Path | None = None, extra_identity: dict | None = None) -> Path:
+    """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
+    dev, train, weights_identity = _start(model, train, device)
+    inputs = TrainingInputs(data, train, loss, augment, masks)
+    classes = inputs.classes
+    check_writable(out)
+    loss_fn = inputs.loss_fn(loss_name, loss)
+    names = model.names
+    for index, (name, encoder) in enumerate(zip(names, model.encoders)):
+        folder = out / name
+        member_train = replace(train, seed=train.seed + index)
+        identity = artifact_identity(
+            stage, architecture=ARCHITECTURE, encoder=encoder, encoder_weights=model.encoder_weights,
+            classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
+            loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
+            **weights_identity, **(extra_identity or {}))
+        if not member_needs_training(folder, identity, overwrite, _warn):
+            console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
+            continue
+        seed_everything(member_train.seed)  # the initial weights depend on the seed only
+        net = build_model(encoder, classes.num_classes, model.encoder_weights)
+
+        def loss_of_batch(logits, batch):
+            return loss_fn(logits, batch["label"], batch.get("iu"))
+
+        history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train, folder,
+                              identity, classes.num_classes, classes.ignore_index, dev, label=f"{stage} {name}")
+        if distributed.is_main():  # under torchrun rank 0 writes, the others wait
+            save_member(folder, net.cpu(), dict(identity, name=name, complete=True, history=history,
+                                                **inputs.manifest_extras(data)))
+            (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        distributed.barrier()
+    if distributed.is_main():
+        write_ensemble(out, inputs.ensemble_manifest(stage, names, data))
+    distributed.barrier()
+    return out / "ensemble.json"
+
+
+def _warn(message: str) -> None:
+    console.print(f"[yellow]warning[/yellow]: {message}", highlight=False)
+
+
+def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
+                   augment: AugmentConfig, out: Path, device: str = "auto", overwrite: bool = False) -> Path:
+    """Stage 1: an ensemble trained with plain (optionally class-weighted) cross-entropy
+    (``loss.exponent`` is not used). Returns its ensemble.json."""
+    return _train_members("baseline", "cross-entropy", data, model, train, loss.plain(), augment, Path(out),
+                          device, overwrite)
+
+
+def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
+                   augment: AugmentConfig, store_path: Path, out: Path, device: str = "auto",
+                   overwrite: bool = False) -> Path:
+    """Stage 3: models trained with the IU-weighted loss, each image's mask read from the store
+    (checked to belong to this dataset and to be complete; training runs at the store's size)."""
+    store = MaskStore.open(store_path)
+    train_folder = data.open(data.train_split)
+    size = store.identity["options"].get("image_size")
+    size = tuple(size) if size else None
+    if data.size is not None and size != tuple(data.size):
+        raise IumaskError(f"{store_path}: masks were made at size {size}, not {tuple(data.size)}; "
+                          "train at the store's size or rebuild the store with that --size")
+    shapes = [list(train_folder.image_shape(i)) if size is None else list(size) for i in range(len(train_folder))]
+    store.check_identity(
+        {"image_ids": train_folder.ids, "image_shapes": shapes, "class_names": list(train_folder.classes.names),
+         "dataset_fingerprint": train_folder.fingerprint()},
+        fix="the store was made from other data: run iumask make-masks on this dataset",
+    )
+    if not store.attrs.get("finished") or not store.completed().all():
+        raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
+    return _train_members("weighted", "iu-weighted", data.with_size(size), model, train, loss, augment, Path(out),
+                          device, overwrite, masks=Path(store_path),
+                          extra_identity={"mask_store_sha256": json_digest(store.identity)})
+
+
+# ----------------------------------------------------------------------------- online
+
+
+def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
+                 augment: AugmentConfig, masks: MaskConfig, out: Path, device: str = "auto",
+                 overwrite: bool = False) -> Path:
+    """Train the members jointly with online IU masks into ``out/<name>/``; return ``out/ensemble.json``.
+
+    Member ``k`` is initialised from seed ``train.seed + k``; all members see the same batches
+    (data order and augmentation from ``train.seed``).
+    """
+    if masks.source != UncertaintyKind.ENSEMBLE.value:
+        raise IumaskError("--source: online training uses its members as the ensemble; --source mc-dropout "
+                          "applies to make-masks")
+    out = Path(out)
+    dev, train, weights_identity = _start(model, train, device)
+    inputs = TrainingInputs(data, train, loss, augment, valid_mask=True)
+    classes = inputs.classes
+    names = model.names
+    identity = artifact_identity(
+        ONLINE_STAGE, architecture=ARCHITECTURE, members=names, encoders=list(model.encoders),
+        encoder_weights=model.encoder_weights, classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint,
+        data=data, train_options=train, loss=inputs.loss, augmentation=inputs.augmentation, online_masks=masks,
+        world_size=distributed.world_size(), **weights_identity)
+    check_writable(out)
+    checkpoint_path = out / CHECKPOINT_FILE
+    member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
+    todo = [member_needs_training(out / name, ident, overwrite, _warn) for name, ident in zip(names, member_identities)]
+    ensemble_path = out / "ensemble.json"
+    if not any(todo) and ensemble_path.is_file():
+        console.print(f"[green]cache hit[/green]: {out} holds online members trained with these inputs")
+        return ensemble_path
+
+    if any(todo):
+        nets = []
+        for k, encoder in enumerate(model.encoders):
+            seed_everything(train.seed + k)  # member k's initialisation
+            nets.append(build_model(encoder, classes.num_classes, model.encoder_weights))
+        precision = Precision(train.amp, dev)
+        total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
+        members = [make_member(name, net, encoder, train, dev, total_steps, precision)
+                   for name, net, encoder in zip(names, nets, model.encoders)]
+        step = OnlineStep(members, precision, masks, inputs.loss_fn("iu-weighted", loss), classes.num_classes,
+                          classes.ignore_index, dev)
+        result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint_path, identity,
+                     classes.num_classes, classes.ignore_index, dev, f"online ×{len(members)}", precision,
+                     extra=step.timing)
+        timing = summarize_timing(step.timing)
+        if distributed.is_main():
+            for member, ident, history in zip(members, member_identities, result.histories):
+                save_member(out / member.name, member.model.cpu(), dict(
+                    ident, complete=True, history=history, ensemble_history=result.ensemble_history,
+                    init_seed=train.seed + names.index(member.name), timing=timing, **inputs.manifest_extras(data)))
+        print_timing(timing, len(members))
+    else:
+        timing = read_json(out / names[0] / MANIFEST_FILE, "model manifest").get("timing")
+    if distributed.is_main():
+        write_ensemble(out, inputs.ensemble_manifest(ONLINE_STAGE, names, data, timing=timing))
+        checkpoint_path.unlink(missing_ok=True)
+    distributed.barrier()
+    return ensemble_path
+
+
+def online_masks(logits: list[torch.Tensor], label: torch.Tensor, masks: MaskConfig, num_classes: int,
+                 ignore_index: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+    """IU masks of a batch from its members' logits: entropy of their detached mean softmax,
+    averaged per instance (of the prediction or the label).
+
+    ``valid`` (bool, B×H×W) is False on augmentation padding: those pixels are outside the image,
+    so they join no instance (else their entropy would leak into real instances touching the
+    padding); they carry no loss either (ignore label)."""
+    with torch.no_grad():
+        probs = mean_softmax([x.detach() for x in logits])
+        entropy = pixel_entropy(probs, normalize=masks.normalize)
+        source = probs.argmax(1) if masks.instances_from == "prediction" else label
+        if valid is not None:
+            source = source.masked_fill(~valid, ignore_index)
+        return instance_uncertainty_batch(source, entropy, num_classes, masks.connectivity, ignore_index)
+
+
+class OnlineStep:
+    """One optimizer step of every member with masks from the batch's ensemble prediction."""
+
+    def __init__(self, members, precision: Precision, masks: MaskConfig, loss_fn: LossFn, num_classes: int,
+                 ignore_index: int, device: torch.device):
+        self.members, self.precision, self.masks, self.loss_fn = members, precision, masks, loss_fn
+        self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
+        # Cumulative over the run (saved in the checkpoint, so a resumed run keeps counting).
+        self.timing = {"forward_backward_s": 0.0, "masks_s": 0.0, "steps": 0}
+
+    def _now(self) -> float:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)  # GPU work is asynchronous: time it where it ends
+        return time.perf_counter()
+
+    def __call__(self, batch: dict) -> list[float]:
+        start = self._now()
+        with self.precision.autocast():
+            logits = [member.forward(batch["image"]) for member in self.members]
+        forward_done = self._now()
+        iu = online_masks(logits, batch["label"], self.masks, self.num_classes, self.ignore_index, batch.get("valid"))
+        masks_done = self._now()
+        losses = []
+        for member, member_logits in zip(self.members, logits):
+            loss = self.loss_fn(member_logits.float(), batch["label"], iu)
+            member.step(loss)
+            losses.append(loss.item())
+        end = self._now()
+        self.timing["forward_backward_s"] += (forward_done - start) + (end - masks_done)
+        self.timing["masks_s"] += masks_done - forward_done
+        self.timing["steps"] += 1
+        return losses
+
+
+def summarize_timing(timing: dict) -> dict:
+    steps = max(int(timing["steps"]), 1)
+    total = timing["forward_backward_s"] + timing["masks_s"]
+    return {"forward_backward_s": round(timing["forward_backward_s"], 4), "masks_s": round(timing["masks_s"], 4),
+            "steps": int(timing["steps"]),
+            "forward_backward_s_per_step": round(timing["forward_backward_s"] / steps, 5),
+            "masks_s_per_step": round(timing["masks_s"] / steps, 5),
+            "masks_fraction": round(timing["masks_s"] / total, 4) if total else None}
+
+
+def print_timing(timing: dict, num_members: int) -> None:
+    if not timing["steps"]:
+        return
+    console.print(
+        f"online step time over {timing['steps']} steps (rank 0): forward+backward of {num_members} members "
+        f"{timing['forward_backward_s']:.2f} s ({1000 * timing['forward_backward_s_per_step']:.1f} ms/step), "
+        f"masks (entropy + instance uncertainty) {timing['masks_s']:.2f} s "
+        f"({1000 * timing['masks_s_per_step']:.1f} ms/step, {100 * timing['masks_fraction']:.1f} %)",
+        highlight=False)

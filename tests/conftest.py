@@ -1,0 +1,58 @@
+"""Shared fixtures: the CamVid location, tiny synthetic datasets, one intra-op thread for the
+modules that train, and the in-process CLI runner.
+
+Plain helpers live in modules that tests import directly: ``testdata`` (CamVid labels, reading a
+dataset folder, label-map transformations), ``reference`` (slow independent reference
+implementations) and ``cli_runner`` (``iumask(*args, expect=0)``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from testdata import camvid_root, skip_without_camvid
+
+
+@pytest.fixture(scope="session")
+def camvid_dir() -> Path:
+    """The CamVid folder (``train/``, ``trainannot/``, ...); skips the test when it has no labels."""
+    skip_without_camvid()
+    return camvid_root()
+
+
+@pytest.fixture(scope="session")
+def make_synthetic(tmp_path_factory):
+    """A factory: ``make_synthetic(name, **options)`` writes a synthetic dataset with
+    ``iumask.data.synthetic.generate_synthetic`` into a fresh temporary folder ``<name>N/data`` and
+    returns its root. Tiny by default (4 train and 2 val images of 32x32); any option of
+    ``generate_synthetic`` may be given."""
+
+    def make(name: str = "synthetic", **options) -> Path:
+        from iumask.data.synthetic import generate_synthetic
+
+        options = {"num_train": 4, "num_val": 2, "height": 32, "width": 32, **options}
+        return generate_synthetic(tmp_path_factory.mktemp(name) / "data", **options)
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread while a module trains and predicts: on a machine whose cores are busy
+    with other work, two spinning OpenMP threads made one tiny training take 1 s or 25 s at random.
+    A module opts in with ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def cli():
+    """``cli_runner.iumask``: run the iumask CLI in-process and check its exit code."""
+    from cli_runner import iumask
+
+    return iumask

@@ -1,0 +1,95 @@
+"""The package's import structure: layers that import only downwards, no cycles, and no private name
+(``_x``) imported from another module. Parses the source (every import, module level or not), so it
+runs in milliseconds and fails on the commit that breaks the rule."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parents[1] / "iumask"
+
+# Top to bottom. A module may import modules of lower layers only (and, within its own layer, none
+# of the others), so every change of direction shows up here as a failure.
+LAYERS = [
+    ["iumask.cli"],
+    ["iumask.configfile"],
+    ["iumask.stages.run"],
+    ["iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate", "iumask.stages.stats"],
+    ["iumask.engine", "iumask.losses", "iumask.uncertainty", "iumask.report"],
+    ["iumask.config"],
+    ["iumask.store", "iumask.stats", "iumask.models", "iumask.distributed", "iumask.data.synthetic"],
+    ["iumask.data.formats"],
+    ["iumask.data.augment", "iumask.data.folder"],
+    ["iumask.artifacts", "iumask.progress"],
+    ["iumask.core.instances", "iumask.core.loss", "iumask.core.metrics", "iumask.core.entropy"],
+    ["iumask.errors"],
+]
+# Package __init__ files re-export what lies below them.
+PACKAGES = {"iumask", "iumask.core", "iumask.data", "iumask.stages"}
+
+
+def _module_name(path: Path) -> str:
+    parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: Path) -> list[tuple[str, list[str], int]]:
+    """(imported module, imported names, line) for every ``import iumask...`` in ``path``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            found += [(alias.name, [], node.lineno) for alias in node.names if alias.name.startswith("iumask")]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("iumask") and node.level == 0:
+            names = [alias.name for alias in node.names]
+            for name in names:  # ``from iumask.stages import train`` imports the module iumask.stages.train
+                if f"{node.module}.{name}" in MODULES:
+                    found.append((f"{node.module}.{name}", [], node.lineno))
+            found.append((node.module, names, node.lineno))
+    return found
+
+
+MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
+LAYER_OF = {module: i for i, layer in enumerate(LAYERS) for module in layer}
+# ``iumask`` and ``iumask.core`` re-export the core: importing them is importing the core's layer.
+LAYER_OF.update({"iumask": LAYER_OF["iumask.core.loss"], "iumask.core": LAYER_OF["iumask.core.loss"]})
+
+
+def test_every_module_has_a_layer():
+    missing = sorted(set(MODULES) - set(LAYER_OF) - PACKAGES)
+    assert not missing, f"add these modules to LAYERS: {missing}"
+
+
+@pytest.mark.parametrize("module", sorted(set(MODULES) - PACKAGES))
+def test_imports_point_down_and_no_private_names_cross(module):
+    own = LAYER_OF[module]
+    for target, names, line in _imports(MODULES[module]):
+        if target in PACKAGES and target not in LAYER_OF:
+            continue  # an empty package namespace; the modules imported from it are checked above
+        assert target in LAYER_OF, f"{module}:{line} imports unknown module {target}"
+        assert LAYER_OF[target] > own, (
+            f"{module}:{line} imports {target}, which is not in a lower layer (layer {LAYER_OF[target]} "
+            f"vs {own}); imports must point down")
+        private = [n for n in names if n.startswith("_") and n != "__version__"]
+        assert not private, f"{module}:{line} imports private name(s) {private} from {target}"
+
+
+def test_no_import_cycle():
+    graph = {m: {t for t, _, _ in _imports(p) if t in MODULES and t != m} for m, p in MODULES.items()}
+    graph = {m: targets - PACKAGES for m, targets in graph.items() if m not in PACKAGES}
+    visiting, done = set(), set()
+
+    def visit(node, path):
+        if node in done:
+            return
+        assert node not in visiting, f"import cycle: {' -> '.join([*path, node])}"
+        visiting.add(node)
+        for target in sorted(graph.get(node, ())):
+            visit(target, [*path, node])
+        visiting.discard(node)
+        done.add(node)
+
+    for module in sorted(graph):
+        visit(module, [])
