@@ -169,7 +169,8 @@ def resolve_models(path: Path) -> list[Path]:
     if path.is_file():
         ensemble = read_json(path, "ensemble manifest")
         if "members" not in ensemble:
-            raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a model folder")
+            raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a "
+                              "model folder")
         return [(path.parent / m).resolve() for m in ensemble["members"]]
     raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
 
@@ -216,7 +217,8 @@ def write_ensemble(out: Path, manifest: dict) -> Path:
     if path.is_file():
         previous = read_json(path, "ensemble manifest")
         cached = {k: previous[k] for k in THRESHOLD_KEYS if k in previous}
-        if len(cached) == len(THRESHOLD_KEYS) and cached[THRESHOLD_KEYS[1]] == members_weights(out, manifest["members"]):
+        weights = members_weights(out, manifest["members"])
+        if len(cached) == len(THRESHOLD_KEYS) and cached[THRESHOLD_KEYS[1]] == weights:
             manifest = dict(manifest, **cached)
     write_json_atomic(path, manifest)
     return path

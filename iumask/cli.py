@@ -8,10 +8,13 @@ line): top-level keys apply to every command, a ``[train-baseline]``-style table
 
 from __future__ import annotations
 
+import functools
+import inspect
 import math
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from rich.console import Console
@@ -20,6 +23,7 @@ from rich.table import Table
 
 from iumask.artifacts import check_writable, describe_os_error
 from iumask.config import (
+    RUN_ENCODERS,
     Amp,
     AugmentConfig,
     ClassWeighting,
@@ -102,7 +106,7 @@ Passes = Annotated[int, typer.Option(help="MC dropout: stochastic forward passes
                                      "prediction).")]
 
 
-# ----------------------------------------------------------------------------- configuration groups
+# ----------------------------------------------------------------------------- option groups
 
 
 def data_config(data: Path, size: str | None, format: Format | str, conditions: str | None,
@@ -110,8 +114,40 @@ def data_config(data: Path, size: str | None, format: Format | str, conditions: 
     return DataConfig(data, train_split, val_split, size, format, conditions)
 
 
-def model_config(encoder: list[str] | None, encoder_weights: str) -> ModelConfig:
-    return ModelConfig(tuple(encoder) if encoder else DEFAULT_ENCODERS, encoder_weights)
+@dataclass(frozen=True)
+class OptionGroup:
+    """Options that several commands take, declared once and built into one configuration object:
+    a command decorated with :func:`takes` gets the group's options on its command line and
+    receives the built object as its parameter ``name``."""
+
+    name: str
+    options: tuple[tuple[str, Any, Any], ...]  # (parameter, Annotated type, default)
+    build: Callable[..., Any]
+
+    def with_defaults(self, build: Callable[..., Any] | None = None, **defaults: Any) -> OptionGroup:
+        options = tuple((n, t, defaults.get(n, d)) for n, t, d in self.options)
+        return OptionGroup(self.name, options, build or self.build)
+
+
+def takes(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Add the groups' options to a command's signature (typer reads it) and pass the built
+    configuration objects in their place."""
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        signature = inspect.signature(command, eval_str=True)  # real types: typer reads them
+        names = {group.name for group in groups}
+        own = [p.replace(kind=inspect.Parameter.KEYWORD_ONLY) for p in signature.parameters.values()
+               if p.name not in names]
+        added = [inspect.Parameter(n, inspect.Parameter.KEYWORD_ONLY, annotation=t, default=d)
+                 for group in groups for n, t, d in group.options]
+
+        @functools.wraps(command)
+        def wrapper(**values: Any) -> Any:
+            built = {group.name: group.build(**{n: values.pop(n) for n, _, _ in group.options}) for group in groups}
+            return command(**values, **built)
+
+        wrapper.__signature__ = signature.replace(parameters=[*own, *added])
+        return wrapper
+    return decorate
 
 
 def train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers, checkpoint_every,
@@ -121,15 +157,28 @@ def train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed,
                        checkpoint_every=checkpoint_every)
 
 
-def augment_config(augment: bool, scale: str, crop: str | None, flip: bool, jitter: float) -> AugmentConfig:
-    return AugmentConfig(augment, scale, crop, flip, jitter)
+MODEL = OptionGroup("model", (("encoder", Encoders, None), ("encoder_weights", EncoderWeights, "none")),
+                    lambda encoder, encoder_weights: ModelConfig(tuple(encoder) if encoder else DEFAULT_ENCODERS,
+                                                                 encoder_weights))
+TRAINING = OptionGroup("train", (
+    ("epochs", Epochs, 60), ("batch_size", BatchSize, 2), ("lr", Lr, None), ("backbone_lr_factor", BackboneLr, 0.1),
+    ("weight_decay", WeightDecay, 1e-4), ("seed", Seed, 0), ("workers", Workers, 0),
+    ("checkpoint_every", CheckpointEvery, 500), ("amp", AmpOpt, Amp.OFF)), train_config)
+AUGMENTATION = OptionGroup("augment", (
+    ("augment", Augment, True), ("scale", Scale, "0.5,2.0"), ("crop", Crop, None), ("flip", Flip, True),
+    ("jitter", Jitter, 0.2)),
+    lambda augment, scale, crop, flip, jitter: AugmentConfig(augment, scale, crop, flip, jitter))
+
+LOSS = OptionGroup("loss", (("exponent", Exponent, 2.0), ("class_weights", ClassWeights, ClassWeighting.NONE)),
+                   lambda exponent, class_weights: LossConfig(exponent, class_weights))
+INSTANCES = OptionGroup("masks", (
+    ("instances_from", InstancesFrom, InstanceSource.PREDICTION), ("connectivity", ConnectivityOpt, Connectivity.EIGHT),
+    ("normalize", Normalize, False)),
+    lambda instances_from, connectivity, normalize: MaskConfig(instances_from, connectivity, normalize))
 
 
 def _print_path(label: str, path: Path) -> None:
     console.print(f"{label}: {path}")
-
-
-# ----------------------------------------------------------------------------- commands
 
 
 @app.command("make-synthetic")
@@ -153,41 +202,26 @@ def make_synthetic(
 
 
 @app.command("train-baseline")
+@takes(MODEL, TRAINING, AUGMENTATION)
 def train_baseline(
     data: DataRoot,
+    model: ModelConfig,
+    train: TrainConfig,
+    augment: AugmentConfig,
     out: Out = Path("runs/baseline"),
-    encoder: Encoders = None,
-    epochs: Epochs = 60,
-    batch_size: BatchSize = 2,
-    lr: Lr = None,
-    backbone_lr_factor: BackboneLr = 0.1,
-    weight_decay: WeightDecay = 1e-4,
     size: Size = None,
-    seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 0,
-    encoder_weights: EncoderWeights = "none",
     class_weights: ClassWeights = ClassWeighting.NONE,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
-    augment: Augment = True,
-    scale: Scale = "0.5,2.0",
-    crop: Crop = None,
-    flip: Flip = True,
-    jitter: Jitter = 0.2,
-    checkpoint_every: CheckpointEvery = 500,
-    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
     ensemble.json). Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     from iumask.stages.train import train_baseline as stage
 
-    manifest = stage(data_config(data, size, format, conditions), model_config(encoder, encoder_weights),
-                     train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
-                                  checkpoint_every, amp),
-                     LossConfig(0.0, class_weights), augment_config(augment, scale, crop, flip, jitter), out,
-                     device, overwrite)
+    manifest = stage(data_config(data, size, format, conditions), model, train, LossConfig(0.0, class_weights),
+                     augment, out, device, overwrite)
     _print_path("ensemble", manifest)
 
 
@@ -223,51 +257,35 @@ def make_masks(
 
 
 @app.command("train-weighted")
+@takes(MODEL, TRAINING, AUGMENTATION, LOSS, INSTANCES)
 def train_weighted(
     data: DataRoot,
+    model: ModelConfig,
+    train: TrainConfig,
+    augment: AugmentConfig,
+    loss: LossConfig,
+    masks: MaskConfig,
     store: Store = Path("runs/masks.zarr"),
     out: Out = Path("runs/weighted"),
-    encoder: Encoders = None,
-    exponent: Exponent = 2.0,
-    epochs: Epochs = 60,
-    batch_size: BatchSize = 2,
-    lr: Lr = None,
-    backbone_lr_factor: BackboneLr = 0.1,
-    weight_decay: WeightDecay = 1e-4,
-    seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 0,
-    encoder_weights: EncoderWeights = "none",
-    class_weights: ClassWeights = ClassWeighting.NONE,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
-    augment: Augment = True,
-    scale: Scale = "0.5,2.0",
-    crop: Crop = None,
-    flip: Flip = True,
-    jitter: Jitter = 0.2,
     online: Annotated[bool, typer.Option(help="Online IU training: train the members jointly, masks computed "
-                                         "each step from their mean softmax (no baseline, no --store).")] = False,
-    instances_from: InstancesFrom = InstanceSource.PREDICTION,
-    connectivity: ConnectivityOpt = Connectivity.EIGHT,
-    normalize: Annotated[bool, typer.Option(help="--online: divide entropy by ln C (range 0..1).")] = False,
+                                         "each step from their mean softmax (no baseline, no --store; "
+                                         "--instances-from, --connectivity, --normalize apply).")] = False,
     size: Annotated[Optional[str], typer.Option(help="--online: train at a fixed size HxW (offline training "
                                                 "uses the store's size).")] = None,
-    checkpoint_every: CheckpointEvery = 500,
-    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
     (checked to match the dataset; trains at the store's size), or with --online: members trained
     jointly with masks computed on the fly (--instances-from, --connectivity, --normalize apply)."""
-    from iumask.stages.train import train_online, train_weighted as stage
+    from iumask.stages.train import train_online
+    from iumask.stages.train import train_weighted as stage
 
-    configs = (data_config(data, size, format, conditions), model_config(encoder, encoder_weights),
-               train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers,
-                            checkpoint_every, amp),
-               LossConfig(exponent, class_weights), augment_config(augment, scale, crop, flip, jitter))
+    configs = (data_config(data, size, format, conditions), model, train, loss, augment)
     if online:
-        manifest = train_online(*configs, MaskConfig(instances_from, connectivity, normalize), out, device, overwrite)
+        manifest = train_online(*configs, masks, out, device, overwrite)
     else:
         manifest = stage(*configs, store, out, device, overwrite)
     _print_path("ensemble", manifest)
@@ -299,7 +317,8 @@ def evaluate(
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
-    from iumask.stages.evaluate import evaluate as stage, merge_results, write_results
+    from iumask.stages.evaluate import evaluate as stage
+    from iumask.stages.evaluate import merge_results, write_results
 
     options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference)
     data_options = data_config(data, None, format, conditions)
@@ -313,41 +332,38 @@ def evaluate(
     console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
 
 
+# ``run`` leaves some defaults open: small settings on the embedded synthetic data.
+RUN_TRAINING = TRAINING.with_defaults(lambda **values: values, epochs=None, batch_size=None,
+                                      backbone_lr_factor=None)
+RUN_DEFAULTS = {True: {"epochs": 12, "batch_size": 8, "lr": 1e-3, "backbone_lr_factor": 1.0},  # synthetic
+                False: {"epochs": 60, "batch_size": 2, "lr": None, "backbone_lr_factor": 0.1}}
+
+
+RUN_MODEL = OptionGroup("model", (("encoder", Annotated[Optional[list[str]], typer.Option(
+    "--encoder", help=f"Members' encoders. Default: {', '.join(RUN_ENCODERS)}.")], None),
+    ("encoder_weights", EncoderWeights, "none")),
+    lambda encoder, encoder_weights: ModelConfig(tuple(encoder) if encoder else RUN_ENCODERS, encoder_weights))
+
+
 @app.command("run")
+@takes(RUN_MODEL, RUN_TRAINING, AUGMENTATION, LOSS, INSTANCES)
 def run(
+    model: ModelConfig,
+    train: dict,
+    augment: AugmentConfig,
+    loss: LossConfig,
+    masks: MaskConfig,
     data: Annotated[Optional[Path], typer.Option(help="Dataset root (any supported format). Default: the "
-                                                 "embedded synthetic dataset with small settings.")] = None,
+                                                 "embedded synthetic dataset with small settings: 12 epochs, "
+                                                 "batch 8, lr 1e-3 everywhere, encoders mobilenet_v2, resnet18, "
+                                                 "resnet34.")] = None,
     out: Out = Path("iumask-run"),
-    encoder: Annotated[Optional[list[str]], typer.Option("--encoder", help="Members' encoders. Default: "
-                                                         "mobilenet_v2, resnet18, resnet34.")] = None,
-    epochs: Annotated[Optional[int], typer.Option(help="Epochs per model. Default: 12 on synthetic data, "
-                                                  "60 otherwise.")] = None,
-    batch_size: Annotated[Optional[int], typer.Option(help="Batch size. Default: 8 synthetic, 2 otherwise.")] = None,
-    lr: Lr = None,
-    backbone_lr_factor: Annotated[Optional[float], typer.Option(help="Encoder lr factor. Default: 1 on "
-                                                                "synthetic data (random init), 0.1 otherwise.")] = None,
-    weight_decay: WeightDecay = 1e-4,
     size: Size = None,
-    exponent: Exponent = 2.0,
-    instances_from: InstancesFrom = InstanceSource.PREDICTION,
-    connectivity: ConnectivityOpt = Connectivity.EIGHT,
-    normalize: Normalize = False,
-    seed: Seed = 0,
     device: Device = "auto",
-    workers: Workers = 0,
-    encoder_weights: EncoderWeights = "none",
-    class_weights: ClassWeights = ClassWeighting.NONE,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
-    augment: Augment = True,
-    scale: Scale = "0.5,2.0",
-    crop: Crop = None,
-    flip: Flip = True,
-    jitter: Jitter = 0.2,
     online: Annotated[bool, typer.Option(help="Stage 3 trains online (members jointly, masks on the fly); "
                                          "stage 2 is skipped.")] = False,
-    checkpoint_every: CheckpointEvery = 500,
-    amp: AmpOpt = Amp.OFF,
     overwrite: Overwrite = False,
 ):
     """All four stages in order; each is skipped when its artifact already matches its inputs and
@@ -355,17 +371,11 @@ def run(
     from iumask.stages.run import run as stage
 
     synthetic = data is None
+    defaults = RUN_DEFAULTS[synthetic]
+    train = {k: defaults[k] if v is None and k in defaults else v for k, v in train.items()}
     config = RunConfig(
-        out=out,
-        data=data_config(out / "data" if synthetic else data, size, format, conditions),
-        model=model_config(encoder or ["mobilenet_v2", "resnet18", "resnet34"], encoder_weights),
-        train=train_config(epochs or (12 if synthetic else 60), batch_size or (8 if synthetic else 2),
-                           lr if lr is not None or not synthetic else 1e-3,
-                           backbone_lr_factor if backbone_lr_factor is not None else (1.0 if synthetic else 0.1),
-                           weight_decay, seed, workers, checkpoint_every, amp),
-        loss=LossConfig(exponent, class_weights),
-        masks=MaskConfig(instances_from, connectivity, normalize),
-        augment=augment_config(augment, scale, crop, flip, jitter),
+        out=out, data=data_config(out / "data" if synthetic else data, size, format, conditions), model=model,
+        train=train_config(**train), loss=loss, masks=masks, augment=augment,
         online=online, device=device, overwrite=overwrite, synthetic={} if synthetic else None,
     )
     results = stage(config)
@@ -381,7 +391,8 @@ def stats(
     split: Annotated[str, typer.Option(help="Split to describe.")] = "train",
     store: Annotated[Optional[Path], typer.Option(help="Mask store of this split: adds per-class mean IU and "
                                                   "entropy and a picture of a few masks.")] = None,
-    out: Annotated[Path, typer.Option(help="Folder for stats.json, class_histogram.png (and masks.png).")] = Path("stats"),
+    out: Annotated[Path, typer.Option(help="Folder for stats.json, class_histogram.png (and masks.png).")] = Path(
+        "stats"),
     connectivity: ConnectivityOpt = Connectivity.EIGHT,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,

@@ -36,45 +36,16 @@ class Choice(str, Enum):
         return self.value
 
 
-Format = Choice("Format", {name: name for name in FORMATS})
-Format.__doc__ = "Dataset layout (auto detects it)."
+Format = Choice("Format", {name: name for name in FORMATS})  # from the dataset-format registry
 
 
-class InstanceSource(Choice):
-    PREDICTION = "prediction"
-    LABEL = "label"
-
-
-class Connectivity(Choice):
-    FOUR = "4"
-    EIGHT = "8"
-
-
-class ClassWeighting(Choice):
-    NONE = "none"
-    INVERSE = "inverse"
-    MEDIAN = "median"
-
-
-class Amp(Choice):
-    OFF = "off"
-    BF16 = "bf16"
-    FP16 = "fp16"
-
-
-class Resolution(Choice):
-    NATIVE = "native"
-    TRAIN = "train"
-
-
-class Inference(Choice):
-    RESIZE = "resize"
-    SLIDE = "slide"
-
-
-class UncertaintyKind(Choice):
-    ENSEMBLE = "ensemble"
-    MC_DROPOUT = "mc-dropout"
+InstanceSource = Choice("InstanceSource", {"PREDICTION": "prediction", "LABEL": "label"})
+Connectivity = Choice("Connectivity", {"FOUR": "4", "EIGHT": "8"})
+ClassWeighting = Choice("ClassWeighting", {"NONE": "none", "INVERSE": "inverse", "MEDIAN": "median"})
+Amp = Choice("Amp", {"OFF": "off", "BF16": "bf16", "FP16": "fp16"})
+Resolution = Choice("Resolution", {"NATIVE": "native", "TRAIN": "train"})
+Inference = Choice("Inference", {"RESIZE": "resize", "SLIDE": "slide"})
+UncertaintyKind = Choice("UncertaintyKind", {"ENSEMBLE": "ensemble", "MC_DROPOUT": "mc-dropout"})
 
 
 def choice(enum: type[Choice], value: Any, option: str) -> str:
@@ -376,6 +347,9 @@ class EvalConfig:
 
 # ----------------------------------------------------------------------------- all stages
 
+# ``iumask run``'s members when none are given: small enough for its demo on a CPU.
+RUN_ENCODERS = ("mobilenet_v2", "resnet18", "resnet34")
+
 
 @dataclass(frozen=True)
 class RunConfig:
@@ -384,7 +358,7 @@ class RunConfig:
 
     out: Path
     data: DataConfig
-    model: ModelConfig = field(default_factory=lambda: ModelConfig(("mobilenet_v2", "resnet18", "resnet34")))
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(RUN_ENCODERS))
     train: TrainConfig = field(default_factory=TrainConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     masks: MaskConfig = field(default_factory=MaskConfig)

@@ -76,9 +76,13 @@ def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
     if not path.is_file():
         raise IumaskError(f"{path}: encoder weights file not found; give an existing file, 'imagenet' or 'none'")
     try:
-        state = load_file(str(path)) if path.suffix == ".safetensors" else torch.load(path, map_location="cpu", weights_only=True)
+        if path.suffix == ".safetensors":
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or foreign file: say which
-        raise IumaskError(f"{path}: cannot read encoder weights ({exc.__class__.__name__}); give a state dict file") from exc
+        raise IumaskError(f"{path}: cannot read encoder weights ({exc.__class__.__name__}); give a state dict "
+                          "file") from exc
     state = {k.removeprefix("encoder."): v for k, v in state.items()}
     # Classification heads (fc.*, classifier.*) are not part of the encoder; drop what doesn't fit.
     own = model.encoder.state_dict()

@@ -293,7 +293,8 @@ class MaskStore:
         path = Path(path)
         identity = _checked_identity(identity)
         if (path.exists() or path.is_symlink()) and not overwrite:
-            raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another --store path")
+            raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another "
+                              "--store path")
         store = cls._writer(path, identity, overwrite=True, resume=False)
         store.commit()  # an empty store is finished: it replaces the old one at once
         return store
@@ -497,7 +498,8 @@ class MaskStore:
             raise ValueError(f"identity attributes cannot be changed: {', '.join(sorted(clash))}")
         self._group.attrs.update(_to_json(values))
 
-    def check_identity(self, expected: dict, fix: str = "pass --overwrite to recompute it or use another --store path") -> None:
+    def check_identity(self, expected: dict,
+                       fix: str = "pass --overwrite to recompute it or use another --store path") -> None:
         """Raise StoreMismatchError if any key in ``expected`` differs from the stored value."""
         missing = object()
         stored, expected = self.attrs, _to_json(dict(expected))

@@ -342,7 +342,8 @@ def _jitter(rng: np.random.Generator, color: Any, sigma: float = 12.0) -> np.nda
     return np.clip(np.asarray(color, dtype=np.float32) + rng.normal(0, sigma, 3), 0, 255)
 
 
-def render_scene(rng: np.random.Generator, height: int, width: int, domain: str = "source") -> tuple[np.ndarray, np.ndarray]:
+def render_scene(rng: np.random.Generator, height: int, width: int,
+                 domain: str = "source") -> tuple[np.ndarray, np.ndarray]:
     """One scene: uint8 (H, W, 3) RGB image and uint8 (H, W) label (255 = ignore)."""
     canvas = _Canvas(height, width)
     colors = np.stack([_jitter(rng, c) for c in _BASE_COLORS])
@@ -410,19 +411,22 @@ def _road_span(road: np.ndarray, y: float) -> tuple[float, float]:
     return road[0, 0] + (road[3, 0] - road[0, 0]) * t, road[1, 0] + (road[2, 0] - road[1, 0]) * t
 
 
-def _draw_vegetation(rng: np.random.Generator, canvas: _Canvas, color: np.ndarray, horizon: int, road: np.ndarray) -> None:
+def _draw_vegetation(rng: np.random.Generator, canvas: _Canvas, color: np.ndarray, horizon: int,
+                     road: np.ndarray) -> None:
     h, w = canvas.h, canvas.w
     for _ in range(int(rng.integers(1, 5))):
         cx = rng.choice([rng.uniform(-0.05, 0.3), rng.uniform(0.7, 1.05)]) * w
         cy = horizon - h * rng.uniform(-0.05, 0.18)
-        canvas.ellipse(cx, cy, w * rng.uniform(0.04, 0.13), h * rng.uniform(0.05, 0.14), _jitter(rng, color, 15), VEGETATION)
+        canvas.ellipse(cx, cy, w * rng.uniform(0.04, 0.13), h * rng.uniform(0.05, 0.14), _jitter(rng, color, 15),
+                       VEGETATION)
     # Foliage edges are ambiguous: a one-pixel ignore ring around vegetation, like CamVid's void.
     veg = canvas.label == VEGETATION
     ring = cv2.dilate(veg.astype(np.uint8), np.ones((3, 3), np.uint8)).astype(bool) & ~veg
     canvas.label[ring] = IGNORE
 
 
-def _draw_objects(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, horizon: int, road: np.ndarray) -> None:
+def _draw_objects(rng: np.random.Generator, canvas: _Canvas, colors: np.ndarray, horizon: int,
+                  road: np.ndarray) -> None:
     """Small instances, drawn far to near so that nearer ones occlude farther ones."""
     objects = []
     for kind, low, high in ((CAR, 0, 4), (PERSON, 0, 4), (BICYCLE, 0, 3), (POLE, 1, 4)):
