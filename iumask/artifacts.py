@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import hashlib
 import json
 import os
@@ -34,14 +35,24 @@ CHECKPOINT_FILE = "checkpoint.pt"
 THRESHOLD_KEYS = ("train_mean_entropy", "train_mean_entropy_weights_sha256")
 
 
-def _umask() -> int:
-    mask = os.umask(0)  # the only way to read it; restored at once
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
     os.umask(mask)
     return mask
 
 
-def describe_os_error(exc: OSError, path: str | os.PathLike | None = None) -> str:
-    """One line naming the path, the problem and the fix, e.g. for a full disk."""
+def describe_os_error(exc: OSError, path: str | os.PathLike | None = None, action: str | None = "write") -> str:
+    """One line naming the path, the problem and the fix, e.g. for a full disk. ``action`` None:
+    the failing operation is unknown (a read or a write)."""
     where = path if path is not None else (exc.filename or "a file")
     reason = exc.strerror or str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
@@ -50,7 +61,7 @@ def describe_os_error(exc: OSError, path: str | os.PathLike | None = None) -> st
         fix = "choose a writable folder (e.g. another --out, --store or --output)"
     else:
         fix = "check the path and the disk"
-    return f"cannot write {where}: {reason}; {fix}"
+    return f"{'cannot ' + action + ' ' if action else ''}{where}: {reason}; {fix}"
 
 
 @contextlib.contextmanager
@@ -61,7 +72,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(path.name + TEMP_SUFFIX)
     try:
         yield tmp
-        os.chmod(tmp, 0o666 & ~_umask())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):
@@ -99,6 +110,28 @@ def check_writable(folder: str | os.PathLike) -> None:
             probe.unlink()
 
 
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``folder`` (waiting for it), e.g. while a results file there is
+    read, merged and rewritten, so that concurrent commands do not lose each other's entries."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def model_key(model_path: str | os.PathLike) -> str:
+    """One spelling per model: an ensemble's ensemble.json, a member's folder (absolute)."""
+    path = Path(model_path).resolve()
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        return str(path / ENSEMBLE_FILE)
+    if path.is_file() and path.name == MANIFEST_FILE:
+        return str(path.parent)
+    return str(path)
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     """Write JSON atomically (see :func:`atomic_write`)."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"
@@ -116,9 +149,18 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
                           "delete it and rerun the stage that makes it") from None
 
 
+# SHA-256 by (path, inode, size, modification time in ns): a command checks each weights file
+# several times (before any work, then when loading) and hashes it once.
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
 def file_sha256(path: str | os.PathLike) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        with open(path, "rb") as f:
+            _SHA256_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256_CACHE[key]
 
 
 def json_digest(value) -> str:
@@ -211,17 +253,39 @@ def members_weights(folder: Path, names: list[str]) -> list[str | None]:
 
 
 def write_ensemble(out: Path, manifest: dict) -> Path:
-    """Write ``out/ensemble.json``, keeping a cached PAvPU threshold only when it was computed for
-    exactly these members' weights."""
+    """Write ``out/ensemble.json`` with its members' weights SHA-256 (``member_sha256``), keeping a
+    cached PAvPU threshold only when it was computed for exactly these members' weights."""
     path = out / ENSEMBLE_FILE
+    weights = members_weights(out, manifest["members"])
+    manifest = dict(manifest, member_sha256=dict(zip(manifest["members"], weights)))
     if path.is_file():
         previous = read_json(path, "ensemble manifest")
         cached = {k: previous[k] for k in THRESHOLD_KEYS if k in previous}
-        weights = members_weights(out, manifest["members"])
         if len(cached) == len(THRESHOLD_KEYS) and cached[THRESHOLD_KEYS[1]] == weights:
             manifest = dict(manifest, **cached)
     write_json_atomic(path, manifest)
     return path
+
+
+def check_ensemble_members(model_path: Path, manifests: list[dict]) -> None:
+    """Refuse an ensemble whose members' weights are no longer the ones it was written with: a
+    retrain with --overwrite that was interrupted after replacing some members, or a member
+    copied in from another run. (Ensembles written before iumask recorded ``member_sha256`` pass.)"""
+    path = Path(model_path)
+    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
+        path = path / ENSEMBLE_FILE
+    if not path.is_file() or path.name == MANIFEST_FILE:
+        return  # one member, not an ensemble
+    ensemble = read_json(path, "ensemble manifest")
+    recorded = ensemble.get("member_sha256")
+    if recorded is None:
+        return
+    changed = [name for name, manifest in zip(ensemble["members"], manifests)
+               if recorded.get(name) != manifest.get("weights_sha256")]
+    if changed:
+        raise IumaskError(f"{path}: member(s) {', '.join(changed)} changed since this ensemble was written (an "
+                          "interrupted --overwrite retrain, or a member copied in); rerun the train command that "
+                          "made it to finish the ensemble")
 
 
 def threshold_record(model_path: Path) -> Path:

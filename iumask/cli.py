@@ -21,7 +21,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from iumask.artifacts import check_writable, describe_os_error
+from iumask.artifacts import check_writable, describe_os_error, folder_lock
 from iumask.config import (
     RUN_ENCODERS,
     Amp,
@@ -303,8 +303,9 @@ def evaluate(
     pavpu_stride: Annotated[Optional[int], typer.Option(help="PAvPU patch stride (default w: non-overlapping; "
                                                         "the authors' code used 1).")] = None,
     output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it). An existing results "
-                                         "file is merged: entries of the same model, data, split and "
-                                         "resolution are replaced, others kept.")] = Path("runs/results.json"),
+                                         "file is merged: entries of the same model, data, split, "
+                                         "resolution and inference are replaced, others kept.")] = Path(
+        "runs/results.json"),
     resolution: Annotated[Resolution, typer.Option(help="native: score at each label's own size (logits "
                                                    "upsampled; the default for reporting); train: resize "
                                                    "images and labels to the training size.")] = Resolution.NATIVE,
@@ -322,12 +323,14 @@ def evaluate(
 
     options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference)
     data_options = data_config(data, None, format, conditions)
-    merge_results(output, [])  # refuse a foreign --output file before any work
+    # Refuse a foreign --output file, or one over other classes, before any work.
+    merge_results(output, [], classes=list(data_options.open(split).classes.names))
     check_writable(output.parent)
     results = stage(model, data_options, options, device)
     print_results(results)  # shown even if the file cannot be written
-    merged, kept, replaced = merge_results(output, results)
-    write_results(merged, output)
+    with folder_lock(output.parent):  # concurrent evaluates into one file keep each other's results
+        merged, kept, replaced = merge_results(output, results)
+        write_results(merged, output)
     note = f" (kept {kept} earlier result(s), replaced {replaced})" if kept or replaced else ""
     console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
 
@@ -470,7 +473,7 @@ def main() -> None:
     except IumaskError as exc:
         _fail(str(exc))
     except OSError as exc:  # read-only folder, full disk, ...: one line naming the path, no traceback
-        _fail(describe_os_error(exc))
+        _fail(describe_os_error(exc, action=None))
     except KeyboardInterrupt:
         _fail("interrupted; rerun the same command to resume", code=130)
     except Exception as exc:

@@ -38,12 +38,12 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, atomic_write
+from iumask.artifacts import CHECKPOINT_FILE, atomic_write, mismatch_keys
 from iumask.config import TrainConfig
 from iumask.core import SegmentationMetrics, mean_softmax
 from iumask.errors import IumaskError
 from iumask.models import predict_logits
-from iumask.progress import console, progress_bar
+from iumask.progress import console, progress_bar, warn
 
 CHECKPOINT_FORMAT = 2
 AMP_MODES = ("off", "bf16", "fp16")
@@ -167,8 +167,7 @@ def resolve_amp(options: TrainConfig, device: torch.device) -> TrainConfig:
     if amp not in AMP_MODES:
         raise IumaskError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
     if amp != "off" and torch.device(device).type != "cuda":
-        console.print(f"[yellow]warning[/yellow]: --amp {amp} needs a CUDA device; training on "
-                      f"{torch.device(device).type} in float32", highlight=False)
+        warn(f"--amp {amp} needs a CUDA device; training on {torch.device(device).type} in float32")
         return dataclasses.replace(options, amp="off")
     if amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise IumaskError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
@@ -292,13 +291,30 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated or foreign file: start over rather than fail
-        console.print(f"[yellow]warning[/yellow]: {path} is unreadable ({exc.__class__.__name__}); starting over",
-                      highlight=False)
+        warn(f"{path} is unreadable ({exc.__class__.__name__}); starting over")
         return None
     if (state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != identity
             or state.get("world_size") != distributed.world_size()):
         return None
     return state
+
+
+def keep_foreign_checkpoint(path: Path, identity: dict, overwrite: bool) -> None:
+    """Refuse to throw away an unfinished run made with other inputs (its checkpoint would be
+    replaced by this run's first one) unless ``overwrite``: the user may have changed an option by
+    mistake and want to resume instead."""
+    if overwrite or not path.is_file():
+        return
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # unreadable: load_checkpoint warns and starts over
+        return
+    stored = dict(state.get("identity") or {}, world_size=state.get("world_size"))
+    given = dict(identity, world_size=distributed.world_size())
+    differ = mismatch_keys(stored, given)
+    if differ:
+        raise IumaskError(f"{path}: holds an unfinished run with other inputs ({', '.join(differ)}); rerun with "
+                          "the same options to resume it, or pass --overwrite to discard it")
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -13,7 +13,7 @@ from pathlib import Path
 import segmentation_models_pytorch as smp
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from iumask.artifacts import (
     MANIFEST_FILE,
@@ -103,8 +103,11 @@ def save_member(folder: Path, model: torch.nn.Module, manifest: dict) -> None:
     folder that reads as unfinished (the train command resumes it), never old manifest + new weights.
     """
     folder.mkdir(parents=True, exist_ok=True)
+    # Serialised in memory and written through our own handle: a full disk is then an OSError
+    # (named and cleaned up by atomic_write), not a safetensors error.
+    data = save({k: v.contiguous() for k, v in model.state_dict().items()})
     with atomic_write(folder / WEIGHTS_FILE) as tmp:
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
+        tmp.write_bytes(data)
         (folder / MANIFEST_FILE).unlink(missing_ok=True)
     manifest = dict(manifest, weights_sha256=file_sha256(folder / WEIGHTS_FILE))
     write_json_atomic(folder / MANIFEST_FILE, manifest)

@@ -14,6 +14,7 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
+from iumask.artifacts import atomic_write, describe_os_error
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
 
@@ -73,15 +74,19 @@ def _bgr(rgb) -> tuple[int, int, int]:
 
 
 def _write_png(path: str | Path, image: np.ndarray) -> Path:
+    """Encode ``image`` and write it atomically (:func:`iumask.artifacts.atomic_write`): a failed
+    write (full disk, read-only folder) leaves no truncated PNG and no temporary file, and is a
+    one-line IumaskError naming the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     ok, buf = cv2.imencode(".png", image)
     if not ok:
         raise IumaskError(f"{path}: cannot encode the PNG")
     try:
-        path.write_bytes(buf.tobytes())
+        path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise IumaskError(f"{path}: cannot write the file ({exc.strerror}); choose a writable --out folder") from None
+        raise IumaskError(describe_os_error(exc, path.parent)) from None
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
     return path
 
 

@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from iumask.artifacts import json_digest
+from iumask.artifacts import TEMP_SUFFIX, current_umask, json_digest
 from iumask.core import label_instances
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
@@ -203,13 +203,16 @@ def _write_json(path: Path, data: Any) -> None:
 
     Not :func:`iumask.artifacts.write_json_atomic`: that one uses one fixed temporary name (two
     torchrun ranks filling the same entry would collide) and raises IumaskError, where a failed
-    cache write must stay an OSError that only costs a warning."""
+    cache write must stay an OSError that only costs a warning. Like every file iumask writes, the
+    entry gets the permissions the user's umask gives new files (mkstemp's file is private, 0600),
+    and a failed write leaves no temporary file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             json.dump(data, f, indent=1)
             f.write("\n")
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -284,6 +284,7 @@ class MaskStore:
         self.path = Path(path)
         self._group = group if group is not None else zarr.open_group(self.path, mode=self._mode, zarr_format=3)
         self._arrays = {name: self._group[name] for name in _ARRAYS}
+        self._directory = os.stat(self.path).st_ino  # renames keep it; a swapped-in store has another
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -548,6 +549,13 @@ class MaskStore:
         return np.asarray(self._arrays["complete"][:], dtype=bool)
 
     def _check_complete(self, index: int) -> None:
+        try:
+            same = os.stat(self.path).st_ino == self._directory
+        except FileNotFoundError:
+            same = False
+        if not same:  # e.g. make-masks --overwrite swapped a new store in under a running train-weighted
+            raise IumaskError(f"mask store {self.path} was replaced or removed while it was being read; rerun this "
+                              "command to use the current store")
         if not self.is_complete(index):
             raise IumaskError(
                 f"image {self.image_ids[index]!r} in mask store {self.path} is not complete; "

@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from iumask.artifacts import checked_manifest, resolve_models
+from iumask.artifacts import check_ensemble_members, checked_manifest, resolve_models
 from iumask.core import mean_softmax
 from iumask.data.folder import PairedDataset
 from iumask.errors import IumaskError
@@ -159,7 +159,9 @@ def check_models(model_path: Path, folder: PairedDataset | None = None) -> list[
 
 
 def check_consistent(manifests: list[dict], model_path: Path, folder: PairedDataset | None = None) -> list[dict]:
-    """Members of one class list (that of ``folder`` when given) and one training size."""
+    """Members of one class list (that of ``folder`` when given) and one training size, and (for an
+    ensemble.json) the very members it was written with."""
+    check_ensemble_members(model_path, manifests)
     if len({tuple(m["classes"]["names"]) for m in manifests}) > 1:
         raise IumaskError(f"{model_path}: members were trained on different classes; build the ensemble from "
                           "models of one dataset")

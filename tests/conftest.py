@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from testdata import camvid_root, skip_without_camvid
 
 

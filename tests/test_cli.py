@@ -12,11 +12,11 @@ import time
 
 import numpy as np
 import pytest
+from cli_runner import iumask
 
 from iumask.core import label_instances
 from iumask.data.synthetic import generate_synthetic
 from iumask.store import MaskStore
-from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from cli_runner import iumask
 
 SMALL = ("--num-train", 1, "--num-val", 1, "--height", 32, "--width", 32)

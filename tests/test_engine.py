@@ -16,14 +16,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from cli_runner import iumask
 from safetensors.torch import load_file
 
 from iumask import engine
+from iumask.config import TrainConfig as TrainOptions
 from iumask.data.synthetic import generate_synthetic
 from iumask.engine import EpochBatchSampler, Precision, resolve_amp, steps_per_epoch
 from iumask.store import MaskStore
-from iumask.config import TrainConfig as TrainOptions
-from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 

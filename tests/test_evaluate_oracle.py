@@ -32,14 +32,14 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import iumask
-from iumask.models import load_member
-from iumask.config import DataConfig, EvalConfig
-from iumask.stages import evaluate as evaluate_stage
-from iumask.store import MaskStore
 from reference import entropy_np, instance_means
 from testdata import camvid_labels, downsample, ids_of, read_label
+
+import iumask
+from iumask.config import DataConfig, EvalConfig
+from iumask.models import load_member
+from iumask.stages import evaluate as evaluate_stage
+from iumask.store import MaskStore
 
 NUM_CLASSES = 10
 IGNORE = 255
@@ -190,7 +190,8 @@ def ambiguous_pixels(probs: list[np.ndarray]) -> int:
     return total
 
 
-def assert_same_metrics(result: dict, ref: dict, ambiguous: int = 0, window: int = 4, stride: int | None = None) -> None:
+def assert_same_metrics(result: dict, ref: dict, ambiguous: int = 0, window: int = 4,
+                        stride: int | None = None) -> None:
     """Equal (exactly, up to float formatting) when no pixel is ambiguous; otherwise within what
     ``ambiguous`` flipped pixels can change."""
     iou = np.array(result["iou"], dtype=np.float64)

@@ -9,6 +9,7 @@ import cv2
 import numpy as np
 import pytest
 from PIL import Image
+from testdata import camvid_root
 
 from iumask.data.folder import FolderDataset, SegmentationDataset
 from iumask.data.formats import (
@@ -22,7 +23,6 @@ from iumask.data.formats import (
     open_dataset,
 )
 from iumask.errors import DataError
-from testdata import camvid_root
 
 H, W = 16, 32
 

@@ -14,8 +14,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
-import iumask
 from reference import (
     bfs_instance_uncertainty,
     component_means,
@@ -32,6 +30,7 @@ from testdata import (
     perturb_to_prediction,
 )
 
+import iumask
 
 # --------------------------------------------------------------------------------------------
 # checking an instance-uncertainty map against every reference
@@ -124,7 +123,7 @@ def test_instance_uncertainty_batch_camvid():
     labels = camvid_labels()[:3]
     rng = np.random.default_rng(3)
     seg = torch.from_numpy(np.stack(labels).astype(np.int64))
-    ent = torch.from_numpy(np.stack([random_entropy(l.shape, rng) for l in labels]).astype(np.float64))
+    ent = torch.from_numpy(np.stack([random_entropy(lab.shape, rng) for lab in labels]).astype(np.float64))
     ent.requires_grad_(True)
     for connectivity in (4, 8):
         out = iumask.instance_uncertainty_batch(seg, ent, CAMVID_CLASSES, connectivity, CAMVID_VOID)

@@ -16,10 +16,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-
-import iumask
 from testdata import CAMVID_CLASSES, CAMVID_VOID, camvid_label_files, camvid_labels, downsample
 
+import iumask
 
 # --------------------------------------------------------------------------------------------
 # uncertainty-weighted cross-entropy
@@ -27,7 +26,7 @@ from testdata import CAMVID_CLASSES, CAMVID_VOID, camvid_label_files, camvid_lab
 
 def _camvid_targets(height, width, count=2):
     labels = camvid_labels()[:count]
-    return torch.from_numpy(np.stack([downsample(l, height, width) for l in labels]).astype(np.int64))
+    return torch.from_numpy(np.stack([downsample(lab, height, width) for lab in labels]).astype(np.int64))
 
 
 def _loss_inputs(height=45, width=60, seed=0):

@@ -8,13 +8,13 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_runner import iumask
 
 from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.models import load_member, predict_logits
 from iumask.store import MaskStore
-from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 

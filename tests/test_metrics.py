@@ -10,10 +10,9 @@ import math
 import numpy as np
 import pytest
 import torch
-
-import iumask
 from testdata import CAMVID_CLASSES, CAMVID_VOID, camvid_labels, downsample, perturb_to_prediction
 
+import iumask
 
 # --------------------------------------------------------------------------------------------
 # SegmentationMetrics

@@ -19,16 +19,16 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from cli_runner import iumask
 
 from iumask.artifacts import file_sha256
+from iumask.config import MaskConfig
 from iumask.core import pixel_entropy
 from iumask.data.augment import JointAugment
 from iumask.data.folder import FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.models import build_model, load_member, save_member
-from iumask.config import MaskConfig
 from iumask.stages.train import online_masks
-from cli_runner import iumask
 
 pytestmark = pytest.mark.slow
 
@@ -141,7 +141,8 @@ def test_kill_during_overwrite_keeps_old_member_and_resumes(trained, tmp_path):
     load_member(member)
     iumask(*args)
     manifest = json.loads((member / "manifest.json").read_text())
-    assert manifest["weights_sha256"] != old_sha and manifest["weights_sha256"] == file_sha256(member / "model.safetensors")
+    assert manifest["weights_sha256"] != old_sha
+    assert manifest["weights_sha256"] == file_sha256(member / "model.safetensors")
     assert not checkpoint.exists()
 
 
@@ -158,7 +159,8 @@ def test_evaluate_output_merges_instead_of_replacing(trained, tmp_path, capsys):
     results = json.loads(out.read_text())["results"]
     assert [r["split"] for r in results] == ["val", "train"]
     # The same model, data and split again replaces its entry.
-    iumask("evaluate", "--model", member, "--data", data, "--output", out, "--device", "cpu", "--pavpu-threshold", "0.25")
+    iumask("evaluate", "--model", member, "--data", data, "--output", out, "--device", "cpu",
+           "--pavpu-threshold", "0.25")
     results = json.loads(out.read_text())["results"]
     assert [r["split"] for r in results] == ["train", "val"] and results[1]["pavpu_threshold"] == 0.25
     assert len(out.with_suffix(".csv").read_text().splitlines()) == 3
@@ -386,3 +388,162 @@ def test_saved_weights_follow_the_umask(tmp_path):
         os.umask(old)
     assert (tmp_path / "m" / "model.safetensors").stat().st_mode & 0o777 == 0o644
     assert (tmp_path / "m" / "manifest.json").stat().st_mode & 0o777 == 0o644
+
+
+# ----------------------------------------------------------------------------- found by the audit
+
+
+@pytest.fixture(scope="module")
+def two_members(tmp_path_factory, trained):
+    """A 2-member ensemble and a member of the same encoder from another run (another seed)."""
+    root, data = trained
+    out = tmp_path_factory.mktemp("two")
+    two = [*TRAIN, "--encoder", "mobilenet_v2"]
+    iumask("train-baseline", "--data", data, "--out", out / "a", *two)
+    iumask("train-baseline", "--data", data, "--out", out / "b", *two, "--seed", "5")
+    return out, data
+
+
+def test_ensemble_with_a_replaced_member_is_refused(two_members, tmp_path, capsys):
+    """What an interrupted --overwrite retrain leaves (member 1 new, member 2 old), or a member
+    copied in: the ensemble must not silently mix them."""
+    out, data = two_members
+    mixed = shutil.copytree(out / "a", tmp_path / "mixed")
+    shutil.rmtree(mixed / "mobilenet_v2-2")
+    shutil.copytree(out / "b" / "mobilenet_v2-2", mixed / "mobilenet_v2-2")
+    capsys.readouterr()
+    iumask("evaluate", "--model", mixed / "ensemble.json", "--data", data, "--output", tmp_path / "r.json",
+           "--device", "cpu", expect=2)
+    assert "mobilenet_v2-2 changed since this ensemble was written" in _error_line(capsys)
+    iumask("make-masks", "--ensemble", mixed, "--data", data, "--store", tmp_path / "m.zarr", "--device", "cpu",
+           expect=2)
+    assert "changed since" in _error_line(capsys) and not (tmp_path / "m.zarr").exists()
+    # One member on its own is still usable.
+    iumask("evaluate", "--model", mixed / "mobilenet_v2-2", "--data", data, "--output", tmp_path / "r.json",
+           "--device", "cpu", "--pavpu-threshold", "1")
+
+
+def test_results_over_other_classes_are_refused_before_any_work(trained, tmp_path, capsys):
+    root, data = trained
+    out = tmp_path / "r.json"
+    out.write_text(json.dumps({"identity": None, "results": [{"model": "m", "classes": ["a", "b"]}]}))
+    before = out.read_text()
+    capsys.readouterr()
+    iumask("evaluate", "--model", root / "baseline" / "mobilenet_v2", "--data", data, "--output", out,
+           "--device", "cpu", expect=2)
+    err = capsys.readouterr().err
+    assert "other classes" in err and "evaluate baseline" not in err  # refused before evaluating
+    assert out.read_text() == before
+
+
+def test_one_model_spelled_two_ways_is_one_entry(trained, tmp_path):
+    root, data = trained
+    out = tmp_path / "r.json"
+    for spelling in (root / "baseline", root / "baseline" / "ensemble.json"):
+        iumask("evaluate", "--model", spelling, "--data", data, "--output", out, "--device", "cpu",
+               "--pavpu-threshold", "1")
+    assert len(json.loads(out.read_text())["results"]) == 1
+
+
+def test_concurrent_evaluates_into_one_file_keep_both_results(trained, tmp_path):
+    """An evaluate merging into a results file waits for another one's merge (an OS lock on the
+    folder) instead of overwriting it with its own stale read."""
+    from iumask.artifacts import folder_lock
+
+    root, data = trained
+    member = root / "baseline" / "mobilenet_v2"
+    other = tmp_path / "other" / "r.json"  # the entry the "other" evaluate is merging
+    iumask("evaluate", "--model", member, "--data", data, "--split", "train", "--output", other, "--device", "cpu",
+           "--pavpu-threshold", "1")
+    out = tmp_path / "r.json"
+    args = ["evaluate", "--model", str(member), "--data", str(data), "--output", str(out), "--device", "cpu",
+            "--pavpu-threshold", "1"]
+    with folder_lock(tmp_path):  # another evaluate is merging into this folder right now
+        proc = subprocess.Popen([sys.executable, "-c", "from iumask.cli import main; main()", *args],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        time.sleep(10)  # long enough to evaluate two images; then it waits for the lock
+        assert proc.poll() is None, f"did not wait for the lock: {proc.stderr.read()}"
+        shutil.copy(other, out)  # the other merge's result lands
+    assert proc.wait(timeout=120) == 0
+    assert sorted(r["split"] for r in json.loads(out.read_text())["results"]) == ["train", "val"]
+
+
+def test_full_disk_during_make_masks_names_the_store(trained, tmp_path, capsys):
+    root, data = trained
+    target = tmp_path / "small"
+    target.mkdir()
+    _mount(["-t", "tmpfs", "-o", "size=16k", "tmpfs"], target)
+    try:
+        capsys.readouterr()
+        iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", target / "m.zarr",
+               "--device", "cpu", expect=2)
+        line = _error_line(capsys)
+        assert "No space left on device" in line and "m.zarr" in line
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_full_disk_when_the_weights_are_saved_is_one_line(trained, tmp_path, capsys):
+    root, data = trained
+    weights = (root / "baseline" / "mobilenet_v2" / "model.safetensors").stat().st_size
+    target = tmp_path / "small"
+    target.mkdir()
+    # Room for the epoch-end checkpoint (weights + Adam's two moments) but not for the weights beside it.
+    _mount(["-t", "tmpfs", "-o", f"size={int(3.5 * weights) // 4096 * 4096}", "tmpfs"], target)
+    try:
+        capsys.readouterr()
+        iumask("train-baseline", "--data", data, "--out", target / "run", *TRAIN, "--checkpoint-every", "0",
+               expect=2)
+        line = _error_line(capsys)
+        assert "No space left on device" in line and "model.safetensors" in line
+        assert [p.name for p in target.rglob("*.tmp")] == []
+    finally:
+        subprocess.run(["umount", "-l", str(target)], check=False)
+
+
+def test_train_weighted_size_advice_leads_somewhere(trained, tmp_path, capsys):
+    root, data = trained
+    iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", tmp_path / "m.zarr",
+           "--device", "cpu")
+    capsys.readouterr()
+    iumask("train-weighted", "--data", data, "--store", tmp_path / "m.zarr", "--out", tmp_path / "w", *TRAIN,
+           "--size", "32x32", expect=2)
+    line = _error_line(capsys)
+    assert "retrain the baseline with that --size and rerun make-masks" in line
+
+
+def test_unfinished_run_with_other_options_is_not_discarded_silently(trained, tmp_path, capsys):
+    """A killed run's checkpoint, then a rerun with another option by mistake: refused (naming what
+    differs) instead of starting over; --overwrite discards it."""
+    from iumask.engine import save_checkpoint
+
+    root, data = trained
+    out = tmp_path / "out"
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN)
+    manifest = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+    identity = {k: v for k, v in manifest.items() if k not in ("name", "complete", "history", "normalization",
+                                                               "image_size", "train_data", "weights_sha256")}
+    (out / "mobilenet_v2" / "manifest.json").unlink()  # as if killed before the end
+    save_checkpoint(out / "mobilenet_v2" / "checkpoint.pt", {"format": 2, "identity": identity, "world_size": 1})
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--epochs", "2", expect=2)
+    line = _error_line(capsys)
+    assert "checkpoint.pt" in line and "train_options" in line and "--overwrite" in line
+    assert (out / "mobilenet_v2" / "checkpoint.pt").exists()
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--epochs", "2", "--overwrite")
+
+
+def test_a_store_swapped_under_a_reader_is_not_read_silently(trained, tmp_path):
+    from iumask.errors import IumaskError
+    from iumask.store import MaskStore
+
+    root, data = trained
+    store_path = tmp_path / "m.zarr"
+    iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", store_path, "--device", "cpu")
+    reader = MaskStore.open(store_path)
+    reader.read_iu(0)
+    iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", store_path, "--device", "cpu",
+           "--normalize", "--overwrite")
+    with pytest.raises(IumaskError, match="replaced or removed while it was being read"):
+        reader.read_iu(0)
+    assert MaskStore.open(store_path).identity["options"]["normalize"] is True

@@ -8,11 +8,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
+from cli_runner import iumask
+from testdata import small_tmpfs
 
 from iumask import stats as stats_module
 from iumask.core import instance_uncertainty
@@ -21,7 +24,6 @@ from iumask.data.synthetic import generate_synthetic
 from iumask.report import class_histogram_png, mask_gallery_png
 from iumask.stats import CACHE_SUBDIR, cached_label_statistics, label_statistics, mask_statistics
 from iumask.store import MaskStore
-from cli_runner import iumask
 
 CAMVID_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",
                 "bicyclist"]
@@ -344,3 +346,59 @@ def test_cli_stats(synthetic, tmp_path, monkeypatch, capsys):
     assert "run iumask make-masks on this dataset" in capsys.readouterr().err
     assert not (tmp_path / "val" / "stats.json").exists()
     iumask("stats", "--data", synthetic, "--store", tmp_path / "missing.zarr", "--out", tmp_path / "x", expect=2)
+
+
+def test_cache_entry_and_stats_json_follow_the_umask(synthetic, tmp_path, monkeypatch):
+    """Like every file iumask writes, the cache entry and stats.json get the permissions the user's
+    umask gives new files (mkstemp alone makes them private, 0600)."""
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    old = os.umask(0o022)
+    try:
+        iumask("stats", "--data", synthetic, "--split", "val", "--out", tmp_path / "out")
+        os.umask(0o007)
+        cached_label_statistics(FolderDataset(synthetic, "val"), tmp_path / "cache2")
+    finally:
+        os.umask(old)
+    entries = list((tmp_path / "cache" / CACHE_SUBDIR).iterdir())
+    assert [p.suffix for p in entries] == [".json"]  # no temporary file left
+    assert oct(entries[0].stat().st_mode & 0o777) == oct(0o644)
+    for name in ("stats.json", "class_histogram.png"):
+        assert oct((tmp_path / "out" / name).stat().st_mode & 0o777) == oct(0o644), name
+    (entry,) = (tmp_path / "cache2" / CACHE_SUBDIR).iterdir()
+    assert oct(entry.stat().st_mode & 0o777) == oct(0o660)
+
+
+@pytest.mark.parametrize("full_at", ["class_histogram.png", "masks.png"])
+def test_cli_stats_on_a_full_disk_leaves_no_truncated_png(synthetic, tmp_path, monkeypatch, capsys, full_at):
+    """`iumask stats` into a real size-limited tmpfs that fills up while a PNG is written: a one-line
+    error naming that PNG, no truncated PNG and no temporary file left; the files written before
+    it are complete."""
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    make_store(tmp_path / "masks.zarr", FolderDataset(synthetic, "train"))
+    args = ("--data", synthetic, "--store", tmp_path / "masks.zarr")
+    iumask("stats", *args, "--out", tmp_path / "ref")
+    order = ("stats.json", "class_histogram.png", "masks.png")
+    sizes = {name: (tmp_path / "ref" / name).stat().st_size for name in order}
+    page = 4096
+    before = order[:order.index(full_at)]
+    room = sum(-(-sizes[name] // page) * page for name in before) + page  # the earlier files and one page
+    assert sizes[full_at] > 2 * page
+    with small_tmpfs(tmp_path / "small") as target:
+        out = target / "stats"
+        out.mkdir()
+        vfs = os.statvfs(target)
+        (target / "filler").write_bytes(b"\0" * max(vfs.f_bavail * vfs.f_frsize - room, 0))
+        capsys.readouterr()
+        iumask("stats", *args, "--out", out, expect=2)
+        err = capsys.readouterr().err
+        assert "Traceback" not in err
+        line = err[err.rindex("error:"):].strip()
+        assert "\n" not in line and str(out / full_at) in line and "No space left on device" in line
+        assert sorted(p.name for p in out.iterdir()) == sorted(before)  # no truncated PNG, no *.tmp
+        for name in before:
+            if name.endswith(".png"):
+                assert (out / name).read_bytes() == (tmp_path / "ref" / name).read_bytes()
+            else:
+                assert json.loads((out / name).read_text()) == json.loads((tmp_path / "ref" / name).read_text())
+        # No file left open either (an open, unlinked temporary file would keep the disk full).
+        assert subprocess.run(["umount", str(target)], capture_output=True).returncode == 0

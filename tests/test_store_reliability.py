@@ -24,17 +24,17 @@ import numpy as np
 import pytest
 import torch
 import zarr
+from cli_runner import iumask
 
+from iumask.artifacts import resolve_models
 from iumask.core import instance_uncertainty, label_instances, pixel_entropy
 from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.errors import IumaskError
-from iumask.artifacts import resolve_models
 from iumask.models import load_member, save_member
-from iumask.uncertainty import ensemble_probs
 from iumask.stats import label_statistics, mask_statistics
 from iumask.store import MaskStore
-from cli_runner import iumask
+from iumask.uncertainty import ensemble_probs
 
 PARTIAL = r"\.[0-9a-f]{32}\.partial"  # zarr's atomic writes go through <name>.<uuid hex>.partial
 

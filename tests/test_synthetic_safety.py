@@ -17,8 +17,9 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
-
 from cli_runner import iumask
+from testdata import small_tmpfs
+
 from iumask.data import synthetic
 from iumask.data.folder import FolderDataset
 
@@ -175,3 +176,92 @@ def test_manifest_without_file_records_still_counts_as_own(tmp_path, capsys):
     assert "pass --overwrite" in error_line(capsys) and snapshot(root) == before
     iumask("make-synthetic", "--out", root, "--num-train", 1, *SMALL[2:], "--overwrite")
     assert len(FolderDataset(root, "train")) == 1 and "images/train/train_0001.png" not in snapshot(root)
+
+
+def test_manifest_without_file_records_protects_an_edited_file(tmp_path, capsys):
+    """A manifest of the previous version records parameters but no SHA-256: the files its parameters
+    name count as its own only where they are byte-identical to what those parameters render to.
+    A label the user edited is never deleted, even with --overwrite."""
+    root = tmp_path / "syn"
+    iumask("make-synthetic", "--out", root, *SMALL)
+    manifest = json.loads((root / "synthetic.json").read_text())
+    rel = "labels/train/train_0001.png"
+    assert isinstance(manifest["files"], dict) and rel in manifest["files"]  # how the current one records them
+    old = {k: v for k, v in manifest.items() if k not in ("files", "complete")}
+    (root / "synthetic.json").write_text(json.dumps(old, indent=2) + "\n")
+    edited = bytearray((root / rel).read_bytes())
+    edited[len(edited) // 2] ^= 0x01  # one byte of a hand-corrected label
+    (root / rel).write_bytes(bytes(edited))
+    before = snapshot(root)
+    for extra in (("--overwrite",), ()):
+        capsys.readouterr()
+        iumask("make-synthetic", "--out", root, "--num-train", 1, *SMALL[2:], "--seed", 3, *extra, expect=2)
+        line = error_line(capsys)
+        assert str(root) in line and rel in line and "even with --overwrite" in line
+        assert "train_0000" not in line  # the unchanged files are recognised as its own
+        assert snapshot(root) == before
+    assert (root / rel).read_bytes() == bytes(edited)
+
+    # Unchanged again, the old dataset is its own and --overwrite replaces it.
+    edited[len(edited) // 2] ^= 0x01
+    (root / rel).write_bytes(bytes(edited))
+    iumask("make-synthetic", "--out", root, "--num-train", 1, *SMALL[2:], "--seed", 3, "--overwrite")
+    assert len(FolderDataset(root, "train")) == 1 and json.loads((root / "synthetic.json").read_text())["seed"] == 3
+
+
+def test_manifest_of_another_generator_version_without_file_records_is_not_trusted(tmp_path, capsys):
+    """Without recorded SHA-256 and with a rendering this version cannot reproduce, no file can be
+    shown to be its own: --overwrite refuses rather than deleting on trust."""
+    root = tmp_path / "syn"
+    iumask("make-synthetic", "--out", root, *SMALL)
+    manifest = json.loads((root / "synthetic.json").read_text())
+    old = {k: v for k, v in manifest.items() if k not in ("files", "complete")}
+    (root / "synthetic.json").write_text(json.dumps(dict(old, version=synthetic.GENERATOR_VERSION + 1)))
+    before = snapshot(root)
+    capsys.readouterr()
+    iumask("make-synthetic", "--out", root, *SMALL, "--overwrite", expect=2)
+    assert "even with --overwrite" in error_line(capsys) and snapshot(root) == before
+
+
+# ----------------------------------------------------------------------------- full disk (item 11)
+
+
+def fill(folder: Path, leave: int = 0) -> None:
+    """Use up the free space of ``folder``'s file system but ``leave`` bytes."""
+    free = os.statvfs(folder).f_bavail * os.statvfs(folder).f_frsize
+    with open(folder / "filler", "wb") as f:
+        f.write(b"\0" * max(free - leave, 0))
+
+
+@pytest.mark.parametrize("full_at", ["images", "manifest"])
+def test_full_disk_leaves_no_partial_or_temporary_file_and_a_rerun_finishes(tmp_path, capsys, full_at):
+    """make-synthetic on a real full disk: a one-line error naming the file, no `*.tmp` and no partial
+    PNG left (every PNG there is the complete file); with space again, a rerun finishes the dataset."""
+    args = ("--num-train", 60, "--num-val", 1, "--height", 64, "--width", 64)
+    reference = snapshot(synthetic.generate_synthetic(tmp_path / "ref", num_train=60, num_val=1, height=64,
+                                                      width=64))
+    assert sum(map(len, reference.values())) > 400_000  # more than the disk holds
+    with small_tmpfs(tmp_path / "small") as target:
+        if full_at == "manifest":
+            fill(target)  # not even the manifest that claims the folder fits
+        root = target / "syn"
+        capsys.readouterr()
+        iumask("make-synthetic", "--out", root, *args, expect=2)
+        line = error_line(capsys)
+        assert str(root) in line and "No space left on device" in line
+        if full_at == "manifest":
+            assert "synthetic.json" in line
+        assert [p for p in target.rglob("*") if p.name.endswith(".tmp")] == []
+        files = snapshot(root) if root.is_dir() else {}
+        files.pop("synthetic.json", None)
+        assert all(files[k] == reference[k] for k in files)  # complete files only, no truncated PNG
+        if full_at == "images":  # it failed part way through the PNGs, in a folder it claimed
+            assert any(k.endswith(".png") for k in files)
+            assert json.loads((root / "synthetic.json").read_text())["complete"] is False
+
+        (target / "filler").unlink(missing_ok=True)
+        subprocess.run(["mount", "-o", "remount,size=4m", str(target)], check=True, capture_output=True)
+        iumask("make-synthetic", "--out", root, *args)
+        assert snapshot(root) == reference
+        # No file left open either (an open, unlinked temporary file would keep the disk full).
+        assert subprocess.run(["umount", str(target)], capture_output=True).returncode == 0

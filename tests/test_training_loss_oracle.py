@@ -32,16 +32,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-
-import iumask
-from iumask.engine import EpochBatchSampler, Precision
-from iumask.models import build_model
-from iumask.config import MaskConfig
-from iumask.stages.train import online_masks
-from iumask.store import MaskStore
-from iumask.engine import seed_everything
 from reference import entropy_np, instance_means
 from testdata import camvid_labels, downsample, ids_of, read_label
+
+import iumask
+from iumask.config import MaskConfig
+from iumask.engine import EpochBatchSampler, seed_everything
+from iumask.models import build_model
+from iumask.stages.train import online_masks
+from iumask.store import MaskStore
 
 NUM_CLASSES = 10
 IGNORE = 255

@@ -9,7 +9,9 @@ is the fixture form of the same lookup.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
 from functools import lru_cache
 from pathlib import Path
 
@@ -106,3 +108,20 @@ def ids_of(root: Path, split: str) -> list[str]:
 
 def read_label(root: Path, split: str, image_id: str) -> np.ndarray:
     return np.array(Image.open(root / "labels" / split / f"{image_id}.png"))
+
+
+@contextlib.contextmanager
+def small_tmpfs(target: Path, size: str = "300k"):
+    """A real size-limited tmpfs at ``target``; the test is skipped where mounting is not allowed.
+    Unmounted afterwards (lazily if something still holds it)."""
+    target.mkdir(parents=True, exist_ok=True)
+    try:
+        subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(target)],
+                       check=True, capture_output=True)
+    except (OSError, subprocess.CalledProcessError) as exc:
+        pytest.skip(f"cannot mount a size-limited tmpfs here ({exc}); needs root (or a mount namespace)")
+    try:
+        yield target
+    finally:
+        if os.path.ismount(target) and subprocess.run(["umount", str(target)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(target)], check=False)

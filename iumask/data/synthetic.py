@@ -8,7 +8,15 @@ noisier, for domain-shift evaluation. Output is the generic folder format of
 
 The generator never deletes or overwrites a file it did not write. Its manifest
 (``synthetic.json``) records its parameters and the SHA-256 of every file it wrote; only those
-files, unchanged, are ever replaced, and only with ``overwrite``.
+files, unchanged, are ever replaced, and only with ``overwrite``. Where the manifest records no
+SHA-256 (one written by an older version, which recorded parameters only, or one claiming the
+files of a write still in progress), the expected content is rendered again from the recorded
+parameters, in memory: generation is deterministic, so only a file byte-identical to it is its own.
+
+Every file is written through :func:`iumask.artifacts.atomic_write`: a temporary file beside it,
+renamed over it when complete. A killed or failed write (full disk) never leaves a partial file
+under a dataset name, where it would be mistaken for a user's edit; a killed run may leave the
+temporary file, which a rerun replaces (and ``overwrite`` deletes as its own).
 """
 
 from __future__ import annotations
@@ -18,11 +26,12 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable, Iterator
 
 import cv2
 import numpy as np
 
+from iumask.artifacts import TEMP_SUFFIX, atomic_write, describe_os_error
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
 
@@ -40,7 +49,7 @@ SYNTHETIC_CLASSES = ClassInfo(
 )
 
 MANIFEST_FILE = "synthetic.json"
-_MANIFEST_TMP = MANIFEST_FILE + ".tmp"  # the manifest is written here first, then renamed
+_MANIFEST_TMP = MANIFEST_FILE + TEMP_SUFFIX  # atomic_write's temporary file of the manifest
 GENERATOR = "iumask.synthetic"
 GENERATOR_VERSION = 1  # bump when the rendering changes (an old folder then needs --overwrite)
 DOMAINS = ("source", "shifted")
@@ -90,7 +99,8 @@ def generate_synthetic(
     A folder already holding this dataset (same arguments) is left untouched; files of it that
     are missing are written again and an interrupted write is finished. Anything else needs
     ``overwrite``: a synthetic dataset made with other arguments is then replaced, deleting only
-    the files make-synthetic wrote (checked by SHA-256 against its manifest), and a folder holding
+    the files make-synthetic wrote (checked by SHA-256 against its manifest, or against the files
+    its recorded parameters render to where it records none), and a folder holding
     no dataset gets the dataset beside its files. Files it did not write, or that changed since,
     in ``images/``, ``labels/``, ``classes.json`` or ``synthetic.json`` (a user's dataset, a file
     added to the synthetic one) are never deleted or overwritten: the call is refused, even with
@@ -144,7 +154,9 @@ def generate_synthetic(
 class _Manifest:
     params: dict[str, Any]
     complete: bool
-    files: dict[str, str | None]  # every file make-synthetic wrote -> its SHA-256 (None: not known)
+    # every file make-synthetic wrote -> its SHA-256 (None: not recorded; rendered again from the
+    # parameters to check a file)
+    files: dict[str, str | None]
 
 
 def _params(num_train: int, num_val: int, height: int, width: int, seed: int, domain: str) -> dict[str, Any]:
@@ -183,7 +195,7 @@ def _read_manifest(root: Path) -> _Manifest | None:
     files = data.get("files")
     if files is None:
         # Written before manifests recorded files (the manifest came last, so the dataset is complete):
-        # its files are the ones its parameters name.
+        # its files are the ones its parameters name, with the content those parameters render to.
         if not all(isinstance(params[k], int) and params[k] >= 0 for k in ("num_train", "num_val")):
             return None
         return _Manifest(params, True, dict.fromkeys(_planned_files(params)))
@@ -211,18 +223,50 @@ def _in_dataset(rel: str) -> bool:
 
 
 def _foreign_files(root: Path, entries: list[str], existing: _Manifest | None) -> list[str]:
-    """Files in the dataset's part of the folder that make-synthetic did not write or that changed."""
-    foreign = []
+    """Files in the dataset's part of the folder that make-synthetic did not write or that changed.
+
+    A file of ``existing`` whose SHA-256 the manifest does not record is compared with the file
+    its parameters render to (in memory); the temporary file of an interrupted atomic write of
+    one of its files is its own too."""
+    foreign, unrecorded = [], []
     for rel in entries:
         if not _in_dataset(rel) or (existing is not None and rel == MANIFEST_FILE):
             continue
+        if existing is not None and _own_leftover(rel, existing):
+            continue
         if existing is not None and rel in existing.files:
-            digest = existing.files[rel]
             path = root / rel
-            if digest is None or (not path.is_symlink() and path.is_file() and _file_sha256(path) == digest):
-                continue
+            if not path.is_symlink() and path.is_file():
+                digest = existing.files[rel]
+                if digest is None:
+                    unrecorded.append(rel)
+                    continue
+                if _file_sha256(path) == digest:
+                    continue
         foreign.append(rel)
-    return foreign
+    if unrecorded:
+        expected = _rendered_digests(existing.params, unrecorded)
+        foreign += [rel for rel in unrecorded if expected.get(rel) is None or _file_sha256(root / rel) != expected[rel]]
+    return sorted(foreign)
+
+
+def _own_leftover(rel: str, existing: _Manifest) -> bool:
+    """``rel`` is the temporary file of an interrupted atomic write of one of ``existing``'s files."""
+    return rel.endswith(TEMP_SUFFIX) and rel[:-len(TEMP_SUFFIX)] in existing.files
+
+
+def _rendered_digests(params: dict[str, Any], rels: Iterable[str]) -> dict[str, str]:
+    """The SHA-256 of the files ``rels`` of the dataset ``params`` describes, rendered in memory.
+    Empty when ``params`` cannot be rendered by this version (another generator version, bad
+    values): then no file can be shown to be its own."""
+    try:
+        keys = ("num_train", "num_val", "height", "width", "seed", "domain")
+        checked = _params(**{k: params.get(k) for k in keys})
+    except IumaskError:
+        return {}
+    if checked != {k: params.get(k) for k in _PARAM_KEYS}:
+        return {}  # another generator or version: its rendering may differ
+    return {rel: hashlib.sha256(data).hexdigest() for rel, data in _render_files(checked, set(rels))}
 
 
 def _delete_own(root: Path, existing: _Manifest) -> None:
@@ -231,11 +275,12 @@ def _delete_own(root: Path, existing: _Manifest) -> None:
     rerun."""
     folders = set()
     for rel in existing.files:
-        path = root / rel
-        try:
-            path.unlink(missing_ok=True)
-        except OSError as exc:
-            raise IumaskError(f"{path}: cannot delete it ({exc.strerror}); check the folder's permissions") from None
+        for path in (root / rel, root / (rel + TEMP_SUFFIX)):
+            try:
+                path.unlink(missing_ok=True)
+            except OSError as exc:
+                raise IumaskError(f"{path}: cannot delete it ({exc.strerror}); check the folder's "
+                                  "permissions") from None
         folders.update(p for p in Path(rel).parents if p != Path("."))
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         try:
@@ -253,10 +298,16 @@ def _write(root: Path, params: dict[str, Any], only: list[str] | None = None) ->
     if only is None:  # claim the files first, so that an interrupted write is recognised as ours
         root.mkdir(parents=True, exist_ok=True)
         _write_manifest(root, {**params, "complete": False, "files": dict.fromkeys(files)})
-    digests = {}
+    digests = {rel: _write_file(root / rel, data) for rel, data in _render_files(params, wanted)}
+    if only is None:
+        _write_manifest(root, {**params, "complete": True, "files": dict(sorted(digests.items()))})
+
+
+def _render_files(params: dict[str, Any], wanted: set[str]) -> Iterator[tuple[str, bytes]]:
+    """(relative path, content) of the files in ``wanted`` of the dataset ``params`` describes,
+    rendered in memory one sample at a time; the same parameters always give the same bytes."""
     if CLASSES_FILE in wanted:
-        digests[CLASSES_FILE] = _write_file(
-            root / CLASSES_FILE, (json.dumps(SYNTHETIC_CLASSES.to_dict(), indent=2) + "\n").encode("utf-8"))
+        yield CLASSES_FILE, (json.dumps(SYNTHETIC_CLASSES.to_dict(), indent=2) + "\n").encode("utf-8")
     for split_code, (split, ids) in enumerate(_sample_ids(params).items()):
         for i, sample_id in enumerate(ids):
             name = f"{split}/{sample_id}.png"
@@ -266,9 +317,7 @@ def _write(root: Path, params: dict[str, Any], only: list[str] | None = None) ->
             image, label = render_scene(rng, params["height"], params["width"], params["domain"])
             for kind, array in (("images", cv2.cvtColor(image, cv2.COLOR_RGB2BGR)), ("labels", label)):
                 if f"{kind}/{name}" in wanted:
-                    digests[f"{kind}/{name}"] = _write_file(root / kind / name, _png(array))
-    if only is None:
-        _write_manifest(root, {**params, "complete": True, "files": dict(sorted(digests.items()))})
+                    yield f"{kind}/{name}", _png(array)
 
 
 def _png(array: np.ndarray) -> bytes:
@@ -279,25 +328,19 @@ def _png(array: np.ndarray) -> bytes:
 
 
 def _write_file(path: Path, data: bytes) -> str:
-    """Write ``data`` to ``path`` and return its SHA-256."""
+    """Write ``data`` to ``path`` atomically (no partial file, no temporary file left on failure;
+    a one-line IumaskError naming the path) and return its SHA-256."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
     except OSError as exc:
-        raise IumaskError(f"{path}: cannot write the file ({exc.strerror}); check that the folder is writable "
-                          "and the disk not full") from None
+        raise IumaskError(describe_os_error(exc, path.parent)) from None
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
     return hashlib.sha256(data).hexdigest()
 
 
 def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
-    tmp = root / _MANIFEST_TMP
-    _write_file(tmp, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
-    try:
-        os.replace(tmp, root / MANIFEST_FILE)
-    except OSError as exc:
-        tmp.unlink(missing_ok=True)
-        raise IumaskError(f"{root / MANIFEST_FILE}: cannot write the file ({exc.strerror}); check that the "
-                          "folder is writable") from None
+    _write_file(root / MANIFEST_FILE, (json.dumps(manifest, indent=2) + "\n").encode("utf-8"))
 
 
 def _file_sha256(path: Path) -> str | None:

@@ -18,6 +18,7 @@ from iumask.artifacts import (
     atomic_write,
     cache_threshold,
     cached_threshold,
+    model_key,
     read_json,
     resolve_models,
     threshold_record,
@@ -29,7 +30,7 @@ from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.engine import resolve_device
 from iumask.errors import IumaskError
-from iumask.progress import console, progress_bar
+from iumask.progress import console, progress_bar, warn
 from iumask.uncertainty import UncertaintySource, check_models, load_source
 
 # What tells results apart in a results file: evaluating the same model on the same data, split
@@ -74,7 +75,8 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
     try:
         cache_threshold(model_path, weights, mean)
     except IumaskError as exc:
-        console.print(f"[yellow]warning[/yellow]: PAvPU threshold not cached ({exc})", highlight=False)
+        # e.g. a model on a read-only mount: the results are complete, only the cache is lost
+        warn(f"PAvPU threshold not cached ({str(exc).split(';')[0]}); it is computed again next time")
     return mean
 
 
@@ -106,7 +108,7 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
                       inference=options.inference)
         size = source.size
-        results.append({"model": name, "path": str(Path(model_path).resolve()), "split": options.split,
+        results.append({"model": name, "path": model_key(model_path), "split": options.split,
                         "data": str(data.root.resolve()), "classes": list(folder.classes.names),
                         "image_size": list(size) if size else None, "resolution": options.resolution,
                         "inference": options.inference if size and options.resolution == "native" else None,
@@ -125,18 +127,21 @@ def display_name(manifests: list[dict]) -> str:
     return f"{stage} {manifests[0].get('name', manifests[0]['encoder'])}"
 
 
-def merge_results(json_path: Path, results: list[dict]) -> tuple[list[dict], int, int]:
+def merge_results(json_path: Path, results: list[dict],
+                  classes: list[str] | None = None) -> tuple[list[dict], int, int]:
     """``results`` merged into those already in ``json_path`` (if any): returns the merged list,
     the number of earlier entries kept and replaced. Refuses a file that is not an iumask results
-    file or holds results over other classes (one CSV header serves all rows)."""
+    file or holds results over other classes than ``results`` (or ``classes``: a check before any
+    evaluation), since one CSV header serves all rows."""
     if not json_path.exists():
         return results, 0, 0
+    classes = results[0]["classes"] if results else classes
     previous = read_json(json_path, "results file")
     if not isinstance(previous.get("results"), list):
         raise IumaskError(f"{json_path}: not an iumask results file, so it is not replaced; choose another --output")
     new_keys = {tuple(r.get(k) for k in RESULT_KEY) for r in results}
     kept = [r for r in previous["results"] if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
-    if kept and results and any(r.get("classes") != results[0]["classes"] for r in kept):
+    if kept and classes is not None and any(r.get("classes") != classes for r in kept):
         raise IumaskError(f"{json_path}: holds results over other classes; choose another --output to keep both")
     return kept + results, len(kept), len(previous["results"]) - len(kept)
 

@@ -14,6 +14,7 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from iumask import distributed
+from iumask.artifacts import describe_os_error
 from iumask.config import DataConfig, MaskConfig
 from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import SegmentationDataset
@@ -45,6 +46,14 @@ def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path
     }
     # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
     # --overwrite replacement is built beside the old store); the other ranks open what it opened.
+    try:
+        return _write_masks(model_path, folder, dataset, source, masks, identity, store_path, dev, overwrite)
+    except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
+        raise IumaskError(describe_os_error(exc, store_path)) from exc
+
+
+def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
+                 overwrite: bool) -> MaskStore:
     writer = MaskStore.open_or_create(store_path, identity, overwrite=overwrite) if distributed.is_main() else None
     try:
         path = distributed.all_gather_object(writer.path if writer else None)[0]  # rank 0's

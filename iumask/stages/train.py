@@ -49,6 +49,7 @@ from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, Segme
 from iumask.engine import (
     Precision,
     fit,
+    keep_foreign_checkpoint,
     make_member,
     resolve_amp,
     resolve_device,
@@ -59,7 +60,7 @@ from iumask.engine import (
 from iumask.errors import IumaskError
 from iumask.losses import LossFn, build_loss
 from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, save_member
-from iumask.progress import console
+from iumask.progress import console, warn
 from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore, StoreMaskReader
 
@@ -69,12 +70,18 @@ ONLINE_STAGE = "online"
 # ----------------------------------------------------------------------------- shared preparation
 
 
+SIZE_FIX = "pass --size HxW to train at one size (or --crop HxW with augmentation)"
+# Offline weighted training runs at the store's size, which is the baseline's training size.
+STORE_SIZE_FIX = ("the mask store was made at each image's own size (a baseline trained without --size): pass "
+                  "--crop HxW (with augmentation), or retrain the baseline with --size HxW and rerun make-masks")
+
+
 class TrainingInputs:
     """What every train stage prepares before its first expensive step: the datasets (every file
     header read), the class weights, the augmentation and the identity parts they contribute."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, loss: LossConfig, augment: AugmentConfig,
-                 masks: Path | None = None, valid_mask: bool = False):
+                 masks: Path | None = None, valid_mask: bool = False, size_fix: str = SIZE_FIX):
         train_folder = data.open(data.train_split)
         val_folder = data.open(data.val_split)
         self.classes = train_folder.classes
@@ -82,7 +89,7 @@ class TrainingInputs:
         shapes = train_folder.check_headers()
         val_folder.check_headers()
         if data.size is None and not (augment.enabled and augment.crop):
-            require_one_shape(train_folder, shapes)
+            require_one_shape(train_folder, shapes, size_fix)
         self.fingerprint = train_folder.fingerprint()
         weights = class_weight_values(train_folder, loss.class_weights, self.fingerprint)
         self.loss = {"exponent": loss.exponent, "class_weights": loss.class_weights,
@@ -108,15 +115,14 @@ class TrainingInputs:
                 "train_data": data.source(data.train_split), **extra}
 
 
-def require_one_shape(folder: PairedDataset, shapes: list[tuple[int, int]]) -> None:
+def require_one_shape(folder: PairedDataset, shapes: list[tuple[int, int]], fix: str = SIZE_FIX) -> None:
     """Training batches stack samples, so without --size (or a crop) the images must share one size."""
     first = shapes[0] if shapes else None
     for i, shape in enumerate(shapes):
         if shape != first:
             raise IumaskError(
                 f"{folder.root}: the {folder.split} images differ in size ({folder.ids[0]} is {first[1]}x{first[0]}, "
-                f"{folder.ids[i]} is {shape[1]}x{shape[0]}, WxH); pass --size HxW to train at one size "
-                "(or --crop HxW with augmentation)")
+                f"{folder.ids[i]} is {shape[1]}x{shape[0]}, WxH); {fix}")
 
 
 def class_weight_values(folder: PairedDataset, method: str, fingerprint: str) -> np.ndarray | None:
@@ -142,7 +148,7 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
                    masks: Path | None = None, extra_identity: dict | None = None) -> Path:
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
     dev, train, weights_identity = _start(model, train, device)
-    inputs = TrainingInputs(data, train, loss, augment, masks)
+    inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
     classes = inputs.classes
     check_writable(out)
     loss_fn = inputs.loss_fn(loss_name, loss)
@@ -155,9 +161,10 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
             **weights_identity, **(extra_identity or {}))
-        if not member_needs_training(folder, identity, overwrite, _warn):
+        if not member_needs_training(folder, identity, overwrite, warn):
             console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
             continue
+        keep_foreign_checkpoint(folder / CHECKPOINT_FILE, identity, overwrite)
         seed_everything(member_train.seed)  # the initial weights depend on the seed only
         net = build_model(encoder, classes.num_classes, model.encoder_weights)
 
@@ -175,10 +182,6 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
         write_ensemble(out, inputs.ensemble_manifest(stage, names, data))
     distributed.barrier()
     return out / "ensemble.json"
-
-
-def _warn(message: str) -> None:
-    console.print(f"[yellow]warning[/yellow]: {message}", highlight=False)
 
 
 def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
@@ -199,8 +202,9 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
     size = store.identity["options"].get("image_size")
     size = tuple(size) if size else None
     if data.size is not None and size != tuple(data.size):
-        raise IumaskError(f"{store_path}: masks were made at size {size}, not {tuple(data.size)}; "
-                          "train at the store's size or rebuild the store with that --size")
+        raise IumaskError(f"{store_path}: masks were made at size {size} (the baseline's training size), not "
+                          f"{tuple(data.size)}; omit --size (offline training runs at the store's size), or "
+                          "retrain the baseline with that --size and rerun make-masks")
     shapes = [list(train_folder.image_shape(i)) if size is None else list(size) for i in range(len(train_folder))]
     store.check_identity(
         {"image_ids": train_folder.ids, "image_shapes": shapes, "class_names": list(train_folder.classes.names),
@@ -241,13 +245,14 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
     check_writable(out)
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
-    todo = [member_needs_training(out / name, ident, overwrite, _warn) for name, ident in zip(names, member_identities)]
+    todo = [member_needs_training(out / name, ident, overwrite, warn) for name, ident in zip(names, member_identities)]
     ensemble_path = out / "ensemble.json"
     if not any(todo) and ensemble_path.is_file():
         console.print(f"[green]cache hit[/green]: {out} holds online members trained with these inputs")
         return ensemble_path
 
     if any(todo):
+        keep_foreign_checkpoint(checkpoint_path, identity, overwrite)
         nets = []
         for k, encoder in enumerate(model.encoders):
             seed_everything(train.seed + k)  # member k's initialisation
