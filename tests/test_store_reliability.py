@@ -498,7 +498,8 @@ def test_make_masks_with_300_classes_keeps_class_ids_above_255(tmp_path):
         head.bias[263] = -difference.median() * scale
     save_member(folder, model, {k: v for k, v in manifest.items() if k != "weights_sha256"})
 
-    iumask(*masks(tmp_path / "model", data, tmp_path / "masks.zarr"))
+    # The edited member itself (its ensemble.json recorded the weights before the edit).
+    iumask(*masks(folder, data, tmp_path / "masks.zarr"))
     store = MaskStore.open(tmp_path / "masks.zarr")
     merged_somewhere = False
     pixels = np.zeros(300, np.int64)
