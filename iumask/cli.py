@@ -428,8 +428,9 @@ def print_results(results: list[dict]) -> None:
         table.add_row(f"IoU {name}", *(_fmt(r["iou"][c]) for r in results))
     for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
                        ("p_accurate_given_certain", "p(acc|cert)"),
-                       ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th")):
-        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r[key]) for r in results))
+                       ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th"),
+                       ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
+        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r.get(key)) for r in results))
     # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
     # a pipe it gets the width it needs instead of 80 columns.
     out = Console()

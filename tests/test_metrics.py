@@ -244,3 +244,226 @@ def test_metrics_bad_prediction_raises():
     m = iumask.SegmentationMetrics(3, ignore_index=255)
     with pytest.raises(ValueError):
         m.update(np.array([[-1, 0]]), np.array([[1, 1]]))  # currently counted as (0, 2)
+
+
+# --------------------------------------------------------------------------------------------
+# calibration: ECE, Brier, NLL (SegmentationMetrics.update(..., probs=...))
+# --------------------------------------------------------------------------------------------
+
+CALIBRATION_STATE = ("bin_counts", "bin_confidence", "bin_accuracy", "score_sums")
+
+
+def _probs_from_prediction(pred: np.ndarray, rng: np.random.Generator, num_classes: int) -> np.ndarray:
+    """(C, H, W) float32 probabilities: a softmax of noisy logits leaning towards ``pred`` with a
+    per-pixel sharpness (confidences over the whole range), plus pixels with a confidence exactly on
+    a float32 bin edge of torchmetrics (k/15 from torch.linspace) and pixels with confidence exactly 1
+    (one-hot, right or wrong)."""
+    h, w = pred.shape
+    logits = rng.normal(0.0, 1.0, (num_classes, h, w))
+    logits[pred, np.arange(h)[:, None], np.arange(w)[None, :]] += rng.uniform(0.0, 6.0, (h, w))
+    logits *= rng.uniform(0.2, 3.0, (1, h, w))
+    probs = torch.softmax(torch.from_numpy(logits), dim=0).float().numpy()
+    edges = torch.linspace(0, 1, 16, dtype=torch.float32).numpy()
+    flat = probs.reshape(num_classes, -1)
+    picked = rng.choice(h * w, size=(h * w) // 20, replace=False)
+    for j, i in enumerate(picked):
+        top = int(rng.integers(0, num_classes))
+        if j % 4 == 0:  # exactly 1
+            flat[:, i] = 0.0
+            flat[top, i] = 1.0
+        else:  # exactly on an edge k/15 (k >= 2, so it stays the largest probability)
+            edge = edges[2 + j % 13]
+            flat[:, i] = (1.0 - edge) / (num_classes - 1)
+            flat[top, i] = edge
+    return probs
+
+
+def _calibration_reference(probs: list[np.ndarray], targets: list[np.ndarray], num_classes: int, ignore: int,
+                           batches: list[slice]) -> dict:
+    """torchmetrics' MulticlassCalibrationError (streamed over the same batches) for the ECE
+    (``ece``), and the same computed by torchmetrics' own binning function in float64 from the
+    confidences and accuracies the metric collected (``ece64``: the metric itself sums its bins in
+    float32, which costs ~1e-4 over 10^6 pixels); plain numpy loops over classes (float64) for
+    Brier and NLL."""
+    from torchmetrics.classification import MulticlassCalibrationError
+    from torchmetrics.functional.classification.calibration_error import _ce_compute
+
+    ece = MulticlassCalibrationError(num_classes=num_classes, n_bins=15, norm="l1", ignore_index=ignore)
+    for s in batches:
+        ece.update(torch.from_numpy(np.stack(probs[s])), torch.from_numpy(np.stack(targets[s]).astype(np.int64)))
+    # the float32 edges it uses for float32 confidences, exactly, in float64
+    edges = torch.linspace(0, 1, 16, dtype=torch.float32).double()
+    ece64 = _ce_compute(torch.cat(ece.confidences).double(), torch.cat(ece.accuracies).double(), edges, norm="l1")
+    brier = nll = 0.0
+    pixels = 0
+    for p, t in zip(probs, targets):
+        valid = t != ignore
+        p64 = p.astype(np.float64)
+        per_pixel = np.zeros(t.shape)
+        for c in range(num_classes):
+            per_pixel += (p64[c] - (t == c)) ** 2
+        brier += per_pixel[valid].sum()
+        p_target = np.take_along_axis(p64, np.where(valid, t, 0)[None].astype(np.int64), axis=0)[0]
+        nll += (-np.log(np.maximum(p_target[valid], 1e-12))).sum()
+        pixels += int(valid.sum())
+    return {"ece": float(ece.compute()), "ece64": float(ece64), "brier": brier / pixels, "nll": nll / pixels}
+
+
+def _edge_counts(probs: list[np.ndarray], targets: list[np.ndarray], ignore: int) -> tuple[int, int]:
+    """Valid pixels whose confidence is exactly on an inner bin edge, and exactly 1."""
+    edges = torch.linspace(0, 1, 16, dtype=torch.float32).numpy()[1:-1]
+    conf = np.concatenate([p.max(0)[t != ignore] for p, t in zip(probs, targets)])
+    return int(np.isin(conf, edges).sum()), int((conf == 1.0).sum())
+
+
+def _check_calibration_against_reference(targets, preds, probs, num_classes, ignore):
+    batches = [slice(0, 1), slice(1, 3), slice(3, len(targets))]
+    on_edge, at_one = _edge_counts(probs, targets, ignore)
+    assert on_edge > 100 and at_one > 10  # the edge rules are exercised
+    ref = _calibration_reference(probs, targets, num_classes, ignore, batches)
+
+    m = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    for s in batches:  # (B, ...) torch batches
+        m.update(torch.from_numpy(np.stack(preds[s])), torch.from_numpy(np.stack(targets[s])),
+                 probs=torch.from_numpy(np.stack(probs[s])))
+    res = m.compute()
+    single = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    for p, t, pr in zip(preds, targets, probs):  # (H, W) / (C, H, W) numpy, one image at a time
+        single.update(p, t, probs=pr)
+    res_single = single.compute()
+    diffs = {k: abs(res[k] - ref[k]) for k in ("ece", "brier", "nll")}
+    diffs["ece64"] = abs(res["ece"] - ref["ece64"])
+    # torchmetrics sums its bins in float32, iumask in float64
+    assert diffs["ece"] <= 5e-4, (res["ece"], ref["ece"])
+    assert diffs["ece64"] <= 1e-12, (res["ece"], ref["ece64"])
+    assert diffs["brier"] <= 1e-9 and diffs["nll"] <= 1e-9, diffs
+    for k in ("ece", "brier", "nll"):
+        assert res_single[k] == pytest.approx(res[k], rel=1e-12, abs=1e-15)
+    assert 0 < res["ece"] < 1 and 0 < res["brier"] < 2 and res["nll"] > 0
+    valid_total = sum(int((t != ignore).sum()) for t in targets)
+    assert int(m.bin_counts.sum()) == valid_total == int(m.score_sums[0])
+    # the IoU part is unchanged by passing probs
+    plain = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    for p, t in zip(preds, targets):
+        plain.update(p, t)
+    assert torch.equal(plain.confusion, m.confusion)
+    return diffs
+
+
+def test_calibration_matches_torchmetrics_camvid():
+    rng = np.random.default_rng(7)
+    targets = []
+    for label in camvid_labels(5):
+        target = label.copy()
+        h, w = target.shape
+        target[h // 3:h // 3 + 12, w // 2:w // 2 + 16] = CAMVID_VOID
+        targets.append(target)
+    preds, probs = [], []
+    for t in targets:
+        probs.append(_probs_from_prediction(perturb_to_prediction(t, rng), rng, CAMVID_CLASSES))
+        preds.append(probs[-1].argmax(0).astype(np.uint8))
+    _check_calibration_against_reference(targets, preds, probs, CAMVID_CLASSES, CAMVID_VOID)
+
+
+def _generated_labels(count: int, num_classes: int, ignore: int, rng: np.random.Generator, h=72, w=96):
+    """Blocky label maps with rare classes and an ignore region."""
+    labels = []
+    for _ in range(count):
+        label = np.full((h, w), int(rng.integers(0, 3)), dtype=np.uint8)
+        for _ in range(20):
+            rh, rw = int(rng.integers(2, h // 3)), int(rng.integers(2, w // 3))
+            y, x = int(rng.integers(0, h - rh)), int(rng.integers(0, w - rw))
+            label[y:y + rh, x:x + rw] = rng.integers(0, num_classes)
+        label[rng.random((h, w)) < 0.02] = ignore
+        label[: h // 8, : w // 5] = ignore
+        labels.append(label)
+    return labels
+
+
+def test_calibration_matches_torchmetrics_generated():
+    rng = np.random.default_rng(3)
+    num_classes, ignore = 6, 255
+    targets = _generated_labels(5, num_classes, ignore, rng)
+    preds, probs = [], []
+    for t in targets:
+        probs.append(_probs_from_prediction(perturb_to_prediction(t, rng, num_classes), rng, num_classes))
+        preds.append(probs[-1].argmax(0).astype(np.uint8))
+    _check_calibration_against_reference(targets, preds, probs, num_classes, ignore)
+
+
+def test_calibration_bin_edges_and_nan():
+    """torchmetrics' binning: [k/15, (k+1)/15) with float32 edges, confidence 1 in a bin of its own;
+    NaN without probabilities or valid pixels."""
+    edges = torch.linspace(0, 1, 16, dtype=torch.float32)
+    e9 = float(edges[9])  # 0.6 in float32 (a top-label confidence of 2 classes is >= 0.5)
+    below = float(np.nextafter(np.float32(e9), np.float32(0)))
+    conf = [e9, below, 1.0, 0.95]
+    probs = torch.tensor([[c, 1 - c] for c in conf], dtype=torch.float32).T.reshape(2, 1, 4)
+    target = torch.tensor([[0, 0, 1, 0]])  # the confidence-1 pixel is wrong
+    m = iumask.SegmentationMetrics(2, ignore_index=255)
+    m.update(probs.argmax(0), target, probs=probs)
+    assert m.bin_counts.shape == (16,)
+    assert m.bin_counts.tolist() == [0] * 8 + [1, 1] + [0] * 4 + [1, 1]
+    # per-bin |acc - conf| weighted by share; the wrong confidence-1 pixel is not pooled with 0.95
+    expected = (abs(1 - e9) + abs(1 - below) + 1.0 + abs(1 - np.float32(0.95))) / 4
+    assert m.compute()["ece"] == pytest.approx(expected, rel=1e-7)
+
+    from torchmetrics.functional.classification import multiclass_calibration_error
+    ref = multiclass_calibration_error(probs.reshape(2, 4).T, target.reshape(4), 2, n_bins=15, norm="l1")
+    assert m.compute()["ece"] == pytest.approx(float(ref), abs=1e-6)
+
+    # p_target = 0 is clamped: -log(1e-12)
+    assert m.compute()["nll"] == pytest.approx(
+        float(np.mean([-np.log(e9), -np.log(below), -np.log(1e-12), -np.log(np.float32(0.95))])), rel=1e-6)
+
+    no_probs = iumask.SegmentationMetrics(2, ignore_index=255)
+    no_probs.update(target, target)
+    all_ignored = iumask.SegmentationMetrics(2, ignore_index=255)
+    all_ignored.update(target, torch.full_like(target, 255), probs=probs)
+    for r in (no_probs.compute(), all_ignored.compute()):
+        assert math.isnan(r["ece"]) and math.isnan(r["brier"]) and math.isnan(r["nll"])
+    m.reset()
+    assert all(float(getattr(m, k).abs().sum()) == 0 for k in CALIBRATION_STATE)
+    assert math.isnan(m.compute()["ece"])
+    with pytest.raises(ValueError):  # wrong number of classes
+        m.update(target, target, probs=probs[:1])
+    with pytest.raises(ValueError):  # class indices, not probabilities
+        m.update(target, target, probs=torch.ones(2, 1, 4, dtype=torch.int64))
+
+
+def test_calibration_memory_flat_and_summable():
+    """The calibration state has a fixed size whatever the number of updates, and summing two
+    metrics' state tensors (what all_reduce_sum does across ranks) gives the metrics of both halves."""
+    rng = np.random.default_rng(5)
+    num_classes, ignore = 5, 255
+    targets = _generated_labels(6, num_classes, ignore, rng, h=40, w=56)
+    probs = [_probs_from_prediction(perturb_to_prediction(t, rng, num_classes), rng, num_classes) for t in targets]
+    preds = [p.argmax(0) for p in probs]
+
+    m = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+
+    def footprint():
+        return {k: (tuple(v.shape), v.dtype) for k, v in vars(m).items() if isinstance(v, torch.Tensor)} | {
+            k: len(v) for k, v in vars(m).items() if isinstance(v, (list, tuple, dict, set))}
+
+    m.update(preds[0], targets[0], probs=probs[0])
+    before = footprint()
+    for _ in range(10):
+        for p, t, pr in zip(preds, targets, probs):
+            m.update(p, t, probs=pr)
+    assert footprint() == before
+    for k in CALIBRATION_STATE[:3]:
+        assert getattr(m, k).shape == (16,) and getattr(m, k).dtype == torch.float64
+    assert m.score_sums.shape == (3,) and m.score_sums.dtype == torch.float64
+
+    whole = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    half_a = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    half_b = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
+    for i, (p, t, pr) in enumerate(zip(preds, targets, probs)):
+        whole.update(p, t, probs=pr)
+        (half_a if i % 2 else half_b).update(p, t, probs=pr)
+    for k in ("confusion", *CALIBRATION_STATE):
+        getattr(half_a, k).add_(getattr(half_b, k))
+    r_whole, r_sum = whole.compute(), half_a.compute()
+    for k in ("ece", "brier", "nll", "miou"):
+        assert r_sum[k] == pytest.approx(r_whole[k], rel=1e-12)

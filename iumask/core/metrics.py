@@ -1,6 +1,7 @@
 """Segmentation and uncertainty metrics (docs/method.md §8): IoU from one confusion matrix over the
-split, and PAvPU (Mukhoti & Gal 2018) from pooled patch counts. Streaming: memory does not grow
-with the number of images."""
+split, PAvPU (Mukhoti & Gal 2018) from pooled patch counts, and, given class probabilities, the
+calibration metrics ECE (from per-bin sums), Brier score and NLL (from running sums). Streaming:
+memory does not grow with the number of images."""
 
 from __future__ import annotations
 
@@ -32,6 +33,17 @@ class SegmentationMetrics:
             (the training-set mean entropy) is a mean over all pixels too. Patches that would
             overhang the bottom or right edge are left out.
         accuracy_threshold: a patch is accurate when correct / valid pixels ≥ this (0.5).
+        ece_bins: number of equal-width confidence bins of the expected calibration error (15).
+
+    Calibration (only from batches whose ``probs`` are given, over valid pixels): the ECE is
+    top-label and L1, as torchmetrics' ``MulticlassCalibrationError(n_bins=15, norm="l1")``: the
+    confidence is the largest class probability, the pixel is correct when that class is the
+    target; bin ``k`` holds confidences in ``[k/n, (k+1)/n)`` (float32 edges from
+    ``torch.linspace``, a confidence exactly on an edge goes to the bin above it), and, as there,
+    a confidence of exactly 1 gets a bin of its own (``n + 1`` bins in all); ECE =
+    Σ_bins |Σ correct − Σ confidence| / pixels. Brier = mean of Σ_c (p_c − y_c)², NLL = mean of
+    −log max(p_target, 1e-12). The state is per-bin counts, confidence and correct sums, and the
+    Brier/NLL sums (float64 tensors that can be summed across processes like ``confusion``).
     """
 
     def __init__(
@@ -42,6 +54,7 @@ class SegmentationMetrics:
         pavpu_threshold: float | None = None,
         pavpu_stride: int | None = None,
         accuracy_threshold: float = 0.5,
+        ece_bins: int = 15,
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -49,6 +62,11 @@ class SegmentationMetrics:
         self.pavpu_stride = pavpu_stride or pavpu_window
         self.pavpu_threshold = pavpu_threshold
         self.accuracy_threshold = accuracy_threshold
+        if ece_bins < 1:
+            raise ValueError(f"ece_bins must be at least 1, got {ece_bins}")
+        self.ece_bins = ece_bins
+        # float32 edges, as torchmetrics builds them for float32 confidences
+        self._bin_edges = torch.linspace(0, 1, ece_bins + 1, dtype=torch.float32)
         self.reset()
 
     def reset(self) -> None:
@@ -57,16 +75,32 @@ class SegmentationMetrics:
         self.patch_counts = torch.zeros(4, dtype=torch.int64)
         self.entropy_sum = 0.0
         self.entropy_pixels = 0
+        # per confidence bin (ece_bins + 1, the last for confidence 1): pixels, Σ confidence, Σ correct
+        self.bin_counts = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
+        self.bin_confidence = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
+        self.bin_accuracy = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
+        # valid pixels with probabilities, Σ Brier, Σ NLL
+        self.score_sums = torch.zeros(3, dtype=torch.float64)
 
-    def update(self, pred, target, entropy=None) -> None:
+    def update(self, pred, target, entropy=None, probs=None) -> None:
         """Add a batch: ``pred`` and ``target`` ``(B, H, W)`` (or ``(H, W)``) class indices,
-        ``entropy`` the matching pixel uncertainty (needed for PAvPU)."""
+        ``entropy`` the matching pixel uncertainty (needed for PAvPU), ``probs`` the class
+        probabilities ``(B, C, H, W)`` (or ``(C, H, W)``; needed for ECE, Brier and NLL; the ECE
+        takes its top label from ``probs``, like torchmetrics, not from ``pred``)."""
         pred, target = _as_tensor(pred).long().cpu(), _as_tensor(target).long().cpu()
         if pred.shape != target.shape:
             raise ValueError(f"pred shape {tuple(pred.shape)} differs from target {tuple(target.shape)}")
         if pred.ndim == 2:
             pred, target = pred[None], target[None]
             entropy = None if entropy is None else _as_tensor(entropy)[None]
+            probs = None if probs is None else _as_tensor(probs)[None]
+        if probs is not None:
+            probs = _as_tensor(probs)
+            expected = (target.shape[0], self.num_classes, *target.shape[1:])
+            if tuple(probs.shape) != expected:
+                raise ValueError(f"probs shape {tuple(probs.shape)} is not (B, C, H, W) = {expected}")
+            if not probs.is_floating_point():
+                raise ValueError(f"probs must be floating point probabilities, got {probs.dtype}")
         valid = target != self.ignore_index
         bad = valid & ((target < 0) | (target >= self.num_classes))
         if bad.any():
@@ -87,6 +121,31 @@ class SegmentationMetrics:
             self.entropy_pixels += entropy.numel()
             if self.pavpu_threshold is not None:
                 self.patch_counts += self._patch_counts(pred == target, valid, entropy)
+        if probs is not None:
+            self._add_calibration(probs, target, valid)
+
+    def _add_calibration(self, probs, target, valid) -> None:
+        """Per-bin and Brier/NLL sums of the valid pixels, computed on ``probs``' device."""
+        device = probs.device
+        valid = valid.to(device)
+        p = probs.movedim(1, -1)[valid]  # (N, C), a copy
+        if p.shape[0] == 0:
+            return
+        if p.dtype != torch.float64:
+            p = p.float()
+        t = target.to(device)[valid]
+        rows = torch.arange(p.shape[0], device=device)
+        confidence, top = p.max(dim=1)
+        correct = (top == t).double()
+        bins = torch.bucketize(confidence.float(), self._bin_edges.to(device), right=True) - 1
+        n = self.ece_bins + 1
+        self.bin_counts += torch.bincount(bins, minlength=n).double().cpu()
+        self.bin_confidence += torch.bincount(bins, weights=confidence.double(), minlength=n).cpu()
+        self.bin_accuracy += torch.bincount(bins, weights=correct, minlength=n).cpu()
+        nll = -torch.log(p[rows, t].double().clamp_min(1e-12)).sum()
+        p[rows, t] -= 1  # p - one_hot(target)
+        brier = torch.sum(p * p, dtype=torch.float64)
+        self.score_sums += torch.tensor([float(rows.numel()), float(brier), float(nll)], dtype=torch.float64)
 
     def _patch_counts(self, correct, valid, entropy) -> torch.Tensor:
         w, s = self.pavpu_window, self.pavpu_stride
@@ -104,8 +163,8 @@ class SegmentationMetrics:
 
     def compute(self) -> dict:
         """Per-class IoU (NaN for a class absent from both target and prediction), mIoU over the
-        others, pixel accuracy, mean entropy (over all pixels), and PAvPU with its two
-        conditional probabilities."""
+        others, pixel accuracy, mean entropy (over all pixels), PAvPU with its two conditional
+        probabilities, and ECE, Brier score and NLL (NaN without probabilities or valid pixels)."""
         cm = self.confusion.double()
         tp = cm.diag()
         union = cm.sum(0) + cm.sum(1) - tp
@@ -115,6 +174,8 @@ class SegmentationMetrics:
         n_ac, n_au, n_ic, n_iu = (int(v) for v in self.patch_counts)
         patches = n_ac + n_au + n_ic + n_iu
         nan = math.nan
+        scored, brier_sum, nll_sum = (float(v) for v in self.score_sums)
+        ece = float((self.bin_accuracy - self.bin_confidence).abs().sum()) / scored if scored else nan
         return {
             "iou": iou.tolist(),
             "miou": float(iou[present].mean()) if present.any() else nan,
@@ -125,4 +186,7 @@ class SegmentationMetrics:
             "p_uncertain_given_inaccurate": n_iu / (n_ic + n_iu) if n_ic + n_iu else nan,
             "pavpu_counts": {"n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu},
             "pavpu_threshold": self.pavpu_threshold,
+            "ece": ece,
+            "brier": brier_sum / scored if scored else nan,
+            "nll": nll_sum / scored if scored else nan,
         }

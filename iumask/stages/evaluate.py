@@ -1,5 +1,6 @@
-"""Stage 4, evaluate: per-class IoU, mIoU, pixel accuracy and PAvPU of models or ensembles on a
-split (docs/method.md §8), and the results files (JSON + CSV, merged across runs).
+"""Stage 4, evaluate: per-class IoU, mIoU, pixel accuracy, PAvPU and calibration (ECE, Brier, NLL)
+of models or ensembles on a split (docs/method.md §8), and the results files (JSON + CSV, merged
+across runs).
 
 The PAvPU threshold defaults to the evaluated model's training-set mean pixel entropy, computed
 once and cached in its manifest with the weights it belongs to (:mod:`iumask.artifacts`).
@@ -51,7 +52,7 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
             entropy = pixel_entropy(probs).cpu()
             total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
             if metrics is not None:
-                metrics.update(probs.argmax(1).cpu(), batch["label"], entropy)
+                metrics.update(probs.argmax(1).cpu(), batch["label"], entropy, probs)
             progress.update(task, advance=len(batch["index"]))
     return total / max(pixels, 1)
 
@@ -82,7 +83,8 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
 
 def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = EvalConfig(),
              device: str = "auto") -> list[dict]:
-    """Per-class IoU, mIoU and PAvPU of each model (or ensemble) on ``data``'s ``options.split``.
+    """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
+    ``options.split``.
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
     (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
@@ -153,13 +155,15 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
     csv_path = json_path.with_suffix(".csv")
     classes = results[0]["classes"] if results else []
     header = ["model", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
-              "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold"]
+              "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold", "ece", "brier", "nll"]
     with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
         for r in results:
             row = [r["model"], r["split"], *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
-                   r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"]]
+                   r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"],
+                   # NaN for entries merged from a results file written before these existed
+                   *(r.get(k, float("nan")) for k in ("ece", "brier", "nll"))]
             writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in row])
     return csv_path
 
