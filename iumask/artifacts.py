@@ -132,6 +132,19 @@ def model_key(model_path: str | os.PathLike) -> str:
     return str(path)
 
 
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`), creating its folder; a
+    failure (full disk, read-only folder) is a one-line IumaskError naming the path."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IumaskError(describe_os_error(exc, path.parent)) from None
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
     """Write JSON atomically (see :func:`atomic_write`)."""
     text = json.dumps(data, indent=2, sort_keys=False) + "\n"

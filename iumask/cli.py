@@ -36,6 +36,7 @@ from iumask.config import (
     LossConfig,
     MaskConfig,
     ModelConfig,
+    PredictConfig,
     Resolution,
     RunConfig,
     TrainConfig,
@@ -88,6 +89,8 @@ EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none,
 Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping "
                                          "(the old artifact stays until its replacement is complete).")]
 Out = Annotated[Path, typer.Option(help="Output folder.")]
+TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard (<member>/tensorboard/: scalars and a few "
+                                           "validation images per epoch); needs pip install iumask[tensorboard].")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
 Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
 InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
@@ -215,13 +218,14 @@ def train_baseline(
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     overwrite: Overwrite = False,
+    tensorboard: TensorBoard = False,
 ):
     """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
     ensemble.json). Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     from iumask.stages.train import train_baseline as stage
 
     manifest = stage(data_config(data, size, format, conditions), model, train, LossConfig(0.0, class_weights),
-                     augment, out, device, overwrite)
+                     augment, out, device, overwrite, tensorboard)
     _print_path("ensemble", manifest)
 
 
@@ -276,6 +280,7 @@ def train_weighted(
     size: Annotated[Optional[str], typer.Option(help="--online: train at a fixed size HxW (offline training "
                                                 "uses the store's size).")] = None,
     overwrite: Overwrite = False,
+    tensorboard: TensorBoard = False,
 ):
     """Train models with the IU-weighted cross-entropy, reading each image's mask from the store
     (checked to match the dataset; trains at the store's size), or with --online: members trained
@@ -285,9 +290,9 @@ def train_weighted(
 
     configs = (data_config(data, size, format, conditions), model, train, loss, augment)
     if online:
-        manifest = train_online(*configs, masks, out, device, overwrite)
+        manifest = train_online(*configs, masks, out, device, overwrite, tensorboard)
     else:
-        manifest = stage(*configs, store, out, device, overwrite)
+        manifest = stage(*configs, store, out, device, overwrite, tensorboard)
     _print_path("ensemble", manifest)
 
 
@@ -333,6 +338,47 @@ def evaluate(
         write_results(merged, output)
     note = f" (kept {kept} earlier result(s), replaced {replaced})" if kept or replaced else ""
     console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[Path, typer.Option("--model", help="A model folder or an ensemble.json (mean softmax); "
+                                        "with --source mc-dropout one model's folder.")],
+    input: Annotated[str, typer.Option("--input", help="An image, a folder of images (searched recursively: "
+                                       "png, jpg, jpeg, bmp, tif, tiff) or a quoted glob.")],
+    out: Annotated[Path, typer.Option("--out", help="Output folder: labels/, color/, overlay/, entropy/, iu/ "
+                                      "(and arrays.zarr with --save-arrays), by each input's relative path.")],
+    source: SourceOpt = UncertaintyKind.ENSEMBLE,
+    passes: Passes = 8,
+    inference: Annotated[Inference, typer.Option(help="For a model trained at a reduced size: resize the image "
+                                                 "and upsample the logits, or slide windows of the training "
+                                                 "size over the full image.")] = Inference.RESIZE,
+    connectivity: ConnectivityOpt = Connectivity.EIGHT,
+    save_arrays: Annotated[bool, typer.Option(help="Also write entropy, IU and prediction per image to "
+                                              "OUT/arrays.zarr (the mask store's layout).")] = False,
+    batch_size: Annotated[int, typer.Option(help="Images per batch (images of one size are batched "
+                                            "together).")] = 4,
+    workers: Workers = 0,
+    device: Device = "auto",
+    amp: AmpOpt = Amp.OFF,
+    overwrite: Annotated[bool, typer.Option(help="Predict every image again, even those whose outputs "
+                                            "exist (by default a rerun skips them).")] = False,
+):
+    """Apply a trained model or ensemble to unlabeled images: per image at its own resolution the
+    predicted labels, class colours, an overlay, and entropy and IU heat maps on the fixed scale
+    [0, ln C]. A rerun skips images already done; unreadable inputs are skipped and listed."""
+    from iumask.stages.predict import predict as stage
+    from iumask.stages.predict import print_summary
+
+    options = PredictConfig(source, passes, inference, batch_size, workers, save_arrays, overwrite, connectivity,
+                            amp)
+    check_writable(out)
+    result = stage(model, input, out, options, device)
+    print_summary(result)
+    if result.failed:
+        names = ", ".join(str(path) for path, _ in result.failed)
+        raise IumaskError(f"{len(result.failed)} input(s) could not be read and were skipped: {names}; the other "
+                          "images were written (replace the files and rerun to add them)")
 
 
 # ``run`` leaves some defaults open: small settings on the embedded synthetic data.

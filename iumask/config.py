@@ -345,6 +345,42 @@ class EvalConfig:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class PredictConfig:
+    """How ``iumask predict`` applies a model to unlabeled images: the uncertainty source
+    (``--source``, ``--passes``), ``--inference``, the instances' ``--connectivity``, batching,
+    ``--save-arrays`` (a zarr store in the mask store's layout), ``--overwrite`` and ``--amp``."""
+
+    source: str = "ensemble"
+    passes: int = 8
+    inference: str = "resize"
+    batch_size: int = 4
+    num_workers: int = 0
+    save_arrays: bool = False
+    overwrite: bool = False
+    connectivity: int = 8
+    amp: str = "off"
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
+        object.__setattr__(self, "inference", choice(Inference, self.inference, "--inference"))
+        object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
+        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
+        for name, low, option in (("passes", 2, "--passes"), ("batch_size", 1, "--batch-size"),
+                                  ("num_workers", 0, "--workers")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise IumaskError(f"{option} must be an integer >= {low}, got {value!r}")
+
+    def identity(self) -> dict:
+        """The options the predicted arrays depend on (a ``--save-arrays`` store's ``options``)."""
+        out = {"connectivity": self.connectivity, "instances_from": "prediction", "normalize": False,
+               "inference": self.inference}
+        if self.source != UncertaintyKind.ENSEMBLE.value:
+            out.update(source=self.source, passes=self.passes)
+        return out
+
+
 # ----------------------------------------------------------------------------- all stages
 
 # ``iumask run``'s members when none are given: small enough for its demo on a CPU.

@@ -19,6 +19,11 @@ trained with a given loss (docs/method.md §4, §9).
   on CPU (deterministic algorithms are switched on for the duration of the loop on CPU). On GPUs
   the resume restores the same states, but some CUDA kernels (e.g. bilinear upsampling's
   backward) are not bitwise deterministic.
+* **Epoch log.** Besides the history (loss, validation mIoU) :func:`fit` keeps one record per member
+  and epoch (step, loss, learning rates, validation mIoU and per-class IoU, the ensemble's mIoU,
+  seconds), saved in the checkpoint, and hands the records to an ``on_epoch`` callback on rank 0
+  after every epoch and once at a resume, so a log written from them (``metrics.csv``) always
+  matches the checkpointed state: rows written before a kill are rewritten, never duplicated.
 * **Precision.** ``amp``: ``off``, ``bf16`` or ``fp16`` autocast on CUDA (fp16 with a gradient
   scaler); on CPU it is switched off with a warning (:func:`resolve_amp`) and the manifest
   records ``off``.
@@ -29,6 +34,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import random
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -331,13 +337,27 @@ def _set_rng_state(state: dict, device: torch.device) -> None:
 # ----------------------------------------------------------------------------- validation
 
 
+@dataclass
+class Validation:
+    """Validation scores of models trained together: mIoU and per-class IoU (NaN for a class
+    absent from labels and predictions) of each model and, for several, of their ensemble."""
+
+    mious: list[float]
+    ious: list[list[float]]
+    ensemble_miou: float | None = None
+    ensemble_ious: list[float] | None = None
+
+
 @torch.no_grad()
 def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfig, num_classes: int,
-                     ignore_index: int, device: torch.device, precision: Precision) -> tuple[list[float], float | None]:
-    """Validation mIoU of each model and (for several) of their ensemble (mean softmax). Under
-    torchrun each rank predicts its share of the images and the confusion matrices are summed."""
+                     ignore_index: int, device: torch.device, precision: Precision) -> Validation:
+    """Validation mIoU and per-class IoU of each model and (for several) of their ensemble (mean
+    softmax). Under torchrun each rank predicts its share of the images and the confusion matrices
+    are summed."""
     if not len(val_set):
-        return [float("nan")] * len(models), (float("nan") if len(models) > 1 else None)
+        nan, several = float("nan"), len(models) > 1
+        return Validation([nan] * len(models), [[nan] * num_classes for _ in models],
+                          nan if several else None, [nan] * num_classes if several else None)
     for model in models:
         model.eval()
     metrics = [SegmentationMetrics(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
@@ -354,8 +374,12 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
             metrics[-1].update(mean_softmax(logits).argmax(1).cpu(), batch["label"])
     for m in metrics:
         distributed.all_reduce_sum(m.confusion)
-    mious = [m.compute()["miou"] for m in metrics]
-    return mious[:len(models)], (mious[-1] if len(models) > 1 else None)
+    scores = [m.compute() for m in metrics]
+    mious = [s["miou"] for s in scores]
+    ious = [[float(v) for v in s["iou"]] for s in scores]
+    several = len(models) > 1
+    return Validation(mious[:len(models)], ious[:len(models)], mious[-1] if several else None,
+                      ious[-1] if several else None)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -368,17 +392,24 @@ class FitResult:
 
 
 StepFn = Callable[[dict], list[float]]
+# ``on_epoch(records, models)``: per member the epoch records so far ({"epoch", "step", "loss", "lr",
+# "val_miou", "val_iou", "ensemble_val_miou", "seconds"}), and the members' models after an epoch
+# (the callback may put them in eval mode; fit puts them back in train mode) or None at a resume
+# (nothing new: just rewrite what is logged from the records). Called on rank 0 only.
+EpochCallback = Callable[[list[list[dict]], list[torch.nn.Module]], None]
 
 
 def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, options: TrainConfig,
         checkpoint_path: Path, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
-        label: str, precision: Precision, extra: dict | None = None) -> FitResult:
+        label: str, precision: Precision, extra: dict | None = None,
+        on_epoch: EpochCallback | None = None) -> FitResult:
     """Train ``members`` together for ``options.epochs``; ``train_step(batch)`` does one optimizer
     step of every member on a batch (already on ``device``) and returns their losses.
 
     ``extra`` is caller state (a dict of plain values, updated in place by ``train_step``) that is
     saved in and restored from the checkpoint. Resumes from ``checkpoint_path`` when it belongs to
-    this run (see the module docstring).
+    this run (see the module docstring). ``on_epoch`` receives the epoch records (see
+    :data:`EpochCallback`) after every epoch, before its checkpoint, and once at a resume.
     """
     world, rank = distributed.world_size(), distributed.rank()
     steps = steps_per_epoch(len(train_set), options.batch_size, world)
@@ -386,13 +417,16 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
     extra = {} if extra is None else extra
     histories: list[list[dict]] = [[] for _ in members]
     ensemble_history: list[dict] = []
+    records: list[list[dict]] = [[] for _ in members]
     start_epoch, start_step = 0, 0
     loss_sums, loss_count = [0.0] * k, 0
+    seconds = 0.0  # spent in the current epoch before the last checkpoint (a resumed epoch keeps counting)
     state = load_checkpoint(checkpoint_path, identity)
     if state is not None:
         for member, member_state in zip(members, state["members"]):
             member.load_state_dict(member_state)
         histories, ensemble_history = state["histories"], state["ensemble_history"]
+        records, seconds = state["records"], state["seconds"]
         start_epoch, start_step = state["epoch"], state["step"]
         extra.update(state["extra"])
         own = state["ranks"][rank]
@@ -405,6 +439,9 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
         if rank:
             torch.manual_seed(options.seed + _RANK_SEED_STRIDE * rank)  # own dropout masks per rank
     distributed.barrier()  # every rank has read the checkpoint before rank 0 may replace it
+    if state is not None and on_epoch is not None and distributed.is_main():
+        on_epoch(records, None)  # rewrite the log from the checkpoint: drops rows logged after it
+    clock = time.perf_counter()
 
     def checkpoint(epoch: int, step: int) -> None:
         ranks = distributed.all_gather_object(
@@ -414,6 +451,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
                 "format": CHECKPOINT_FORMAT, "identity": identity, "world_size": world,
                 "epoch": epoch, "step": step, "members": [m.state_dict() for m in members],
                 "histories": histories, "ensemble_history": ensemble_history, "extra": extra, "ranks": ranks,
+                "records": records, "seconds": seconds + time.perf_counter() - clock,
             })
 
     every = max(0, options.checkpoint_every)
@@ -424,6 +462,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
             first = start_step if epoch == start_epoch else 0
             if first == 0:
                 loss_sums, loss_count = [0.0] * k, 0
+                seconds, clock = 0.0, time.perf_counter()
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)  # augmentations reproducible per (seed, epoch, index)
             sampler = EpochBatchSampler(len(train_set), options.batch_size, options.seed, epoch, rank, world, first)
@@ -439,14 +478,25 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
                     checkpoint(epoch, step)
             totals = distributed.all_reduce_sum(torch.tensor([*loss_sums, loss_count], dtype=torch.float64))
             epoch_losses = (totals[:k] / totals[k].clamp_min(1)).tolist()
-            mious, ensemble_miou = validate_members([m.model for m in members], val_set, options, num_classes,
-                                                    ignore_index, device, precision)
-            for history, loss, miou in zip(histories, epoch_losses, mious):
+            scores = validate_members([m.model for m in members], val_set, options, num_classes, ignore_index,
+                                      device, precision)
+            mious, ensemble_miou = scores.mious, scores.ensemble_miou
+            elapsed = seconds + time.perf_counter() - clock
+            for history, record, member, loss, miou, ious in zip(histories, records, members, epoch_losses, mious,
+                                                                 scores.ious):
                 history.append({"epoch": epoch + 1, "loss": loss, "val_miou": miou})
+                record.append({"epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": loss,
+                               "lr": [float(g["lr"]) for g in member.optimizer.param_groups], "val_miou": miou,
+                               "val_iou": ious, "ensemble_val_miou": ensemble_miou, "seconds": elapsed})
             shown = f"val mIoU {mious[0]:.3f}" if k == 1 else f"ensemble val mIoU {ensemble_miou:.3f}"
             if k > 1:
                 ensemble_history.append({"epoch": epoch + 1, "val_miou": ensemble_miou})
             progress.update(task, info=f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}")
+            if on_epoch is not None and distributed.is_main():
+                on_epoch(records, [m.model for m in members])
+                for member in members:
+                    member.module.train()
+            seconds, clock = 0.0, time.perf_counter()
             checkpoint(epoch + 1, 0)
     return FitResult(histories, ensemble_history)
 
@@ -464,11 +514,13 @@ def train_model(
     ignore_index: int,
     device: torch.device,
     label: str,
+    on_epoch: EpochCallback | None = None,
 ) -> list[dict]:
     """Train ``model`` in place; return the per-epoch history (loss, validation mIoU).
 
     ``identity`` describes everything the result depends on; a checkpoint in ``folder`` with the
     same identity is resumed (exactly, mid-epoch too), one with another identity is replaced.
+    ``on_epoch``: see :func:`fit`.
     """
     folder.mkdir(parents=True, exist_ok=True)
     precision = Precision(options.amp, device)
@@ -483,5 +535,5 @@ def train_model(
         return [loss.item()]
 
     result = fit([member], train_step, train_set, val_set, options, folder / CHECKPOINT_FILE, identity,
-                 num_classes, ignore_index, device, label, precision)
+                 num_classes, ignore_index, device, label, precision, on_epoch=on_epoch)
     return result.histories[0]

@@ -1,12 +1,22 @@
-"""Presentation of :mod:`iumask.stats` results: rich tables, and pictures (the paper's Figures 1,
-2 and 4) drawn with OpenCV.
+"""Presentation: rich tables of :mod:`iumask.stats` results, and pictures drawn with matplotlib
+(Agg, no display): the class histogram and mask gallery of ``iumask stats`` (the paper's Figures
+4, 1 and 2), training curves, and the per-epoch training log (``metrics.csv``, TensorBoard).
 
 * :func:`statistics_table` and :func:`print_statistics` show the ``iumask stats`` result.
 * :func:`class_histogram_png` and :func:`mask_gallery_png` draw PNGs.
+* :func:`write_metrics_csv` and :func:`training_curves_png` write a member's training log from the
+  engine's epoch records; :class:`TensorBoardLog` sends them (and a few validation images) to
+  TensorBoard.
+
+Every file is written through :func:`iumask.artifacts.atomic_write`. matplotlib is imported when
+a picture is drawn, not with this module.
 """
 
 from __future__ import annotations
 
+import csv
+import io
+import math
 from pathlib import Path
 
 import cv2
@@ -14,49 +24,20 @@ import numpy as np
 from rich.console import Console
 from rich.table import Table
 
-from iumask.artifacts import atomic_write, describe_os_error
+from iumask.artifacts import write_bytes_atomic
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
 
-_FONT = cv2.FONT_HERSHEY_SIMPLEX
-_BLACK = (0, 0, 0)
-_WHITE = (255, 255, 255)
-_GREY = (110, 110, 110)
-_LIGHT = (225, 225, 225)
+METRICS_FILE = "metrics.csv"
+CURVES_FILE = "curves.png"
+TENSORBOARD_DIR = "tensorboard"
+TENSORBOARD_FIX = "pip install iumask[tensorboard]"
+_DPI = 100
+_GREY = "#6e6e6e"
 
 
 # --------------------------------------------------------------------------------------------
-# drawing helpers
-
-
-def _text_size(text: str, scale: float, thickness: int = 1) -> tuple[int, int, int]:
-    (w, h), base = cv2.getTextSize(text, _FONT, scale, thickness)
-    return w, h, base
-
-
-def _put(img: np.ndarray, text: str, x: int, y: int, scale: float, color=_BLACK, thickness: int = 1) -> None:
-    """Text with its baseline at y."""
-    cv2.putText(img, _ascii(text), (int(x), int(y)), _FONT, scale, color, thickness, cv2.LINE_AA)
-
-
-def _ascii(text: str) -> str:
-    # Hershey fonts draw ASCII only.
-    return text.encode("ascii", "replace").decode("ascii")
-
-
-def _vertical_text(text: str, scale: float, color=_BLACK, background=_WHITE) -> np.ndarray:
-    """``text`` written bottom to top (rotated 90 degrees counter-clockwise) on ``background``."""
-    text = _ascii(text)
-    w, h, base = _text_size(text, scale)
-    tile = np.full((h + base + 4, w + 4, 3), background, dtype=np.uint8)
-    cv2.putText(tile, text, (2, h + 2), _FONT, scale, color, 1, cv2.LINE_AA)
-    return cv2.rotate(tile, cv2.ROTATE_90_COUNTERCLOCKWISE)
-
-
-def _paste(canvas: np.ndarray, tile: np.ndarray, x: int, y: int) -> None:
-    h = max(0, min(tile.shape[0], canvas.shape[0] - y))
-    w = max(0, min(tile.shape[1], canvas.shape[1] - x))
-    canvas[y:y + h, x:x + w] = tile[:h, :w]
+# helpers
 
 
 def _compact(value: float) -> str:
@@ -69,25 +50,26 @@ def _compact(value: float) -> str:
     return f"{value:.0f}" if value == int(value) else f"{value:.2g}"
 
 
-def _bgr(rgb) -> tuple[int, int, int]:
-    return int(rgb[2]), int(rgb[1]), int(rgb[0])
+def _figure(width_px: int, height_px: int):
+    """A matplotlib figure of exactly ``width_px`` × ``height_px`` pixels, on the Agg canvas (no
+    pyplot, no global state)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width_px / _DPI, height_px / _DPI), dpi=_DPI)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _write_png(path: str | Path, image: np.ndarray) -> Path:
-    """Encode ``image`` and write it atomically (:func:`iumask.artifacts.atomic_write`): a failed
-    write (full disk, read-only folder) leaves no truncated PNG and no temporary file, and is a
-    one-line IumaskError naming the path."""
-    path = Path(path)
-    ok, buf = cv2.imencode(".png", image)
-    if not ok:
-        raise IumaskError(f"{path}: cannot encode the PNG")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IumaskError(describe_os_error(exc, path.parent)) from None
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(buf.tobytes())
-    return path
+def _save_figure(fig, path: str | Path) -> Path:
+    """Render ``fig`` to PNG in memory (a deterministic file: no timestamp), then write it atomically."""
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=_DPI, metadata={"Software": None})
+    return write_bytes_atomic(path, buffer.getvalue())
+
+
+def _rgb(color) -> tuple[float, float, float]:
+    return tuple(int(c) / 255.0 for c in color[:3])
 
 
 # --------------------------------------------------------------------------------------------
@@ -105,8 +87,9 @@ def class_histogram_png(
 ) -> Path:
     """Bar chart of the pixels per class of :func:`iumask.stats.label_statistics` ``stats`` (the paper's
     Figure 4): bars in the class colours (``classes``: a ClassInfo), largest first when ``sort``,
-    on a log scale when ``log_scale``, class names written vertically below the bars and each
-    class's share of labelled pixels above its bar. Returns ``path``."""
+    on a log scale when ``log_scale``, class names under the bars and each class's share of
+    labelled pixels above its bar. ``bar_width`` (pixels per class) and ``plot_height`` set the
+    picture's size. Returns ``path``."""
     counts = np.asarray(stats["per_class"]["pixels"], dtype=np.float64)
     fractions = stats["per_class"]["fraction"]
     names = list(classes.names)
@@ -114,85 +97,45 @@ def class_histogram_png(
         raise IumaskError(f"statistics hold {len(counts)} classes but the class list has {len(names)}")
     palette = classes.palette()
     order = np.argsort(-counts, kind="stable") if sort else np.arange(len(counts))
-
-    gap = max(4, bar_width // 4)
-    label_scale, small = 0.45, 0.35
-    name_tiles = [_vertical_text(names[c], label_scale) for c in order]
-    names_h = max(t.shape[0] for t in name_tiles) + 8
-
-    lo, hi, ticks = _axis(counts, log_scale)
-
-    def y_of(v: float) -> float:
-        if log_scale:
-            return (np.log10(v) - np.log10(lo)) / (np.log10(hi) - np.log10(lo)) if v > 0 else 0.0
-        return (v - lo) / (hi - lo)
-
-    tick_w = max(_text_size(_tick_text(t, log_scale), label_scale)[0] for t in ticks)
-    left, right, top = tick_w + 36, 16, 80
-    width = max(left + len(counts) * (bar_width + gap) + gap + right, 360)
-    height = top + plot_height + names_h + 8
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
-    x0, x1, y_base = left, width - right, top + plot_height
-
-    title = f"pixels per class ({'log' if log_scale else 'linear'} scale)"
-    subtitle = (f"{stats['num_images']} images, {_compact(stats['labelled_pixels'])} labelled pixels, "
-                f"{_compact(stats['ignored_pixels'])} ignored")
-    _put(img, title, left, 24, 0.6, thickness=1)
-    _put(img, subtitle, left, 46, 0.42, _GREY)
-    _put(img, "numbers above the bars: % of labelled pixels", left, 64, 0.42, _GREY)
-
-    for t in ticks:
-        y = int(round(y_base - y_of(t) * plot_height))
-        cv2.line(img, (x0, y), (x1, y), _LIGHT, 1)
-        text = _tick_text(t, log_scale)
-        w, h, _ = _text_size(text, label_scale)
-        _put(img, text, x0 - 6 - w, y + h // 2, label_scale)
-    ylabel = _vertical_text("pixels", label_scale)
-    _paste(img, ylabel, 4, top + (plot_height - ylabel.shape[0]) // 2)
-
-    for k, c in enumerate(order):
-        bx = x0 + gap + k * (bar_width + gap)
-        v = counts[c]
-        if v > 0:
-            by = int(round(y_base - max(y_of(v), 0.0) * plot_height))
-            by = min(by, y_base - 1)
-            cv2.rectangle(img, (bx, by), (bx + bar_width - 1, y_base), _bgr(palette[c]), -1)
-            cv2.rectangle(img, (bx, by), (bx + bar_width - 1, y_base), (60, 60, 60), 1)
-        else:
-            by = y_base
-        pct = f"{100 * fractions[c]:.1f}" if fractions[c] >= 0.001 else f"{100 * fractions[c]:.2f}"
-        w, _, _ = _text_size(pct, small)
-        if w <= bar_width + gap - 2:
-            _put(img, pct, bx + (bar_width - w) // 2, by - 4, small, _GREY)
-        tile = name_tiles[k]
-        _paste(img, tile, bx + (bar_width - tile.shape[1]) // 2, y_base + 6)
-    cv2.line(img, (x0, top), (x0, y_base), _BLACK, 1)
-    cv2.line(img, (x0, y_base), (x1, y_base), _BLACK, 1)
-    return _write_png(path, img)
-
-
-def _axis(counts: np.ndarray, log_scale: bool) -> tuple[float, float, list[float]]:
-    positive = counts[counts > 0]
+    longest = max((len(n) for n in names), default=1)
+    names_h = 30 + 7 * min(longest, 30)  # vertical class names
+    width = max(110 + len(counts) * (bar_width + max(4, bar_width // 4)), 360)
+    height = 100 + plot_height + names_h
+    fig = _figure(width, height)
+    ax = fig.add_axes((80 / width, names_h / height, (width - 100) / width, plot_height / height))
+    x = np.arange(len(order))
+    values = counts[order]
+    shown = np.where(values > 0, values, np.nan) if log_scale else values
+    bars = ax.bar(x, shown, width=0.8, color=[_rgb(palette[c]) for c in order], edgecolor="#3c3c3c",
+                  linewidth=0.6, zorder=2)
     if log_scale:
-        if len(positive) == 0:
-            return 1.0, 10.0, [1.0, 10.0]
-        lo_exp = int(np.floor(np.log10(positive.min())))
-        hi_exp = max(int(np.ceil(np.log10(positive.max()))), lo_exp + 1)
-        return 10.0 ** lo_exp, 10.0 ** hi_exp, [10.0 ** e for e in range(lo_exp, hi_exp + 1)]
-    top = float(counts.max()) if len(counts) else 0.0
-    if top <= 0:
-        return 0.0, 1.0, [0.0, 1.0]
-    raw = top / 5
-    mag = 10 ** np.floor(np.log10(raw))
-    step = next(m * mag for m in (1, 2, 2.5, 5, 10) if m * mag >= raw)
-    hi = step * np.ceil(top / step)
-    return 0.0, float(hi), [float(step * i) for i in range(int(round(hi / step)) + 1)]
-
-
-def _tick_text(value: float, log_scale: bool) -> str:
-    if log_scale:
-        return f"1e{int(round(np.log10(value)))}"
-    return _compact(value)
+        ax.set_yscale("log")
+        positive = values[values > 0]
+        if len(positive):
+            # At least half a decade below the smallest bar, so that every bar shows.
+            ax.set_ylim(10.0 ** math.floor(math.log10(positive.min() / 3)),
+                        10.0 ** max(math.ceil(math.log10(positive.max())) + 0.3, 1))
+    else:
+        ax.set_ylim(0, max(float(values.max(initial=0)) * 1.12, 1.0))
+    for bar, c in zip(bars, order):
+        f = fractions[c]
+        pct = f"{100 * f:.1f}" if f >= 0.001 else f"{100 * f:.2f}"
+        top = counts[c] if counts[c] > 0 else ax.get_ylim()[0]
+        ax.annotate(pct, (bar.get_x() + bar.get_width() / 2, top), xytext=(0, 2), textcoords="offset points",
+                    ha="center", va="bottom", fontsize=7, color=_GREY)
+    ax.set_xticks(x, [names[c] for c in order], rotation=90, fontsize=8)
+    ax.set_xlim(-0.6, len(order) - 0.4)
+    ax.set_ylabel(f"pixels ({'log' if log_scale else 'linear'} scale)", fontsize=9)
+    ax.tick_params(axis="y", labelsize=8)
+    ax.grid(axis="y", color="#e1e1e1", linewidth=0.8, zorder=0)
+    ax.set_axisbelow(True)
+    fig.text(80 / width, 1 - 22 / height, "pixels per class", fontsize=12, va="baseline")
+    fig.text(80 / width, 1 - 42 / height,
+             f"{stats['num_images']} images, {_compact(stats['labelled_pixels'])} labelled pixels, "
+             f"{_compact(stats['ignored_pixels'])} ignored", fontsize=8, color=_GREY, va="baseline")
+    fig.text(80 / width, 1 - 58 / height, "numbers above the bars: % of labelled pixels", fontsize=8, color=_GREY,
+             va="baseline")
+    return _save_figure(fig, path)
 
 
 # --------------------------------------------------------------------------------------------
@@ -205,15 +148,15 @@ def mask_gallery_png(
     path: str | Path,
     count: int = 4,
     size: tuple[int, int] | None = None,
-    colormap: int = cv2.COLORMAP_INFERNO,
+    colormap: str = "inferno",
 ) -> Path:
     """A few training images (evenly spread over the dataset), one per row, beside their label
-    (palette colours), pixel entropy and IU mask, like the paper's Figures 1 and 2.
+    (class colours), pixel entropy and IU mask, like the paper's Figures 1 and 2.
 
-    Entropy and IU share one colour scale (0 to the largest entropy shown) drawn as a colour
-    bar under the rows, with a legend of the class colours. ``size`` (H, W) is the size of each
-    tile; by default tiles are 256 pixels wide with the aspect ratio of the store's images.
-    Images are matched to the store by id. Returns ``path``.
+    Entropy and IU share one colour scale (0 to the largest value shown), each column with its own
+    colour bar underneath, and a legend names the class colours. ``size`` (H, W) is the size of
+    each tile in pixels; by default tiles are 256 pixels wide with the aspect ratio of the store's
+    images. Images are matched to the store by id. Returns ``path``.
     """
     n = len(dataset.ids)
     if n == 0 or count < 1:
@@ -236,91 +179,204 @@ def mask_gallery_png(
         tile_h = max(16, int(round(tile_w * h0 / w0)))
     else:
         tile_h, tile_w = int(size[0]), int(size[1])
-    vmax = max(float(np.max(r[3], initial=0.0)) for r in rows)
-    vmax = max(vmax, max(float(np.max(r[4], initial=0.0)) for r in rows))
+    vmax = max(max(float(np.nanmax(r[3], initial=0.0)), float(np.nanmax(r[4], initial=0.0))) for r in rows)
     vmax = vmax if vmax > 0 else 1.0
-    palette = dataset.classes.palette()
-    normalized = bool((store.identity.get("options") or {}).get("normalize"))
+    classes = dataset.classes
+    palette = classes.palette()
+    unit = "normalised" if (store.identity.get("options") or {}).get("normalize") else "nats"
 
-    pad, head, title_h = 6, 26, 40
+    pad, title_h, head, bar_h = 6, 40, 26, 62
     columns = ("image", "label", "pixel entropy", "instance uncertainty (IU)")
     width = pad + len(columns) * (tile_w + pad)
-    legend = _class_legend(dataset.classes, width - 2 * pad)
-    bar_h = 56
-    height = title_h + head + len(rows) * (tile_h + pad) + bar_h + legend.shape[0] + pad
-    img = np.full((height, width, 3), 255, dtype=np.uint8)
+    legend_names = [*classes.names, "ignored"]
+    column_w = 34 + 6 * max(len(name) for name in legend_names)
+    ncols = max(1, min(len(legend_names), (width - 2 * pad) // column_w))
+    legend_h = 18 * math.ceil(len(legend_names) / ncols) + 8
+    top_rows = title_h + head
+    height = top_rows + len(rows) * (tile_h + pad) + bar_h + legend_h + pad
+    fig = _figure(width, height)
 
-    _put(img, f"entropy and IU masks of {len(rows)} training images ({store.path.name})", pad, 26, 0.55)
+    def axes(x: float, y: float, w: float, h: float):
+        return fig.add_axes((x / width, 1 - (y + h) / height, w / width, h / height))
+
+    fig.text(pad / width, 1 - 24 / height, f"entropy and IU masks of {len(rows)} training images "
+             f"({store.path.name})", fontsize=11, va="baseline")
     for k, name in enumerate(columns):
-        w, _, _ = _text_size(name, 0.45)
-        _put(img, name, pad + k * (tile_w + pad) + (tile_w - w) // 2, title_h + head - 8, 0.45)
+        fig.text((pad + k * (tile_w + pad) + tile_w / 2) / width, 1 - (top_rows - 8) / height, name,
+                 fontsize=9, ha="center", va="baseline")
+    from matplotlib import patheffects
+
+    outline = [patheffects.withStroke(linewidth=2, foreground="black")]
+    mappable = None
     for r, (image_id, image, label, entropy, iu) in enumerate(rows):
-        y = title_h + head + r * (tile_h + pad)
-        tiles = (
-            cv2.resize(cv2.cvtColor(image, cv2.COLOR_RGB2BGR), (tile_w, tile_h), interpolation=cv2.INTER_AREA),
-            _colorize_label(label, palette, (tile_h, tile_w)),
-            _colorize(entropy, vmax, colormap, (tile_h, tile_w)),
-            _colorize(iu, vmax, colormap, (tile_h, tile_w)),
-        )
-        for k, tile in enumerate(tiles):
-            _paste(img, tile, pad + k * (tile_w + pad), y)
-        x = pad + 4
-        _put(img, image_id, x + 1, y + 15, 0.4, _BLACK, 2)
-        _put(img, image_id, x, y + 14, 0.4, _WHITE)
+        y = top_rows + r * (tile_h + pad)
+        tiles = (image, _label_colors(label, palette))
+        for k in range(4):
+            ax = axes(pad + k * (tile_w + pad), y, tile_w, tile_h)
+            ax.set_axis_off()
+            if k < 2:
+                ax.imshow(tiles[k], interpolation="nearest", aspect="auto")
+            else:
+                values = np.nan_to_num(entropy if k == 2 else iu, nan=0.0)
+                mappable = ax.imshow(values, cmap=colormap, vmin=0.0, vmax=vmax, interpolation="nearest",
+                                     aspect="auto")
+        fig.text((pad + 4) / width, 1 - (y + 14) / height, image_id, fontsize=8, color="white",
+                 va="baseline", path_effects=outline)
 
-    # Colour bar under the two mask columns.
-    y = title_h + head + len(rows) * (tile_h + pad) + 8
-    bx0, bx1 = pad + 2 * (tile_w + pad), width - pad
-    ramp = np.linspace(0, 255, bx1 - bx0).astype(np.uint8)[None, :].repeat(14, axis=0)
-    _paste(img, cv2.applyColorMap(ramp, colormap), bx0, y)
-    cv2.rectangle(img, (bx0, y), (bx1 - 1, y + 13), _GREY, 1)
-    for frac in (0.0, 0.5, 1.0):
-        text = f"{frac * vmax:.2f}"
-        w, h, _ = _text_size(text, 0.4)
-        tx = int(bx0 + frac * (bx1 - bx0 - 1))
-        cv2.line(img, (tx, y + 14), (tx, y + 18), _GREY, 1)
-        _put(img, text, min(max(tx - w // 2, bx0), bx1 - w), y + 20 + h, 0.4)
-    unit = "normalised entropy" if normalized else "entropy (nats)"
-    _put(img, f"colour scale: {unit}, same for all rows and both columns", pad, y + 12, 0.4, _GREY)
-    _paste(img, legend, pad, y + bar_h - 8)
-    return _write_png(path, img)
+    y = top_rows + len(rows) * (tile_h + pad) + 4
+    for k, what in ((2, "pixel entropy"), (3, "IU (mean entropy of the instance)")):
+        cax = axes(pad + k * (tile_w + pad), y, tile_w, 12)
+        bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
+        bar.set_ticks([0.0, vmax / 2, vmax], labels=[f"{v:.2f}" for v in (0.0, vmax / 2, vmax)])
+        bar.ax.tick_params(labelsize=7)
+        ticks = bar.ax.get_xticklabels()
+        ticks[0].set_horizontalalignment("left")
+        ticks[-1].set_horizontalalignment("right")
+        bar.set_label(f"{what} ({unit})", fontsize=8)
+    fig.text(pad / width, 1 - (y + 10) / height, "same colour scale in both mask columns",
+             fontsize=8, color=_GREY, va="baseline")
+    fig.text(pad / width, 1 - (y + 24) / height, "and all rows", fontsize=8, color=_GREY, va="baseline")
+
+    from matplotlib.patches import Patch
+
+    handles = [Patch(facecolor=_rgb(palette[c]), edgecolor=_GREY, label=name)
+               for c, name in enumerate(classes.names)]
+    handles.append(Patch(facecolor=(0, 0, 0), edgecolor=_GREY, label="ignored"))
+    fig.legend(handles=handles, loc="upper left", bbox_to_anchor=(pad / width, 1 - (y + bar_h - 4) / height),
+               ncol=ncols, fontsize=8, frameon=False, handlelength=1.2, handleheight=1.0, borderaxespad=0.0,
+               borderpad=0.0, columnspacing=1.0, labelspacing=0.4)
+    return _save_figure(fig, path)
 
 
-def _colorize(values: np.ndarray, vmax: float, colormap: int, shape: tuple[int, int]) -> np.ndarray:
-    scaled = np.clip(np.nan_to_num(values, nan=0.0) / vmax * 255.0, 0, 255).round().astype(np.uint8)
-    scaled = cv2.resize(scaled, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return cv2.applyColorMap(scaled, colormap)
-
-
-def _colorize_label(label: np.ndarray, palette: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
-    """Label values to BGR palette colours; values beyond the palette (16-bit ignore) are black."""
+def _label_colors(label: np.ndarray, palette: np.ndarray) -> np.ndarray:
+    """Label values to RGB palette colours; values beyond the palette (16-bit ignore) are black."""
     index = np.where(label < len(palette), label, 0).astype(np.intp)
     rgb = palette[index]
     rgb[label >= len(palette)] = 0
-    rgb = cv2.resize(rgb, (shape[1], shape[0]), interpolation=cv2.INTER_NEAREST)
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    return rgb
 
 
-def _class_legend(classes, width: int) -> np.ndarray:
-    """Colour swatches with class names, flowing over as many lines as needed."""
-    palette = classes.palette()
-    scale, swatch, line_h = 0.4, 12, 20
-    items = [(name, _bgr(palette[c])) for c, name in enumerate(classes.names)]
-    items.append(("ignored", (0, 0, 0)))
-    x, lines, placed = 0, 0, []
-    for name, color in items:
-        w = swatch + 4 + _text_size(name, scale)[0] + 14
-        if x > 0 and x + w > width:
-            x, lines = 0, lines + 1
-        placed.append((x, lines, name, color))
-        x += w
-    legend = np.full(((lines + 1) * line_h, max(width, 1), 3), 255, dtype=np.uint8)
-    for x, line, name, color in placed:
-        y = line * line_h + 4
-        cv2.rectangle(legend, (x, y), (x + swatch - 1, y + swatch - 1), color, -1)
-        cv2.rectangle(legend, (x, y), (x + swatch - 1, y + swatch - 1), _GREY, 1)
-        _put(legend, name, x + swatch + 4, y + swatch - 1, scale)
-    return legend
+# --------------------------------------------------------------------------------------------
+# training log
+
+
+def _lr_names(count: int) -> list[str]:
+    # iumask's optimizers have two groups: the encoder and the rest (decoder and head).
+    return ["lr_encoder", "lr_decoder"] if count == 2 else [f"lr_{i}" for i in range(count)]
+
+
+def _cell(value) -> str:
+    return "" if value is None else repr(float(value))
+
+
+def write_metrics_csv(path: str | Path, records: list[dict], class_names: list[str]) -> Path:
+    """``metrics.csv``: one row per epoch of the engine's records (see
+    :data:`iumask.engine.EpochCallback`): epoch, global step, mean training loss, learning rates
+    at the end of the epoch, validation mIoU (and the ensemble's, for members trained together),
+    per-class validation IoU (``iou_<class>``, ``nan`` for a class absent from the split and the
+    predictions) and the epoch's seconds. Floats are written exactly (``repr``)."""
+    lr_count = len(records[0]["lr"]) if records else 2
+    ensemble = any(r.get("ensemble_val_miou") is not None for r in records)
+    header = ["epoch", "step", "loss", *_lr_names(lr_count), "val_miou", *(["ensemble_val_miou"] if ensemble else []),
+              *(f"iou_{name}" for name in class_names), "seconds"]
+    buffer = io.StringIO()
+    writer = csv.writer(buffer, lineterminator="\n")
+    writer.writerow(header)
+    for r in records:
+        writer.writerow([r["epoch"], r["step"], _cell(r["loss"]), *map(_cell, r["lr"]), _cell(r["val_miou"]),
+                         *([_cell(r["ensemble_val_miou"])] if ensemble else []), *map(_cell, r["val_iou"]),
+                         f"{r['seconds']:.3f}"])
+    return write_bytes_atomic(path, buffer.getvalue().encode())
+
+
+def training_curves_png(path: str | Path, records: list[dict], title: str) -> Path:
+    """``curves.png``: mean training loss (left) and validation mIoU (right; the ensemble's too for
+    members trained together) by epoch."""
+    fig = _figure(900, 340)
+    loss_ax, miou_ax = fig.subplots(1, 2)
+    epochs = [r["epoch"] for r in records]
+    marker = "o" if len(records) <= 30 else None
+    loss_ax.plot(epochs, [r["loss"] for r in records], marker=marker, markersize=3, color="#1f77b4")
+    loss_ax.set_title("training loss (mean over the epoch)", fontsize=10)
+    miou_ax.plot(epochs, [r["val_miou"] for r in records], marker=marker, markersize=3, color="#2ca02c",
+                 label="this member")
+    if any(r.get("ensemble_val_miou") is not None for r in records):
+        miou_ax.plot(epochs, [r["ensemble_val_miou"] for r in records], marker=marker, markersize=3,
+                     color="#d62728", label="ensemble (mean softmax)")
+        miou_ax.legend(fontsize=8, loc="lower right")
+    miou_ax.set_title("validation mIoU", fontsize=10)
+    miou_ax.set_ylim(0, 1)
+    for ax in (loss_ax, miou_ax):
+        ax.set_xlabel("epoch", fontsize=9)
+        ax.grid(color="#e1e1e1", linewidth=0.8)
+        ax.tick_params(labelsize=8)
+        if epochs:
+            ax.set_xlim(0.5, max(epochs) + 0.5)
+        from matplotlib.ticker import MaxNLocator
+
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def require_tensorboard() -> None:
+    """Fail before training starts when ``--tensorboard`` is given without the package."""
+    try:
+        import torch.utils.tensorboard  # noqa: F401
+    except ImportError:
+        raise IumaskError(f"--tensorboard needs the tensorboard package: {TENSORBOARD_FIX}") from None
+
+
+def heat_rgb(values: np.ndarray, vmax: float, colormap: str = "inferno") -> np.ndarray:
+    """``values`` in [0, vmax] as an RGB uint8 heat map (NaN as 0)."""
+    from matplotlib import colormaps
+
+    scaled = np.clip(np.nan_to_num(values, nan=0.0) / (vmax if vmax > 0 else 1.0), 0.0, 1.0)
+    return (colormaps[colormap](scaled)[..., :3] * 255).round().astype(np.uint8)
+
+
+class TensorBoardLog:
+    """One member's TensorBoard events in ``log_dir``: per epoch the loss, learning rates,
+    validation mIoU (the ensemble's too) and per-class IoU, and a few validation images as rows of
+    image | prediction | pixel entropy | IU (entropy and IU on the fixed scale [0, ln C]).
+
+    The writer opens at the first epoch logged with ``purge_step`` set to it, so events a killed
+    run wrote after its last checkpoint are dropped on resume."""
+
+    def __init__(self, log_dir: Path, class_names: list[str], palette: np.ndarray):
+        self.log_dir, self.class_names, self.palette = Path(log_dir), list(class_names), palette
+        self.writer = None
+
+    def log(self, record: dict, images: list[dict] | None = None) -> None:
+        from torch.utils.tensorboard import SummaryWriter
+
+        epoch = record["epoch"]
+        if self.writer is None:
+            self.writer = SummaryWriter(str(self.log_dir), purge_step=epoch)
+        w = self.writer
+        w.add_scalar("train/loss", record["loss"], epoch)
+        for name, lr in zip(_lr_names(len(record["lr"])), record["lr"]):
+            w.add_scalar(f"train/{name}", lr, epoch)
+        w.add_scalar("val/miou", record["val_miou"], epoch)
+        if record.get("ensemble_val_miou") is not None:
+            w.add_scalar("val/ensemble_miou", record["ensemble_val_miou"], epoch)
+        for name, iou in zip(self.class_names, record["val_iou"]):
+            if not math.isnan(iou):
+                w.add_scalar(f"val_iou/{name}", iou, epoch)
+        w.add_scalar("train/seconds_per_epoch", record["seconds"], epoch)
+        vmax = math.log(max(len(self.class_names), 2))
+        for k, sample in enumerate(images or []):
+            row = np.concatenate([sample["image"], _label_colors(sample["prediction"], self.palette),
+                                  heat_rgb(sample["entropy"], vmax), heat_rgb(sample["iu"], vmax)], axis=1)
+            w.add_image(f"val/{k}: image | prediction | entropy | IU", row, epoch, dataformats="HWC")
+        w.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
 
 # --------------------------------------------------------------------------------------------
 # tables

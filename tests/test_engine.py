@@ -4,6 +4,7 @@ processes on CPU, and the CPU side of mixed precision. Tiny data: 32x32 images, 
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -148,15 +150,74 @@ def test_train_baseline_killed_mid_epoch_resumes_bitwise_identical(data, baselin
     assert set(state["members"][0]) == {"model", "optimizer", "scheduler", "scaler"}
     assert state["ranks"][0]["loss_count"] == 1 and state["ranks"][0]["rng"]["cpu"].dtype == torch.uint8
 
+    # A row logged after the checkpoint (as by a kill between an epoch's log and its checkpoint) is dropped.
+    (out / "mobilenet_v2" / "metrics.csv").write_text("epoch,loss\n1,0.5\n")
     capsys.readouterr()
     iumask(*args, "--out", out)
     assert "resuming at epoch 1, step 1/2" in capsys.readouterr().err  # not started over
+    assert metrics_rows(out / "mobilenet_v2", seconds=False) == metrics_rows(baseline / "mobilenet_v2", seconds=False)
     assert_same_weights(baseline / "mobilenet_v2" / "model.safetensors", out / "mobilenet_v2" / "model.safetensors")
     straight = json.loads((baseline / "mobilenet_v2" / "manifest.json").read_text())
     resumed = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
     assert resumed["history"] == straight["history"] and len(resumed["history"]) == 2
     assert resumed["train_options"] == straight["train_options"] and "checkpoint_every" not in resumed["train_options"]
     assert not checkpoint.exists()
+
+
+# ----------------------------------------------------------------------------- training log
+
+
+def metrics_rows(folder: Path, seconds: bool = True) -> list[dict]:
+    with open(folder / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    return rows if seconds else [{k: v for k, v in row.items() if k != "seconds"} for row in rows]
+
+
+def assert_png(path: Path) -> None:
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = cv2.imread(str(path))
+    assert image is not None and image.shape[0] >= 200 and image.shape[1] >= 400
+
+
+def test_metrics_csv_and_curves_follow_the_history(data, baseline, online):
+    manifest = json.loads((baseline / "mobilenet_v2" / "manifest.json").read_text())
+    classes = manifest["classes"]["names"]
+    rows = metrics_rows(baseline / "mobilenet_v2")
+    assert list(rows[0]) == ["epoch", "step", "loss", "lr_encoder", "lr_decoder", "val_miou",
+                             *(f"iou_{name}" for name in classes), "seconds"]
+    assert [int(r["epoch"]) for r in rows] == [1, 2] and [int(r["step"]) for r in rows] == [2, 4]
+    for row, entry in zip(rows, manifest["history"], strict=True):
+        assert float(row["loss"]) == entry["loss"] and float(row["val_miou"]) == entry["val_miou"]
+        ious = np.array([float(row[f"iou_{name}"]) for name in classes])
+        assert np.nanmean(ious) == pytest.approx(entry["val_miou"]) and float(row["seconds"]) > 0
+    assert float(rows[1]["lr_decoder"]) < float(rows[0]["lr_decoder"]) <= 1e-3  # the poly schedule
+    assert_png(baseline / "mobilenet_v2" / "curves.png")
+    # Online: one log per member, with the ensemble's mIoU.
+    for name in ("mobilenet_v2", "mobilenet_v2-2"):
+        manifest = json.loads((online / name / "manifest.json").read_text())
+        (row,) = metrics_rows(online / name)
+        assert float(row["loss"]) == manifest["history"][0]["loss"]
+        assert float(row["ensemble_val_miou"]) == manifest["ensemble_history"][0]["val_miou"]
+        assert_png(online / name / "curves.png")
+
+
+def test_tensorboard_needs_its_package_and_logs_scalars_and_images(data, tmp_path, monkeypatch, capsys):
+    args = ["train-baseline", "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--data", data,
+            "--tensorboard", "--checkpoint-every", "0"]
+    with monkeypatch.context() as patch:
+        patch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails: not installed
+        iumask(*args, "--out", tmp_path / "none", expect=2)
+    assert "pip install iumask[tensorboard]" in capsys.readouterr().err
+    assert not (tmp_path / "none").exists()  # before training starts
+    event_accumulator = pytest.importorskip("tensorboard.backend.event_processing.event_accumulator")
+    iumask(*args, "--out", tmp_path / "tb")
+    events = event_accumulator.EventAccumulator(str(tmp_path / "tb" / "mobilenet_v2" / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()
+    assert {"train/loss", "val/miou", "train/lr_encoder"} <= set(tags["scalars"])
+    assert len(tags["images"]) == 2  # the two validation images: image | prediction | entropy | IU
+    miou = json.loads((tmp_path / "tb" / "mobilenet_v2" / "manifest.json").read_text())["history"][0]["val_miou"]
+    assert events.Scalars("val/miou")[0].value == pytest.approx(miou)
 
 
 # ----------------------------------------------------------------------------- online
@@ -274,7 +335,7 @@ def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_pat
     assert sorted(p.name for p in out.iterdir()) == ["efficientnet-b0", "ensemble.json", "mobilenet_v2"]
     for name in ensemble["members"]:
         files = sorted(p.name for p in (out / name).iterdir())
-        assert files == ["manifest.json", "model.safetensors"]
+        assert files == ["curves.png", "manifest.json", "metrics.csv", "model.safetensors"]
         manifest = json.loads((out / name / "manifest.json").read_text())
         assert manifest["world_size"] == 2 and len(manifest["history"]) == 1
         assert manifest["train_options"]["amp"] == "off"  # --amp is ignored on CPU, and recorded so
@@ -291,7 +352,8 @@ def test_run_with_two_processes(data, tmp_path):
     assert result.stdout.count("per-class IoU") == 1  # one table, from rank 0
     for stage in ("baseline", "weighted"):
         for name in ("mobilenet_v2",):
-            assert sorted(p.name for p in (out / stage / name).iterdir()) == ["manifest.json", "model.safetensors"]
+            assert sorted(p.name for p in (out / stage / name).iterdir()) == [
+                "curves.png", "manifest.json", "metrics.csv", "model.safetensors"]
             assert json.loads((out / stage / name / "manifest.json").read_text())["world_size"] == 2
     store = MaskStore.open(out / "masks.zarr")
     assert store.completed().all() and store.attrs["finished"]

@@ -217,15 +217,7 @@ class PairedDataset:
 
     def read_image(self, i: int) -> np.ndarray:
         """Image ``i`` as uint8 (H, W, 3) RGB."""
-        path = self.image_paths[i]
-        buf = _read_bytes(path)
-        if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(buf):
-            # Some OpenCV builds (cv2.imread) decode a truncated JPEG silently with grey rows; refuse it.
-            raise DataError(f"{path}: JPEG file is truncated; re-copy or re-export the image")
-        bgr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), _CV2_READ_FLAGS)
-        if bgr is None:
-            raise DataError(f"{path}: cannot decode the image (corrupt or not a PNG/JPEG); replace the file")
-        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+        return read_rgb(self.image_paths[i])
 
     def image_shape(self, i: int) -> tuple[int, int]:
         """(H, W) of image ``i`` from its header, without decoding the pixels."""
@@ -324,6 +316,25 @@ def match_labels(labels_dir: Path, ids: list[str], image_paths: list[Path]) -> l
         if not label.is_file():
             raise DataError(f"{image}: no label file {label}; add it or remove the image")
     return paths
+
+
+def read_rgb(path: Path) -> np.ndarray:
+    """The image at ``path`` as uint8 (H, W, 3) RGB, pixels as stored (EXIF orientation ignored);
+    a missing, truncated or undecodable file raises :class:`DataError` naming it."""
+    path = Path(path)
+    buf = _read_bytes(path)
+    if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(buf):
+        # Some OpenCV builds (cv2.imread) decode a truncated JPEG silently with grey rows; refuse it.
+        raise DataError(f"{path}: JPEG file is truncated; re-copy or re-export the image")
+    bgr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), _CV2_READ_FLAGS)
+    if bgr is None:
+        raise DataError(f"{path}: cannot decode the image (corrupt or not a PNG/JPEG); replace the file")
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def image_header_shape(path: Path) -> tuple[int, int]:
+    """(H, W) of the image at ``path`` from its header, without decoding the pixels."""
+    return _header_shape(Path(path), "image")
 
 
 def _header_shape(path: Path, what: str) -> tuple[int, int]:

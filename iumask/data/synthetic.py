@@ -31,7 +31,7 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from iumask.artifacts import TEMP_SUFFIX, atomic_write, describe_os_error
+from iumask.artifacts import TEMP_SUFFIX, write_bytes_atomic
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
 
@@ -330,12 +330,7 @@ def _png(array: np.ndarray) -> bytes:
 def _write_file(path: Path, data: bytes) -> str:
     """Write ``data`` to ``path`` atomically (no partial file, no temporary file left on failure;
     a one-line IumaskError naming the path) and return its SHA-256."""
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise IumaskError(describe_os_error(exc, path.parent)) from None
-    with atomic_write(path) as tmp:
-        tmp.write_bytes(data)
+    write_bytes_atomic(path, data)
     return hashlib.sha256(data).hexdigest()
 
 

@@ -11,7 +11,9 @@ folders and the engine's loop; only the loss and where the masks come from diffe
   members' passes and in the masks is recorded (``timing``).
 
 Each writes one folder per member and an ``ensemble.json``; a member whose manifest records the
-same inputs (and whose weights match their SHA-256) is a cache hit.
+same inputs (and whose weights match their SHA-256) is a cache hit. While training, every member
+folder gets ``metrics.csv`` and ``curves.png`` after each epoch (:class:`EpochLog`), and with
+``tensorboard`` TensorBoard events in ``<member>/tensorboard/``.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ from iumask.config import (
     artifact_identity,
 )
 from iumask.core import class_weights, instance_uncertainty_batch, mean_softmax, pixel_entropy
-from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, PairedDataset, SegmentationDataset
+from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset, SegmentationDataset
 from iumask.engine import (
     Precision,
     fit,
@@ -59,8 +61,17 @@ from iumask.engine import (
 )
 from iumask.errors import IumaskError
 from iumask.losses import LossFn, build_loss
-from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, save_member
+from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.progress import console, warn
+from iumask.report import (
+    CURVES_FILE,
+    METRICS_FILE,
+    TENSORBOARD_DIR,
+    TensorBoardLog,
+    require_tensorboard,
+    training_curves_png,
+    write_metrics_csv,
+)
 from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore, StoreMaskReader
 
@@ -134,8 +145,12 @@ def class_weight_values(folder: PairedDataset, method: str, fingerprint: str) ->
     return class_weights(stats["pixels"], method, stats["total_pixels_in_images_containing"])
 
 
-def _start(model: ModelConfig, train: TrainConfig, device: str) -> tuple[torch.device, TrainConfig, dict]:
-    """Join the process group (torchrun), settle the precision, hash a local encoder-weights file."""
+def _start(model: ModelConfig, train: TrainConfig, device: str,
+           tensorboard: bool = False) -> tuple[torch.device, TrainConfig, dict]:
+    """Join the process group (torchrun), settle the precision, hash a local encoder-weights file;
+    with ``tensorboard`` check first that the package is installed."""
+    if tensorboard:
+        require_tensorboard()
     dev = distributed.init(resolve_device(device))
     return dev, resolve_amp(train, dev), encoder_weights_identity(model.encoder_weights)
 
@@ -145,9 +160,9 @@ def _start(model: ModelConfig, train: TrainConfig, device: str) -> tuple[torch.d
 
 def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelConfig, train: TrainConfig,
                    loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
-                   masks: Path | None = None, extra_identity: dict | None = None) -> Path:
+                   masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False) -> Path:
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
-    dev, train, weights_identity = _start(model, train, device)
+    dev, train, weights_identity = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
     classes = inputs.classes
     check_writable(out)
@@ -171,8 +186,13 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
         def loss_of_batch(logits, batch):
             return loss_fn(logits, batch["label"], batch.get("iu"))
 
-        history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train, folder,
-                              identity, classes.num_classes, classes.ignore_index, dev, label=f"{stage} {name}")
+        log = EpochLog([folder], [f"{stage} {name}"], classes, inputs.val_set, dev, tensorboard)
+        try:
+            history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
+                                  folder, identity, classes.num_classes, classes.ignore_index, dev,
+                                  label=f"{stage} {name}", on_epoch=log)
+        finally:
+            log.close()
         if distributed.is_main():  # under torchrun rank 0 writes, the others wait
             save_member(folder, net.cpu(), dict(identity, name=name, complete=True, history=history,
                                                 **inputs.manifest_extras(data)))
@@ -185,18 +205,21 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
 
 
 def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
-                   augment: AugmentConfig, out: Path, device: str = "auto", overwrite: bool = False) -> Path:
+                   augment: AugmentConfig, out: Path, device: str = "auto", overwrite: bool = False,
+                   tensorboard: bool = False) -> Path:
     """Stage 1: an ensemble trained with plain (optionally class-weighted) cross-entropy
     (``loss.exponent`` is not used). Returns its ensemble.json."""
     return _train_members("baseline", "cross-entropy", data, model, train, loss.plain(), augment, Path(out),
-                          device, overwrite)
+                          device, overwrite, tensorboard=tensorboard)
 
 
 def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                    augment: AugmentConfig, store_path: Path, out: Path, device: str = "auto",
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, tensorboard: bool = False) -> Path:
     """Stage 3: models trained with the IU-weighted loss, each image's mask read from the store
     (checked to belong to this dataset and to be complete; training runs at the store's size)."""
+    if tensorboard:
+        require_tensorboard()
     store = MaskStore.open(store_path)
     train_folder = data.open(data.train_split)
     size = store.identity["options"].get("image_size")
@@ -215,7 +238,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
         raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
     return _train_members("weighted", "iu-weighted", data.with_size(size), model, train, loss, augment, Path(out),
                           device, overwrite, masks=Path(store_path),
-                          extra_identity={"mask_store_sha256": json_digest(store.identity)})
+                          extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard)
 
 
 # ----------------------------------------------------------------------------- online
@@ -223,7 +246,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
 
 def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                  augment: AugmentConfig, masks: MaskConfig, out: Path, device: str = "auto",
-                 overwrite: bool = False) -> Path:
+                 overwrite: bool = False, tensorboard: bool = False) -> Path:
     """Train the members jointly with online IU masks into ``out/<name>/``; return ``out/ensemble.json``.
 
     Member ``k`` is initialised from seed ``train.seed + k``; all members see the same batches
@@ -233,7 +256,7 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         raise IumaskError("--source: online training uses its members as the ensemble; --source mc-dropout "
                           "applies to make-masks")
     out = Path(out)
-    dev, train, weights_identity = _start(model, train, device)
+    dev, train, weights_identity = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, valid_mask=True)
     classes = inputs.classes
     names = model.names
@@ -263,9 +286,14 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
                    for name, net, encoder in zip(names, nets, model.encoders)]
         step = OnlineStep(members, precision, masks, inputs.loss_fn("iu-weighted", loss), classes.num_classes,
                           classes.ignore_index, dev)
-        result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint_path, identity,
-                     classes.num_classes, classes.ignore_index, dev, f"online ×{len(members)}", precision,
-                     extra=step.timing)
+        log = EpochLog([out / name for name in names], [f"online {name}" for name in names], classes,
+                       inputs.val_set, dev, tensorboard)
+        try:
+            result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint_path, identity,
+                         classes.num_classes, classes.ignore_index, dev, f"online ×{len(members)}", precision,
+                         extra=step.timing, on_epoch=log)
+        finally:
+            log.close()
         timing = summarize_timing(step.timing)
         if distributed.is_main():
             for member, ident, history in zip(members, member_identities, result.histories):
@@ -280,6 +308,61 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         checkpoint_path.unlink(missing_ok=True)
     distributed.barrier()
     return ensemble_path
+
+
+# ----------------------------------------------------------------------------- training log
+
+
+class EpochLog:
+    """The engine's ``on_epoch`` callback (rank 0): rewrites ``metrics.csv`` and ``curves.png`` in
+    every member folder from the checkpointed epoch records (so a resumed run ends with the rows of
+    an uninterrupted one), and with ``tensorboard`` logs the new epoch's scalars and a few
+    validation images (prediction, entropy, IU of each member's own softmax) per member."""
+
+    IMAGES = 3
+
+    def __init__(self, folders: list[Path], titles: list[str], classes: ClassInfo, val_set, device: torch.device,
+                 tensorboard: bool = False):
+        self.folders, self.titles, self.classes = folders, titles, classes
+        self.val_set, self.device = val_set, device
+        self.boards = [TensorBoardLog(f / TENSORBOARD_DIR, classes.names, classes.palette()) for f in folders] \
+            if tensorboard else None
+
+    def __call__(self, records: list[list[dict]], models: list[torch.nn.Module] | None) -> None:
+        for folder, title, rows in zip(self.folders, self.titles, records):
+            write_metrics_csv(folder / METRICS_FILE, rows, list(self.classes.names))
+            if rows:
+                training_curves_png(folder / CURVES_FILE, rows, title)
+        if self.boards is None or models is None:  # models None: a resume, nothing new to log
+            return
+        for board, model, rows in zip(self.boards, models, records):
+            board.log(rows[-1], validation_maps(model, self.val_set, self.IMAGES, self.classes, self.device))
+
+    def close(self) -> None:
+        for board in self.boards or []:
+            board.close()
+
+
+@torch.no_grad()
+def validation_maps(model: torch.nn.Module, val_set, count: int, classes: ClassInfo,
+                    device: torch.device) -> list[dict]:
+    """A few validation images (evenly spread) with ``model``'s prediction, pixel entropy and IU
+    (instances of the prediction), as numpy arrays for display. Eval mode: no RNG is drawn."""
+    model.eval()
+    n = len(val_set)
+    picks = sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist())) if n else []
+    mean, std = torch.tensor(IMAGENET_MEAN).view(3, 1, 1), torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    maps = []
+    for i in picks:
+        image = val_set[i]["image"]
+        probs = torch.softmax(predict_logits(model, image[None].to(device)).float(), 1)
+        entropy = pixel_entropy(probs)
+        prediction = probs.argmax(1)
+        iu = instance_uncertainty_batch(prediction, entropy, classes.num_classes, 8, classes.ignore_index)
+        rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        maps.append({"image": rgb, "prediction": prediction[0].cpu().numpy(), "entropy": entropy[0].cpu().numpy(),
+                     "iu": iu[0].cpu().numpy()})
+    return maps
 
 
 def online_masks(logits: list[torch.Tensor], label: torch.Tensor, masks: MaskConfig, num_classes: int,

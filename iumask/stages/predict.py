@@ -1,0 +1,282 @@
+"""``iumask predict``: apply a trained model or ensemble to unlabeled images and write, per image at
+its own resolution, the predicted labels, their colours, an overlay, and pixel-entropy and
+instance-uncertainty heat maps (and with ``save_arrays`` the raw arrays in a zarr store of the mask
+store's layout).
+
+Inputs are a folder (searched recursively), a glob or one file; outputs keep each input's path
+relative to the folder (or the glob's fixed prefix): ``OUT/<kind>/<relative path>.png`` (``.jpg`` for
+overlays). Every file is written atomically, so an image whose outputs all exist is complete and a
+rerun skips it (``overwrite`` redoes it). An unreadable input is reported, skipped, and listed in
+the result; the other images are still written.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import cv2
+import matplotlib
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from iumask.artifacts import atomic_write, describe_os_error
+from iumask.config import PredictConfig
+from iumask.core import instance_uncertainty, pixel_entropy
+from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
+from iumask.engine import Precision, resolve_device
+from iumask.errors import DataError, IumaskError
+from iumask.progress import console, progress_bar, warn
+from iumask.store import MaskStore
+from iumask.uncertainty import check_models, load_source
+
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+OUTPUT_KINDS = ("labels", "color", "overlay", "entropy", "iu")
+STORE_NAME = "arrays.zarr"
+OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
+HEAT_COLORMAP = "magma"
+_MAGIC = "*?["
+
+
+@dataclass
+class PredictResult:
+    """What a predict run did: images written, skipped because their outputs existed, and the
+    inputs that could not be read (path, reason)."""
+
+    out: Path
+    done: int = 0
+    existing: int = 0
+    failed: list[tuple[Path, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds > 0 else 0.0
+
+
+# ----------------------------------------------------------------------------- inputs and outputs
+
+
+def find_inputs(path: Path | str, exclude: Path | None = None) -> list[tuple[Path, Path]]:
+    """(file, path relative to the input root) of every image named by ``path``: a file, a folder
+    (recursively) or a glob (relative to its fixed prefix). Hidden files and files under
+    ``exclude`` (the output folder) are left out."""
+    text, path = str(path), Path(path)
+    if path.is_file():
+        return [(path, Path(path.name))]
+    if path.is_dir():
+        base, files = path, sorted(p for p in path.rglob("*") if p.is_file())
+    elif any(c in text for c in _MAGIC):
+        parts = Path(text).parts
+        fixed = next(i for i, part in enumerate(parts) if any(c in part for c in _MAGIC))
+        base = Path(*parts[:fixed]) if fixed else Path(".")
+        files = sorted(Path(p) for p in glob.glob(text, recursive=True) if Path(p).is_file())
+    else:
+        raise IumaskError(f"--input {text}: no such file or folder; give an image, a folder of images or a glob")
+    skip = Path(os.path.abspath(exclude)) if exclude is not None else None
+    found = []
+    for file in files:
+        rel = Path(os.path.relpath(file, base))
+        if file.suffix.lower() not in INPUT_SUFFIXES or any(part.startswith(".") for part in rel.parts):
+            continue
+        if skip is not None and Path(os.path.abspath(file)).is_relative_to(skip):
+            continue
+        found.append((file, rel))
+    if not found:
+        raise IumaskError(f"--input {text}: no images found ({', '.join(s[1:] for s in INPUT_SUFFIXES)})")
+    stems: dict[Path, Path] = {}
+    for file, rel in found:
+        other = stems.setdefault(rel.with_suffix(""), file)
+        if other != file:
+            raise IumaskError(f"--input {text}: {other} and {file} would write the same outputs; rename one or "
+                              "predict them separately")
+    return found
+
+
+def output_paths(out: Path, rel: Path) -> dict[str, Path]:
+    """The files written for the input at relative path ``rel``, by kind."""
+    return {kind: out / kind / rel.with_suffix(".jpg" if kind == "overlay" else ".png") for kind in OUTPUT_KINDS}
+
+
+@functools.lru_cache(maxsize=None)
+def heat_lut(name: str = HEAT_COLORMAP) -> np.ndarray:
+    """(256, 3) uint8 RGB table of a matplotlib colormap."""
+    return (np.asarray(matplotlib.colormaps[name](np.linspace(0.0, 1.0, 256)))[:, :3] * 255).round().astype(np.uint8)
+
+
+def heat_map(values: np.ndarray, top: float) -> np.ndarray:
+    """``values`` as an RGB heat map on the fixed scale [0, ``top``] (values above it saturate)."""
+    index = np.clip(np.nan_to_num(values) / top, 0.0, 1.0) * 255
+    return heat_lut()[index.round().astype(np.uint8)]
+
+
+def _write_png_or_jpg(path: Path, array: np.ndarray, rgb: bool = True) -> None:
+    params = [cv2.IMWRITE_JPEG_QUALITY, 90] if path.suffix == ".jpg" else [cv2.IMWRITE_PNG_COMPRESSION, 3]
+    ok, buf = cv2.imencode(path.suffix, cv2.cvtColor(array, cv2.COLOR_RGB2BGR) if rgb else array, params)
+    if not ok:
+        raise IumaskError(f"{path}: could not encode the image")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
+
+
+def write_outputs(paths: dict[str, Path], image: np.ndarray, prediction: np.ndarray, entropy: np.ndarray,
+                  iu: np.ndarray, palette: np.ndarray, top: float) -> None:
+    """One image's five files (labels last: an image counts as done once all exist)."""
+    color = palette[prediction.astype(np.intp) % len(palette)]  # beyond 256 classes the colours repeat
+    overlay = (OVERLAY_ALPHA * color + (1 - OVERLAY_ALPHA) * image).round().astype(np.uint8)
+    _write_png_or_jpg(paths["color"], color)
+    _write_png_or_jpg(paths["overlay"], overlay)
+    _write_png_or_jpg(paths["entropy"], heat_map(entropy, top))
+    _write_png_or_jpg(paths["iu"], heat_map(iu, top))
+    _write_png_or_jpg(paths["labels"], prediction, rgb=False)
+
+
+class _Images(Dataset):
+    """Decoded, normalised images; an unreadable one comes back as its error instead."""
+
+    def __init__(self, files: list[Path], mean, std):
+        self.files = files
+        self.mean, self.std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> dict:
+        try:
+            rgb = read_rgb(self.files[i])
+        except DataError as exc:
+            return {"index": i, "error": str(exc)}
+        image = (rgb.astype(np.float32) / 255.0 - self.mean) / self.std
+        return {"index": i, "rgb": rgb, "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
+
+
+def _as_list(items: list[dict]) -> list[dict]:
+    return items
+
+
+# ----------------------------------------------------------------------------- the stage
+
+
+def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
+            device: str = "auto") -> PredictResult:
+    """Predict every image named by ``inputs`` (file, folder or glob) with the model or ensemble at
+    ``model_path`` and write the outputs under ``out`` (see the module docstring). Unreadable
+    inputs are skipped and listed in the result's ``failed``."""
+    out = Path(out)
+    found = find_inputs(inputs, exclude=out)
+    dev = resolve_device(device)
+    manifests = check_models(Path(model_path))
+    if options.amp != "off" and dev.type != "cuda":
+        warn(f"--amp {options.amp} needs a CUDA device; predicting on {dev.type} in float32")
+    classes = ClassInfo.from_dict(manifests[0]["classes"], source=str(model_path))
+    result = PredictResult(out)
+
+    shapes: dict[int, tuple[int, int]] = {}
+    for i, (file, _) in enumerate(found):
+        try:
+            shapes[i] = image_header_shape(file)
+        except DataError as exc:
+            result.failed.append((file, str(exc)))
+            warn(f"skipped {exc}")
+    paths = [output_paths(out, rel) for _, rel in found]
+    source = load_source(Path(model_path), options.source, dev, options.passes)
+    store = _open_store(out, found, shapes, classes, source, options) if options.save_arrays else None
+    slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
+    try:
+        todo = [i for i in sorted(shapes) if options.overwrite or not _is_done(paths[i], store, slot.get(i))]
+        result.existing = len(shapes) - len(todo)
+        if todo:
+            _run(source, found, todo, shapes, paths, store, slot, classes, options, dev, result)
+        if store is not None:
+            if store.completed().all():
+                store.set_attrs(finished=True, num_complete=store.num_images, ensemble=str(Path(model_path).resolve()))
+            store.commit()
+    except OSError as exc:
+        raise IumaskError(describe_os_error(exc, out)) from exc
+    finally:
+        if store is not None:
+            store.close()
+    return result
+
+
+def _is_done(paths: dict[str, Path], store: MaskStore | None, index: int | None) -> bool:
+    return all(p.is_file() for p in paths.values()) and (store is None or store.is_complete(index))
+
+
+def _open_store(out: Path, found, shapes, classes: ClassInfo, source, options: PredictConfig) -> MaskStore:
+    """The ``--save-arrays`` store: one slot per input whose header could be read."""
+    identity = {
+        "image_ids": [found[i][1].as_posix() for i in sorted(shapes)],
+        "image_shapes": [list(shapes[i]) for i in sorted(shapes)],
+        "class_names": list(classes.names),
+        "options": {**options.identity(), "image_size": list(source.size) if source.size else None},
+        "member_sha256": source.member_sha256(),
+        "dataset_fingerprint": None,  # unlabeled inputs: the image ids and shapes identify them
+    }
+    out.mkdir(parents=True, exist_ok=True)
+    return MaskStore.open_or_create(out / STORE_NAME, identity, overwrite=options.overwrite)
+
+
+def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, options: PredictConfig, dev,
+         result: PredictResult) -> None:
+    norm = source.manifests[0].get("normalization") or {}
+    dataset = _Images([file for file, _ in found], norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i in todo:
+        by_shape.setdefault(shapes[i], []).append(i)
+    step = options.batch_size
+    batches = [group[k:k + step] for group in by_shape.values() for k in range(0, len(group), step)]
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=options.num_workers, collate_fn=_as_list)
+    num_classes, top = classes.num_classes, math.log(max(classes.num_classes, 2))
+    label_dtype = np.uint8 if num_classes <= 256 else np.uint16
+    palette, precision = classes.palette(), Precision(options.amp, dev)
+    start = time.perf_counter()
+    with progress_bar() as progress:
+        task = progress.add_task("predict", total=len(found), completed=result.existing + len(result.failed),
+                                 info="")
+        for items in loader:
+            for item in items:
+                if "error" in item:
+                    result.failed.append((found[item["index"]][0], item["error"]))
+                    warn(f"skipped {item['error']}")
+            good = [item for item in items if "error" not in item]
+            for group in _same_shape(good):
+                images = torch.stack([item["image"] for item in group]).to(dev)
+                with precision.autocast():
+                    probs = source.probs(images, options.inference, seed=group[0]["index"]).float()
+                entropy = pixel_entropy(probs).cpu().numpy()
+                prediction = probs.argmax(1).cpu().numpy().astype(label_dtype)
+                for k, item in enumerate(group):
+                    i = item["index"]
+                    iu = instance_uncertainty(prediction[k], entropy[k], num_classes, options.connectivity,
+                                              classes.ignore_index)
+                    if store is not None:
+                        store.write(slot[i], entropy[k], iu, prediction[k])
+                    write_outputs(paths[i], item["rgb"], prediction[k], entropy[k], iu, palette, top)
+                    result.done += 1
+            progress.update(task, advance=len(items))
+    result.seconds = time.perf_counter() - start
+
+
+def _same_shape(items: list[dict]) -> list[list[dict]]:
+    """Items grouped by image shape (a decoded image may differ from its header's shape)."""
+    groups: dict[tuple, list[dict]] = {}
+    for item in items:
+        groups.setdefault(tuple(item["rgb"].shape), []).append(item)
+    return list(groups.values())
+
+
+def print_summary(result: PredictResult) -> None:
+    """One line: images predicted, skipped because done, unreadable, and the speed."""
+    parts = [f"{result.done} predicted", f"{result.existing} already done (skipped)"]
+    if result.failed:
+        parts.append(f"{len(result.failed)} unreadable (skipped)")
+    speed = f", {result.images_per_second:.2f} images/s" if result.done else ""
+    console.print(f"predict: {', '.join(parts)}{speed}; outputs in {result.out}")
