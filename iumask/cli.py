@@ -10,16 +10,13 @@ from __future__ import annotations
 
 import functools
 import inspect
-import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.table import Table
 
 from iumask.artifacts import check_writable, describe_os_error, folder_lock
 from iumask.config import (
@@ -45,6 +42,7 @@ from iumask.config import (
 from iumask.errors import IumaskError
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
+from iumask.report import print_results
 
 app = typer.Typer(
     help="Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation.\n\n"
@@ -455,34 +453,6 @@ def stats(
     print_statistics(write_statistics(data_options.root, out, split, store, int(connectivity.value),
                                       format=data_options.format, conditions=data_options.conditions))
     _print_path("statistics", out)
-
-
-# ----------------------------------------------------------------------------- results table
-
-
-def _fmt(value) -> str:
-    return "—" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
-
-
-def print_results(results: list[dict]) -> None:
-    """One column per model, one row per class IoU and summary metric."""
-    table = Table(title="per-class IoU, mIoU and PAvPU", show_lines=False)
-    table.add_column("metric", no_wrap=True)
-    for r in results:
-        table.add_column(r["model"].replace(" ", "\n", 1), justify="right")
-    for c, name in enumerate(results[0]["classes"]):
-        table.add_row(f"IoU {name}", *(_fmt(r["iou"][c]) for r in results))
-    for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
-                       ("p_accurate_given_certain", "p(acc|cert)"),
-                       ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th"),
-                       ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
-        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r.get(key)) for r in results))
-    # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
-    # a pipe it gets the width it needs instead of 80 columns.
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=max(out.width, 20 + 16 * len(results)))
-    out.print(table)
 
 
 # ----------------------------------------------------------------------------- entry point

@@ -423,5 +423,32 @@ def print_statistics(result: dict) -> None:
     out.print(statistics_table(result))
 
 
-def _fmt(value: float | None) -> str:
-    return "—" if value is None else f"{value:.4f}"
+def _fmt(value: float | None, digits: int = 4) -> str:
+    """A table cell: ``—`` for a missing or NaN value."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "—"
+    return f"{value:.{digits}f}"
+
+
+# ----------------------------------------------------------------------------- evaluation results
+
+
+def print_results(results: list[dict]) -> None:
+    """One column per model, one row per class IoU and summary metric."""
+    table = Table(title="per-class IoU, mIoU and PAvPU", show_lines=False)
+    table.add_column("metric", no_wrap=True)
+    for r in results:
+        table.add_column(r["model"].replace(" ", "\n", 1), justify="right")
+    for c, name in enumerate(results[0]["classes"]):
+        table.add_row(f"IoU {name}", *(_fmt(r["iou"][c], 3) for r in results))
+    for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
+                       ("p_accurate_given_certain", "p(acc|cert)"),
+                       ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th"),
+                       ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
+        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r.get(key), 3) for r in results))
+    # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
+    # a pipe it gets the width it needs instead of 80 columns.
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=max(out.width, 20 + 16 * len(results)))
+    out.print(table)
