@@ -348,3 +348,12 @@ def test_rejects_bad_arguments(tmp_path):
         generate_synthetic(tmp_path, domain="night")
     with pytest.raises(IumaskError, match="height"):
         generate_synthetic(tmp_path, height=8)
+
+
+def test_palette_has_a_colour_for_every_class_beyond_256():
+    """Issue 7 item 3: 300 classes drawn by `iumask stats` and `predict` need 300 colours."""
+    pal = ClassInfo(names=tuple(f"c{i}" for i in range(300))).palette()
+    assert pal.shape == (300, 3)
+    np.testing.assert_array_equal(pal[:255], ClassInfo(names=("a", "b", "c")).palette()[:255])
+    # Distinct colours; class 0 (VOC's black) and the ignore index 255 share black.
+    assert len({tuple(c) for c in pal}) == 299 and not pal[255].any() and pal[263].any()

@@ -519,6 +519,9 @@ def test_make_masks_with_300_classes_keeps_class_ids_above_255(tmp_path):
     assert merged_somewhere and pixels[7] > 0 and pixels[263] > 0
     assert mask_statistics(store)["per_class"]["pixels"] == pixels.tolist()
     assert store.prediction_dtype == np.uint16 and store.identity["format_version"] == 2
+    # `iumask stats` draws classes above 255 too (the palette has a colour for every class).
+    iumask("stats", "--data", data, "--store", tmp_path / "masks.zarr", "--out", tmp_path / "stats")
+    assert (tmp_path / "stats" / "class_histogram.png").is_file() and (tmp_path / "stats" / "masks.png").is_file()
 
 
 def free_port() -> int:

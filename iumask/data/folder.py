@@ -70,12 +70,13 @@ class ClassInfo:
         return cls(names=names, colors=colors, ignore_index=ignore)
 
     def palette(self) -> np.ndarray:
-        """A (256, 3) uint8 RGB colour table for label values; the ignore index is black."""
-        table = _default_palette()
+        """A (max(256, C), 3) uint8 RGB colour table indexed by label value (every class has a
+        colour, more than 256 classes included); the ignore index, when inside it, is black."""
+        table = _default_palette(max(256, self.num_classes))
         if self.colors is not None:
-            n = min(len(self.colors), 256)
+            n = min(len(self.colors), len(table))
             table[:n] = np.asarray(self.colors[:n], dtype=np.uint8)
-        if self.ignore_index < 256:
+        if self.ignore_index < len(table):
             table[self.ignore_index] = 0
         return table
 
@@ -119,10 +120,11 @@ def _parse_ignore(ignore: Any, num_classes: int, source: str) -> int:
     return ignore
 
 
-def _default_palette() -> np.ndarray:
-    """The PASCAL VOC bit-interleaved palette: deterministic and visually distinct."""
-    table = np.zeros((256, 3), dtype=np.uint8)
-    for i in range(256):
+def _default_palette(size: int = 256) -> np.ndarray:
+    """The PASCAL VOC bit-interleaved palette: deterministic and visually distinct (its first 256
+    entries are VOC's; beyond them the same interleaving of the index's next bits continues)."""
+    table = np.zeros((size, 3), dtype=np.uint8)
+    for i in range(size):
         c, r, g, b = i, 0, 0, 0
         for bit in range(8):
             r |= ((c >> 0) & 1) << (7 - bit)
