@@ -426,7 +426,8 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
         for member, member_state in zip(members, state["members"]):
             member.load_state_dict(member_state)
         histories, ensemble_history = state["histories"], state["ensemble_history"]
-        records, seconds = state["records"], state["seconds"]
+        # A checkpoint of an earlier iumask has no epoch records: its log restarts at the resume.
+        records, seconds = state.get("records", records), state.get("seconds", 0.0)
         start_epoch, start_step = state["epoch"], state["step"]
         extra.update(state["extra"])
         own = state["ranks"][rank]
