@@ -136,9 +136,6 @@ class DataConfig:
     def with_size(self, size: tuple[int, int] | None) -> DataConfig:
         return replace(self, size=size)
 
-    def with_train_split(self, split: str) -> DataConfig:
-        return replace(self, train_split=split)
-
     def source(self, split: str) -> dict:
         """What a manifest records to reopen a split later (e.g. for the PAvPU threshold)."""
         return {"root": str(self.root.resolve()), "split": split, "format": self.format,

@@ -62,13 +62,11 @@ def check_encoder(encoder: str) -> None:
 
 def encoder_weights_identity(encoder_weights: str | None) -> dict:
     """What a manifest records of ``--encoder-weights`` beyond its name: a local file's SHA-256,
-    so a file whose content changed is not taken for the same initialisation. Checks the file."""
+    so a file whose content changed is not taken for the same initialisation. (That the file exists
+    is checked once, by :class:`iumask.config.ModelConfig`.)"""
     if encoder_weights in (None, "none", "imagenet"):
         return {}
-    path = Path(encoder_weights)
-    if not path.is_file():
-        raise IumaskError(f"--encoder-weights {path}: file not found; give an existing file, 'imagenet' or 'none'")
-    return {"encoder_weights_sha256": file_sha256(path)}
+    return {"encoder_weights_sha256": file_sha256(encoder_weights)}
 
 
 def load_encoder_weights(model: torch.nn.Module, path: Path) -> None:
