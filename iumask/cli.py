@@ -432,6 +432,46 @@ def run(
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 
+@app.command("experiment")
+def experiment(
+    spec: Annotated[Path, typer.Argument(help="Experiment spec (TOML): data, arms, encoders, seeds, mask "
+                                         "ensemble, evaluations; see docs/experiments.md and "
+                                         "examples/camvid/experiment.toml.", show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Experiment folder (models, masks, evaluations, "
+                                                "results.csv, summary.json, report.md, figures/). Default: "
+                                                "runs/<spec name>.")] = None,
+    dry_run: Annotated[bool, typer.Option(help="Print the plan (what is done, what remains, the number of "
+                                          "training runs) and stop.")] = False,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. Default: the spec's "
+                                                  "device (auto).")] = None,
+    overwrite: Overwrite = False,
+):
+    """Compare loss settings (arms) over encoders and seeds: train every model through the ordinary
+    stages (cached, resumable: rerun after a kill to continue), evaluate each on every evaluation
+    split and write results.csv, summary.json, report.md (mean ± std, rarest classes with Welch and
+    paired t-tests, PAvPU and calibration) and figures/."""
+    from dataclasses import replace
+
+    from iumask.experiment.spec import load_spec
+    from iumask.stages.experiment import Experiment
+
+    plan = load_spec(spec)
+    if device is not None:
+        plan = replace(plan, device=device)
+    folder = out if out is not None else Path("runs") / plan.name
+    experiment = Experiment(plan, folder)
+    if dry_run:
+        from iumask.report import print_plan
+
+        print_plan(experiment.plan(), plan.training_runs, folder)
+        return
+    summary = experiment.execute(overwrite=overwrite)
+    if summary is None:  # under torchrun only rank 0 evaluates and reports
+        return
+    console.print(f"report: {folder / 'report.md'}, {folder / 'results.csv'}, {folder / 'summary.json'}, "
+                  f"figures in {folder / 'figures'} ({summary['wall_time_s']:.0f} s)")
+
+
 @app.command("stats")
 def stats(
     data: DataRoot,

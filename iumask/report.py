@@ -320,6 +320,67 @@ def training_curves_png(path: str | Path, records: list[dict], title: str) -> Pa
     return _save_figure(fig, path)
 
 
+# --------------------------------------------------------------------------------------------
+# experiment figures
+
+
+_ARM_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+
+
+def iou_bars_png(path: str | Path, classes: list[str], arms: list[str], means: np.ndarray, stds: np.ndarray,
+                 title: str) -> Path:
+    """Per-class IoU bars, one colour per arm, with ± std error bars (``means``, ``stds``: arms ×
+    (classes + mIoU), NaN where undefined); the last group is the mIoU."""
+    groups = [*classes, "mIoU"]
+    fig = _figure(max(700, 70 * len(groups) * max(1, len(arms)) // 2 + 160), 380)
+    ax = fig.subplots()
+    width = 0.8 / max(len(arms), 1)
+    x = np.arange(len(groups))
+    for k, arm in enumerate(arms):
+        errors = np.nan_to_num(stds[k], nan=0.0)
+        ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(means[k], nan=0.0), width, yerr=errors, capsize=2,
+               color=_ARM_COLOURS[k % len(_ARM_COLOURS)], label=arm, error_kw={"elinewidth": 0.8})
+    ax.set_xticks(x, groups, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("IoU (mean ± std over seeds)", fontsize=9)
+    ax.set_ylim(0, 1)
+    ax.axvline(len(classes) - 0.5, color=_GREY, linewidth=0.8, linestyle=":")
+    ax.grid(axis="y", color="#e1e1e1", linewidth=0.8)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=8, ncols=min(len(arms), 4), loc="upper right")
+    ax.set_title(title, fontsize=10)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
+def reliability_png(path: str | Path, panels: list[tuple[str, dict]], title: str) -> Path:
+    """Reliability diagrams, one panel per (name, bins): the accuracy of each equal-width
+    confidence bin (``bins``: ``edges`` (n + 1), ``pixels`` and ``accuracy`` (n each)), the
+    diagonal for perfect calibration and the share of pixels per bin."""
+    n = max(len(panels), 1)
+    fig = _figure(270 * n + 40, 330)
+    axes = np.atleast_1d(fig.subplots(1, n, sharey=True))
+    for ax, (name, bins) in zip(axes, panels):
+        edges = np.asarray(bins["edges"], dtype=float)
+        pixels = np.asarray(bins["pixels"], dtype=float)
+        accuracy = np.asarray([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
+        centres, widths = (edges[:-1] + edges[1:]) / 2, np.diff(edges)
+        ax.bar(centres, np.nan_to_num(accuracy, nan=0.0), widths, color="#4c72b0", edgecolor="white",
+               linewidth=0.5, label="accuracy")
+        ax.plot([0, 1], [0, 1], color="#c44e52", linewidth=1, linestyle="--", label="perfect calibration")
+        share = pixels / pixels.sum() if pixels.sum() else pixels
+        ax.bar(centres, share, widths * 0.5, color=_GREY, alpha=0.6, label="share of pixels")
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_xlabel("confidence (top class)", fontsize=9)
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(labelsize=8)
+    axes[0].set_ylabel("accuracy", fontsize=9)
+    axes[0].legend(fontsize=7, loc="upper left")
+    fig.suptitle(title, fontsize=11)
+    fig.tight_layout()
+    return _save_figure(fig, path)
+
+
 def require_tensorboard() -> None:
     """Fail before training starts when ``--tensorboard`` is given without the package."""
     try:
@@ -452,3 +513,20 @@ def print_results(results: list[dict]) -> None:
     if not out.is_terminal:
         out = Console(width=max(out.width, 20 + 16 * len(results)))
     out.print(table)
+
+
+def print_plan(steps: list[tuple[str, str, str]], training_runs: int, out: Path) -> None:
+    """``iumask experiment --dry-run``: every step with its status, then the counts."""
+    table = Table(title=f"experiment plan: {out}")
+    for name in ("step", "what", "status"):
+        table.add_column(name)
+    for step, what, status in steps:
+        colour = "green" if status == "done" else ("yellow" if status.startswith("partial") else "white")
+        table.add_row(step, what, f"[{colour}]{status}[/{colour}]")
+    Console(width=max(Console().width, 110)).print(table)
+    trainings = [s for s in steps if s[0] == "train"]
+    done = sum(s[2] == "done" for s in trainings)
+    console_line = (f"{training_runs} models trained in {len(trainings)} training runs: {done} done, "
+                    f"{len(trainings) - done} to go; {sum(s[0] == 'evaluate' and s[2] != 'done' for s in steps)} "
+                    "evaluations to go")
+    Console().print(console_line, highlight=False)

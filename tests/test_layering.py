@@ -16,11 +16,11 @@ PACKAGE = Path(__file__).resolve().parents[1] / "iumask"
 LAYERS = [
     ["iumask.cli"],
     ["iumask.configfile"],
-    ["iumask.stages.run"],
-    ["iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate", "iumask.stages.stats",
-     "iumask.stages.predict"],
-    ["iumask.engine", "iumask.losses", "iumask.uncertainty", "iumask.report"],
-    ["iumask.config"],
+    ["iumask.stages.run", "iumask.stages.experiment"],
+    ["iumask.experiment.report", "iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate",
+     "iumask.stages.stats", "iumask.stages.predict"],
+    ["iumask.engine", "iumask.losses", "iumask.uncertainty", "iumask.report", "iumask.experiment.spec"],
+    ["iumask.config", "iumask.experiment.analysis"],
     ["iumask.store", "iumask.stats", "iumask.models", "iumask.distributed", "iumask.data.synthetic"],
     ["iumask.data.formats"],
     ["iumask.data.augment", "iumask.data.folder"],
@@ -29,7 +29,7 @@ LAYERS = [
     ["iumask.errors"],
 ]
 # Package __init__ files re-export what lies below them.
-PACKAGES = {"iumask", "iumask.core", "iumask.data", "iumask.stages"}
+PACKAGES = {"iumask", "iumask.core", "iumask.data", "iumask.stages", "iumask.experiment"}
 
 
 def _module_name(path: Path) -> str:

@@ -342,6 +342,12 @@ def _check_calibration_against_reference(targets, preds, probs, num_classes, ign
     assert 0 < res["ece"] < 1 and 0 < res["brier"] < 2 and res["nll"] > 0
     valid_total = sum(int((t != ignore).sum()) for t in targets)
     assert int(m.bin_counts.sum()) == valid_total == int(m.score_sums[0])
+    # the reliability diagram's bins give back the ECE: Σ pixels·|accuracy − confidence| / pixels
+    bins = res["calibration_bins"]
+    pixels = np.asarray(bins["pixels"], dtype=float)
+    gap = np.nan_to_num(np.abs(np.asarray(bins["accuracy"], float) - np.asarray(bins["confidence"], float)))
+    assert pixels.sum() == valid_total and len(bins["edges"]) == len(pixels) == 16
+    assert (pixels * gap).sum() / pixels.sum() == pytest.approx(ref["ece64"], rel=1e-9, abs=1e-12)
     # the IoU part is unchanged by passing probs
     plain = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
     for p, t in zip(preds, targets):

@@ -189,4 +189,13 @@ class SegmentationMetrics:
             "ece": ece,
             "brier": brier_sum / scored if scored else nan,
             "nll": nll_sum / scored if scored else nan,
+            # the reliability diagram's data: per confidence bin (the last holds confidence 1)
+            # pixels, mean confidence and accuracy (NaN for an empty bin)
+            "calibration_bins": self._reliability(),
         }
+
+    def _reliability(self) -> dict:
+        counts = self.bin_counts
+        mean = lambda sums: torch.where(counts > 0, sums / counts.clamp_min(1), math.nan).tolist()  # noqa: E731
+        return {"edges": self._bin_edges.double().tolist(), "pixels": [int(c) for c in counts.tolist()],
+                "confidence": mean(self.bin_confidence), "accuracy": mean(self.bin_accuracy)}

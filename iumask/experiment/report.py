@@ -1,0 +1,177 @@
+"""What ``iumask experiment`` writes once its runs are evaluated: ``results.csv`` (every number),
+``summary.json`` and ``report.md`` (computed from those rows by :mod:`iumask.experiment.analysis`)
+and ``figures/``; and the rich table on the terminal (``report.md``'s first table).
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from iumask.artifacts import atomic_write, write_bytes_atomic, write_json_atomic
+from iumask.experiment.analysis import RESULT_COLUMNS, iou_table, rare_table, uncertainty_table
+from iumask.report import class_histogram_png, iou_bars_png, mask_gallery_png, reliability_png
+
+RESULTS_FILE = "results.csv"
+SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.md"
+FIGURES_DIR = "figures"
+
+
+def nan_to_none(value):
+    """NaN → None throughout (strict JSON)."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_none(v) for v in value]
+    return value
+
+
+def write_results_csv(path: Path, rows: list[dict]) -> Path:
+    """One row per (arm, encoder, seed, dataset, split, metric, class); values with full precision
+    (``repr``), so the report can be recomputed from this file alone."""
+    with atomic_write(path) as tmp, open(tmp, "w", newline="") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(RESULT_COLUMNS)
+        for row in rows:
+            writer.writerow([row[c] if c != "value" else repr(float(row[c])) for c in RESULT_COLUMNS])
+    return path
+
+
+def read_results_csv(path: Path) -> list[dict]:
+    """``results.csv`` back as rows (seed int, value float; NaN kept)."""
+    with open(path, newline="") as f:
+        return [dict(r, seed=int(r["seed"]), value=float(r["value"])) for r in csv.DictReader(f)]
+
+
+def _markdown(header: list[str], rows: list[list[str]]) -> str:
+    def line(cells: list[str]) -> str:
+        return "| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
+
+    lines = [line(header), "|" + "|".join(["---"] + ["--:"] * (len(header) - 1)) + "|"]
+    lines += [line(row) for row in rows]
+    return "\n".join(lines)
+
+
+def _group_title(group: dict) -> str:
+    return f"{group['dataset']} {group['split']}, {group['encoder']}"
+
+
+def _slug(group: dict) -> str:
+    return f"{group['dataset']}-{group['split']}-{group['encoder']}"
+
+
+def report_markdown(summary: dict, figures: dict[str, str]) -> str:
+    """``report.md``: per evaluation and encoder the IoU table, the rarest classes' tests and the
+    uncertainty table, with the figures' links."""
+    arms, reference, classes, rare = summary["arms"], summary["reference"], summary["classes"], summary["rare_classes"]
+    out = [f"# Experiment {summary['experiment']}", ""]
+    out.append(f"{summary['training_runs']} trained models; arms: {', '.join(arms)} (reference: {reference}). "
+               "Cells are mean ± sample std (ddof 1) over seeds; a class whose IoU is undefined in a run "
+               "(absent from its labels and predictions) is left out of that mean. p-values are two-sided, "
+               "from scipy: Welch's t-test over all runs, and the paired t-test over runs with the same "
+               "seed (same initial weights and data order); n/a with fewer than 2 runs or pairs, or when the "
+               "runs do not vary at all.")
+    out.append("")
+    for group in summary["groups"]:
+        seeds = ", ".join(f"{arm}: {len(s)}" for arm, s in group["seeds"].items())
+        out += [f"## {_group_title(group)}", "", f"Seeds per arm: {seeds}.", ""]
+        out += ["### Per-class IoU and mIoU", "", _markdown(*iou_table(group, arms, classes)), ""]
+        bars = figures.get("bars", {}).get(_slug(group))
+        if bars:
+            out += [f"![per-class IoU]({bars})", ""]
+        out += [f"### The {len(rare)} rarest training classes: difference to {reference}", "",
+                _markdown(*rare_table(group, arms, reference, rare)), ""]
+        out += ["### Uncertainty quality and calibration", "",
+                "PAvPU with p(accurate | certain) and p(uncertain | inaccurate) (threshold: each model's "
+                "training-set mean entropy), expected calibration error (15 bins, top label), Brier score "
+                "and negative log-likelihood per pixel.", "", _markdown(*uncertainty_table(group, arms)), ""]
+        reliability = figures.get("reliability", {}).get(_slug(group))
+        if reliability:
+            out += [f"![reliability]({reliability})", ""]
+    if figures.get("histogram"):
+        out += ["## Training data", "", f"![class histogram]({figures['histogram']})", ""]
+    if figures.get("masks"):
+        out += [f"![IU masks]({figures['masks']})", ""]
+    return "\n".join(out).rstrip() + "\n"
+
+
+def print_first_table(summary: dict) -> None:
+    """The rich table of ``report.md``'s first table."""
+    if not summary["groups"]:
+        return
+    group = summary["groups"][0]
+    header, rows = iou_table(group, summary["arms"], summary["classes"])
+    table = Table(title=f"per-class IoU, mean ± std over seeds: {_group_title(group)}")
+    for i, name in enumerate(header):
+        table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
+    for row in rows:
+        table.add_row(*(cell.replace("**", "") for cell in row))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=max(out.width, 20 + 18 * len(summary["arms"])))
+    out.print(table)
+
+
+def merged_bins(results: list[dict]) -> dict | None:
+    """The calibration bins of several evaluations pooled (pixels and correct pixels summed; the bin
+    of confidence exactly 1 folded into the last one): ``edges``, ``pixels`` and ``accuracy``."""
+    found = [r["calibration_bins"] for r in results if r.get("calibration_bins")]
+    if not found:
+        return None
+    edges = found[0]["edges"]
+    n = len(edges) - 1
+    pixels, correct = np.zeros(n), np.zeros(n)
+    for bins in found:
+        count = np.asarray(bins["pixels"], dtype=float)
+        accuracy = np.asarray([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
+        hits = np.where(count > 0, count * np.nan_to_num(accuracy), 0.0)
+        pixels += np.concatenate([count[:n - 1], [count[n - 1:].sum()]])
+        correct += np.concatenate([hits[:n - 1], [hits[n - 1:].sum()]])
+    accuracy = np.where(pixels > 0, correct / np.maximum(pixels, 1), np.nan)
+    return {"edges": edges, "pixels": pixels.tolist(), "accuracy": accuracy.tolist()}
+
+
+def write_report(out: Path, spec, summary: dict, rows: list[dict], results: dict, label_stats: dict,
+                 train_folder, store) -> None:
+    """results.csv, summary.json, report.md and figures/ into ``out``; the first table on the terminal."""
+    figures_dir = out / FIGURES_DIR
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    figures: dict = {"bars": {}, "reliability": {}}
+    arms, classes = summary["arms"], summary["classes"]
+    for group in summary["groups"]:
+        slug = _slug(group)
+        metrics = group["metrics"]
+        keys = [f"iou/{c}" for c in classes] + ["miou"]
+        means = np.array([[metrics[k][arm]["mean"] for k in keys] for arm in arms], dtype=float)
+        stds = np.array([[metrics[k][arm]["std"] for k in keys] for arm in arms], dtype=float)
+        name = f"iou-{slug}.png"
+        iou_bars_png(figures_dir / name, classes, arms, means, stds, f"per-class IoU: {_group_title(group)}")
+        figures["bars"][slug] = f"{FIGURES_DIR}/{name}"
+        panels = []
+        for arm in arms:
+            bins = merged_bins([r for key, r in results.items()
+                                if key[0] == arm and key[1] == group["encoder"] and key[3:] == (group["dataset"],
+                                                                                                group["split"])])
+            if bins:
+                panels.append((arm, bins))
+        if panels:
+            name = f"reliability-{slug}.png"
+            reliability_png(figures_dir / name, panels, f"reliability (all seeds): {_group_title(group)}")
+            figures["reliability"][slug] = f"{FIGURES_DIR}/{name}"
+    class_histogram_png(label_stats, train_folder.classes, figures_dir / "class_histogram.png")
+    figures["histogram"] = f"{FIGURES_DIR}/class_histogram.png"
+    if store is not None:
+        mask_gallery_png(train_folder, store, figures_dir / "masks.png")
+        figures["masks"] = f"{FIGURES_DIR}/masks.png"
+    write_results_csv(out / RESULTS_FILE, rows)
+    write_json_atomic(out / SUMMARY_FILE, nan_to_none(dict(summary, figures=figures)))
+    write_bytes_atomic(out / REPORT_FILE, report_markdown(summary, figures).encode())
+    print_first_table(summary)

@@ -1,0 +1,337 @@
+"""The experiment spec (``iumask experiment SPEC.toml``): what is compared, validated once.
+
+A spec names the training data, the arms (loss settings), the encoders, the seeds, the ensemble
+that makes the IU masks and the evaluations. Every table is turned into the configuration
+objects of :mod:`iumask.config` here, so a bad value stops the experiment before any training,
+with the spec file, the table and the key in the message. Relative paths are relative to the
+spec file. See docs/experiments.md for the format.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from iumask.config import (
+    AugmentConfig,
+    ClassWeighting,
+    DataConfig,
+    EvalConfig,
+    LossConfig,
+    MaskConfig,
+    ModelConfig,
+    TrainConfig,
+    UncertaintyKind,
+    choice,
+    json_normal,
+)
+from iumask.errors import IumaskError
+
+# How an arm uses IU masks: not at all, from the mask store (offline), or computed while training.
+IU_MODES = ("none", "offline", "online")
+ARM_KEYS = ("name", "iu", "exponent", "class_weights", "instances_from", "connectivity", "normalize", "train",
+            "augment", "online_encoders")
+TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "seeds", "masks", "evaluation",
+            "evaluations", "arms", "reference", "rare_classes", "device")
+MASK_KEYS = ("encoders", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
+             "batch_size", "train")
+EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One loss setting: plain CE, class weights, IU weighting (offline or online) or both; with
+    its own training and augmentation options where it overrides the experiment's."""
+
+    name: str
+    iu: str = "none"
+    loss: LossConfig = LossConfig(exponent=0.0)
+    masks: MaskConfig = MaskConfig()  # instances of its IU masks (offline: which store; online: on the fly)
+    train: TrainConfig = TrainConfig()
+    augment: AugmentConfig = AugmentConfig()
+    online_encoders: tuple[str, ...] = ()  # online: the members trained jointly
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """One (dataset, split) the models are scored on; ``name`` labels it in the report."""
+
+    name: str
+    data: DataConfig
+    split: str
+
+
+@dataclass(frozen=True)
+class MaskEnsemble:
+    """Where the IU masks' uncertainty comes from: an ensemble trained by the experiment (one
+    member per encoder, seed ``seed``), or a trained ensemble or model given by ``path``; with
+    ``source = "mc-dropout"`` one model with dropout active."""
+
+    model: ModelConfig | None  # None when ``path`` is given
+    train: TrainConfig
+    seed: int
+    path: Path | None
+    masks: MaskConfig
+
+
+@dataclass(frozen=True)
+class ExperimentSpec:
+    path: Path
+    name: str
+    data: DataConfig
+    train: TrainConfig  # experiment-wide (arms may override)
+    augment: AugmentConfig  # experiment-wide (arms may override); the mask ensemble's
+    encoders: tuple[str, ...]
+    encoder_weights: str | None
+    seeds: tuple[int, ...]
+    arms: tuple[Arm, ...]
+    ensemble: MaskEnsemble
+    evaluations: tuple[Evaluation, ...]
+    eval: EvalConfig
+    reference: str
+    rare_classes: int
+    device: str
+    raw: dict  # the spec as read (JSON-normal), recorded in summary.json
+
+    def arm(self, name: str) -> Arm:
+        return next(a for a in self.arms if a.name == name)
+
+    def model(self, encoders: tuple[str, ...]) -> ModelConfig:
+        return ModelConfig(encoders, self.encoder_weights)
+
+    @property
+    def training_runs(self) -> int:
+        """Models trained by the experiment (the mask ensemble's members included)."""
+        runs = 0
+        for arm in self.arms:
+            per_seed = len(arm.online_encoders) if arm.iu == "online" else len(self.encoders)
+            runs += per_seed * len(self.seeds)
+        if self.ensemble.model is not None and any(a.iu == "offline" for a in self.arms):
+            runs += len(self.ensemble.model.encoders)
+        return runs
+
+
+# ----------------------------------------------------------------------------- reading
+
+
+class _Table:
+    """A TOML table being read: every error names the file and the table; unknown keys are errors
+    with the closest valid key."""
+
+    def __init__(self, file: Path, where: str, values: Any, allowed: tuple[str, ...]):
+        self.file, self.where = file, where
+        if not isinstance(values, dict):
+            self.fail(f"must be a table, got {values!r}")
+        self.values = values
+        for key in values:
+            if key not in allowed:
+                close = difflib.get_close_matches(key, allowed, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(allowed)}"
+                self.fail(f"unknown key {key!r}{hint}")
+
+    def child(self, key: str) -> str:
+        """The name of a sub-table, e.g. ``train`` or ``arms #2.train``."""
+        return key if self.where == "top level" else f"{self.where}.{key}"
+
+    def fail(self, message: str):
+        raise IumaskError(f"{self.file}: [{self.where}] {message}")
+
+    def get(self, key: str, default: Any = None) -> Any:
+        return self.values.get(key, default)
+
+    def build(self, make, *args, **kwargs):
+        """``make(*args, **kwargs)``: a config object's own error, with the file and table in front."""
+        try:
+            return make(*args, **kwargs)
+        except IumaskError as exc:
+            self.fail(str(exc))
+        except TypeError as exc:  # an unknown field of a config dataclass
+            self.fail(str(exc).split(".", 1)[-1].strip())
+
+
+def _fields_of(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+def _resolve(base: Path, value: str | None) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else (base / path)
+
+
+def _train(table: _Table, values: dict, base: TrainConfig) -> TrainConfig:
+    sub = _Table(table.file, table.child("train"), values, _fields_of(TrainConfig))
+    return sub.build(replace, base, **sub.values)
+
+
+def _augment(table: _Table, values: dict, base: AugmentConfig) -> AugmentConfig:
+    sub = _Table(table.file, table.child("augment"), values, _fields_of(AugmentConfig))
+    return sub.build(replace, base, **sub.values)
+
+
+def _name(table: _Table, value: Any, what: str) -> str:
+    if not isinstance(value, str) or not NAME.match(value):
+        table.fail(f"{what} {value!r}: use letters, digits and _ . + - (it names folders)")
+    return value
+
+
+def load_spec(path: str | Path) -> ExperimentSpec:
+    """Read and validate an experiment spec; every error names the file, the table and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise IumaskError(f"{path}: experiment spec not found; give the path of a TOML spec "
+                          "(see examples/camvid/experiment.toml)") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise IumaskError(f"{path}: not valid TOML ({exc}); fix the spec") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise IumaskError(f"{path}: cannot read the spec ({exc}); give a readable TOML file") from None
+    return parse_spec(raw, path)
+
+
+def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
+    base = path.resolve().parent
+    top = _Table(path, "top level", raw, TOP_KEYS)
+
+    data_values = dict(top.get("data") or top.fail("needs a [data] table with the training dataset's root"))
+    data_table = _Table(path, "data", data_values, _fields_of(DataConfig))
+    if "root" not in data_values:
+        data_table.fail("needs root = the training dataset's folder")
+    data_values["root"] = _resolve(base, data_values["root"])
+    data = data_table.build(DataConfig, **data_values)
+    if not data.root.is_dir():
+        data_table.fail(f"root {data.root}: no such folder; give the dataset's folder (relative to the spec)")
+
+    train = _train(top, top.get("train", {}), TrainConfig())
+    augment = _augment(top, top.get("augment", {}), AugmentConfig())
+    encoders = top.get("encoders", ["mobilenet_v2"])
+    encoders = (encoders,) if isinstance(encoders, str) else tuple(encoders)
+    encoder_weights = _resolve(base, top.get("encoder_weights")) if top.get("encoder_weights") not in (
+        None, "none", "imagenet") else top.get("encoder_weights")
+    model = top.build(ModelConfig, encoders, None if encoder_weights is None else str(encoder_weights))
+    if len(set(model.encoders)) != len(model.encoders):
+        top.fail(f"encoders {list(encoders)}: list each encoder once (seeds give the repeats)")
+
+    seeds = top.get("seeds", 3)
+    if isinstance(seeds, int) and not isinstance(seeds, bool):
+        if seeds < 1:
+            top.fail(f"seeds = {seeds}: give a number of seeds >= 1 or a list such as [0, 1, 2]")
+        seeds = list(range(seeds))
+    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
+                                                      for s in seeds) or len(set(seeds)) != len(seeds):
+        top.fail(f"seeds = {seeds!r}: give a number of seeds or a list of distinct integers >= 0")
+
+    mask_values = top.get("masks", {})
+    mask_table = _Table(path, "masks", mask_values, MASK_KEYS)
+    mask_options = {k: mask_values[k] for k in ("source", "passes", "instances_from", "connectivity", "normalize",
+                                                 "batch_size") if k in mask_values}
+    masks = mask_table.build(MaskConfig, **mask_options)
+    mask_path = _resolve(base, mask_values.get("path"))
+    if mask_path is not None and not mask_path.exists():
+        mask_table.fail(f"path {mask_path}: not found; give a trained ensemble.json or model folder, or "
+                        "remove path to train the ensemble")
+    if mask_path is not None and "encoders" in mask_values:
+        mask_table.fail("give either path (a trained ensemble) or encoders (trained by the experiment)")
+    if masks.source == UncertaintyKind.MC_DROPOUT.value:
+        mask_encoders = mask_values.get("encoders", [model.encoders[0]])
+        if mask_path is None and len(mask_encoders) != 1:
+            mask_table.fail("source = 'mc-dropout' uses one model: give one encoder or a path")
+    else:
+        mask_encoders = mask_values.get("encoders", ["mobilenet_v2", "resnet18", "resnet34"])
+    mask_seed = mask_values.get("seed", 0)
+    if isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0:
+        mask_table.fail(f"seed = {mask_seed!r}: give an integer >= 0")
+    ensemble = MaskEnsemble(
+        model=None if mask_path is not None else mask_table.build(ModelConfig, tuple(mask_encoders),
+                                                                   model.encoder_weights),
+        train=_train(mask_table, mask_values.get("train", {}), train), seed=mask_seed, path=mask_path, masks=masks)
+
+    arm_values = top.get("arms")
+    if not isinstance(arm_values, list) or not arm_values:
+        top.fail("needs at least one [[arms]] table, e.g. name = 'regular' and name = 'iu' with iu = 'offline'")
+    arms = []
+    for i, values in enumerate(arm_values):
+        arms.append(_arm(_Table(path, f"arms #{i + 1}", values, ARM_KEYS), train, augment, masks, ensemble, model))
+    names = [a.name for a in arms]
+    if len(set(names)) != len(names):
+        top.fail(f"arm names must differ, got {names}")
+    reference = top.get("reference", "regular" if "regular" in names else names[0])
+    if reference not in names:
+        top.fail(f"reference = {reference!r} is not an arm; choose one of {', '.join(names)}")
+
+    eval_options = top.get("evaluation", {})
+    eval_table = _Table(path, "evaluation", eval_options, tuple(f for f in _fields_of(EvalConfig) if f != "split"))
+    eval_config = eval_table.build(EvalConfig, **eval_options)
+    evaluations = []
+    for i, values in enumerate(top.get("evaluations") or [{"split": data.val_split}]):
+        evaluations.append(_evaluation(_Table(path, f"evaluations #{i + 1}", values, EVALUATION_KEYS), data, base))
+    labels = [(e.name, e.split) for e in evaluations]
+    if len(set(labels)) != len(labels):
+        top.fail(f"evaluations repeat a (name, split) pair: {labels}")
+
+    rare = top.get("rare_classes", 5)
+    if isinstance(rare, bool) or not isinstance(rare, int) or rare < 1:
+        top.fail(f"rare_classes = {rare!r}: give the number of rarest classes to test (>= 1)")
+    name = top.get("name", path.stem)
+    return ExperimentSpec(
+        path=path, name=str(name), data=data, train=train, augment=augment, encoders=model.encoders,
+        encoder_weights=model.encoder_weights,
+        seeds=tuple(seeds), arms=tuple(arms), ensemble=ensemble, evaluations=tuple(evaluations), eval=eval_config,
+        reference=reference, rare_classes=rare, device=str(top.get("device", "auto")), raw=json_normal(raw))
+
+
+def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskConfig, ensemble: MaskEnsemble,
+         model: ModelConfig) -> Arm:
+    name = _name(table, table.get("name"), "name")
+    iu = table.get("iu", "none")
+    if iu not in IU_MODES:
+        table.fail(f"iu = {iu!r}: choose one of {', '.join(IU_MODES)}")
+    exponent = table.get("exponent", 2.0 if iu != "none" else 0.0)
+    if iu == "none" and exponent:
+        table.fail(f"exponent = {exponent} needs IU masks: add iu = 'offline' or 'online'")
+    weighting = table.build(choice, ClassWeighting, table.get("class_weights", "none"), "class_weights")
+    loss = table.build(LossConfig, exponent=exponent, class_weights=weighting)
+    instance_options = {k: table.get(k) for k in ("instances_from", "connectivity", "normalize") if k in table.values}
+    if instance_options and iu == "none":
+        table.fail(f"{', '.join(instance_options)} apply to IU masks: add iu = 'offline' or 'online'")
+    arm_masks = table.build(replace, masks, **instance_options)
+    online_encoders: tuple[str, ...] = ()
+    if iu == "online":
+        default = ensemble.model.encoders if ensemble.model is not None else model.encoders
+        online_encoders = tuple(table.get("online_encoders", default))
+        table.build(ModelConfig, online_encoders)
+        missing = [e for e in model.encoders if e not in online_encoders]
+        if missing:
+            table.fail(f"online_encoders {list(online_encoders)} must include the experiment's encoders "
+                       f"(missing {', '.join(missing)})")
+    elif "online_encoders" in table.values:
+        table.fail("online_encoders applies to iu = 'online'")
+    return Arm(name=name, iu=iu, loss=loss, masks=arm_masks,
+               train=_train(table, table.get("train", {}), train),
+               augment=_augment(table, table.get("augment", {}), augment), online_encoders=online_encoders)
+
+
+def _evaluation(table: _Table, data: DataConfig, base: Path) -> Evaluation:
+    split = table.get("split") or table.fail("needs split = the split to evaluate on, e.g. 'val'")
+    root = _resolve(base, table.get("root"))
+    if root is None:
+        evaluation_data = data
+        default_name = "train-data"
+    else:
+        evaluation_data = table.build(DataConfig, root=root, format=table.get("format", "auto"),
+                                      conditions=table.get("conditions"))
+        if not evaluation_data.root.is_dir():
+            table.fail(f"root {root}: no such folder; give the dataset's folder (relative to the spec)")
+        default_name = root.name
+    if "format" in table.values and root is None:
+        table.fail("format applies with root (another dataset); the training data's format is [data] format")
+    name = _name(table, table.get("name", default_name), "name")
+    return Evaluation(name=name, data=evaluation_data, split=str(split))

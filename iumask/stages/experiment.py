@@ -1,0 +1,244 @@
+"""``iumask experiment``: arms × encoders × seeds trained and evaluated through the ordinary stages,
+then ``results.csv``, ``summary.json``, ``report.md`` and ``figures/`` (docs/experiments.md).
+
+Every model is an artifact of :mod:`iumask.stages.train` under the experiment folder, so a killed
+experiment resumes where it stopped (each stage resumes or is a cache hit) and a finished one
+reruns as cache hits that only rebuild the report. Layout of ``DIR``:
+
+* ``ensemble/``: the mask ensemble (trained once, unless the spec gives a path);
+* ``masks/<instances>.zarr``: one mask store per instance setting the offline arms use;
+* ``runs/<arm>/<encoder>/seed-<s>/``: one trained model per arm, encoder and seed
+  (``runs/<arm>/seed-<s>/`` for an online arm: its members are trained jointly);
+* ``evaluations/<arm>/<encoder>/seed-<s>/<dataset>-<split>.json``: its evaluation results.
+
+Order: the ensemble, the masks, then the runs seed by seed (so an interrupted experiment has
+whole seeds of every arm), then the evaluations (rank 0 under torchrun) and the report.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from iumask import distributed
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable
+from iumask.config import LossConfig, MaskConfig
+from iumask.engine import resolve_device
+from iumask.errors import IumaskError
+from iumask.experiment.analysis import rarest_classes, result_rows, summarize
+from iumask.experiment.report import write_report
+from iumask.experiment.spec import Arm, ExperimentSpec
+from iumask.progress import console
+from iumask.stages.evaluate import cached_evaluate
+from iumask.stages.masks import make_masks
+from iumask.stages.train import train_baseline, train_online, train_weighted
+from iumask.stats import cached_label_statistics
+from iumask.store import MaskStore
+from iumask.uncertainty import check_models
+
+
+@dataclass(frozen=True)
+class Run:
+    """One trained model of the experiment: ``folder`` holds its ensemble.json, ``member`` its
+    member folder (the model that is evaluated)."""
+
+    arm: Arm
+    encoder: str
+    seed: int
+    folder: Path
+    member: str
+
+    @property
+    def model_path(self) -> Path:
+        return self.folder / self.member
+
+
+def store_name(masks: MaskConfig) -> str:
+    """The mask store of an instance setting, e.g. ``prediction-c8.zarr``."""
+    return f"{masks.instances_from}-c{masks.connectivity}{'-normalized' if masks.normalize else ''}.zarr"
+
+
+class Experiment:
+    """The plan of one spec in one folder, and its execution."""
+
+    def __init__(self, spec: ExperimentSpec, out: Path):
+        self.spec, self.out = spec, Path(out)
+        self.runs: list[Run] = []
+        for seed in spec.seeds:
+            for arm in spec.arms:
+                if arm.iu == "online":
+                    folder = self.out / "runs" / arm.name / f"seed-{seed}"
+                    names = spec.model(arm.online_encoders).names
+                    self.runs += [Run(arm, e, seed, folder, names[arm.online_encoders.index(e)]) for e in spec.encoders]
+                else:
+                    self.runs += [Run(arm, e, seed, self.out / "runs" / arm.name / e / f"seed-{seed}", e)
+                                  for e in spec.encoders]
+
+    # ------------------------------------------------------------------------- paths
+
+    @property
+    def ensemble_path(self) -> Path:
+        if self.spec.ensemble.path is not None:
+            return self.spec.ensemble.path
+        return self.out / "ensemble" / ENSEMBLE_FILE
+
+    @property
+    def trains_ensemble(self) -> bool:
+        return self.spec.ensemble.model is not None and any(a.iu == "offline" for a in self.spec.arms)
+
+    def stores(self) -> dict[str, MaskConfig]:
+        """The mask stores the offline arms need, by file name."""
+        return {store_name(a.masks): a.masks for a in self.spec.arms if a.iu == "offline"}
+
+    def evaluation_path(self, run: Run, evaluation) -> Path:
+        return (self.out / "evaluations" / run.arm.name / run.encoder / f"seed-{run.seed}"
+                / f"{evaluation.name}-{evaluation.split}.json")
+
+    def trainings(self) -> list[tuple[Arm, int, Path]]:
+        """(arm, seed, folder) of each training call, in order (an online arm trains once per seed)."""
+        seen, out = set(), []
+        for run in self.runs:
+            key = (run.arm.name, run.seed, run.folder)
+            if key not in seen:
+                seen.add(key)
+                out.append((run.arm, run.seed, run.folder))
+        return out
+
+    # ------------------------------------------------------------------------- checks
+
+    def validate(self) -> list[str]:
+        """Everything that can fail cheaply, before the first training: the data (every header),
+        the evaluations' classes, a given ensemble, the output folder. Returns the class names."""
+        spec = self.spec
+        train_folder = spec.data.open(spec.data.train_split)
+        train_folder.check_headers()
+        spec.data.open(spec.data.val_split).check_headers()
+        classes = list(train_folder.classes.names)
+        for evaluation in spec.evaluations:
+            folder = evaluation.data.open(evaluation.split)
+            if list(folder.classes.names) != classes:
+                raise IumaskError(
+                    f"{spec.path}: evaluation {evaluation.name} ({folder.root}, {evaluation.split}) has classes "
+                    f"{list(folder.classes.names)}, not the training data's {classes}; evaluate on data with the "
+                    "same class names (in the same order)")
+            folder.check_headers()
+        if spec.ensemble.path is not None and any(a.iu == "offline" for a in spec.arms):
+            check_models(spec.ensemble.path, train_folder)
+        check_writable(self.out)
+        return classes
+
+    # ------------------------------------------------------------------------- plan
+
+    def plan(self) -> list[tuple[str, str, str]]:
+        """(step, what, status) of every step, from the files alone (``iumask experiment`` itself
+        verifies each artifact's inputs, so "done" here can still be retrained on a mismatch)."""
+        steps = []
+        if self.trains_ensemble:
+            e = self.spec.ensemble.model
+            steps.append(("train", f"mask ensemble {', '.join(e.encoders)} (seed {self.spec.ensemble.seed})",
+                          _training_status(self.ensemble_path.parent, e.names)))
+        for name in self.stores():
+            steps.append(("make-masks", f"masks/{name}", _store_status(self.out / "masks" / name)))
+        for arm, seed, folder in self.trainings():
+            encoders = arm.online_encoders if arm.iu == "online" else (folder.parent.name,)
+            names = self.spec.model(encoders).names
+            what = f"{arm.name} {'online ' + ', '.join(encoders) if arm.iu == 'online' else encoders[0]} seed {seed}"
+            steps.append(("train", what, _training_status(folder, names)))
+        for run in self.runs:
+            for evaluation in self.spec.evaluations:
+                path = self.evaluation_path(run, evaluation)
+                steps.append(("evaluate", f"{run.arm.name} {run.encoder} seed {run.seed} on {evaluation.name} "
+                              f"{evaluation.split}", "done" if path.is_file() else "to do"))
+        return steps
+
+    # ------------------------------------------------------------------------- execution
+
+    def execute(self, overwrite: bool = False) -> dict | None:
+        """Train, evaluate and report; returns the summary (None on torchrun ranks other than 0)."""
+        spec = self.spec
+        start = time.perf_counter()
+        distributed.init(resolve_device(spec.device))
+        classes = self.validate()
+        common = dict(device=spec.device, overwrite=overwrite)
+        trainings = self.trainings()
+        total = len(trainings) + len(self.stores()) + int(self.trains_ensemble)
+        step = 0
+
+        def rule(text: str) -> None:
+            nonlocal step
+            step += 1
+            console.rule(f"[{step}/{total}] {text}")
+
+        if self.trains_ensemble:
+            e = spec.ensemble
+            rule(f"mask ensemble: {', '.join(e.model.encoders)}")
+            train_baseline(spec.data, e.model, replace(e.train, seed=e.seed), LossConfig(exponent=0.0),
+                           spec.augment, self.ensemble_path.parent, **common)
+        for name, masks in self.stores().items():
+            rule(f"make-masks {name}")
+            make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
+        for arm, seed, folder in trainings:
+            rule(f"{arm.name} {folder.parent.name if arm.iu != 'online' else 'online'} seed {seed}")
+            self._train(arm, seed, folder, common)
+        if not distributed.is_main():
+            return None
+        rows, results = [], {}
+        for run in self.runs:
+            for evaluation in spec.evaluations:
+                options = replace(spec.eval, split=evaluation.split)
+                result = cached_evaluate([run.model_path], evaluation.data, options,
+                                         self.evaluation_path(run, evaluation), spec.device)[0]
+                results[(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)] = result
+                rows += result_rows(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split, result)
+        summary = self.report(rows, results, classes)
+        summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+        return summary
+
+    def _train(self, arm: Arm, seed: int, folder: Path, common: dict) -> None:
+        spec = self.spec
+        train = replace(arm.train, seed=seed)
+        if arm.iu == "none":
+            train_baseline(spec.data, spec.model((folder.parent.name,)), train, arm.loss, arm.augment, folder,
+                           **common)
+        elif arm.iu == "offline":
+            train_weighted(spec.data, spec.model((folder.parent.name,)), train, arm.loss, arm.augment,
+                           self.out / "masks" / store_name(arm.masks), folder, **common)
+        else:
+            train_online(spec.data, spec.model(arm.online_encoders), train, arm.loss, arm.augment, arm.masks, folder,
+                         **common)
+
+    def report(self, rows: list[dict], results: dict, classes: list[str]) -> dict:
+        spec = self.spec
+        train_folder = spec.data.open(spec.data.train_split)
+        stats = cached_label_statistics(train_folder, fingerprint=train_folder.fingerprint())
+        pixels = dict(zip(classes, stats["per_class"]["pixels"]))
+        rare = rarest_classes(pixels, min(spec.rare_classes, len(classes)))
+        summary = summarize(rows, [a.name for a in spec.arms], spec.reference, classes, rare)
+        summary.update(experiment=spec.name, spec=spec.raw, training_runs=spec.training_runs,
+                       evaluations=[{"name": e.name, "split": e.split, "root": str(e.data.root.resolve())}
+                                    for e in spec.evaluations])
+        store = next(iter(self.stores()), None)
+        write_report(self.out, spec, summary, rows, results, stats, train_folder,
+                     MaskStore.open(self.out / "masks" / store) if store else None)
+        return summary
+
+
+def _training_status(folder: Path, names: list[str]) -> str:
+    if (folder / ENSEMBLE_FILE).is_file():
+        return "done"
+    if (folder / CHECKPOINT_FILE).is_file() or any((folder / n / CHECKPOINT_FILE).is_file() for n in names):
+        return "partial (resumes)"
+    done = sum((folder / n / "manifest.json").is_file() for n in names)
+    return f"partial ({done}/{len(names)} members)" if done else "to train"
+
+
+def _store_status(path: Path) -> str:
+    if not path.exists():
+        return "to do"
+    try:
+        store = MaskStore.open(path)
+    except IumaskError:
+        return "partial (resumes)"
+    done = int(store.completed().sum())
+    return "done" if store.attrs.get("finished") else f"partial ({done}/{store.num_images} images)"

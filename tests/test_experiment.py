@@ -1,0 +1,225 @@
+"""``iumask experiment`` end to end on tiny synthetic data: a real SIGKILL mid-way and a resume that
+gives the very results of an uninterrupted run, ``results.csv`` reproducing ``report.md`` (means,
+stds and scipy p-values recomputed here), a domain-shift evaluation, an online arm, the dry run,
+and spec errors as one line naming the file, the table and the key."""
+
+from __future__ import annotations
+
+import csv
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+from test_store_reliability import killed
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
+
+SPEC = """
+name = "tiny"
+encoders = ["mobilenet_v2"]
+seeds = [0, 1]
+rare_classes = 3
+
+[data]
+root = "{data}"
+size = "32x32"
+
+[train]
+epochs = 2
+batch_size = 4
+lr = 1e-3
+backbone_lr_factor = 1.0
+checkpoint_every = 1
+
+[masks]
+encoders = ["mobilenet_v2"]
+seed = 50
+
+[[arms]]
+name = "regular"
+
+[[arms]]
+name = "iu"
+iu = "offline"
+exponent = 2.0
+
+[[evaluations]]
+split = "val"
+
+[[evaluations]]
+name = "shifted"
+root = "{shifted}"
+split = "val"
+"""
+
+
+@pytest.fixture(scope="module")
+def datasets(make_synthetic):
+    data = make_synthetic("experiment", num_train=8, num_val=3)
+    shifted = make_synthetic("shifted", num_train=2, num_val=3, domain="shifted")
+    return data, shifted
+
+
+def write_spec(folder: Path, datasets, extra: str = "", text: str = SPEC) -> Path:
+    data, shifted = datasets
+    folder.mkdir(parents=True, exist_ok=True)
+    spec = folder / "spec.toml"
+    spec.write_text(text.format(data=data, shifted=shifted) + extra)
+    return spec
+
+
+@pytest.fixture(scope="module")
+def straight(datasets, tmp_path_factory):
+    """The experiment run once, uninterrupted."""
+    from cli_runner import iumask
+
+    folder = tmp_path_factory.mktemp("straight")
+    spec = write_spec(folder, datasets)
+    iumask("experiment", spec, "--out", folder / "out")
+    return folder / "out"
+
+
+def read_rows(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def values(rows, **where) -> dict[int, float]:
+    return {int(r["seed"]): float(r["value"]) for r in rows
+            if all(r[k] == v for k, v in where.items()) and not np.isnan(float(r["value"]))}
+
+
+def test_killed_experiment_resumes_to_the_uninterrupted_results(datasets, straight, tmp_path, cli, capsys):
+    spec = write_spec(tmp_path, datasets)
+    out = tmp_path / "out"
+    # SIGKILL while the second seed of the IU arm writes its first mid-epoch checkpoint.
+    killed(["experiment", spec, "--out", out], "open", r"runs/iu/mobilenet_v2/seed-1/mobilenet_v2/checkpoint")
+    assert (out / "runs" / "regular" / "mobilenet_v2" / "seed-1" / "ensemble.json").is_file()
+    assert not (out / "runs" / "iu" / "mobilenet_v2" / "seed-1" / "ensemble.json").exists()
+    assert not (out / "report.md").exists()
+
+    capsys.readouterr()
+    cli("experiment", spec, "--out", out, "--dry-run")
+    plan = capsys.readouterr().out
+    assert re.search(r"iu mobilenet_v2 seed 1\s*│\s*to train", plan) or "partial" in plan
+    assert re.search(r"regular mobilenet_v2 seed 0\s*│\s*done", plan)
+    assert "5 models trained in 5 training runs: 4 done, 1 to go" in plan
+
+    cli("experiment", spec, "--out", out)
+    assert (out / "results.csv").read_text() == (straight / "results.csv").read_text()
+    assert (out / "report.md").read_text() == (straight / "report.md").read_text()
+
+    # A finished experiment reruns as cache hits and only rebuilds the report.
+    (out / "report.md").unlink()
+    capsys.readouterr()
+    cli("experiment", spec, "--out", out)
+    captured = capsys.readouterr()
+    assert "epoch" not in captured.err and (out / "report.md").is_file()
+    assert captured.out.count("cache hit") + captured.err.count("cache hit") >= 5
+
+
+def test_results_csv_reproduces_the_report(straight):
+    rows = read_rows(straight / "results.csv")
+    assert list(rows[0]) == ["arm", "encoder", "seed", "dataset", "split", "metric", "class", "value"]
+    report = (straight / "report.md").read_text()
+    summary = json.loads((straight / "summary.json").read_text())
+    classes = summary["classes"]
+    # 2 arms × 1 encoder × 2 seeds × 2 evaluations, each with per-class IoU and whole-split metrics
+    assert {(r["arm"], r["seed"], r["dataset"]) for r in rows} == {
+        (a, s, d) for a in ("regular", "iu") for s in ("0", "1") for d in ("train-data", "shifted")}
+    sections = report.split("\n## ")[1:]
+    assert [s.splitlines()[0] for s in sections][:2] == ["train-data val, mobilenet_v2", "shifted val, mobilenet_v2"]
+    for section, dataset in zip(sections, ("train-data", "shifted")):
+        for metric, label in [("iou", c) for c in classes] + [("miou", "**mIoU**")]:
+            cells = []
+            for arm in ("regular", "iu"):
+                where = dict(arm=arm, dataset=dataset, metric=metric, **({"class": label} if metric == "iou" else {}))
+                v = list(values(rows, **where).values())
+                cells.append("—" if not v else f"{np.mean(v):.3f}" if len(v) < 2
+                             else f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}")
+            assert f"| {label} | {cells[0]} | {cells[1]} |" in section, (dataset, label)
+        # the mIoU comparison: difference of means and both p-values, recomputed with scipy
+        ref, iu = values(rows, arm="regular", dataset=dataset, metric="miou"), values(rows, arm="iu",
+                                                                                     dataset=dataset, metric="miou")
+        diff = np.mean(list(iu.values())) - np.mean(list(ref.values()))
+        welch = stats.ttest_ind(list(iu.values()), list(ref.values()), equal_var=False).pvalue
+        paired = stats.ttest_rel([iu[s] for s in (0, 1)], [ref[s] for s in (0, 1)]).pvalue
+        fmt = lambda p: "n/a" if np.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")  # noqa: E731
+        line = next(x for x in section.splitlines() if x.startswith("| **mIoU** |") and "±" in x and x.count("|") > 5)
+        assert f"| {diff:+.3f} | {fmt(welch)} | {fmt(paired)} |" in line
+    # uncertainty table: PAvPU and ECE per arm
+    for arm in ("regular", "iu"):
+        for metric in ("pavpu", "ece"):
+            v = list(values(rows, arm=arm, dataset="train-data", metric=metric).values())
+            assert f"{np.mean(v):.3f} ± {np.std(v, ddof=1):.3f}" in sections[0]
+    for name in ("class_histogram.png", "masks.png", "iou-train-data-val-mobilenet_v2.png",
+                 "reliability-shifted-val-mobilenet_v2.png"):
+        assert (straight / "figures" / name).stat().st_size > 1000, name
+    assert summary["training_runs"] == 5 and summary["reference"] == "regular"
+
+
+def test_online_arm_and_its_plan(datasets, tmp_path, cli, capsys):
+    extra = '\n[[arms]]\nname = "online"\niu = "online"\nonline_encoders = ["mobilenet_v2", "mobilenet_v2"]\n'
+    text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
+    text = text.replace('[[arms]]\nname = "iu"\niu = "offline"\nexponent = 2.0\n', "")
+    spec = write_spec(tmp_path, datasets, extra, text)
+    cli("experiment", spec, "--out", tmp_path / "out", "--dry-run")
+    plan = capsys.readouterr().out
+    assert "online online mobilenet_v2, mobilenet_v2 seed 0" in plan
+    assert "make-masks" not in plan and "mask ensemble" not in plan  # no offline arm: no ensemble, no store
+    assert "3 models trained in 2 training runs" in plan
+    cli("experiment", spec, "--out", tmp_path / "out")
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert {r["arm"] for r in rows} == {"regular", "online"}
+    manifest = json.loads((tmp_path / "out" / "runs" / "online" / "seed-0" / "mobilenet_v2" / "manifest.json")
+                          .read_text())
+    assert manifest["stage"] == "online" and manifest["members"] == ["mobilenet_v2", "mobilenet_v2-2"]
+    assert "n/a" in (tmp_path / "out" / "report.md").read_text()  # one seed: no p-values
+
+
+@pytest.mark.parametrize("change, message", [
+    ('[[arms]]\nname = "regular"\n', "[arms #1] unknown key 'iu_mode'"),
+    ('seeds = [0, 1]', "seeds = [0, 0]: give a number of seeds or a list of distinct integers"),
+    ('iu = "offline"', "[arms #2] iu = 'sometimes': choose one of none, offline, online"),
+    ('lr = 1e-3', "[train] unknown key 'learning_rate'; valid keys: epochs, batch_size, lr,"),
+    ('encoders = ["mobilenet_v2"]\nseeds', "resnet9000"),
+    ('split = "val"\n\n[[evaluations]]', "[evaluations #1] needs split"),
+    ('root = "{shifted}"', "[evaluations #2] root"),
+    ('[masks]\nencoders = ["mobilenet_v2"]', "give either path (a trained ensemble) or encoders"),
+])
+def test_bad_specs_are_one_line_errors_before_any_work(datasets, tmp_path, change, message, capsys):
+    from cli_runner import iumask
+
+    replacement = {
+        '[[arms]]\nname = "regular"\n': '[[arms]]\nname = "regular"\niu_mode = "x"\n',
+        'seeds = [0, 1]': 'seeds = [0, 0]',
+        'iu = "offline"': 'iu = "sometimes"',
+        'lr = 1e-3': 'learning_rate = 1e-3',
+        'encoders = ["mobilenet_v2"]\nseeds': 'encoders = ["resnet9000"]\nseeds',
+        'split = "val"\n\n[[evaluations]]': 'name = "x"\n\n[[evaluations]]',
+        'root = "{shifted}"': 'root = "{shifted}-missing"',
+        '[masks]\nencoders = ["mobilenet_v2"]': f'[masks]\nencoders = ["mobilenet_v2"]\npath = "{tmp_path}"',
+    }[change]
+    assert change in SPEC
+    spec = write_spec(tmp_path, datasets, text=SPEC.replace(change, replacement))
+    capsys.readouterr()
+    iumask("experiment", spec, "--out", tmp_path / "out", expect=2)
+    err = capsys.readouterr().err.replace("\n", "")
+    assert message in err and str(spec) in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_evaluation_with_other_classes_is_refused_before_training(datasets, make_synthetic, tmp_path, capsys):
+    from cli_runner import iumask
+
+    other = make_synthetic("other", num_train=2, num_val=2)
+    names = json.loads((other / "classes.json").read_text())
+    names["names"] = [f"x{i}" for i in range(len(names["names"]))] if "names" in names else names
+    (other / "classes.json").write_text(json.dumps(names))
+    spec = write_spec(tmp_path, datasets, text=SPEC.replace('root = "{shifted}"', f'root = "{other}"'))
+    iumask("experiment", spec, "--out", tmp_path / "out", expect=2)
+    assert "not the training data's" in capsys.readouterr().err.replace("\n", "")
+    assert not (tmp_path / "out" / "runs").exists()
