@@ -428,7 +428,7 @@ def run(
     results = stage(config)
     if not results:  # under torchrun only rank 0 evaluates
         return
-    print_results(results)
+    print_results(results, compare=True)
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 

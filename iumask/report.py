@@ -18,6 +18,7 @@ import csv
 import io
 import math
 from pathlib import Path
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -149,9 +150,12 @@ def mask_gallery_png(
     count: int = 4,
     size: tuple[int, int] | None = None,
     colormap: str = "inferno",
+    predictors: tuple[tuple[str, Callable[[int], np.ndarray]], ...] = (),
 ) -> Path:
     """A few training images (evenly spread over the dataset), one per row, beside their label
-    (class colours), pixel entropy and IU mask, like the paper's Figures 1 and 2.
+    (class colours), pixel entropy and IU mask, like the paper's Figures 1 and 2. ``predictors``
+    add a column each between label and entropy: (title, function of the dataset index giving a
+    class map at the store's image size), e.g. the ensemble members' predictions.
 
     Entropy and IU share one colour scale (0 to the largest value shown), each column with its own
     colour bar underneath, and a legend names the class colours. ``size`` (H, W) is the size of
@@ -171,7 +175,8 @@ def mask_gallery_png(
         if image.shape[:2] != shape:
             image = cv2.resize(image, (shape[1], shape[0]), interpolation=cv2.INTER_AREA)
             label = resize_label(label, shape)
-        rows.append((dataset.ids[i], image, label, arrays["entropy"], arrays["instance_uncertainty"]))
+        predictions = [predict(i) for _, predict in predictors]
+        rows.append((dataset.ids[i], image, label, predictions, arrays["entropy"], arrays["instance_uncertainty"]))
 
     if size is None:
         h0, w0 = rows[0][1].shape[:2]
@@ -179,14 +184,15 @@ def mask_gallery_png(
         tile_h = max(16, int(round(tile_w * h0 / w0)))
     else:
         tile_h, tile_w = int(size[0]), int(size[1])
-    vmax = max(max(float(np.nanmax(r[3], initial=0.0)), float(np.nanmax(r[4], initial=0.0))) for r in rows)
+    vmax = max(max(float(np.nanmax(r[4], initial=0.0)), float(np.nanmax(r[5], initial=0.0))) for r in rows)
     vmax = vmax if vmax > 0 else 1.0
     classes = dataset.classes
     palette = classes.palette()
     unit = "normalised" if (store.identity.get("options") or {}).get("normalize") else "nats"
 
     pad, title_h, head, bar_h = 6, 40, 26, 62
-    columns = ("image", "label", "pixel entropy", "instance uncertainty (IU)")
+    columns = ("image", "label", *(name for name, _ in predictors), "pixel entropy", "instance uncertainty (IU)")
+    heat = len(columns) - 2  # the first of the two mask columns
     width = pad + len(columns) * (tile_w + pad)
     legend_names = [*classes.names, "ignored"]
     column_w = 34 + 6 * max(len(name) for name in legend_names)
@@ -208,23 +214,23 @@ def mask_gallery_png(
 
     outline = [patheffects.withStroke(linewidth=2, foreground="black")]
     mappable = None
-    for r, (image_id, image, label, entropy, iu) in enumerate(rows):
+    for r, (image_id, image, label, predictions, entropy, iu) in enumerate(rows):
         y = top_rows + r * (tile_h + pad)
-        tiles = (image, _label_colors(label, palette))
-        for k in range(4):
+        tiles = (image, _label_colors(label, palette), *(_label_colors(p, palette) for p in predictions))
+        for k in range(len(columns)):
             ax = axes(pad + k * (tile_w + pad), y, tile_w, tile_h)
             ax.set_axis_off()
-            if k < 2:
+            if k < heat:
                 ax.imshow(tiles[k], interpolation="nearest", aspect="auto")
             else:
-                values = np.nan_to_num(entropy if k == 2 else iu, nan=0.0)
+                values = np.nan_to_num(entropy if k == heat else iu, nan=0.0)
                 mappable = ax.imshow(values, cmap=colormap, vmin=0.0, vmax=vmax, interpolation="nearest",
                                      aspect="auto")
         fig.text((pad + 4) / width, 1 - (y + 14) / height, image_id, fontsize=8, color="white",
                  va="baseline", path_effects=outline)
 
     y = top_rows + len(rows) * (tile_h + pad) + 4
-    for k, what in ((2, "pixel entropy"), (3, "IU (mean entropy of the instance)")):
+    for k, what in ((heat, "pixel entropy"), (heat + 1, "IU (mean entropy of the instance)")):
         cax = axes(pad + k * (tile_w + pad), y, tile_w, 12)
         bar = fig.colorbar(mappable, cax=cax, orientation="horizontal")
         bar.set_ticks([0.0, vmax / 2, vmax], labels=[f"{v:.2f}" for v in (0.0, vmax / 2, vmax)])
@@ -494,39 +500,61 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 # ----------------------------------------------------------------------------- evaluation results
 
 
-def print_results(results: list[dict]) -> None:
-    """One column per model, one row per class IoU and summary metric."""
-    table = Table(title="per-class IoU, mIoU and PAvPU", show_lines=False)
+def print_results(results: list[dict], compare: bool = False) -> None:
+    """One column per model, one row per class IoU and summary metric. With ``compare`` (``iumask
+    run``), each IU-weighted model stands beside the baseline model of the same name, followed by
+    a column of their differences (weighted − baseline)."""
+    columns: list[tuple[str, Callable[[str], float | None], bool]] = []
+    placed = set()
+    for i, r in enumerate(results):
+        if i in placed:
+            continue
+        placed.add(i)
+        columns.append((r["model"].replace(" ", "\n", 1), lambda key, r=r: r.get(key), False))
+        stage, _, name = r["model"].partition(" ")
+        partner = next((j for j, o in enumerate(results) if compare and j not in placed and stage.startswith("baseline")
+                        and o["model"].partition(" ")[2] == name), None)
+        if partner is not None:
+            placed.add(partner)
+            other = results[partner]
+            columns.append((other["model"].replace(" ", "\n", 1), lambda key, r=other: r.get(key), False))
+            columns.append((f"Δ\n{name}", lambda key, a=r, b=other: _difference(b.get(key), a.get(key)), True))
+    table = Table(title="per-class IoU, mIoU and PAvPU" + (" (Δ: IU-weighted − baseline)" if compare else ""),
+                  show_lines=False)
     table.add_column("metric", no_wrap=True)
-    for r in results:
-        table.add_column(r["model"].replace(" ", "\n", 1), justify="right")
+    for title, _, _ in columns:
+        table.add_column(title, justify="right")
+
+    def cell(value, signed: bool) -> str:
+        if signed and value is not None and not math.isnan(value):
+            return f"{value:+.3f}"
+        return _fmt(value, 3)
+
     for c, name in enumerate(results[0]["classes"]):
-        table.add_row(f"IoU {name}", *(_fmt(r["iou"][c], 3) for r in results))
+        table.add_row(f"IoU {name}", *(cell(_class_value(get, c), signed) for _, get, signed in columns))
     for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
                        ("p_accurate_given_certain", "p(acc|cert)"),
                        ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th"),
                        ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
-        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label, *(_fmt(r.get(key), 3) for r in results))
+        table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label,
+                      *(cell(get(key), signed) for _, get, signed in columns))
     # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
     # a pipe it gets the width it needs instead of 80 columns.
     out = Console()
     if not out.is_terminal:
-        out = Console(width=max(out.width, 20 + 16 * len(results)))
+        out = Console(width=max(out.width, 20 + 16 * len(columns)))
     out.print(table)
 
 
-def print_plan(steps: list[tuple[str, str, str]], training_runs: int, out: Path) -> None:
-    """``iumask experiment --dry-run``: every step with its status, then the counts."""
-    table = Table(title=f"experiment plan: {out}")
-    for name in ("step", "what", "status"):
-        table.add_column(name)
-    for step, what, status in steps:
-        colour = "green" if status == "done" else ("yellow" if status.startswith("partial") else "white")
-        table.add_row(step, what, f"[{colour}]{status}[/{colour}]")
-    Console(width=max(Console().width, 110)).print(table)
-    trainings = [s for s in steps if s[0] == "train"]
-    done = sum(s[2] == "done" for s in trainings)
-    console_line = (f"{training_runs} models trained in {len(trainings)} training runs: {done} done, "
-                    f"{len(trainings) - done} to go; {sum(s[0] == 'evaluate' and s[2] != 'done' for s in steps)} "
-                    "evaluations to go")
-    Console().print(console_line, highlight=False)
+def _difference(a, b):
+    """a − b for numbers and element-wise for lists (per-class IoU); None where either is missing."""
+    if isinstance(a, list) and isinstance(b, list):
+        return [_difference(x, y) for x, y in zip(a, b)]
+    if a is None or b is None or isinstance(a, (dict, str)) or isinstance(b, (dict, str)):
+        return None
+    return float(a) - float(b)
+
+
+def _class_value(get: Callable[[str], object], c: int):
+    values = get("iou")
+    return values[c] if isinstance(values, list) else None

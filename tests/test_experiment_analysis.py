@@ -109,3 +109,23 @@ def test_merged_reliability_bins_pool_pixels_and_fold_confidence_one():
     assert pooled["pixels"] == [40, 4, 10]
     assert pooled["accuracy"] == pytest.approx([(2 + 3) / 40, 1 / 4, (3 + 5) / 10])
     assert merged_bins([{"iou": []}]) is None
+
+
+def test_run_table_puts_each_weighted_model_beside_its_baseline_with_the_difference(capsys):
+    from iumask.report import print_results
+
+    def result(model, iou, miou):
+        return {"model": model, "classes": ["road", "pole"], "iou": iou, "miou": miou, "pavpu": 0.5}
+
+    results = [result("baseline mobilenet_v2", [0.80, 0.00], 0.40), result("baseline ensemble", [0.9, 0.1], 0.5),
+               result("weighted mobilenet_v2", [0.75, 0.12], 0.435)]
+    print_results(results, compare=True)
+    lines = capsys.readouterr().out.splitlines()
+    header = [c.strip() for c in next(x for x in lines if "┃" in x and "baseline" in x).split("┃")[2:-1]]
+    assert header == ["baseline", "weighted", "Δ", "baseline"]
+    road = next(x for x in lines if "IoU road" in x).split("│")[2:-1]
+    pole = next(x for x in lines if "IoU pole" in x).split("│")[2:-1]
+    miou = next(x for x in lines if "mIoU" in x).split("│")[2:-1]
+    assert [c.strip() for c in road] == ["0.800", "0.750", "-0.050", "0.900"]
+    assert [c.strip() for c in pole] == ["0.000", "0.120", "+0.120", "0.100"]
+    assert [c.strip() for c in miou] == ["0.400", "0.435", "+0.035", "0.500"]

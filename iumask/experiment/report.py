@@ -139,9 +139,12 @@ def merged_bins(results: list[dict]) -> dict | None:
     return {"edges": edges, "pixels": pixels.tolist(), "accuracy": accuracy.tolist()}
 
 
-def write_report(out: Path, spec, summary: dict, rows: list[dict], results: dict, label_stats: dict,
-                 train_folder, store) -> None:
-    """results.csv, summary.json, report.md and figures/ into ``out``; the first table on the terminal."""
+def write_report(out: Path, summary: dict, rows: list[dict], results: dict, label_stats: dict, train_folder,
+                 store=None, predictors: tuple = ()) -> None:
+    """results.csv, summary.json, report.md and figures/ into ``out``; the first table on the
+    terminal. ``results``: the evaluation results by (arm, encoder, seed, dataset, split) (their
+    reliability bins); ``store`` (a mask store of the training split) and ``predictors`` (see
+    :func:`iumask.report.mask_gallery_png`) make the figure of masks."""
     figures_dir = out / FIGURES_DIR
     figures_dir.mkdir(parents=True, exist_ok=True)
     figures: dict = {"bars": {}, "reliability": {}}
@@ -169,7 +172,7 @@ def write_report(out: Path, spec, summary: dict, rows: list[dict], results: dict
     class_histogram_png(label_stats, train_folder.classes, figures_dir / "class_histogram.png")
     figures["histogram"] = f"{FIGURES_DIR}/class_histogram.png"
     if store is not None:
-        mask_gallery_png(train_folder, store, figures_dir / "masks.png")
+        mask_gallery_png(train_folder, store, figures_dir / "masks.png", predictors=predictors)
         figures["masks"] = f"{FIGURES_DIR}/masks.png"
     write_results_csv(out / RESULTS_FILE, rows)
     write_json_atomic(out / SUMMARY_FILE, nan_to_none(dict(summary, figures=figures)))

@@ -22,8 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable, resolve_models
 from iumask.config import LossConfig, MaskConfig
+from iumask.data.folder import SegmentationDataset
 from iumask.engine import resolve_device
 from iumask.errors import IumaskError
 from iumask.experiment.analysis import rarest_classes, result_rows, summarize
@@ -35,7 +36,7 @@ from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
 from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore
-from iumask.uncertainty import check_models
+from iumask.uncertainty import check_models, load_source
 
 
 @dataclass(frozen=True)
@@ -219,9 +220,26 @@ class Experiment:
                        evaluations=[{"name": e.name, "split": e.split, "root": str(e.data.root.resolve())}
                                     for e in spec.evaluations])
         store = next(iter(self.stores()), None)
-        write_report(self.out, spec, summary, rows, results, stats, train_folder,
-                     MaskStore.open(self.out / "masks" / store) if store else None)
+        predictors = member_predictors(self.ensemble_path, train_folder, spec.device) if store else ()
+        write_report(self.out, summary, rows, results, stats, train_folder,
+                     MaskStore.open(self.out / "masks" / store) if store else None, predictors)
         return summary
+
+
+def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
+    """(title, index → class map) per mask-ensemble member, for the figure of masks: each member's
+    prediction at the store's image size."""
+    dev = resolve_device(device)
+    predictors = []
+    for folder in resolve_models(ensemble_path):
+        source = load_source(folder, "ensemble", dev)
+        dataset = SegmentationDataset(train_folder, source.size)
+
+        def predict(index: int, source=source, dataset=dataset):
+            return source.probs(dataset[index]["image"][None].to(dev)).argmax(1)[0].cpu().numpy()
+
+        predictors.append((f"{folder.name} prediction", predict))
+    return tuple(predictors)
 
 
 def _training_status(folder: Path, names: list[str]) -> str:
