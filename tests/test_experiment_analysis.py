@@ -125,7 +125,7 @@ def test_run_table_puts_each_weighted_model_beside_its_baseline_with_the_differe
     assert header == ["baseline", "weighted", "Δ", "baseline"]
     road = next(x for x in lines if "IoU road" in x).split("│")[2:-1]
     pole = next(x for x in lines if "IoU pole" in x).split("│")[2:-1]
-    miou = next(x for x in lines if "mIoU" in x).split("│")[2:-1]
+    miou = next(x for x in lines if x.startswith("│ mIoU")).split("│")[2:-1]
     assert [c.strip() for c in road] == ["0.800", "0.750", "-0.050", "0.900"]
     assert [c.strip() for c in pole] == ["0.000", "0.120", "+0.120", "0.100"]
     assert [c.strip() for c in miou] == ["0.400", "0.435", "+0.035", "0.500"]
