@@ -186,12 +186,23 @@ class AugmentConfig:
 # ----------------------------------------------------------------------------- models and training
 
 
+def _checked_weights(weights) -> str | None:
+    weights = None if weights in (None, "", "none") else str(weights)
+    if weights not in (None, "imagenet") and not Path(weights).is_file():
+        raise IumaskError(f"--encoder-weights {weights}: file not found; give an existing file, 'imagenet' "
+                          "or 'none'")
+    return weights
+
+
 @dataclass(frozen=True)
 class ModelConfig:
-    """The members: one DeepLabV3+ per ``--encoder`` and their initialisation (``--encoder-weights``)."""
+    """The members: one DeepLabV3+ per ``--encoder`` and their initialisation (``--encoder-weights``:
+    one value for every member, or, from a config or experiment spec, a table giving each encoder
+    its own, e.g. a local ImageNet state dict per backbone)."""
 
     encoders: tuple[str, ...] = DEFAULT_ENCODERS
-    encoder_weights: str | None = None  # None (random), "imagenet", or a local state-dict file
+    # None (random), "imagenet", a local state-dict file, or ((encoder, one of those), ...)
+    encoder_weights: str | None | tuple[tuple[str, str | None], ...] = None
 
     def __post_init__(self) -> None:
         encoders = (self.encoders,) if isinstance(self.encoders, str) else tuple(self.encoders or ())
@@ -201,11 +212,22 @@ class ModelConfig:
             check_encoder(encoder)
         object.__setattr__(self, "encoders", encoders)
         weights = self.encoder_weights
-        weights = None if weights in (None, "", "none") else str(weights)
-        if weights not in (None, "imagenet") and not Path(weights).is_file():
-            raise IumaskError(f"--encoder-weights {weights}: file not found; give an existing file, 'imagenet' "
-                              "or 'none'")
+        if isinstance(weights, dict) or (isinstance(weights, tuple) and weights and isinstance(weights[0], tuple)):
+            table = dict(weights)
+            missing = [e for e in encoders if e not in table]
+            if missing:
+                raise IumaskError(f"--encoder-weights: no entry for {', '.join(missing)}; give every encoder "
+                                  "its weights (none, imagenet or a file)")
+            weights = tuple((e, _checked_weights(table[e])) for e in sorted(table))
+        else:
+            weights = _checked_weights(weights)
         object.__setattr__(self, "encoder_weights", weights)
+
+    def weights_for(self, encoder: str) -> str | None:
+        """The initialisation of the member with this encoder."""
+        if isinstance(self.encoder_weights, tuple):
+            return dict(self.encoder_weights)[encoder]
+        return self.encoder_weights
 
     @property
     def names(self) -> list[str]:

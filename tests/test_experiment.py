@@ -223,3 +223,54 @@ def test_evaluation_with_other_classes_is_refused_before_training(datasets, make
     iumask("experiment", spec, "--out", tmp_path / "out", expect=2)
     assert "not the training data's" in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "out" / "runs").exists()
+
+
+def test_each_encoder_gets_its_own_weights_file(datasets, tmp_path, cli, capsys):
+    """``encoder_weights`` as a table: every member (of the mask ensemble too) starts from its own
+    encoder's file; a file of the wrong encoder would not load, and a missing entry is refused."""
+    import torch
+
+    from iumask.models import build_model
+
+    files = {}
+    for encoder in ("mobilenet_v2", "resnet18"):
+        files[encoder] = tmp_path / f"{encoder}.pt"
+        torch.save(build_model(encoder, 10).encoder.state_dict(), files[encoder])
+    table = f'encoder_weights = {{ mobilenet_v2 = "mobilenet_v2.pt", resnet18 = "{files["resnet18"]}" }}\n'
+    text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
+    text = text.replace('[masks]\nencoders = ["mobilenet_v2"]', '[masks]\nencoders = ["mobilenet_v2", "resnet18"]')
+    text = table + text.format(data=datasets[0], shifted=datasets[1])
+    spec = tmp_path / "spec.toml"
+    spec.write_text(text)
+    cli("experiment", spec, "--out", tmp_path / "out")
+    for member, encoder in (("ensemble/resnet18", "resnet18"), ("ensemble/mobilenet_v2", "mobilenet_v2"),
+                            ("runs/iu/mobilenet_v2/seed-0/mobilenet_v2", "mobilenet_v2")):
+        manifest = json.loads((tmp_path / "out" / member / "manifest.json").read_text())
+        assert manifest["encoder_weights"] == str(files[encoder])
+        assert len(manifest["encoder_weights_sha256"]) == 64
+
+    spec.write_text(text.replace(', resnet18 = "', ', resnet50 = "'))
+    capsys.readouterr()
+    cli("experiment", spec, "--out", tmp_path / "again", expect=2)
+    assert "no entry for resnet18" in capsys.readouterr().err.replace("\n", "")
+
+
+def test_the_papers_spec_is_valid(tmp_path):
+    """examples/paper/acdc-cityscapes.toml parses into the paper's plan (its data and weights
+    replaced by empty stand-ins: only the spec is checked)."""
+    from iumask.experiment.spec import load_spec
+
+    source = Path(__file__).resolve().parents[1] / "examples" / "paper" / "acdc-cityscapes.toml"
+    for folder in ("data/acdc", "data/cityscapes", "weights"):
+        (tmp_path / folder).mkdir(parents=True)
+    for name in ("mobilenet_v2", "resnet50", "resnet101"):
+        (tmp_path / "weights" / f"{name}-imagenet.pt").write_bytes(b"")
+    (tmp_path / "spec.toml").write_text(source.read_text())
+    spec = load_spec(tmp_path / "spec.toml")
+    assert [a.name for a in spec.arms] == ["regular", "inverse", "iu", "iu-online"]
+    assert spec.seeds == (0, 1, 2, 3, 4) and spec.data.size == (768, 768) and spec.train.epochs == 60
+    assert [(e.name, e.data.format, e.split) for e in spec.evaluations] == [("acdc", "acdc", "val"),
+                                                                          ("cityscapes", "cityscapes", "val")]
+    assert spec.training_runs == 63
+    assert spec.model(("resnet50",)).weights_for("resnet50") == str(tmp_path / "weights" / "resnet50-imagenet.pt")
+    assert not spec.arm("regular").augment.enabled and spec.arm("iu").loss.exponent == 2.0

@@ -88,7 +88,7 @@ class ExperimentSpec:
     train: TrainConfig  # experiment-wide (arms may override)
     augment: AugmentConfig  # experiment-wide (arms may override); the mask ensemble's
     encoders: tuple[str, ...]
-    encoder_weights: str | None
+    encoder_weights: str | None | tuple  # as ModelConfig holds it (per encoder: pairs)
     seeds: tuple[int, ...]
     arms: tuple[Arm, ...]
     ensemble: MaskEnsemble
@@ -166,6 +166,13 @@ def _resolve(base: Path, value: str | None) -> Path | None:
     return path if path.is_absolute() else (base / path)
 
 
+def _weights_path(base: Path, value: Any) -> str | None:
+    """none / imagenet as they are; a file path relative to the spec."""
+    if value in (None, "", "none", "imagenet"):
+        return value
+    return str(_resolve(base, str(value)))
+
+
 def _train(table: _Table, values: dict, base: TrainConfig) -> TrainConfig:
     sub = _Table(table.file, table.child("train"), values, _fields_of(TrainConfig))
     return sub.build(replace, base, **sub.values)
@@ -214,9 +221,12 @@ def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
     augment = _augment(top, top.get("augment", {}), AugmentConfig())
     encoders = top.get("encoders", ["mobilenet_v2"])
     encoders = (encoders,) if isinstance(encoders, str) else tuple(encoders)
-    encoder_weights = _resolve(base, top.get("encoder_weights")) if top.get("encoder_weights") not in (
-        None, "none", "imagenet") else top.get("encoder_weights")
-    model = top.build(ModelConfig, encoders, None if encoder_weights is None else str(encoder_weights))
+    weights = top.get("encoder_weights")
+    if isinstance(weights, dict):  # one initialisation per encoder, e.g. local ImageNet state dicts
+        weights = {encoder: _weights_path(base, value) for encoder, value in weights.items()}
+    else:
+        weights = _weights_path(base, weights)
+    model = top.build(ModelConfig, encoders, weights)
     if len(set(model.encoders)) != len(model.encoders):
         top.fail(f"encoders {list(encoders)}: list each encoder once (seeds give the repeats)")
 
@@ -307,7 +317,7 @@ def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskC
     if iu == "online":
         default = ensemble.model.encoders if ensemble.model is not None else model.encoders
         online_encoders = tuple(table.get("online_encoders", default))
-        table.build(ModelConfig, online_encoders)
+        table.build(ModelConfig, online_encoders, model.encoder_weights)
         missing = [e for e in model.encoders if e not in online_encoders]
         if missing:
             table.fail(f"online_encoders {list(online_encoders)} must include the experiment's encoders "

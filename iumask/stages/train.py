@@ -146,13 +146,24 @@ def class_weight_values(folder: PairedDataset, method: str, fingerprint: str) ->
 
 
 def _start(model: ModelConfig, train: TrainConfig, device: str,
-           tensorboard: bool = False) -> tuple[torch.device, TrainConfig, dict]:
-    """Join the process group (torchrun), settle the precision, hash a local encoder-weights file;
-    with ``tensorboard`` check first that the package is installed."""
+           tensorboard: bool = False) -> tuple[torch.device, TrainConfig]:
+    """Join the process group (torchrun) and settle the precision; with ``tensorboard`` check
+    first that the package is installed."""
     if tensorboard:
         require_tensorboard()
     dev = distributed.init(resolve_device(device))
-    return dev, resolve_amp(train, dev), encoder_weights_identity(model.encoder_weights)
+    return dev, resolve_amp(train, dev)
+
+
+def _weights_identity(model: ModelConfig) -> dict:
+    """What the manifests of jointly trained members record of their initialisation: the value
+    (and a local file's SHA-256), per encoder when each has its own."""
+    if not isinstance(model.encoder_weights, tuple):
+        return {"encoder_weights": model.encoder_weights, **encoder_weights_identity(model.encoder_weights)}
+    table = {e: model.weights_for(e) for e in model.encoders}
+    return {"encoder_weights": table,
+            "encoder_weights_sha256": {e: encoder_weights_identity(w).get("encoder_weights_sha256")
+                                       for e, w in table.items()}}
 
 
 # ----------------------------------------------------------------------------- baseline and weighted
@@ -162,7 +173,7 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
                    loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
                    masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False) -> Path:
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
-    dev, train, weights_identity = _start(model, train, device, tensorboard)
+    dev, train = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
     classes = inputs.classes
     check_writable(out)
@@ -172,16 +183,16 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
         folder = out / name
         member_train = replace(train, seed=train.seed + index)
         identity = artifact_identity(
-            stage, architecture=ARCHITECTURE, encoder=encoder, encoder_weights=model.encoder_weights,
+            stage, architecture=ARCHITECTURE, encoder=encoder, encoder_weights=model.weights_for(encoder),
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
-            **weights_identity, **(extra_identity or {}))
+            **encoder_weights_identity(model.weights_for(encoder)), **(extra_identity or {}))
         if not member_needs_training(folder, identity, overwrite, warn):
             console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
             continue
         keep_foreign_checkpoint(folder / CHECKPOINT_FILE, identity, overwrite)
         seed_everything(member_train.seed)  # the initial weights depend on the seed only
-        net = build_model(encoder, classes.num_classes, model.encoder_weights)
+        net = build_model(encoder, classes.num_classes, model.weights_for(encoder))
 
         def loss_of_batch(logits, batch):
             return loss_fn(logits, batch["label"], batch.get("iu"))
@@ -256,15 +267,15 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         raise IumaskError("--source: online training uses its members as the ensemble; --source mc-dropout "
                           "applies to make-masks")
     out = Path(out)
-    dev, train, weights_identity = _start(model, train, device, tensorboard)
+    dev, train = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, valid_mask=True)
     classes = inputs.classes
     names = model.names
     identity = artifact_identity(
         ONLINE_STAGE, architecture=ARCHITECTURE, members=names, encoders=list(model.encoders),
-        encoder_weights=model.encoder_weights, classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint,
+        classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint,
         data=data, train_options=train, loss=inputs.loss, augmentation=inputs.augmentation, online_masks=masks,
-        world_size=distributed.world_size(), **weights_identity)
+        world_size=distributed.world_size(), **_weights_identity(model))
     check_writable(out)
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
@@ -279,7 +290,7 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         nets = []
         for k, encoder in enumerate(model.encoders):
             seed_everything(train.seed + k)  # member k's initialisation
-            nets.append(build_model(encoder, classes.num_classes, model.encoder_weights))
+            nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder)))
         precision = Precision(train.amp, dev)
         total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
         members = [make_member(name, net, encoder, train, dev, total_steps, precision)
