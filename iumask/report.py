@@ -558,3 +558,19 @@ def _difference(a, b):
 def _class_value(get: Callable[[str], object], c: int):
     values = get("iou")
     return values[c] if isinstance(values, list) else None
+
+
+def print_plan(steps: list[tuple[str, str, str]], training_runs: int, out: Path) -> None:
+    """``iumask experiment --dry-run``: every step with its status, then the counts."""
+    table = Table(title=f"experiment plan: {out}")
+    for name in ("step", "what", "status"):
+        table.add_column(name)
+    for step, what, status in steps:
+        colour = "green" if status == "done" else ("yellow" if status.startswith("partial") else "white")
+        table.add_row(step, what, f"[{colour}]{status}[/{colour}]")
+    Console(width=max(Console().width, 110)).print(table)
+    trainings = [s for s in steps if s[0] == "train"]
+    done = sum(s[2] == "done" for s in trainings)
+    evaluations = sum(s[0] == "evaluate" and s[2] != "done" for s in steps)
+    Console().print(f"{training_runs} models trained in {len(trainings)} training runs: {done} done, "
+                    f"{len(trainings) - done} to go; {evaluations} evaluations to go", highlight=False)

@@ -274,3 +274,41 @@ def test_the_papers_spec_is_valid(tmp_path):
     assert spec.training_runs == 63
     assert spec.model(("resnet50",)).weights_for("resnet50") == str(tmp_path / "weights" / "resnet50-imagenet.pt")
     assert not spec.arm("regular").augment.enabled and spec.arm("iu").loss.exponent == 2.0
+
+
+def test_experiment_under_torchrun(datasets, tmp_path):
+    """Two Gloo processes: every training is data-parallel (world size 2 in the manifests), the
+    masks are shared out, and rank 0 alone evaluates and writes the report."""
+    from test_engine import torchrun
+
+    text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
+    spec = write_spec(tmp_path, datasets, text=text.replace("batch_size = 4", "batch_size = 2"))
+    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu")
+    assert result.stdout.count("per-class IoU, mean ± std") == 1
+    for member in ("ensemble/mobilenet_v2", "runs/regular/mobilenet_v2/seed-0/mobilenet_v2",
+                   "runs/iu/mobilenet_v2/seed-0/mobilenet_v2"):
+        assert json.loads((tmp_path / "out" / member / "manifest.json").read_text())["world_size"] == 2
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert {(r["arm"], r["dataset"]) for r in rows} == {(a, d) for a in ("regular", "iu")
+                                                         for d in ("train-data", "shifted")}
+
+
+def test_masks_from_a_given_model_with_mc_dropout(datasets, straight, tmp_path, cli, capsys):
+    """``[masks] path`` + ``source = "mc-dropout"``: no ensemble is trained; the store's masks come
+    from the given model's dropout passes."""
+    from iumask.store import MaskStore
+
+    text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
+    given = straight / "ensemble" / "mobilenet_v2"
+    text = text.replace('[masks]\nencoders = ["mobilenet_v2"]\nseed = 50',
+                        f'[masks]\npath = "{given}"\nsource = "mc-dropout"\npasses = 2')
+    spec = write_spec(tmp_path, datasets, text=text)
+    capsys.readouterr()
+    cli("experiment", spec, "--out", tmp_path / "out", "--dry-run")
+    plan = capsys.readouterr().out
+    assert "mask ensemble" not in plan and "2 models trained in 2 training runs" in plan
+    cli("experiment", spec, "--out", tmp_path / "out")
+    assert not (tmp_path / "out" / "ensemble").exists()
+    options = MaskStore.open(tmp_path / "out" / "masks" / "prediction-c8.zarr").identity["options"]
+    assert options["source"] == "mc-dropout" and options["passes"] == 2
+    assert (tmp_path / "out" / "figures" / "masks.png").is_file()

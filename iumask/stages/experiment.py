@@ -96,14 +96,15 @@ class Experiment:
         return (self.out / "evaluations" / run.arm.name / run.encoder / f"seed-{run.seed}"
                 / f"{evaluation.name}-{evaluation.split}.json")
 
-    def trainings(self) -> list[tuple[Arm, int, Path]]:
-        """(arm, seed, folder) of each training call, in order (an online arm trains once per seed)."""
+    def trainings(self) -> list[tuple[Arm, int, Path, tuple[str, ...]]]:
+        """(arm, seed, folder, encoders) of each training, in order: one encoder, or an online
+        arm's members (trained once per seed for all of the experiment's encoders)."""
         seen, out = set(), []
         for run in self.runs:
-            key = (run.arm.name, run.seed, run.folder)
-            if key not in seen:
-                seen.add(key)
-                out.append((run.arm, run.seed, run.folder))
+            if run.folder not in seen:
+                seen.add(run.folder)
+                encoders = run.arm.online_encoders if run.arm.iu == "online" else (run.encoder,)
+                out.append((run.arm, run.seed, run.folder, encoders))
         return out
 
     # ------------------------------------------------------------------------- checks
@@ -141,8 +142,7 @@ class Experiment:
                           _training_status(self.ensemble_path.parent, e.names)))
         for name in self.stores():
             steps.append(("make-masks", f"masks/{name}", _store_status(self.out / "masks" / name)))
-        for arm, seed, folder in self.trainings():
-            encoders = arm.online_encoders if arm.iu == "online" else (folder.parent.name,)
+        for arm, seed, folder, encoders in self.trainings():
             names = self.spec.model(encoders).names
             what = f"{arm.name} {'online ' + ', '.join(encoders) if arm.iu == 'online' else encoders[0]} seed {seed}"
             steps.append(("train", what, _training_status(folder, names)))
@@ -179,9 +179,9 @@ class Experiment:
         for name, masks in self.stores().items():
             rule(f"make-masks {name}")
             make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
-        for arm, seed, folder in trainings:
-            rule(f"{arm.name} {folder.parent.name if arm.iu != 'online' else 'online'} seed {seed}")
-            self._train(arm, seed, folder, common)
+        for arm, seed, folder, encoders in trainings:
+            rule(f"{arm.name} {('online ' if arm.iu == 'online' else '') + ', '.join(encoders)} seed {seed}")
+            self._train(arm, seed, folder, encoders, common)
         if not distributed.is_main():
             return None
         rows, results = [], {}
@@ -196,17 +196,17 @@ class Experiment:
         summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         return summary
 
-    def _train(self, arm: Arm, seed: int, folder: Path, common: dict) -> None:
+    def _train(self, arm: Arm, seed: int, folder: Path, encoders: tuple[str, ...], common: dict) -> None:
         spec = self.spec
         train = replace(arm.train, seed=seed)
         if arm.iu == "none":
-            train_baseline(spec.data, spec.model((folder.parent.name,)), train, arm.loss, arm.augment, folder,
+            train_baseline(spec.data, spec.model(encoders), train, arm.loss, arm.augment, folder,
                            **common)
         elif arm.iu == "offline":
-            train_weighted(spec.data, spec.model((folder.parent.name,)), train, arm.loss, arm.augment,
+            train_weighted(spec.data, spec.model(encoders), train, arm.loss, arm.augment,
                            self.out / "masks" / store_name(arm.masks), folder, **common)
         else:
-            train_online(spec.data, spec.model(arm.online_encoders), train, arm.loss, arm.augment, arm.masks, folder,
+            train_online(spec.data, spec.model(encoders), train, arm.loss, arm.augment, arm.masks, folder,
                          **common)
 
     def report(self, rows: list[dict], results: dict, classes: list[str]) -> dict:
