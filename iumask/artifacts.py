@@ -230,6 +230,20 @@ def resolve_models(path: Path) -> list[Path]:
     raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
 
 
+# Training options that manifests and checkpoints of earlier versions recorded in their identity,
+# since found not to change the result (iumask.config.RUNTIME_OPTIONS): ignored when comparing.
+RETIRED_TRAIN_OPTIONS = ("num_workers",)
+
+
+def comparable_identity(stored: dict) -> dict:
+    """A stored identity without the training options that no longer count (an artifact made
+    with ``--workers 0`` by an earlier version stays a cache hit and resumes)."""
+    options = stored.get("train_options")
+    if not isinstance(options, dict) or not any(k in options for k in RETIRED_TRAIN_OPTIONS):
+        return stored
+    return dict(stored, train_options={k: v for k, v in options.items() if k not in RETIRED_TRAIN_OPTIONS})
+
+
 def mismatch_keys(stored: dict, given: dict) -> list[str]:
     return sorted(k for k in set(stored) | set(given) if stored.get(k) != given.get(k))
 
@@ -244,7 +258,7 @@ def member_needs_training(folder: Path, identity: dict, overwrite: bool, warn) -
     manifest_path = folder / MANIFEST_FILE
     if manifest_path.is_file():
         manifest = read_json(manifest_path, "model manifest")
-        stored = {k: manifest.get(k) for k in identity}
+        stored = comparable_identity({k: manifest.get(k) for k in identity})
         if stored == identity and manifest.get("complete"):
             problem = weights_problem(folder, manifest)
             if problem is None:

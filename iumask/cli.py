@@ -81,7 +81,9 @@ BackboneLr = Annotated[float, typer.Option(help="Encoder learning rate = lr × t
 WeightDecay = Annotated[float, typer.Option(help="Adam weight decay.")]
 Seed = Annotated[int, typer.Option(help="Random seed; member k uses seed + k.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Workers = Annotated[int, typer.Option(help="Data-loader worker processes.")]
+Workers = Annotated[str, typer.Option(help="Data-loader worker processes: auto (the CPUs of this process, per "
+                                       "torchrun rank, less 2 for the main process; at most 8; 0 on 2 CPUs) or a "
+                                       "number (0: load in the main process). Does not change results.")]
 EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none, imagenet (downloads; needs "
                                              "internet) or the path of a local encoder state dict.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping "
@@ -99,8 +101,8 @@ Normalize = Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..
 CheckpointEvery = Annotated[int, typer.Option(help="Write checkpoint.pt every N optimizer steps as well as at "
                                               "each epoch end (0: epoch ends only). A rerun resumes exactly "
                                               "from it; N does not change the result.")]
-AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision on CUDA (fp16 with gradient scaling). "
-                                     "Ignored with a warning on CPU.")]
+AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA, with "
+                                     "gradient scaling when training; on a CPU it is ignored with a warning).")]
 SourceOpt = Annotated[UncertaintyKind, typer.Option("--source", help="Where p̄ comes from: the ensemble's mean "
                                                     "softmax, or one model with MC dropout (--passes passes).")]
 Passes = Annotated[int, typer.Option(help="MC dropout: stochastic forward passes per image (cost: T × one "
@@ -163,7 +165,7 @@ MODEL = OptionGroup("model", (("encoder", Encoders, None), ("encoder_weights", E
                                                                  encoder_weights))
 TRAINING = OptionGroup("train", (
     ("epochs", Epochs, 60), ("batch_size", BatchSize, 2), ("lr", Lr, None), ("backbone_lr_factor", BackboneLr, 0.1),
-    ("weight_decay", WeightDecay, 1e-4), ("seed", Seed, 0), ("workers", Workers, 0),
+    ("weight_decay", WeightDecay, 1e-4), ("seed", Seed, 0), ("workers", Workers, "auto"),
     ("checkpoint_every", CheckpointEvery, 500), ("amp", AmpOpt, Amp.OFF)), train_config)
 AUGMENTATION = OptionGroup("augment", (
     ("augment", Augment, True), ("scale", Scale, "0.5,2.0"), ("crop", Crop, None), ("flip", Flip, True),
@@ -244,12 +246,17 @@ def make_masks(
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     overwrite: Overwrite = False,
+    workers: Workers = "auto",
+    amp: AmpOpt = Amp.OFF,
 ):
     """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
-    store. An interrupted run resumes; a finished store with the same inputs is a cache hit."""
+    store. An interrupted run resumes; a finished store with the same inputs is a cache hit. Images
+    are decoded in loader workers and their IU and store writes run in background threads while
+    the next batch is on the device."""
     from iumask.stages.masks import make_masks as stage
 
-    masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size)
+    masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size, num_workers=workers,
+                       amp=amp)
     data_options = data_config(data, None, format, conditions, train_split=split)
     check_writable(store.parent)
     result = stage(ensemble, data_options, masks, store, device, overwrite)
@@ -318,13 +325,15 @@ def evaluate(
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     device: Device = "auto",
+    workers: Workers = "auto",
+    amp: AmpOpt = Amp.OFF,
 ):
     """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
     the same class names evaluates domain shift)."""
     from iumask.stages.evaluate import evaluate as stage
     from iumask.stages.evaluate import merge_results, write_results
 
-    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference)
+    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp)
     data_options = data_config(data, None, format, conditions)
     # Refuse a foreign --output file, or one over other classes, before any work.
     merge_results(output, [], classes=list(data_options.open(split).classes.names))
@@ -356,7 +365,7 @@ def predict(
                                               "OUT/arrays.zarr (the mask store's layout).")] = False,
     batch_size: Annotated[int, typer.Option(help="Images per batch (images of one size are batched "
                                             "together).")] = 4,
-    workers: Workers = 0,
+    workers: Workers = "auto",
     device: Device = "auto",
     amp: AmpOpt = Amp.OFF,
     overwrite: Annotated[bool, typer.Option(help="Predict every image again, even those whose outputs "

@@ -93,6 +93,19 @@ def _checked_size(size, option: str) -> tuple[int, int] | None:
     return h, w
 
 
+def checked_workers(value: Any, option: str = "--workers") -> int | str:
+    """``auto`` or an integer >= 0 (data-loader worker processes)."""
+    if value == "auto":
+        return value
+    try:
+        number = int(value)
+    except (TypeError, ValueError):
+        number = -1
+    if isinstance(value, bool) or number < 0 or (isinstance(value, float) and value != number):
+        raise IumaskError(f"{option} must be auto or an integer >= 0, got {value!r}")
+    return number
+
+
 def _at_least(value, low, option: str, what: str = "") -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < low:
         raise IumaskError(f"{option} must be {what or f'a number >= {low}'}, got {value!r}")
@@ -250,15 +263,15 @@ class TrainConfig:
     weight_decay: float = 1e-4
     poly_power: float = 0.9
     seed: int = 0
-    num_workers: int = 0
-    amp: str = "off"  # off, bf16 or fp16 autocast (CUDA only; see iumask.engine.resolve_amp)
+    num_workers: int | str = "auto"  # data-loader processes; "auto": iumask.overlap.resolve_workers
+    amp: str = "off"  # off, bf16 (CPU or CUDA) or fp16 (CUDA) autocast; see iumask.engine.usable_amp
     # Steps between mid-epoch checkpoints (0: only at epoch ends). Not part of the result's
     # identity: resuming is exact wherever the checkpoint was taken.
     checkpoint_every: int = 500
 
     def __post_init__(self) -> None:
-        for name, low in (("epochs", 1), ("batch_size", 1), ("num_workers", 0), ("checkpoint_every", 0),
-                          ("seed", 0)):
+        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
+        for name, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0), ("seed", 0)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 option = "--workers" if name == "num_workers" else f"--{name.replace('_', '-')}"
@@ -282,8 +295,9 @@ class TrainConfig:
         return {k: v for k, v in asdict(self).items() if k not in RUNTIME_OPTIONS}
 
 
-# TrainConfig fields that do not change the result.
-RUNTIME_OPTIONS = ("checkpoint_every",)
+# TrainConfig fields that do not change the result: checkpoints resume exactly, and every sample's
+# augmentation depends on (seed, epoch, index) only, whichever loader process draws it.
+RUNTIME_OPTIONS = ("checkpoint_every", "num_workers")
 
 
 @dataclass(frozen=True)
@@ -318,22 +332,34 @@ class MaskConfig:
     source: str = "ensemble"
     passes: int = 8  # MC dropout: stochastic forward passes per image
     batch_size: int = 4
+    # How the work is spread (not part of the masks' identity): data-loader processes ("auto" or
+    # a number), background threads for IU and writes (None: 1 or 2 by CPUs; 0: serial).
+    num_workers: int | str = "auto"
+    threads: int | None = None
+    amp: str = "off"  # inference autocast: bf16 (CPU or CUDA) or fp16 (CUDA); changes the masks slightly
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
         object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
         object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
+        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
+        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
         for name, low in (("passes", 2), ("batch_size", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise IumaskError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
+        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
+                                         or self.threads < 0):
+            raise IumaskError(f"threads must be an integer >= 0 or None, got {self.threads!r}")
 
     def identity(self) -> dict:
-        """The mask options a store records (the source only when it is not the default ensemble,
-        so stores of earlier versions keep their identity)."""
+        """The mask options a store records (the source and the precision only when they are not
+        the defaults, so stores of earlier versions keep their identity)."""
         out = {"connectivity": self.connectivity, "instances_from": self.instances_from, "normalize": self.normalize}
         if self.source != UncertaintyKind.ENSEMBLE.value:
             out.update(source=self.source, passes=self.passes)
+        if self.amp != "off":
+            out.update(amp=self.amp)
         return out
 
 
@@ -347,8 +373,12 @@ class EvalConfig:
     pavpu_stride: int | None = None  # None: the window (non-overlapping patches)
     resolution: str = "native"
     inference: str = "resize"
+    num_workers: int | str = "auto"  # data-loader processes (not part of the results' identity)
+    amp: str = "off"  # inference autocast (bf16 on CPU or CUDA, fp16 on CUDA)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
+        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
         for name in ("pavpu_window", "pavpu_stride"):
             value = getattr(self, name)
             if value is None and name == "pavpu_stride":
@@ -361,7 +391,12 @@ class EvalConfig:
         object.__setattr__(self, "inference", choice(Inference, self.inference, "--inference"))
 
     def identity(self) -> dict:
-        return asdict(self)
+        """What the results depend on (the precision only when not the default float32, so
+        results files of earlier versions stay cache hits)."""
+        out = {k: v for k, v in asdict(self).items() if k not in ("num_workers", "amp")}
+        if self.amp != "off":
+            out["amp"] = self.amp
+        return out
 
 
 @dataclass(frozen=True)
@@ -374,7 +409,7 @@ class PredictConfig:
     passes: int = 8
     inference: str = "resize"
     batch_size: int = 4
-    num_workers: int = 0
+    num_workers: int | str = "auto"
     save_arrays: bool = False
     overwrite: bool = False
     connectivity: int = 8
@@ -385,8 +420,8 @@ class PredictConfig:
         object.__setattr__(self, "inference", choice(Inference, self.inference, "--inference"))
         object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
         object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
-        for name, low, option in (("passes", 2, "--passes"), ("batch_size", 1, "--batch-size"),
-                                  ("num_workers", 0, "--workers")):
+        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
+        for name, low, option in (("passes", 2, "--passes"), ("batch_size", 1, "--batch-size")):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise IumaskError(f"{option} must be an integer >= {low}, got {value!r}")
@@ -397,6 +432,8 @@ class PredictConfig:
                "inference": self.inference}
         if self.source != UncertaintyKind.ENSEMBLE.value:
             out.update(source=self.source, passes=self.passes)
+        if self.amp != "off":
+            out.update(amp=self.amp)
         return out
 
 

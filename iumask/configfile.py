@@ -193,6 +193,8 @@ def _option_keys(command: Any) -> dict[str, Any]:
 
 def _param_kind(param: Any) -> tuple[str | None, bool]:
     """The TOML kind a parameter's values must have and whether it takes an array."""
+    if getattr(param, "name", None) == "workers":  # "auto" or a number: a string option that takes both
+        return "choice", False
     descriptor = getattr(param, "type_descriptor", None)
     if descriptor is not None:  # recent typer (its own click): the parameter's Python annotation
         annotation, is_list = descriptor.annotation, False

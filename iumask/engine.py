@@ -24,9 +24,9 @@ trained with a given loss (docs/method.md §4, §9).
   seconds), saved in the checkpoint, and hands the records to an ``on_epoch`` callback on rank 0
   after every epoch and once at a resume, so a log written from them (``metrics.csv``) always
   matches the checkpointed state: rows written before a kill are rewritten, never duplicated.
-* **Precision.** ``amp``: ``off``, ``bf16`` or ``fp16`` autocast on CUDA (fp16 with a gradient
-  scaler); on CPU it is switched off with a warning (:func:`resolve_amp`) and the manifest
-  records ``off``.
+* **Precision.** ``amp``: ``off``, ``bf16`` autocast (CUDA and CPU) or ``fp16`` autocast (CUDA,
+  with a gradient scaler); fp16 on a CPU is switched off with a warning (:func:`usable_amp`) and
+  the manifest records ``off``.
 """
 
 from __future__ import annotations
@@ -44,12 +44,14 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, atomic_write, mismatch_keys
+from iumask.artifacts import CHECKPOINT_FILE, atomic_write, comparable_identity, mismatch_keys
 from iumask.config import TrainConfig
 from iumask.core import SegmentationMetrics, mean_softmax
 from iumask.errors import IumaskError
 from iumask.models import predict_logits
+from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
+from iumask.transfer import class_id_dtype, host_tensor, to_device
 
 CHECKPOINT_FORMAT = 2
 AMP_MODES = ("off", "bf16", "fp16")
@@ -107,15 +109,12 @@ class EpochBatchSampler(Sampler[list[int]]):
                 yield chunk[self.rank * self.batch_size:(self.rank + 1) * self.batch_size]
 
 
-def _loader(dataset, device: torch.device, num_workers: int, **kwargs) -> DataLoader:
+def _loader(dataset, device: torch.device, num_workers: int | str, **kwargs) -> DataLoader:
     # An own generator: the loader must not draw from the global RNG (dropout's), or a resumed
-    # run would see other dropout masks than an uninterrupted one.
-    return DataLoader(dataset, num_workers=num_workers, pin_memory=device.type == "cuda",
-                      generator=torch.Generator(), **kwargs)
-
-
-def to_device(batch: dict, device: torch.device) -> dict:
-    return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+    # run would see other dropout masks than an uninterrupted one. Samples do not depend on the
+    # worker that loads them (augmentation draws from (seed, epoch, index)).
+    return DataLoader(dataset, num_workers=resolve_workers(num_workers, distributed.world_size()),
+                      pin_memory=device.type == "cuda", generator=torch.Generator(), **kwargs)
 
 
 # ----------------------------------------------------------------------------- device, seeds, optimizer
@@ -167,25 +166,34 @@ def poly_schedule(optimizer, total_steps: int, power: float):
 
 
 def resolve_amp(options: TrainConfig, device: torch.device) -> TrainConfig:
-    """``options`` with the mixed precision that will really be used on ``device``: AMP needs CUDA;
-    on CPU it is switched off with a warning (so one config serves GPU and CPU machines)."""
-    amp = options.amp
+    """``options`` with the mixed precision that will really be used on ``device``
+    (:func:`usable_amp`)."""
+    amp = usable_amp(options.amp, device)
+    return options if amp == options.amp else dataclasses.replace(options, amp=amp)
+
+
+def usable_amp(amp: str, device: torch.device) -> str:
+    """The autocast mode that runs on ``device``: bf16 on CUDA (if the GPU has it) and on the CPU
+    (torch's CPU autocast), fp16 on CUDA only: on the CPU it is switched off with a warning (so
+    one config serves GPU and CPU machines)."""
     if amp not in AMP_MODES:
         raise IumaskError(f"--amp must be one of {', '.join(AMP_MODES)}, got {amp!r}")
-    if amp != "off" and torch.device(device).type != "cuda":
-        warn(f"--amp {amp} needs a CUDA device; training on {torch.device(device).type} in float32")
-        return dataclasses.replace(options, amp="off")
-    if amp == "bf16" and not torch.cuda.is_bf16_supported():
+    kind = torch.device(device).type
+    if amp == "fp16" and kind != "cuda":
+        warn(f"--amp fp16 needs a CUDA device; running on {kind} in float32 (--amp bf16 works on the CPU)")
+        return "off"
+    if amp == "bf16" and kind == "cuda" and not torch.cuda.is_bf16_supported():
         raise IumaskError("--amp bf16: this GPU does not support bfloat16; use --amp fp16")
-    return options
+    return amp
 
 
 class Precision:
-    """Autocast and gradient scaling for one AMP mode (see :func:`resolve_amp`)."""
+    """Autocast and gradient scaling for one AMP mode (see :func:`usable_amp`): fp16 with gradient
+    scaling on CUDA, bf16 without."""
 
     def __init__(self, amp: str, device: torch.device):
         self.device_type = torch.device(device).type
-        self.enabled = amp != "off" and self.device_type == "cuda"
+        self.enabled = amp == "bf16" or (amp == "fp16" and self.device_type == "cuda")
         self.dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         self.scaled = self.enabled and self.dtype == torch.float16
 
@@ -299,7 +307,7 @@ def load_checkpoint(path: Path, identity: dict) -> dict | None:
     except Exception as exc:  # truncated or foreign file: start over rather than fail
         warn(f"{path} is unreadable ({exc.__class__.__name__}); starting over")
         return None
-    if (state.get("format") != CHECKPOINT_FORMAT or state.get("identity") != identity
+    if (state.get("format") != CHECKPOINT_FORMAT or comparable_identity(state.get("identity") or {}) != identity
             or state.get("world_size") != distributed.world_size()):
         return None
     return state
@@ -315,7 +323,7 @@ def keep_foreign_checkpoint(path: Path, identity: dict, overwrite: bool) -> None
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: load_checkpoint warns and starts over
         return
-    stored = dict(state.get("identity") or {}, world_size=state.get("world_size"))
+    stored = dict(comparable_identity(state.get("identity") or {}), world_size=state.get("world_size"))
     given = dict(identity, world_size=distributed.world_size())
     differ = mismatch_keys(stored, given)
     if differ:
@@ -365,13 +373,14 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
     # Validation images of several sizes (no --size) go one at a time.
     batch_size = options.batch_size if val_set.uniform_shape() else 1
     for batch in _loader(subset, device, options.num_workers, batch_size=batch_size):
-        images = batch["image"].to(device, non_blocking=True)
+        images = to_device(batch["image"], device)
         with precision.autocast():
             logits = [predict_logits(model, images) for model in models]
+        ids = class_id_dtype(num_classes)
         for m, member_logits in zip(metrics, logits):
-            m.update(member_logits.argmax(1).cpu(), batch["label"])
+            m.update(host_tensor(member_logits.argmax(1), ids), batch["label"])
         if len(models) > 1:
-            metrics[-1].update(mean_softmax(logits).argmax(1).cpu(), batch["label"])
+            metrics[-1].update(host_tensor(mean_softmax(logits).argmax(1), ids), batch["label"])
     for m in metrics:
         distributed.all_reduce_sum(m.confusion)
     scores = [m.compute() for m in metrics]

@@ -380,21 +380,24 @@ def test_unused_parameters_are_found_without_side_effects():
 # ----------------------------------------------------------------------------- precision
 
 
-def test_amp_on_cpu_is_switched_off_with_a_warning(capsys):
+def test_fp16_on_cpu_is_switched_off_with_a_warning_and_bf16_runs(capsys):
     options = TrainOptions(amp="fp16")
     assert resolve_amp(options, torch.device("cpu")).amp == "off"
     assert "needs a CUDA device" in capsys.readouterr().err
-    assert resolve_amp(TrainOptions(amp="bf16"), torch.device("cpu")).amp == "off"
+    assert resolve_amp(TrainOptions(amp="bf16"), torch.device("cpu")).amp == "bf16"  # torch's CPU autocast
     from iumask.errors import IumaskError
 
     with pytest.raises(IumaskError, match="--amp"):
         resolve_amp(TrainOptions(amp="fp8"), torch.device("cpu"))
-    # The CUDA code path with autocast and the scaler disabled is the CPU path.
-    for amp in ("off", "bf16", "fp16"):
-        precision = Precision(amp, torch.device("cpu"))
+    for amp in ("off", "fp16"):  # what resolve_amp leaves on a CPU: float32
+        precision = Precision(resolve_amp(TrainOptions(amp=amp), torch.device("cpu")).amp, torch.device("cpu"))
         assert not precision.enabled and not precision.scaler().is_enabled()
         with precision.autocast():
             assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.float32
+    bf16 = Precision("bf16", torch.device("cpu"))
+    assert bf16.enabled and not bf16.scaled and not bf16.scaler().is_enabled()
+    with bf16.autocast():
+        assert torch.ones(2, 2).matmul(torch.ones(2, 2)).dtype == torch.bfloat16
     cuda = Precision("fp16", torch.device("cuda"))
     assert cuda.enabled and cuda.scaled and cuda.dtype == torch.float16
     assert Precision("bf16", torch.device("cuda")).scaled is False

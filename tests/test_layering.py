@@ -24,7 +24,7 @@ LAYERS = [
     ["iumask.store", "iumask.stats", "iumask.models", "iumask.distributed", "iumask.data.synthetic"],
     ["iumask.data.formats"],
     ["iumask.data.augment", "iumask.data.folder"],
-    ["iumask.artifacts", "iumask.progress"],
+    ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
     ["iumask.core.instances", "iumask.core.loss", "iumask.core.metrics", "iumask.core.entropy"],
     ["iumask.errors"],
 ]

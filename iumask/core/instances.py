@@ -36,6 +36,7 @@ from __future__ import annotations
 import functools
 import math
 import threading
+from typing import Callable
 
 import cv2
 import numpy as np
@@ -416,9 +417,12 @@ def instance_uncertainty_batch(
     num_classes: int,
     connectivity: int = 8,
     ignore_index: int = 255,
+    map_fn: Callable = map,
 ) -> torch.Tensor:
     """Batched :func:`instance_uncertainty` for ``(B, H, W)`` tensors (online training calls it
-    every step). Returns a float32 ``(B, H, W)`` tensor on ``entropy``'s device, no gradient."""
+    every step). Returns a float32 ``(B, H, W)`` tensor on ``entropy``'s device, no gradient.
+    ``map_fn`` maps the per-image function over the images: e.g. a thread pool's ``map`` to do the
+    images in parallel (OpenCV and numpy release the GIL); the result is the same."""
     if segmentation.shape != entropy.shape or segmentation.ndim != 3:
         raise ValueError(
             f"segmentation and entropy must both be (B, H, W), got {tuple(segmentation.shape)} "
@@ -429,5 +433,5 @@ def instance_uncertainty_batch(
         seg = seg.to(torch.uint8)  # argmax maps are int64; uint8 takes the fast cv2 paths
     seg = seg.cpu().numpy()
     ent = entropy.detach().float().cpu().numpy()
-    maps = [instance_uncertainty(s, e, num_classes, connectivity, ignore_index) for s, e in zip(seg, ent)]
+    maps = list(map_fn(lambda s, e: instance_uncertainty(s, e, num_classes, connectivity, ignore_index), seg, ent))
     return torch.from_numpy(np.stack(maps)).to(entropy.device)

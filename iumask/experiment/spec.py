@@ -39,7 +39,7 @@ ARM_KEYS = ("name", "iu", "exponent", "class_weights", "instances_from", "connec
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "seeds", "masks", "evaluation",
             "evaluations", "arms", "reference", "rare_classes", "device")
 MASK_KEYS = ("encoders", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
-             "batch_size", "train")
+             "batch_size", "num_workers", "amp", "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -242,7 +242,7 @@ def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
     mask_values = top.get("masks", {})
     mask_table = _Table(path, "masks", mask_values, MASK_KEYS)
     mask_options = {k: mask_values[k] for k in ("source", "passes", "instances_from", "connectivity", "normalize",
-                                                 "batch_size") if k in mask_values}
+                                                 "batch_size", "num_workers", "amp") if k in mask_values}
     masks = mask_table.build(MaskConfig, **mask_options)
     mask_path = _resolve(base, mask_values.get("path"))
     if mask_path is not None and not mask_path.exists():

@@ -29,9 +29,11 @@ from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics, pixel_entropy
 from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
-from iumask.engine import resolve_device
+from iumask.engine import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError
+from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
+from iumask.transfer import class_id_dtype, host_tensor, to_device
 from iumask.uncertainty import UncertaintySource, check_models, load_source
 
 # What tells results apart in a results file: evaluating the same model on the same data, split
@@ -41,23 +43,31 @@ RESULT_KEY = ("path", "data", "split", "resolution", "inference")
 
 @torch.no_grad()
 def predict_split(source: UncertaintySource, dataset: SegmentationDataset, device: torch.device, label: str,
-                  metrics: SegmentationMetrics | None, inference: str = "resize") -> float:
-    """Run ``source`` over a dataset; feed ``metrics``; return the mean pixel entropy."""
+                  metrics: SegmentationMetrics | None, inference: str = "resize", workers: int | str = 0,
+                  amp: str = "off") -> float:
+    """Run ``source`` over a dataset (``workers`` loader processes, ``amp`` autocast); feed
+    ``metrics``; return the mean pixel entropy."""
+    precision = Precision(usable_amp(amp, device), device)
     total, pixels = 0.0, 0
-    loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1)
+    loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1,
+                        num_workers=resolve_workers(workers), pin_memory=device.type == "cuda")
     with progress_bar() as progress:
         task = progress.add_task(label, total=len(dataset), info="")
         for batch in loader:
-            probs = source.probs(batch["image"].to(device), inference)
-            entropy = pixel_entropy(probs).cpu()
+            with precision.autocast():
+                probs = source.probs(to_device(batch["image"], device), inference)
+            probs = probs.float()
+            entropy = host_tensor(pixel_entropy(probs))
             total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
-            if metrics is not None:
-                metrics.update(probs.argmax(1).cpu(), batch["label"], entropy, probs)
+            if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
+                metrics.update(host_tensor(probs.argmax(1), class_id_dtype(probs.shape[1])), batch["label"], entropy,
+                               probs)
             progress.update(task, advance=len(batch["index"]))
     return total / max(pixels, 1)
 
 
-def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device) -> float:
+def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device,
+                       workers: int | str = 0) -> float:
     """The model's training-set mean pixel entropy (the default PAvPU threshold), cached in its
     manifest (member manifest.json or ensemble.json) with the weights it belongs to, once computed.
     A manifest that cannot be written (read-only folder) only loses the cache: a warning."""
@@ -72,7 +82,7 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
                           "threshold; pass --pavpu-threshold")
     dataset = SegmentationDataset(
         open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), source.size)
-    mean = predict_split(source, dataset, device, "train-set entropy", None)
+    mean = predict_split(source, dataset, device, "train-set entropy", None, workers=workers)  # float32 always
     try:
         cache_threshold(model_path, weights, mean)
     except IumaskError as exc:
@@ -101,14 +111,14 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         source = load_source(model_path, "ensemble", dev)
         threshold = options.pavpu_threshold
         if threshold is None:
-            threshold = train_mean_entropy(model_path, source, dev)
+            threshold = train_mean_entropy(model_path, source, dev, options.num_workers)
         metrics = SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index,
                                       pavpu_window=options.pavpu_window, pavpu_threshold=threshold,
                                       pavpu_stride=options.pavpu_stride)
         name = display_name(source.manifests)
         eval_size = source.size if options.resolution == "train" else None
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
-                      inference=options.inference)
+                      inference=options.inference, workers=options.num_workers, amp=options.amp)
         size = source.size
         results.append({"model": name, "path": model_key(model_path), "split": options.split,
                         "data": str(data.root.resolve()), "classes": list(folder.classes.names),

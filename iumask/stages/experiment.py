@@ -36,6 +36,7 @@ from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
 from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore
+from iumask.transfer import to_device, to_host
 from iumask.uncertainty import check_models, load_source
 
 
@@ -236,7 +237,7 @@ def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
         dataset = SegmentationDataset(train_folder, source.size)
 
         def predict(index: int, source=source, dataset=dataset):
-            return source.probs(dataset[index]["image"][None].to(dev)).argmax(1)[0].cpu().numpy()
+            return to_host(source.probs(to_device(dataset[index]["image"][None], dev)).argmax(1)[0])
 
         predictors.append((f"{folder.name} prediction", predict))
     return tuple(predictors)

@@ -8,9 +8,11 @@ inputs is a cache hit; under torchrun each rank writes its share of the images.
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from iumask import distributed
@@ -18,10 +20,12 @@ from iumask.artifacts import describe_os_error
 from iumask.config import DataConfig, MaskConfig
 from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import SegmentationDataset
-from iumask.engine import resolve_device
+from iumask.engine import Precision, resolve_device
 from iumask.errors import IumaskError
+from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar
 from iumask.store import MaskStore
+from iumask.transfer import class_id_dtype, to_device, to_host
 from iumask.uncertainty import check_models, load_source
 
 
@@ -67,23 +71,37 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
         # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
         step = masks.batch_size if source.size else 1
         batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
-        loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda")
-        with progress_bar() as progress:
+        loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
+                            num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
+        ids = class_id_dtype(num_classes)
+
+        def finish(index: int, entropy: np.ndarray, prediction: np.ndarray, label: np.ndarray, advance) -> None:
+            # Background: IU of one image (instances in the store's dtype: instance_uncertainty's
+            # uint8 fast path up to 256 classes), then its arrays and completion flag.
+            instances = prediction.astype(store.prediction_dtype) if masks.instances_from == "prediction" else label
+            iu = instance_uncertainty(instances, entropy, num_classes, masks.connectivity, ignore)
+            store.write(index, entropy, iu, prediction)
+            advance()
+
+        precision = Precision(masks.amp, dev)
+        threads = background_threads() if masks.threads is None else masks.threads
+        with progress_bar() as progress, BackgroundPool(threads) as pool:
             task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
+            advance = functools.partial(progress.update, task, advance=distributed.world_size())  # rank 0: estimate
             for batch in loader:
                 # MC dropout draws depend on the batch's first image (the same after a resume
                 # that batches images the same way).
-                probs = source.probs(batch["image"].to(dev), seed=int(batch["index"][0]))
-                entropy = pixel_entropy(probs, normalize=masks.normalize).cpu().numpy()
-                prediction = probs.argmax(1).cpu().numpy()  # int64: the store checks the range
+                with precision.autocast():
+                    probs = source.probs(to_device(batch["image"], dev), seed=int(batch["index"][0]))
+                probs = probs.float()
+                # Entropy and argmax on the device; the class ids cross to the host as uint8 (up to
+                # 256 classes). The entropy crosses in float32: IU averages full-precision values
+                # (as the serial path always did); the store rounds both to float16.
+                entropy = to_host(pixel_entropy(probs, normalize=masks.normalize), torch.float32)
+                prediction = to_host(probs.argmax(1), ids)
                 labels = batch["label"].numpy()
                 for k, index in enumerate(batch["index"].tolist()):
-                    # In the store's dtype (uint8 up to 256 classes: instance_uncertainty's fast path)
-                    instances = (prediction[k].astype(store.prediction_dtype) if masks.instances_from == "prediction"
-                                 else labels[k])
-                    iu = instance_uncertainty(instances, entropy[k], num_classes, masks.connectivity, ignore)
-                    store.write(index, entropy[k], iu, prediction[k])
-                    progress.update(task, advance=distributed.world_size())  # rank 0 shows an estimate
+                    pool.submit(finish, index, entropy[k], prediction[k], labels[k], advance)
         distributed.barrier()  # every rank's images are written
         if writer:
             if not writer.attrs.get("finished"):

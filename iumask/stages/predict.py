@@ -30,10 +30,12 @@ from iumask.artifacts import atomic_write, describe_os_error
 from iumask.config import PredictConfig
 from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
-from iumask.engine import Precision, resolve_device
+from iumask.engine import Precision, resolve_device, usable_amp
 from iumask.errors import DataError, IumaskError
+from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar, warn
 from iumask.store import MaskStore
+from iumask.transfer import class_id_dtype, to_device, to_host
 from iumask.uncertainty import check_models, load_source
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -173,8 +175,6 @@ def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictCon
     found = find_inputs(inputs, exclude=out)
     dev = resolve_device(device)
     manifests = check_models(Path(model_path))
-    if options.amp != "off" and dev.type != "cuda":
-        warn(f"--amp {options.amp} needs a CUDA device; predicting on {dev.type} in float32")
     classes = ClassInfo.from_dict(manifests[0]["classes"], source=str(model_path))
     result = PredictResult(out)
 
@@ -233,12 +233,21 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
         by_shape.setdefault(shapes[i], []).append(i)
     step = options.batch_size
     batches = [group[k:k + step] for group in by_shape.values() for k in range(0, len(group), step)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=options.num_workers, collate_fn=_as_list)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=resolve_workers(options.num_workers),
+                        collate_fn=_as_list)
     num_classes, top = classes.num_classes, math.log(max(classes.num_classes, 2))
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
-    palette, precision = classes.palette(), Precision(options.amp, dev)
+    palette, precision = classes.palette(), Precision(usable_amp(options.amp, dev), dev)  # fp16 on a CPU: off
     start = time.perf_counter()
-    with progress_bar() as progress:
+
+    def finish(i: int, rgb: np.ndarray, entropy: np.ndarray, prediction: np.ndarray) -> None:
+        # Background: the image's IU, its store entry and its files.
+        iu = instance_uncertainty(prediction, entropy, num_classes, options.connectivity, classes.ignore_index)
+        if store is not None:
+            store.write(slot[i], entropy, iu, prediction)
+        write_outputs(paths[i], rgb, prediction, entropy, iu, palette, top)
+
+    with progress_bar() as progress, BackgroundPool(background_threads()) as pool:
         task = progress.add_task("predict", total=len(found), completed=result.existing + len(result.failed),
                                  info="")
         for items in loader:
@@ -248,18 +257,13 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
                     warn(f"skipped {item['error']}")
             good = [item for item in items if "error" not in item]
             for group in _same_shape(good):
-                images = torch.stack([item["image"] for item in group]).to(dev)
+                images = to_device(torch.stack([item["image"] for item in group]), dev)
                 with precision.autocast():
                     probs = source.probs(images, options.inference, seed=group[0]["index"]).float()
-                entropy = pixel_entropy(probs).cpu().numpy()
-                prediction = probs.argmax(1).cpu().numpy().astype(label_dtype)
+                entropy = to_host(pixel_entropy(probs), torch.float32)
+                prediction = to_host(probs.argmax(1), class_id_dtype(num_classes)).astype(label_dtype)
                 for k, item in enumerate(group):
-                    i = item["index"]
-                    iu = instance_uncertainty(prediction[k], entropy[k], num_classes, options.connectivity,
-                                              classes.ignore_index)
-                    if store is not None:
-                        store.write(slot[i], entropy[k], iu, prediction[k])
-                    write_outputs(paths[i], item["rgb"], prediction[k], entropy[k], iu, palette, top)
+                    pool.submit(finish, item["index"], item["rgb"], entropy[k], prediction[k])
                     result.done += 1
             progress.update(task, advance=len(items))
     result.seconds = time.perf_counter() - start

@@ -62,6 +62,7 @@ from iumask.engine import (
 from iumask.errors import IumaskError
 from iumask.losses import LossFn, build_loss
 from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, predict_logits, save_member
+from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, warn
 from iumask.report import (
     CURVES_FILE,
@@ -74,6 +75,7 @@ from iumask.report import (
 )
 from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore, StoreMaskReader
+from iumask.transfer import to_device, to_host
 
 ONLINE_STAGE = "online"
 
@@ -305,6 +307,7 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
                          extra=step.timing, on_epoch=log)
         finally:
             log.close()
+            step.pool.close()
         timing = summarize_timing(step.timing)
         if distributed.is_main():
             for member, ident, history in zip(members, member_identities, result.histories):
@@ -366,31 +369,31 @@ def validation_maps(model: torch.nn.Module, val_set, count: int, classes: ClassI
     maps = []
     for i in picks:
         image = val_set[i]["image"]
-        probs = torch.softmax(predict_logits(model, image[None].to(device)).float(), 1)
+        probs = torch.softmax(predict_logits(model, to_device(image[None], device)).float(), 1)
         entropy = pixel_entropy(probs)
         prediction = probs.argmax(1)
         iu = instance_uncertainty_batch(prediction, entropy, classes.num_classes, 8, classes.ignore_index)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        maps.append({"image": rgb, "prediction": prediction[0].cpu().numpy(), "entropy": entropy[0].cpu().numpy(),
-                     "iu": iu[0].cpu().numpy()})
+        maps.append({"image": rgb, "prediction": to_host(prediction[0]), "entropy": to_host(entropy[0]),
+                     "iu": to_host(iu[0])})
     return maps
 
 
 def online_masks(logits: list[torch.Tensor], label: torch.Tensor, masks: MaskConfig, num_classes: int,
-                 ignore_index: int, valid: torch.Tensor | None = None) -> torch.Tensor:
+                 ignore_index: int, valid: torch.Tensor | None = None, map_fn=map) -> torch.Tensor:
     """IU masks of a batch from its members' logits: entropy of their detached mean softmax,
     averaged per instance (of the prediction or the label).
 
     ``valid`` (bool, B×H×W) is False on augmentation padding: those pixels are outside the image,
     so they join no instance (else their entropy would leak into real instances touching the
-    padding); they carry no loss either (ignore label)."""
+    padding); they carry no loss either (ignore label). ``map_fn`` spreads the images over threads."""
     with torch.no_grad():
         probs = mean_softmax([x.detach() for x in logits])
         entropy = pixel_entropy(probs, normalize=masks.normalize)
         source = probs.argmax(1) if masks.instances_from == "prediction" else label
         if valid is not None:
             source = source.masked_fill(~valid, ignore_index)
-        return instance_uncertainty_batch(source, entropy, num_classes, masks.connectivity, ignore_index)
+        return instance_uncertainty_batch(source, entropy, num_classes, masks.connectivity, ignore_index, map_fn)
 
 
 class OnlineStep:
@@ -400,6 +403,8 @@ class OnlineStep:
                  ignore_index: int, device: torch.device):
         self.members, self.precision, self.masks, self.loss_fn = members, precision, masks, loss_fn
         self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
+        # The batch's images get their instances in parallel (the result does not depend on it).
+        self.pool = BackgroundPool(background_threads() if masks.threads is None else masks.threads)
         # Cumulative over the run (saved in the checkpoint, so a resumed run keeps counting).
         self.timing = {"forward_backward_s": 0.0, "masks_s": 0.0, "steps": 0}
 
@@ -413,7 +418,8 @@ class OnlineStep:
         with self.precision.autocast():
             logits = [member.forward(batch["image"]) for member in self.members]
         forward_done = self._now()
-        iu = online_masks(logits, batch["label"], self.masks, self.num_classes, self.ignore_index, batch.get("valid"))
+        iu = online_masks(logits, batch["label"], self.masks, self.num_classes, self.ignore_index, batch.get("valid"),
+                          self.pool.map)
         masks_done = self._now()
         losses = []
         for member, member_logits in zip(self.members, logits):

@@ -1,0 +1,275 @@
+"""Benchmark of the pipeline's throughput: does everything that is not the network hide behind it?
+
+Measured in one run, on the same images and models, each figure printed with its ratio:
+
+1. bare ensemble inference (forward passes only, images already in memory) in images/s, against
+   ``make-masks`` end to end on the same images (decoding, entropy, IU, store writes), overlapped
+   (loader workers + background pool) and serial (``--workers 0``, no pool): the ratio
+   make-masks / bare (goal on a GPU: >= 0.95);
+2. data loading images/s for 0, 1, 2, ... loader workers, on CamVid (360 x 480, when present) and on
+   synthetic 2048 x 1024 images (how many workers a GPU needs);
+3. a plain cross-entropy training step against the IU-weighted step, same model and batch (goal:
+   <= 1.05);
+4. the online step split: the members' forward and backward against the mask computation (goal:
+   masks <= 10 % of the step);
+5. make-masks peak memory (RSS of a fresh process) for N and 4N images (goal: flat).
+
+Usage::
+
+    python benchmarks/bench_pipeline.py --quick            # a few minutes on a 2-core CPU machine
+    python benchmarks/bench_pipeline.py --device cuda      # the full version on a GPU
+
+Timings are wall-clock medians where repeated; on a shared machine run it when nothing else runs.
+The goals are printed beside the figures; the exit status is 0 whatever they are (a benchmark
+reports, it does not gate).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CAMVID = Path(os.environ.get("IUMASK_CAMVID", ROOT.parent / "shared" / "data" / "camvid"))
+
+
+def log(text: str) -> None:
+    print(text, flush=True)
+
+
+def timed(fn, repeats: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeats`` calls (seconds)."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ----------------------------------------------------------------------------- fixtures
+
+
+def make_ensemble(work: Path, args) -> tuple[Path, Path]:
+    """A synthetic dataset of ``args.images`` training images and an ensemble trained on it for one
+    epoch (the weights do not matter for speed; the stages do the real work)."""
+    from iumask.config import AugmentConfig, DataConfig, LossConfig, ModelConfig, TrainConfig
+    from iumask.data.synthetic import generate_synthetic
+    from iumask.stages.train import train_baseline
+
+    h, w = args.size
+    data = generate_synthetic(work / "data", num_train=args.images, num_val=2, height=h, width=w, seed=1)
+    ensemble = train_baseline(DataConfig(data), ModelConfig(tuple(args.encoders)),
+                              TrainConfig(epochs=1, batch_size=4, lr=1e-3, num_workers=0),
+                              LossConfig(exponent=0.0), AugmentConfig(enabled=False), work / "ensemble",
+                              device=args.device)
+    return ensemble, data
+
+
+# ----------------------------------------------------------------------------- 1. inference vs make-masks
+
+
+def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
+    from iumask.config import DataConfig, MaskConfig
+    from iumask.data.folder import SegmentationDataset
+    from iumask.stages.masks import make_masks
+    from iumask.transfer import to_device
+    from iumask.uncertainty import load_source
+
+    device = torch.device(args.device)
+    source = load_source(ensemble, "ensemble", device)
+    dataset = SegmentationDataset(DataConfig(data).open("train"), source.size)
+    batch = args.batch
+    images = [torch.stack([dataset[i]["image"] for i in range(k, min(k + batch, len(dataset)))])
+              for k in range(0, len(dataset), batch)]
+    images = [to_device(x, device) for x in images]
+
+    def bare():
+        with torch.no_grad():
+            for x in images:
+                source.probs(x)
+        sync(device)
+
+    bare()  # warm-up
+    bare_s = timed(bare, args.repeats)
+    n = len(dataset)
+    runs = {}
+    for name, options in (("overlapped", MaskConfig(batch_size=batch)),
+                          ("serial", MaskConfig(batch_size=batch, num_workers=0, threads=0))):
+        def once(options=options, name=name):
+            store = work / f"masks-{name}-{time.perf_counter_ns()}.zarr"
+            make_masks(ensemble, DataConfig(data), options, store, device=args.device)
+        runs[name] = timed(once, args.repeats)
+    log(f"\n1. ensemble of {len(args.encoders)} ({', '.join(args.encoders)}), {n} images of "
+        f"{args.size[0]}x{args.size[1]}, batch {batch}, device {device}")
+    log(f"   bare ensemble inference      {n / bare_s:8.2f} images/s")
+    for name, seconds in runs.items():
+        log(f"   make-masks {name:<12}      {n / seconds:8.2f} images/s   ratio to bare inference "
+            f"{bare_s / seconds:.3f}")
+    log(f"   overlapped / serial make-masks: {runs['serial'] / runs['overlapped']:.3f}x   "
+        "(goal on a GPU: make-masks >= 0.95 of bare inference)")
+
+
+# ----------------------------------------------------------------------------- 2. data loading
+
+
+def bench_loading(work: Path, args) -> None:
+    from torch.utils.data import DataLoader
+
+    from iumask.data.folder import SegmentationDataset
+    from iumask.data.formats import open_dataset
+    from iumask.data.synthetic import generate_synthetic
+
+    sets = []
+    if (CAMVID / "trainannot").is_dir():
+        folder = open_dataset(CAMVID, "train", "camvid")
+        sets.append(("CamVid 360x480", SegmentationDataset(folder, None), min(len(folder), args.load_images)))
+    big = generate_synthetic(work / "big", num_train=args.big_images, num_val=1, height=1024, width=2048, seed=2)
+    sets.append(("synthetic 1024x2048", SegmentationDataset(open_dataset(big, "train"), None), args.big_images))
+    log("\n2. data loading (decode + normalise), images/s by loader workers")
+    for name, dataset, count in sets:
+        subset = torch.utils.data.Subset(dataset, list(range(count)))
+        figures = []
+        for workers in args.workers:
+            loader = DataLoader(subset, batch_size=1, num_workers=workers)
+            seconds = timed(lambda loader=loader: [None for _ in loader])
+            figures.append(f"{workers}: {count / seconds:7.2f}")
+        log(f"   {name:<22} " + "   ".join(figures))
+
+
+# ----------------------------------------------------------------------------- 3. CE vs IU step
+
+
+def bench_loss_step(args) -> None:
+    from iumask.config import LossConfig
+    from iumask.losses import build_loss
+    from iumask.models import build_model
+
+    device = torch.device(args.device)
+    torch.manual_seed(0)
+    model = build_model(args.encoders[0], 11).to(device).train()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+    h, w = args.size
+    images = torch.randn(args.batch, 3, h, w, device=device)
+    labels = torch.randint(0, 11, (args.batch, h, w), device=device)
+    iu = torch.rand(args.batch, h, w, device=device) * 2
+    losses = {"cross-entropy": (build_loss("cross-entropy", LossConfig(exponent=0.0), None, 255), None),
+              "iu-weighted": (build_loss("iu-weighted", LossConfig(exponent=2.0), None, 255), iu)}
+
+    def step(name):
+        fn, masks = losses[name]
+        optimizer.zero_grad(set_to_none=True)
+        fn(model(images), labels, masks).backward()
+        optimizer.step()
+        sync(device)
+
+    for name in losses:
+        step(name)  # warm-up
+    seconds = {}
+    for _ in range(args.repeats):  # interleaved, so drift hits both alike
+        for name in losses:
+            seconds.setdefault(name, []).append(timed(lambda name=name: step(name)))
+    ce, weighted = (statistics.median(seconds[n]) for n in losses)
+    log(f"\n3. training step, {args.encoders[0]}, batch {args.batch} of {h}x{w}")
+    log(f"   cross-entropy {1000 * ce:8.1f} ms   IU-weighted {1000 * weighted:8.1f} ms   ratio {weighted / ce:.3f} "
+        "(goal <= 1.05)")
+
+
+# ----------------------------------------------------------------------------- 4. online step split
+
+
+def bench_online(data: Path, work: Path, args) -> None:
+    from iumask.config import AugmentConfig, DataConfig, LossConfig, MaskConfig, ModelConfig, TrainConfig
+    from iumask.stages.train import train_online
+
+    ensemble = train_online(DataConfig(data), ModelConfig(tuple(args.encoders)),
+                            TrainConfig(epochs=1, batch_size=args.batch, lr=1e-3, num_workers=0),
+                            LossConfig(), AugmentConfig(enabled=False), MaskConfig(), work / "online",
+                            device=args.device)
+    timing = json.loads(ensemble.read_text())["timing"]
+    log(f"\n4. online step ({len(args.encoders)} members, batch {args.batch}), over {timing['steps']} steps")
+    log(f"   members' forward+backward {1000 * timing['forward_backward_s_per_step']:8.1f} ms/step   masks "
+        f"{1000 * timing['masks_s_per_step']:7.1f} ms/step   masks share {100 * timing['masks_fraction']:.1f} % "
+        "(goal <= 10 %)")
+
+
+# ----------------------------------------------------------------------------- 5. memory
+
+
+MEMORY_CODE = """
+import resource, sys
+from pathlib import Path
+from iumask.config import DataConfig, MaskConfig
+from iumask.data.synthetic import generate_synthetic
+from iumask.stages.masks import make_masks
+ensemble, work, n, h, w, device = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
+    int(sys.argv[5]), sys.argv[6]
+data = generate_synthetic(work / f"data-{n}", num_train=n, num_val=1, height=h, width=w, seed=3)
+make_masks(ensemble, DataConfig(data), MaskConfig(), work / f"memory-{n}.zarr", device=device)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def bench_memory(ensemble: Path, work: Path, args) -> None:
+    h, w = args.size
+    peaks = {}
+    for n in (args.memory_images, 4 * args.memory_images):
+        out = subprocess.run([sys.executable, "-c", MEMORY_CODE, str(ensemble), str(work), str(n), str(h), str(w),
+                              args.device], capture_output=True, text=True, check=True)
+        peaks[n] = int(out.stdout.strip().splitlines()[-1]) / 1024  # KiB -> MiB
+    (n1, m1), (n4, m4) = peaks.items()
+    log(f"\n5. make-masks peak memory (fresh process, images of {h}x{w})")
+    log(f"   {n1} images {m1:8.0f} MiB   {n4} images {m4:8.0f} MiB   ratio {m4 / m1:.3f} (goal: flat, ~1.0)")
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="a reduced version: a few minutes on 2 CPU cores")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--only", type=int, nargs="*", help="run only these parts (1-5)")
+    args = parser.parse_args()
+    if args.quick:
+        args.images, args.size, args.batch, args.repeats = 24, (96, 128), 4, 2
+        args.encoders = ["mobilenet_v2", "resnet18"]
+        args.load_images, args.big_images, args.workers, args.memory_images = 24, 6, [0, 1, 2], 8
+    else:
+        args.images, args.size, args.batch, args.repeats = 96, (384, 768), 4, 3
+        args.encoders = ["mobilenet_v2", "resnet50", "resnet101"]
+        args.load_images, args.big_images, args.workers, args.memory_images = 96, 24, [0, 1, 2, 4, 8], 32
+    parts = set(args.only or range(1, 6))
+    log(f"bench_pipeline: device {args.device}, torch threads {torch.get_num_threads()}, CPUs "
+        f"{len(os.sched_getaffinity(0))}, {'quick' if args.quick else 'full'}")
+    with tempfile.TemporaryDirectory(prefix="iumask-bench-") as tmp:
+        work = Path(tmp)
+        ensemble, data = make_ensemble(work, args) if parts & {1, 4, 5} else (None, None)
+        if 1 in parts:
+            bench_make_masks(ensemble, data, work, args)
+        if 2 in parts:
+            bench_loading(work, args)
+        if 3 in parts:
+            bench_loss_step(args)
+        if 4 in parts:
+            bench_online(data, work, args)
+        if 5 in parts:
+            bench_memory(ensemble, work, args)
+
+
+if __name__ == "__main__":
+    main()
