@@ -189,6 +189,7 @@ def test_online_arm_and_its_plan(datasets, tmp_path, cli, capsys):
     ('split = "val"\n\n[[evaluations]]', "[evaluations #1] needs split"),
     ('root = "{shifted}"', "[evaluations #2] root"),
     ('[masks]\nencoders = ["mobilenet_v2"]', "give either path (a trained ensemble) or encoders"),
+    ('epochs = 2', "[train] seed: each run's seed comes from the top-level seeds list"),
 ])
 def test_bad_specs_are_one_line_errors_before_any_work(datasets, tmp_path, change, message, capsys):
     from cli_runner import iumask
@@ -202,6 +203,7 @@ def test_bad_specs_are_one_line_errors_before_any_work(datasets, tmp_path, chang
         'split = "val"\n\n[[evaluations]]': 'name = "x"\n\n[[evaluations]]',
         'root = "{shifted}"': 'root = "{shifted}-missing"',
         '[masks]\nencoders = ["mobilenet_v2"]': f'[masks]\nencoders = ["mobilenet_v2"]\npath = "{tmp_path}"',
+        'epochs = 2': 'epochs = 2\nseed = 4',
     }[change]
     assert change in SPEC
     spec = write_spec(tmp_path, datasets, text=SPEC.replace(change, replacement))

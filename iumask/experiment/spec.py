@@ -175,6 +175,8 @@ def _weights_path(base: Path, value: Any) -> str | None:
 
 def _train(table: _Table, values: dict, base: TrainConfig) -> TrainConfig:
     sub = _Table(table.file, table.child("train"), values, _fields_of(TrainConfig))
+    if "seed" in sub.values:
+        sub.fail("seed: each run's seed comes from the top-level seeds list (the mask ensemble's from [masks] seed)")
     return sub.build(replace, base, **sub.values)
 
 
