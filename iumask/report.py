@@ -484,10 +484,7 @@ def statistics_table(result: dict) -> Table:
 def print_statistics(result: dict) -> None:
     """Print :func:`statistics_table` to stdout (progress goes to stderr); a pipe or file gets
     the width the table needs instead of 80 columns."""
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=max(out.width, 130))
-    out.print(statistics_table(result))
+    print_table(statistics_table(result), 130)
 
 
 def _fmt(value: float | None, digits: int = 4) -> str:
@@ -538,11 +535,15 @@ def print_results(results: list[dict], compare: bool = False) -> None:
                        ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
         table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label,
                       *(cell(get(key), signed) for _, get, signed in columns))
-    # Results go to stdout (progress to stderr); a table is read whole, so when stdout is a file or
-    # a pipe it gets the width it needs instead of 80 columns.
+    print_table(table, 20 + 16 * len(columns))
+
+
+def print_table(table: Table, width: int) -> None:
+    """Print a results table to stdout (progress goes to stderr). A table is read whole, so when
+    stdout is a file or a pipe it gets ``width`` columns (what it needs) instead of 80."""
     out = Console()
     if not out.is_terminal:
-        out = Console(width=max(out.width, 20 + 16 * len(columns)))
+        out = Console(width=max(out.width, width))
     out.print(table)
 
 

@@ -10,12 +10,11 @@ import math
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
 from rich.table import Table
 
 from iumask.artifacts import atomic_write, write_bytes_atomic, write_json_atomic
 from iumask.experiment.analysis import RESULT_COLUMNS, iou_table, rare_table, uncertainty_table
-from iumask.report import class_histogram_png, iou_bars_png, mask_gallery_png, reliability_png
+from iumask.report import class_histogram_png, iou_bars_png, mask_gallery_png, print_table, reliability_png
 
 RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
@@ -43,12 +42,6 @@ def write_results_csv(path: Path, rows: list[dict]) -> Path:
         for row in rows:
             writer.writerow([row[c] if c != "value" else repr(float(row[c])) for c in RESULT_COLUMNS])
     return path
-
-
-def read_results_csv(path: Path) -> list[dict]:
-    """``results.csv`` back as rows (seed int, value float; NaN kept)."""
-    with open(path, newline="") as f:
-        return [dict(r, seed=int(r["seed"]), value=float(r["value"])) for r in csv.DictReader(f)]
 
 
 def _markdown(header: list[str], rows: list[list[str]]) -> str:
@@ -114,10 +107,7 @@ def print_first_table(summary: dict) -> None:
         table.add_column(name, justify="left" if i == 0 else "right", no_wrap=i == 0)
     for row in rows:
         table.add_row(*(cell.replace("**", "") for cell in row))
-    out = Console()
-    if not out.is_terminal:
-        out = Console(width=max(out.width, 20 + 18 * len(summary["arms"])))
-    out.print(table)
+    print_table(table, 20 + 18 * len(summary["arms"]))
 
 
 def merged_bins(results: list[dict]) -> dict | None:

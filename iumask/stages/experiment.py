@@ -86,8 +86,13 @@ class Experiment:
         return self.out / "ensemble" / ENSEMBLE_FILE
 
     @property
+    def needs_masks(self) -> bool:
+        """Whether an offline arm reads a mask store (the ensemble matters only then)."""
+        return any(a.iu == "offline" for a in self.spec.arms)
+
+    @property
     def trains_ensemble(self) -> bool:
-        return self.spec.ensemble.model is not None and any(a.iu == "offline" for a in self.spec.arms)
+        return self.spec.ensemble.model is not None and self.needs_masks
 
     def stores(self) -> dict[str, MaskConfig]:
         """The mask stores the offline arms need, by file name."""
@@ -126,7 +131,7 @@ class Experiment:
                     f"{list(folder.classes.names)}, not the training data's {classes}; evaluate on data with the "
                     "same class names (in the same order)")
             folder.check_headers()
-        if spec.ensemble.path is not None and any(a.iu == "offline" for a in spec.arms):
+        if spec.ensemble.path is not None and self.needs_masks:
             check_models(spec.ensemble.path, train_folder)
         check_writable(self.out)
         return classes
