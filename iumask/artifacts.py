@@ -20,6 +20,9 @@ import fcntl
 import hashlib
 import json
 import os
+import shlex
+import socket
+import sys
 from pathlib import Path
 from typing import Iterator
 
@@ -30,6 +33,7 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 ENSEMBLE_FILE = "ensemble.json"
 CHECKPOINT_FILE = "checkpoint.pt"
+LOCK_FILE = ".iumask-writer.lock"
 # The cached PAvPU threshold and the members' weights it was computed with: retrained members
 # (other weights) never inherit the old value.
 THRESHOLD_KEYS = ("train_mean_entropy", "train_mean_entropy_weights_sha256")
@@ -120,6 +124,107 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``directory/.iumask-writer.lock``, whose content names
+    the holder (PID, host, command) for the error another writer gets: one writer per artifact
+    folder (a mask store, a train command's ``--out``, an experiment, a predict output).
+
+    The OS releases it when the holder exits or is killed, so a dead holder's lock is simply taken
+    (no stale lock to clean up). It excludes other processes; within one process, handles on one
+    folder share it (reference-counted), so a stage may lock a folder its caller already holds.
+    ``what`` names the folder in messages (e.g. ``mask store runs/masks.zarr``), ``fix`` says what
+    else the user can do (e.g. ``use another --store path``).
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str, fix: str):
+        self._key: tuple[int, int] | None = None
+        file = Path(directory) / LOCK_FILE
+        try:
+            fd, writable = os.open(file, os.O_RDWR | os.O_CREAT, 0o666), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if not file.is_file():
+                return  # a folder this process cannot write to: it cannot write the artifact either
+            fd, writable = os.open(file, os.O_RDONLY), False
+        try:
+            stat = os.fstat(fd)
+            key = (stat.st_dev, stat.st_ino)
+            held = _HELD_LOCKS.get(key)
+            if held is not None and held[2] == os.getpid():
+                os.close(fd)
+                held[1] += 1
+                self._key = key
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IumaskError(f"{what} is being written by another process ({lock_holder(fd)}); wait for it "
+                                  f"to finish or stop it, or {fix}") from None
+            try:
+                same = os.path.samestat(stat, os.stat(file))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the folder was swapped or removed between opening and locking
+                raise IumaskError(f"{what} was replaced by another process while this one was locking it; "
+                                  "rerun the command")
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _HELD_LOCKS[key] = [fd, 1, os.getpid()]
+        self._key = key
+
+    def close(self) -> None:
+        if self._key is not None:
+            held = _HELD_LOCKS[self._key]
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(held[0])
+                del _HELD_LOCKS[self._key]
+            self._key = None
+
+    __del__ = close
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Lock files this process holds: (st_dev, st_ino) -> [fd, handles, pid]. An inode stays unique
+# while its file is open, even after the file is deleted.
+_HELD_LOCKS: dict[tuple[int, int], list[int]] = {}
+
+
+def _holder_info() -> dict:
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    command = " ".join(command.split())  # one line
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "command": command if len(command) <= 300 else command[:297] + "..."}
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the lock file open as ``fd``, as written by its holder (for messages)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on {info['host']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown process"
+
+
+def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True):
+    """:class:`WriterLock` on ``folder`` (created if needed) when ``enabled`` (e.g. on rank 0 of a
+    torchrun job only: its other ranks write under rank 0's lock), else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    check_writable(folder)
+    return WriterLock(folder, what, fix)
 
 
 def model_key(model_path: str | os.PathLike) -> str:

@@ -337,8 +337,8 @@ def evaluate(
     data_options = data_config(data, None, format, conditions)
     # Refuse a foreign --output file, or one over other classes, before any work.
     merge_results(output, [], classes=list(data_options.open(split).classes.names))
-    check_writable(output.parent)
-    results = stage(model, data_options, options, device)
+    # The output folder is created once the models and data are checked, before the first model runs.
+    results = stage(model, data_options, options, device, before_work=lambda: check_writable(output.parent))
     print_results(results)  # shown even if the file cannot be written
     with folder_lock(output.parent):  # concurrent evaluates into one file keep each other's results
         merged, kept, replaced = merge_results(output, results)
@@ -379,7 +379,6 @@ def predict(
 
     options = PredictConfig(source, passes, inference, batch_size, workers, save_arrays, overwrite, connectivity,
                             amp)
-    check_writable(out)
     result = stage(model, input, out, options, device)
     print_summary(result)
     if result.failed:
@@ -472,6 +471,7 @@ def experiment(
     if dry_run:
         from iumask.report import print_plan
 
+        experiment.validate(writable=False)  # the real run's checks: a plan is shown only for a spec it accepts
         print_plan(experiment.plan(), plan.training_runs, folder)
         return
     summary = experiment.execute(overwrite=overwrite)

@@ -141,6 +141,7 @@ class _Validator:
     def _check_value(self, command: str, param: Any, key: str, value: Any, table: str | None) -> Any:
         """``value`` checked against the option; returned as the command line would spell it."""
         kind, is_list = _param_kind(param)
+        given = value  # as written in the file, for the message (connectivity = 5, not "5")
         if kind == "choice" and _KINDS[kind][0](value):
             value = str(value)
         problem, applies = None, ""
@@ -163,7 +164,7 @@ class _Validator:
                 applies = "" if table is not None else f" (for {command})"
         if problem is not None:
             raise IumaskError(f"{self.path}: key '{key}' {_where(table)}{applies} {problem}; got "
-                              f"{_toml_repr(value)}")
+                              f"{_toml_repr(given)}")
         return value
 
 

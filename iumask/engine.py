@@ -532,7 +532,21 @@ def train_model(
     same identity is resumed (exactly, mid-epoch too), one with another identity is replaced.
     ``on_epoch``: see :func:`fit`.
     """
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
+    try:
+        return _train_model_in(folder, model, encoder, train_set, val_set, loss_fn, options, identity, num_classes,
+                               ignore_index, device, label, on_epoch)
+    except BaseException:
+        if created:  # a failure before anything was written there leaves no empty member folder
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+        raise
+
+
+def _train_model_in(folder: Path, model: torch.nn.Module, encoder: str, train_set, val_set, loss_fn,
+                    options: TrainConfig, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
+                    label: str, on_epoch: EpochCallback | None) -> list[dict]:
     precision = Precision(options.amp, device)
     total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
     member = make_member(label, model, encoder, options, device, total_steps, precision)

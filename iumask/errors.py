@@ -8,7 +8,31 @@ from __future__ import annotations
 
 
 class IumaskError(Exception):
-    """A problem with the user's input or artifacts (not a bug in iumask)."""
+    """A problem with the user's input or artifacts (not a bug in iumask).
+
+    An error raised in a DataLoader worker process reaches the main process re-created by torch
+    from one string, "Caught DataError in DataLoader worker process N. Original Traceback ...",
+    ending in the original "iumask.errors.DataError: <message>" line. The constructor keeps only
+    that message, so the user sees the same one line with ``--workers 0`` or ``--workers 4``.
+    """
+
+    def __init__(self, *args):
+        if len(args) == 1 and isinstance(args[0], str):
+            args = (_worker_message(type(self), args[0]),)
+        super().__init__(*args)
+
+
+def _worker_message(kind: type, text: str) -> str:
+    """The original message inside torch's re-raised worker error ``text`` (``text`` itself when it
+    is not one)."""
+    if not text.startswith(f"Caught {kind.__name__} in DataLoader worker"):
+        return text
+    prefix = f"{kind.__module__}.{kind.__qualname__}: "
+    lines = text.splitlines()
+    for i in range(len(lines) - 1, -1, -1):
+        if lines[i].startswith(prefix):  # the traceback's last entry, possibly continued on more lines
+            return "\n".join([lines[i][len(prefix):], *lines[i + 1:]]).strip()
+    return text
 
 
 class DataError(IumaskError):

@@ -497,24 +497,63 @@ def _fmt(value: float | None, digits: int = 4) -> str:
 # ----------------------------------------------------------------------------- evaluation results
 
 
+# What tells two results apart when their display names are alike, in the order tried.
+DISTINGUISHING_KEYS = ("path", "data", "split", "resolution", "inference")
+
+
+def result_labels(results: list[dict]) -> list[str]:
+    """A distinct label per result: its display name (``model``), and where several results share
+    one, what tells them apart (the shortest distinguishing tail of the model's or data's path,
+    the split, the resolution, the inference), e.g. ``baseline ensemble [run1]``."""
+    labels = [str(r.get("model")) for r in results]
+    for key in DISTINGUISHING_KEYS:
+        groups: dict[str, list[int]] = {}
+        for i, label in enumerate(labels):
+            groups.setdefault(label, []).append(i)
+        for members in groups.values():
+            values = [results[i].get(key) for i in members]
+            if len(members) < 2 or len({str(v) for v in values}) < 2:
+                continue
+            tags = _path_tails(values) if key in ("path", "data") else [f"{key} {v}" for v in values]
+            for i, tag in zip(members, tags):
+                labels[i] += f" [{tag}]"
+    seen: dict[str, int] = {}
+    for i, label in enumerate(labels):  # entries alike in everything: numbered
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label} #{seen[label]}"
+    return labels
+
+
+def _path_tails(paths: list) -> list[str]:
+    """The shortest tails (last folders) that tell ``paths`` apart (an ensemble.json by its folder)."""
+    parts = [Path(str(p)).parent.parts if str(p).endswith(".json") else Path(str(p)).parts for p in paths]
+    for k in range(1, max(len(p) for p in parts) + 1):
+        tails = ["/".join(p[-k:]) for p in parts]
+        if len(set(tails)) == len(set(map(str, paths))):
+            return tails
+    return [str(p) for p in paths]
+
+
 def print_results(results: list[dict], compare: bool = False) -> None:
     """One column per model, one row per class IoU and summary metric. With ``compare`` (``iumask
     run``), each IU-weighted model stands beside the baseline model of the same name, followed by
     a column of their differences (weighted − baseline)."""
     columns: list[tuple[str, Callable[[str], float | None], bool]] = []
+    labels = result_labels(results)  # no two columns under one heading
     placed = set()
     for i, r in enumerate(results):
         if i in placed:
             continue
         placed.add(i)
-        columns.append((r["model"].replace(" ", "\n", 1), lambda key, r=r: r.get(key), False))
+        columns.append((labels[i].replace(" ", "\n", 1), lambda key, r=r: r.get(key), False))
         stage, _, name = r["model"].partition(" ")
         partner = next((j for j, o in enumerate(results) if compare and j not in placed and stage.startswith("baseline")
                         and o["model"].partition(" ")[2] == name), None)
         if partner is not None:
             placed.add(partner)
             other = results[partner]
-            columns.append((other["model"].replace(" ", "\n", 1), lambda key, r=other: r.get(key), False))
+            columns.append((labels[partner].replace(" ", "\n", 1), lambda key, r=other: r.get(key), False))
             columns.append((f"Δ\n{name}", lambda key, a=r, b=other: _difference(b.get(key), a.get(key)), True))
     table = Table(title="per-class IoU, mIoU and PAvPU" + (" (Δ: IU-weighted − baseline)" if compare else ""),
                   show_lines=False)

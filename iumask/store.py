@@ -31,14 +31,10 @@ cut short, and resumes a staged store made from the same inputs.
 from __future__ import annotations
 
 import errno
-import fcntl
 import json
 import os
 import re
-import shlex
 import shutil
-import socket
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +42,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
+from iumask.artifacts import LOCK_FILE, WriterLock
 from iumask.errors import IumaskError, StoreMismatchError
 
 # Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
@@ -65,7 +62,6 @@ IDENTITY_KEYS = (
 )
 _FLOAT_ARRAYS = ("entropy", "instance_uncertainty")
 _ARRAYS = (*_FLOAT_ARRAYS, "prediction", "complete")
-LOCK_FILE = ".iumask-writer.lock"
 # zarr writes metadata atomically through "zarr.<uuid hex>.partial", which a kill leaves behind.
 _ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 _STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumask-new / -old
@@ -176,7 +172,7 @@ def _recover_swap(path: Path) -> None:
     aside = _sibling(path, _ASIDE)
     if not aside.is_dir():
         return
-    lock = _WriterLock(aside, path)  # a live process in the middle of the swap holds it
+    lock = _store_lock(aside, path)  # a live process in the middle of the swap holds it
     try:
         if path.exists() or path.is_symlink():
             _remove_own(aside)
@@ -186,84 +182,9 @@ def _recover_swap(path: Path) -> None:
         lock.close()
 
 
-class _WriterLock:
-    """An exclusive ``flock`` on the lock file in ``directory``, whose content names the holder.
-
-    The OS releases it when the holder exits or is killed, so a dead holder's lock is simply taken.
-    It excludes other processes; within one process, handles on one store share it.
-    """
-
-    def __init__(self, directory: Path, store: Path):
-        self._key: tuple[int, int] | None = None
-        file = directory / LOCK_FILE
-        try:
-            fd, writable = os.open(file, os.O_RDWR | os.O_CREAT, 0o666), True
-        except OSError as exc:
-            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                raise
-            if not file.is_file():
-                return  # a folder this process cannot write to: it cannot write the store either
-            fd, writable = os.open(file, os.O_RDONLY), False
-        try:
-            stat = os.fstat(fd)
-            key = (stat.st_dev, stat.st_ino)
-            held = _held.get(key)
-            if held is not None and held[2] == os.getpid():
-                os.close(fd)
-                held[1] += 1
-                self._key = key
-                return
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                raise IumaskError(f"mask store {store} is being written by another process ({_holder(fd)}); wait "
-                                  "for it to finish or stop it, or use another --store path") from None
-            try:
-                same = os.path.samestat(stat, os.stat(file))
-            except FileNotFoundError:
-                same = False
-            if not same:  # the folder was swapped or removed between opening and locking
-                raise IumaskError(f"mask store {store} was replaced by another process while this one was "
-                                  "locking it; rerun the command")
-            if writable:
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
-        except BaseException:
-            os.close(fd)
-            raise
-        _held[key] = [fd, 1, os.getpid()]
-        self._key = key
-
-    def close(self) -> None:
-        if self._key is not None:
-            held = _held[self._key]
-            held[1] -= 1
-            if held[1] == 0:
-                os.close(held[0])
-                del _held[self._key]
-            self._key = None
-
-    __del__ = close
-
-
-# Lock files this process holds: (st_dev, st_ino) -> [fd, handles, pid]. An inode stays unique
-# while its file is open, even after the file is deleted.
-_held: dict[tuple[int, int], list[int]] = {}
-
-
-def _holder_info() -> dict:
-    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
-    command = " ".join(command.split())  # one line
-    return {"pid": os.getpid(), "host": socket.gethostname(),
-            "command": command if len(command) <= 300 else command[:297] + "..."}
-
-
-def _holder(fd: int) -> str:
-    try:
-        info = json.loads(os.pread(fd, 4096, 0))
-        return f"pid {info['pid']} on {info['host']}: {info['command']}"
-    except (OSError, ValueError, KeyError, TypeError):
-        return "unknown process"
+def _store_lock(directory: Path, store: Path) -> WriterLock:
+    """The writer lock of the store ``store`` (held in ``directory``: the store or a sibling)."""
+    return WriterLock(directory, f"mask store {store}", "use another --store path")
 
 
 class MaskStore:
@@ -276,8 +197,8 @@ class MaskStore:
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.image_shapes: list[tuple[int, int]] = [(int(h), int(w)) for h, w in attrs["image_shapes"]]
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
-        self._locks: list[_WriterLock] = []
-        self._replaces: tuple[Path, _WriterLock] | None = None  # (old store, its lock) that commit() replaces
+        self._locks: list[WriterLock] = []
+        self._replaces: tuple[Path, WriterLock] | None = None  # (old store, its lock) that commit() replaces
 
     def _bind(self, path: Path, group: zarr.Group | None = None) -> None:
         """Point at the store in ``path`` (after it was renamed there)."""
@@ -317,7 +238,7 @@ class MaskStore:
         try:
             replaces = False
             if path.is_dir():
-                lock = _WriterLock(path, path)
+                lock = _store_lock(path, path)
                 replaces = (path / "zarr.json").exists()
                 if replaces and not overwrite:
                     store = cls.open(path, mode="r+")
@@ -361,7 +282,7 @@ class MaskStore:
         """The locked store in the staging folder: the one there if made from ``identity`` and
         ``resume``, else a new one."""
         staged.mkdir(parents=True, exist_ok=True)
-        lock = _WriterLock(staged, target)
+        lock = _store_lock(staged, target)
         try:
             if not _only_own(staged):
                 raise IumaskError(f"{staged} holds files iumask did not write (iumask builds {target} there); "

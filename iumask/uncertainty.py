@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from iumask.artifacts import check_ensemble_members, checked_manifest, resolve_models
 from iumask.core import mean_softmax
-from iumask.data.folder import PairedDataset
+from iumask.data.folder import PairedDataset, class_differences
 from iumask.errors import IumaskError
 from iumask.models import load_member, predict_logits
 
@@ -171,8 +171,9 @@ def check_consistent(manifests: list[dict], model_path: Path, folder: PairedData
         model_names = list(manifests[0]["classes"]["names"])
         if model_names != list(folder.classes.names):
             raise IumaskError(
-                f"{folder.root}: the dataset's classes {list(folder.classes.names)[:4]}... differ from those of "
-                f"{model_path} ({model_names[:4]}...); use a dataset with the same class names and order"
+                f"{folder.root}: the dataset's classes differ from those of {model_path} "
+                f"({class_differences(list(folder.classes.names), model_names)}); use a dataset with the same "
+                "class names and order"
             )
     model_size(manifests, model_path)
     return manifests

@@ -109,7 +109,7 @@ def test_weighted_training_and_evaluation(work, tmp_path):
     store_mean = MaskStore.open(root / "masks.zarr").attrs["mean_entropy"]
     assert recorded == pytest.approx(store_mean, rel=2e-3)  # same ensemble, same images (float16 store)
     csv = out.with_suffix(".csv").read_text().splitlines()
-    assert len(csv) == 4 and csv[0].startswith("model,split,iou_sky")
+    assert len(csv) == 4 and csv[0].startswith("label,model,path,data,split,resolution,inference,iou_sky")
 
 
 def test_domain_shift_and_foreign_classes(work, tmp_path, capsys):

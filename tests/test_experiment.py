@@ -223,7 +223,7 @@ def test_evaluation_with_other_classes_is_refused_before_training(datasets, make
     (other / "classes.json").write_text(json.dumps(names))
     spec = write_spec(tmp_path, datasets, text=SPEC.replace('root = "{shifted}"', f'root = "{other}"'))
     iumask("experiment", spec, "--out", tmp_path / "out", expect=2)
-    assert "not the training data's" in capsys.readouterr().err.replace("\n", "")
+    assert "has other classes than the training data (class 0: 'x0' vs" in capsys.readouterr().err.replace("\n", "")
     assert not (tmp_path / "out" / "runs").exists()
 
 

@@ -149,6 +149,8 @@ class SegmentationMetrics:
 
     def _patch_counts(self, correct, valid, entropy) -> torch.Tensor:
         w, s = self.pavpu_window, self.pavpu_stride
+        if min(correct.shape[-2:]) < w:  # every patch would overhang an edge: none is scored
+            return torch.zeros(4, dtype=torch.int64)
         pool = lambda x: F.avg_pool2d(x[:, None].float(), w, stride=s)[:, 0]  # noqa: E731
         valid_frac = pool(valid)
         has_valid = valid_frac > 0

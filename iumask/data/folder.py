@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NoReturn
@@ -37,6 +39,16 @@ MAX_LABEL_VALUE = 65535  # labels are at most 16-bit PNGs
 # or a rotated JPEG would no longer line up with its label.
 _CV2_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 _HASH_CHUNK = 1 << 20
+
+
+def class_differences(names: list[str], expected: list[str], shown: int = 3) -> str:
+    """A short description of how two class lists differ (the first ``shown`` differences and the
+    counts), for messages that would otherwise list hundreds of names."""
+    diffs = [f"class {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, expected)) if a != b]
+    if len(names) != len(expected):
+        diffs.append(f"{len(names)} classes vs {len(expected)}")
+    more = f", and {len(diffs) - shown} more difference(s)" if len(diffs) > shown else ""
+    return "; ".join(diffs[:shown]) + more
 
 
 @dataclass(frozen=True)
@@ -236,6 +248,14 @@ class PairedDataset:
                                self.image_paths[i], shape)
             shapes.append(shape)
         return shapes
+
+    def check_pixels(self) -> None:
+        """Decode every image and label (label values checked against the classes), so that a file
+        with an intact header but truncated data, or a label outside the classes, stops a command
+        before training rather than at its first validation. Threads: OpenCV decodes without the GIL."""
+        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
+            for _ in pool.map(lambda i: (self.read_image(i), self.read_label(i)), range(len(self))):
+                pass
 
     def label_table_for(self, i: int) -> LabelTable | None:
         """The table that maps label ``i`` (formats may choose per file, e.g. labelIds vs trainIds)."""

@@ -9,7 +9,9 @@ once and cached in its manifest with the weights it belongs to (:mod:`iumask.art
 from __future__ import annotations
 
 import csv
+import json
 from pathlib import Path
+from typing import Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -19,6 +21,7 @@ from iumask.artifacts import (
     atomic_write,
     cache_threshold,
     cached_threshold,
+    describe_os_error,
     model_key,
     read_json,
     resolve_models,
@@ -33,6 +36,7 @@ from iumask.engine import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
+from iumask.report import result_labels
 from iumask.transfer import class_id_dtype, host_tensor, to_device
 from iumask.uncertainty import UncertaintySource, check_models, load_source
 
@@ -92,20 +96,25 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
 
 
 def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = EvalConfig(),
-             device: str = "auto") -> list[dict]:
+             device: str = "auto", before_work: Callable[[], None] | None = None) -> list[dict]:
     """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
     ``options.split``.
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
     (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
     and upsample the logits, or ``slide`` windows over the full-resolution image);
-    ``"train"`` resizes images and labels (nearest) to the training size.
+    ``"train"`` resizes images and labels (nearest) to the training size. ``before_work`` runs once
+    the models and data are checked, before the first model is run (e.g. to create the output folder).
     """
     dev = resolve_device(device)
     folder = data.open(options.split)
-    folder.check_headers()
+    shapes = folder.check_headers()
     for model_path in model_paths:  # every model usable before the first is evaluated
-        check_models(model_path, folder)
+        manifests = check_models(model_path, folder)
+        size = manifests[0].get("image_size") if options.resolution == "train" else None
+        check_pavpu_window(options.pavpu_window, [tuple(size)] * len(shapes) if size else shapes, folder)
+    if before_work is not None:
+        before_work()
     results = []
     for model_path in model_paths:
         source = load_source(model_path, "ensemble", dev)
@@ -119,6 +128,10 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         eval_size = source.size if options.resolution == "train" else None
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
                       inference=options.inference, workers=options.num_workers, amp=options.amp)
+        if int(metrics.confusion.sum()) == 0:
+            warn(f"{folder.root} ({options.split}): every label pixel is the ignore label "
+                 f"{folder.classes.ignore_index}, so IoU, accuracy, PAvPU and calibration are undefined (NaN); "
+                 "check the labels or the --split")
         size = source.size
         results.append({"model": name, "path": model_key(model_path), "split": options.split,
                         "data": str(data.root.resolve()), "classes": list(folder.classes.names),
@@ -126,6 +139,17 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
                         "inference": options.inference if size and options.resolution == "native" else None,
                         **metrics.compute()})
     return results
+
+
+def check_pavpu_window(window: int, shapes: list[tuple[int, int]], folder) -> None:
+    """Refuse a PAvPU window that fits in none of the evaluated images (PAvPU would have no patch),
+    before any work. Images smaller than the window in one side contribute no patch (patches that
+    overhang an edge are left out), so PAvPU is then over the other images."""
+    if shapes and all(window > min(h, w) for h, w in shapes):
+        h, w = max(shapes, key=min)
+        raise IumaskError(f"--pavpu-window {window}: larger than every evaluated image of {folder.root} "
+                          f"({folder.split}; the largest is {w}x{h}, WxH), so PAvPU would have no patch; choose a "
+                          f"window of at most {min(h, w)}")
 
 
 def display_name(manifests: list[dict]) -> str:
@@ -148,14 +172,33 @@ def merge_results(json_path: Path, results: list[dict],
     if not json_path.exists():
         return results, 0, 0
     classes = results[0]["classes"] if results else classes
-    previous = read_json(json_path, "results file")
-    if not isinstance(previous.get("results"), list):
-        raise IumaskError(f"{json_path}: not an iumask results file, so it is not replaced; choose another --output")
+    previous = read_results_file(json_path)
     new_keys = {tuple(r.get(k) for k in RESULT_KEY) for r in results}
     kept = [r for r in previous["results"] if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
     if kept and classes is not None and any(r.get("classes") != classes for r in kept):
         raise IumaskError(f"{json_path}: holds results over other classes; choose another --output to keep both")
     return kept + results, len(kept), len(previous["results"]) - len(kept)
+
+
+def read_results_file(json_path: Path) -> dict:
+    """An existing results file (``{"identity": ..., "results": [{...}, ...]}``); anything else (not
+    JSON, other JSON) is one error with one advice: iumask does not replace files it did not write."""
+    problem = None
+    try:
+        previous = json.loads(Path(json_path).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        problem = "not JSON"
+    except OSError as exc:
+        raise IumaskError(describe_os_error(exc, json_path, action="read")) from None
+    else:
+        if not isinstance(previous, dict) or not isinstance(previous.get("results"), list):
+            problem = "JSON without a list of results"
+        elif not all(isinstance(r, dict) and isinstance(r.get("classes"), list) for r in previous["results"]):
+            problem = "its results are not iumask results"
+    if problem:
+        raise IumaskError(f"{json_path}: not an iumask results file ({problem}), so it is not replaced; choose "
+                          "another --output, or delete the file if it is yours to discard")
+    return previous
 
 
 def write_results(results: list[dict], json_path: Path, identity: dict | None = None) -> Path:
@@ -164,13 +207,15 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
     write_json_atomic(json_path, {"identity": identity, "results": results})
     csv_path = json_path.with_suffix(".csv")
     classes = results[0]["classes"] if results else []
-    header = ["model", "split", *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
+    # ``label`` is distinct per row; model path, data, split, resolution and inference make it unique.
+    header = ["label", "model", *RESULT_KEY, *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
               "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold", "ece", "brier", "nll"]
     with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
-        for r in results:
-            row = [r["model"], r["split"], *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
+        for label, r in zip(result_labels(results), results):
+            keys = ("" if r.get(k) is None else r[k] for k in RESULT_KEY)
+            row = [label, r["model"], *keys, *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
                    r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"],
                    # NaN for entries merged from a results file written before these existed
                    *(r.get(k, float("nan")) for k in ("ece", "brier", "nll"))]
@@ -189,7 +234,7 @@ def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, j
                                         "conditions": list(data.conditions) if data.conditions else None,
                                         "evaluation": options.identity()}})
     if json_path.is_file():
-        previous = read_json(json_path, "results file")
+        previous = read_results_file(json_path)
         if previous.get("identity") == identity:
             console.print(f"[green]cache hit[/green]: {json_path} holds these results")
             return previous["results"]

@@ -22,9 +22,9 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable, resolve_models
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable, folder_writer_lock, resolve_models
 from iumask.config import LossConfig, MaskConfig
-from iumask.data.folder import SegmentationDataset
+from iumask.data.folder import SegmentationDataset, class_differences
 from iumask.engine import resolve_device
 from iumask.errors import IumaskError
 from iumask.experiment.analysis import rarest_classes, result_rows, summarize
@@ -115,10 +115,12 @@ class Experiment:
 
     # ------------------------------------------------------------------------- checks
 
-    def validate(self) -> list[str]:
-        """Everything that can fail cheaply, before the first training: the data (every header),
-        the evaluations' classes, a given ensemble, the output folder. Returns the class names."""
+    def validate(self, writable: bool = True) -> list[str]:
+        """Everything that can fail cheaply, before the first training: the device, the data (every
+        header), the evaluations' classes, a given ensemble, and with ``writable`` the output folder
+        (created; ``--dry-run`` creates nothing). Returns the class names."""
         spec = self.spec
+        resolve_device(spec.device)
         train_folder = spec.data.open(spec.data.train_split)
         train_folder.check_headers()
         spec.data.open(spec.data.val_split).check_headers()
@@ -127,13 +129,14 @@ class Experiment:
             folder = evaluation.data.open(evaluation.split)
             if list(folder.classes.names) != classes:
                 raise IumaskError(
-                    f"{spec.path}: evaluation {evaluation.name} ({folder.root}, {evaluation.split}) has classes "
-                    f"{list(folder.classes.names)}, not the training data's {classes}; evaluate on data with the "
-                    "same class names (in the same order)")
+                    f"{spec.path}: evaluation {evaluation.name} ({folder.root}, {evaluation.split}) has other classes "
+                    f"than the training data ({class_differences(list(folder.classes.names), classes)}); evaluate "
+                    "on data with the same class names (in the same order)")
             folder.check_headers()
         if spec.ensemble.path is not None and self.needs_masks:
             check_models(spec.ensemble.path, train_folder)
-        check_writable(self.out)
+        if writable:
+            check_writable(self.out)
         return classes
 
     # ------------------------------------------------------------------------- plan
@@ -167,6 +170,16 @@ class Experiment:
         start = time.perf_counter()
         distributed.init(resolve_device(spec.device))
         classes = self.validate()
+        # One experiment per folder: a second one would train the same models at the same time.
+        with folder_writer_lock(self.out, f"experiment folder {self.out}", "use another --out",
+                                enabled=distributed.is_main()):
+            summary = self._execute(classes, overwrite)
+        if summary is not None:
+            summary["wall_time_s"] = round(time.perf_counter() - start, 1)
+        return summary
+
+    def _execute(self, classes: list[str], overwrite: bool) -> dict | None:
+        spec = self.spec
         common = dict(device=spec.device, overwrite=overwrite)
         trainings = self.trainings()
         total = len(trainings) + len(self.stores()) + int(self.trains_ensemble)
@@ -198,9 +211,7 @@ class Experiment:
                                          self.evaluation_path(run, evaluation), spec.device)[0]
                 results[(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)] = result
                 rows += result_rows(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split, result)
-        summary = self.report(rows, results, classes)
-        summary["wall_time_s"] = round(time.perf_counter() - start, 1)
-        return summary
+        return self.report(rows, results, classes)
 
     def _train(self, arm: Arm, seed: int, folder: Path, encoders: tuple[str, ...], common: dict) -> None:
         spec = self.spec

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from iumask.artifacts import atomic_write, describe_os_error
+from iumask.artifacts import WriterLock, atomic_write, check_writable, describe_os_error
 from iumask.config import PredictConfig
 from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
@@ -176,34 +176,37 @@ def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictCon
     dev = resolve_device(device)
     manifests = check_models(Path(model_path))
     classes = ClassInfo.from_dict(manifests[0]["classes"], source=str(model_path))
-    result = PredictResult(out)
+    check_writable(out)  # after the model checks: a bad --model leaves no empty output folder
+    with WriterLock(out, f"prediction folder {out}", "use another --out"):
+        result = PredictResult(out)
 
-    shapes: dict[int, tuple[int, int]] = {}
-    for i, (file, _) in enumerate(found):
+        shapes: dict[int, tuple[int, int]] = {}
+        for i, (file, _) in enumerate(found):
+            try:
+                shapes[i] = image_header_shape(file)
+            except DataError as exc:
+                result.failed.append((file, str(exc)))
+                warn(f"skipped {exc}")
+        paths = [output_paths(out, rel) for _, rel in found]
+        source = load_source(Path(model_path), options.source, dev, options.passes)
+        store = _open_store(out, found, shapes, classes, source, options) if options.save_arrays else None
+        slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
         try:
-            shapes[i] = image_header_shape(file)
-        except DataError as exc:
-            result.failed.append((file, str(exc)))
-            warn(f"skipped {exc}")
-    paths = [output_paths(out, rel) for _, rel in found]
-    source = load_source(Path(model_path), options.source, dev, options.passes)
-    store = _open_store(out, found, shapes, classes, source, options) if options.save_arrays else None
-    slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
-    try:
-        todo = [i for i in sorted(shapes) if options.overwrite or not _is_done(paths[i], store, slot.get(i))]
-        result.existing = len(shapes) - len(todo)
-        if todo:
-            _run(source, found, todo, shapes, paths, store, slot, classes, options, dev, result)
-        if store is not None:
-            if store.completed().all():
-                store.set_attrs(finished=True, num_complete=store.num_images, ensemble=str(Path(model_path).resolve()))
-            store.commit()
-    except OSError as exc:
-        raise IumaskError(describe_os_error(exc, out)) from exc
-    finally:
-        if store is not None:
-            store.close()
-    return result
+            todo = [i for i in sorted(shapes) if options.overwrite or not _is_done(paths[i], store, slot.get(i))]
+            result.existing = len(shapes) - len(todo)
+            if todo:
+                _run(source, found, todo, shapes, paths, store, slot, classes, options, dev, result)
+            if store is not None:
+                if store.completed().all():
+                    store.set_attrs(finished=True, num_complete=store.num_images,
+                                    ensemble=str(Path(model_path).resolve()))
+                store.commit()
+        except OSError as exc:
+            raise IumaskError(describe_os_error(exc, out)) from exc
+        finally:
+            if store is not None:
+                store.close()
+        return result
 
 
 def _is_done(paths: dict[str, Path], store: MaskStore | None, index: int | None) -> bool:

@@ -4,7 +4,7 @@ already matches its inputs and resumed when it was interrupted."""
 from __future__ import annotations
 
 from iumask import distributed
-from iumask.artifacts import read_json
+from iumask.artifacts import folder_writer_lock, read_json
 from iumask.config import RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.engine import resolve_device
@@ -19,6 +19,12 @@ def run(config: RunConfig) -> list[dict]:
     Every option was validated when ``config`` was built, so nothing fails late for a bad option."""
     out = config.out
     distributed.init(resolve_device(config.device))
+    with folder_writer_lock(out, f"run folder {out}", "use another --out", enabled=distributed.is_main()):
+        return _run_locked(config)
+
+
+def _run_locked(config: RunConfig) -> list[dict]:
+    out = config.out
     data = config.data
     if config.synthetic is not None:
         make_data = lambda: generate_synthetic(data.root, overwrite=config.overwrite, **config.synthetic)  # noqa: E731

@@ -29,7 +29,7 @@ from iumask import distributed
 from iumask.artifacts import (
     CHECKPOINT_FILE,
     MANIFEST_FILE,
-    check_writable,
+    folder_writer_lock,
     json_digest,
     member_needs_training,
     read_json,
@@ -101,6 +101,9 @@ class TrainingInputs:
         # Every file's header now, not a corrupt file after the first epoch.
         shapes = train_folder.check_headers()
         val_folder.check_headers()
+        # The validation split is first read after an epoch: decode it now (seconds), so a truncated
+        # file or a label outside the classes is found before any training.
+        val_folder.check_pixels()
         if data.size is None and not (augment.enabled and augment.crop):
             require_one_shape(train_folder, shapes, size_fix)
         self.fingerprint = train_folder.fingerprint()
@@ -177,8 +180,20 @@ def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelCon
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
     dev, train = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
+    with out_lock(out):
+        return _train_locked_members(stage, loss_name, inputs, data, model, train, loss, out, dev, overwrite,
+                                     extra_identity, tensorboard)
+
+
+def out_lock(out: Path):
+    """The writer lock of a train command's ``--out`` (rank 0 takes it for its whole torchrun job)."""
+    return folder_writer_lock(out, f"model folder {out}", "use another --out", enabled=distributed.is_main())
+
+
+def _train_locked_members(stage: str, loss_name: str, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
+                          train: TrainConfig, loss: LossConfig, out: Path, dev: torch.device, overwrite: bool,
+                          extra_identity: dict | None, tensorboard: bool) -> Path:
     classes = inputs.classes
-    check_writable(out)
     loss_fn = inputs.loss_fn(loss_name, loss)
     names = model.names
     for index, (name, encoder) in enumerate(zip(names, model.encoders)):
@@ -278,7 +293,15 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint,
         data=data, train_options=train, loss=inputs.loss, augmentation=inputs.augmentation, online_masks=masks,
         world_size=distributed.world_size(), **_weights_identity(model))
-    check_writable(out)
+    with out_lock(out):
+        return _train_online_locked(identity, inputs, data, model, train, loss, masks, out, dev, overwrite,
+                                    tensorboard)
+
+
+def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
+                         train: TrainConfig, loss: LossConfig, masks: MaskConfig, out: Path, dev: torch.device,
+                         overwrite: bool, tensorboard: bool) -> Path:
+    classes, names = inputs.classes, model.names
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
     todo = [member_needs_training(out / name, ident, overwrite, warn) for name, ident in zip(names, member_identities)]
