@@ -46,7 +46,7 @@ def class_differences(names: list[str], expected: list[str], shown: int = 3) -> 
     counts), for messages that would otherwise list hundreds of names."""
     diffs = [f"class {i}: {a!r} vs {b!r}" for i, (a, b) in enumerate(zip(names, expected)) if a != b]
     if len(names) != len(expected):
-        diffs.append(f"{len(names)} classes vs {len(expected)}")
+        diffs.insert(0, f"{len(names)} classes vs {len(expected)}")
     more = f", and {len(diffs) - shown} more difference(s)" if len(diffs) > shown else ""
     return "; ".join(diffs[:shown]) + more
 
