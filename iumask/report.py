@@ -23,6 +23,7 @@ from typing import Callable
 import cv2
 import numpy as np
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from iumask.artifacts import write_bytes_atomic
@@ -546,14 +547,14 @@ def print_results(results: list[dict], compare: bool = False) -> None:
         if i in placed:
             continue
         placed.add(i)
-        columns.append((labels[i].replace(" ", "\n", 1), lambda key, r=r: r.get(key), False))
+        columns.append((escape(labels[i]).replace(" ", "\n", 1), lambda key, r=r: r.get(key), False))
         stage, _, name = r["model"].partition(" ")
         partner = next((j for j, o in enumerate(results) if compare and j not in placed and stage.startswith("baseline")
                         and o["model"].partition(" ")[2] == name), None)
         if partner is not None:
             placed.add(partner)
             other = results[partner]
-            columns.append((labels[partner].replace(" ", "\n", 1), lambda key, r=other: r.get(key), False))
+            columns.append((escape(labels[partner]).replace(" ", "\n", 1), lambda key, r=other: r.get(key), False))
             columns.append((f"Δ\n{name}", lambda key, a=r, b=other: _difference(b.get(key), a.get(key)), True))
     table = Table(title="per-class IoU, mIoU and PAvPU" + (" (Δ: IU-weighted − baseline)" if compare else ""),
                   show_lines=False)
@@ -574,7 +575,7 @@ def print_results(results: list[dict], compare: bool = False) -> None:
                        ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
         table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label,
                       *(cell(get(key), signed) for _, get, signed in columns))
-    print_table(table, 20 + 16 * len(columns))
+    print_table(table, 20 + sum(max(12, *map(len, title.split("\n"))) + 3 for title, _, _ in columns))
 
 
 def print_table(table: Table, width: int) -> None:
