@@ -24,7 +24,9 @@ without CamVid, with the CamVid version alongside (skipped when the data is abse
 
 from __future__ import annotations
 
+import json
 import math
+import shutil
 from pathlib import Path
 
 import cv2
@@ -32,6 +34,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from PIL import Image
 from reference import entropy_np, instance_means
 from testdata import camvid_labels, downsample, ids_of, read_label
 
@@ -322,6 +325,46 @@ def test_evaluate_default_threshold_is_training_mean_entropy(data, ensemble, mem
         total, pixels = total + entropy.sum(), pixels + entropy.size
     (result,) = evaluate([ensemble / "ensemble.json"], data, "val", device="cpu")
     assert result["pavpu_threshold"] == pytest.approx(total / pixels, rel=1e-5)
+
+
+@pytest.mark.slow
+def test_cached_evaluate_recomputes_when_options_or_data_change(data, ensemble, tmp_path, capsys):
+    """``cached_evaluate`` reuses a results file only for the same weights, data and options: another
+    PAvPU window, or an edited label file, evaluates again (a stale hit would report the results of
+    other options, or of the data before the edit)."""
+    root = tmp_path / "data"
+    shutil.copytree(data, root)  # the module's data stays as it is
+    model, results_file = [ensemble / MEMBERS[0]], tmp_path / "evaluation.json"
+    threshold = 0.5  # given, so that the shared ensemble's manifest gets no cached threshold
+
+    def cached(window: int) -> tuple[dict, bool]:
+        capsys.readouterr()
+        (result,) = evaluate_stage.cached_evaluate(model, DataConfig(root), EvalConfig(
+            "val", pavpu_threshold=threshold, pavpu_window=window), results_file, "cpu")
+        return result, "cache hit" in capsys.readouterr().err
+
+    def same(a: dict, b: dict) -> bool:  # NaN (a class absent from the split) equals NaN here
+        return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
+
+    first, hit = cached(4)
+    assert not hit
+    again, hit = cached(4)
+    assert hit and same(again, first)  # the cache does serve the same evaluation
+
+    wider, hit = cached(8)
+    assert not hit, "another --pavpu-window was answered from the cache"
+    (fresh,) = evaluate(model, root, "val", pavpu_threshold=threshold, pavpu_window=8)
+    assert same(wider, fresh) and wider["pavpu"] != first["pavpu"]
+
+    image_id = ids_of(root, "val")[0]
+    label = read_label(root, "val", image_id)
+    top = label[: label.shape[0] // 2]
+    top[top != IGNORE] = (top[top != IGNORE] + 1) % NUM_CLASSES  # every labelled pixel of the top half changes
+    Image.fromarray(label).save(root / "labels" / "val" / f"{image_id}.png")
+    edited, hit = cached(8)
+    assert not hit, "an edited label file was answered from the cache"
+    (fresh,) = evaluate(model, root, "val", pavpu_threshold=threshold, pavpu_window=8)
+    assert same(edited, fresh) and edited["miou"] != wider["miou"]
 
 
 @pytest.mark.slow

@@ -161,6 +161,17 @@ def test_results_csv_reproduces_the_report(straight):
     assert summary["training_runs"] == 5 and summary["reference"] == "regular"
 
 
+def test_each_seed_trains_its_own_model(straight):
+    """Every run is trained with its own seed (recorded in its manifest's train_options), so the two
+    seeds of an arm give two different models: an experiment whose seeds all trained one model would
+    report a spread and p-values of copies."""
+    for arm in ("regular", "iu"):
+        manifests = {seed: json.loads((straight / "runs" / arm / "mobilenet_v2" / f"seed-{seed}" / "mobilenet_v2"
+                                       / "manifest.json").read_text()) for seed in (0, 1)}
+        assert {s: m["train_options"]["seed"] for s, m in manifests.items()} == {0: 0, 1: 1}, arm
+        assert manifests[0]["weights_sha256"] != manifests[1]["weights_sha256"], f"{arm}: both seeds trained one model"
+
+
 def test_online_arm_and_its_plan(datasets, tmp_path, cli, capsys):
     extra = '\n[[arms]]\nname = "online"\niu = "online"\nonline_encoders = ["mobilenet_v2", "mobilenet_v2"]\n'
     text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")

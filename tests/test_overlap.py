@@ -67,6 +67,25 @@ def test_a_task_error_reaches_the_producer_and_queued_tasks_are_dropped():
     assert len(done) < 50  # the producer stopped at the first error it saw
 
 
+def test_the_error_of_the_last_task_submitted_surfaces_at_drain_and_at_the_end_of_the_block():
+    """With no later ``submit`` to see it, the last task's error is raised by ``drain()`` and on leaving
+    the ``with`` block: otherwise the last image's failed write would pass as a finished run."""
+    def fail():
+        raise ValueError("last write failed")
+
+    pool = BackgroundPool(threads=2)
+    pool.submit(lambda: None)
+    pool.submit(fail)
+    with pytest.raises(ValueError, match="last write failed"):
+        pool.drain()
+    pool.close()
+
+    with pytest.raises(ValueError, match="last write failed"):
+        with BackgroundPool(threads=2) as pool:
+            pool.submit(lambda: None)
+            pool.submit(fail)
+
+
 def test_serial_pool_runs_in_the_caller_and_map_keeps_order():
     calls = []
     with BackgroundPool(threads=0) as pool:

@@ -1,7 +1,8 @@
 """``iumask predict``: a small trained model applied to unlabeled images (real CamVid test images when
 present, generated images always) writes every output at the image's own size, with labels that
 read back through the folder format and equal an independent prediction; a corrupt input is skipped
-with a clear message and exit code 2; a rerun skips finished images and --overwrite redoes them."""
+with a clear message and exit code 2; the heat maps are on the fixed scale [0, ln C]; a rerun skips
+finished images, predicts again an image that lost one of its outputs, and --overwrite redoes them."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import cv2
+import matplotlib
 import numpy as np
 import pytest
 import torch
@@ -54,6 +56,11 @@ def reference_labels(model_dir: Path, image_path: Path) -> np.ndarray:
 def outputs(out: Path, rel: str) -> dict[str, Path]:
     stem = Path(rel).with_suffix("")
     return {kind: out / kind / f"{stem}.{'jpg' if kind == 'overlay' else 'png'}" for kind in OUTPUT_KINDS}
+
+
+def magma(values: np.ndarray, top: float) -> np.ndarray:
+    """Independently of ``heat_map``: ``values`` on the scale [0, ``top``] through matplotlib's magma, RGB as int."""
+    return (np.asarray(matplotlib.colormaps["magma"](np.clip(values / top, 0, 1)))[..., :3] * 255).round().astype(int)
 
 
 def stamps(files) -> dict[Path, tuple[int, int]]:
@@ -115,6 +122,13 @@ def check_predict(model_dir: Path, images: list[Path], work: Path, shapes: list[
             heat = np.asarray(Image.open(outputs(out, rel)["iu"]))
             expected_heat = heat_map(arrays["instance_uncertainty"], math.log(num_classes))
             assert np.abs(heat.astype(int) - expected_heat.astype(int)).max() <= 8  # float16 store
+            # The entropy image: the stored entropy on the fixed scale [0, ln C] (colours comparable
+            # across images), not on the image's own range, which a confident image would stretch.
+            entropy, top = arrays["entropy"].astype(np.float64), math.log(num_classes)
+            heat = np.asarray(Image.open(outputs(out, rel)["entropy"])).astype(int)
+            off = int(np.abs(heat - magma(entropy, top)).max())
+            assert off <= 8, f"entropy image not on the fixed [0, ln C] scale (colours off by up to {off})"
+            assert np.abs(magma(entropy, entropy.max()) - magma(entropy, top)).max() > 8  # the scales differ here
 
     # A rerun skips the finished images (files untouched) and still reports the corrupt ones.
     written = [f for rel in rels for f in outputs(out, rel).values()]
@@ -123,6 +137,18 @@ def check_predict(model_dir: Path, images: list[Path], work: Path, shapes: list[
     err = " ".join(capsys.readouterr().err.split())
     assert "0 predicted, 3 already done (skipped)" in err
     assert stamps(written) == before
+
+    # An image with one output missing (deleted here) is not done: a rerun predicts it again and
+    # writes the file back; the other images are skipped (files untouched).
+    missing = outputs(out, rels[0])["iu"]
+    missing.unlink()
+    iumask(*args, expect=2)
+    err = " ".join(capsys.readouterr().err.split())
+    assert missing.is_file(), "an image with a missing output was skipped as done"
+    assert "1 predicted, 2 already done (skipped)" in err
+    others = [f for rel in rels[1:] for f in outputs(out, rel).values()]
+    assert stamps(others) == {f: before[f] for f in others}
+    before = stamps(written)
 
     # With the corrupt files gone and --overwrite, every image is predicted again: exit 0.
     (inputs / "truncated.png").unlink()

@@ -162,6 +162,47 @@ def test_writer_lock_names_the_holder_and_a_killed_holders_lock_is_taken(tmp_pat
     only(tmp_path, "s.zarr")
 
 
+def writer_in_another_process(path: Path, ident: dict) -> subprocess.CompletedProcess:
+    """Another process opens the store as its writer and, if it may, writes image 2 and closes it."""
+    then = "import numpy as np\ns.write(2, np.zeros((8, 8)), np.zeros((8, 8)), np.zeros((8, 8), int))\ns.close()"
+    return subprocess.run([sys.executable, *store_code(path, ident, then)], capture_output=True, text=True,
+                          timeout=120, env=dict(os.environ, OMP_NUM_THREADS="1"))
+
+
+def assert_refused(process: subprocess.CompletedProcess, why: str) -> None:
+    assert process.returncode != 0, f"another process became the writer {why}"
+    assert "is being written by another process" in process.stderr, process.stderr[-2000:]
+
+
+def test_writer_lock_is_held_until_the_last_handle_of_this_process_closes(tmp_path):
+    """Two writer handles on one store in this process share the lock: closing the first keeps
+    other processes out (the second may still be writing), closing the second releases it."""
+    path, ident = tmp_path / "s.zarr", identity()
+    first = MaskStore.open_or_create(path, ident)
+    second = MaskStore.open_or_create(path, ident)  # resumes the same store: a second handle
+    first.close()
+    assert_refused(writer_in_another_process(path, ident), "after the first of two handles closed")
+    second.write(0, *arrays(0))
+    second.close()  # the last handle: must not fail, and releases the lock
+    process = writer_in_another_process(path, ident)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert MaskStore.open(path).completed().tolist() == [True, False, True]
+
+
+def test_a_resumed_writer_holds_the_writer_lock(tmp_path):
+    """``open_or_create`` on an existing store made from the same identity (a resume) holds the writer
+    lock like a new store does: another process is refused until the resumed writer closes."""
+    path, ident = tmp_path / "s.zarr", identity()
+    MaskStore.open_or_create(path, ident).close()  # an earlier run made the store and stopped
+    resumed = MaskStore.open_or_create(path, ident)
+    assert_refused(writer_in_another_process(path, ident), "while a resumed writer had the store open")
+    resumed.write(0, *arrays(0))
+    resumed.close()
+    process = writer_in_another_process(path, ident)
+    assert process.returncode == 0, process.stderr[-2000:]
+    assert MaskStore.open(path).completed().tolist() == [True, False, True]
+
+
 def test_predictions_are_uint16_beyond_256_classes_and_range_checked(tmp_path):
     """Item 3: the prediction dtype follows the class count, and the range check can fire."""
     wide = MaskStore.create(tmp_path / "wide", identity(classes=300))

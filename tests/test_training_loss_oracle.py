@@ -4,11 +4,11 @@ could not catch what matters most").
 * One real training step (4 training images, batch size 4, 1 epoch: exactly one optimizer step, so
   the recorded history loss is that step's loss) of ``train-baseline --class-weights inverse``,
   ``train-weighted --class-weights median`` (masks from a real ``make-masks`` store) and
-  ``train-weighted --online --class-weights median`` (two members), all through the CLI with
-  ``--no-augment``. Each step is replayed here from the same initial model: same seeds, same
-  batch order (the engine's :class:`EpochBatchSampler`), same dropout RNG stream (the engine seeds
-  ``seed_everything(seed)`` right before the loop; DeepLabV3+'s ASPP dropout draws from it), images
-  and labels read from the PNG files by this test. The recorded loss must equal
+  ``train-weighted --online --class-weights median`` (two members; once more with ``--normalize``),
+  all through the CLI with ``--no-augment``. Each step is replayed here from the same initial
+  model: same seeds, same batch order (the engine's :class:`EpochBatchSampler`), same dropout RNG
+  stream (the engine seeds ``seed_everything(seed)`` right before the loop; DeepLabV3+'s ASPP
+  dropout draws from it), images and labels read from the PNG files by this test. The recorded loss must equal
   ``uncertainty_weighted_cross_entropy`` (and a numpy reference of the formula) with the store's
   mask / the batch's online mask and the independently computed class weights, and must differ
   from plain cross-entropy and from the loss without class weights.
@@ -178,6 +178,15 @@ def online(data, cache_env, tmp_path_factory, cli):
     return out
 
 
+@pytest.fixture(scope="module")
+def online_normalized(data, cache_env, tmp_path_factory, cli):
+    """The ``online`` training with ``--normalize``: the masks' entropy divided by ln C."""
+    out = tmp_path_factory.mktemp("loss-oracle") / "online-normalized"
+    cli("train-weighted", "--online", "--normalize", "--data", data, "--out", out, "--encoder", "mobilenet_v2",
+        "--encoder", "mobilenet_v2", "--exponent", str(EXPONENT), "--class-weights", "median", *COMMON)
+    return out
+
+
 def manifest_of(folder: Path) -> dict:
     return json.loads((folder / "manifest.json").read_text())
 
@@ -287,24 +296,36 @@ def test_weighted_step_loss_uses_store_masks_and_median_weights(data, store, wei
 
 
 @pytest.mark.slow
-def test_online_step_loss_uses_the_batch_online_masks(data, online):
+@pytest.mark.parametrize("normalize", [False, True], ids=["entropy", "normalized-entropy"])
+def test_online_step_loss_uses_the_batch_online_masks(data, normalize, request):
+    """The recorded loss of a real online step equals the loss with the batch's mask computed here
+    (entropy in nats, or with ``--normalize`` divided by ln C, docs/method.md), not any other mask."""
+    online = request.getfixturevalue("online_normalized" if normalize else "online")
     names = ["mobilenet_v2", "mobilenet_v2-2"]
     manifests = [manifest_of(online / n) for n in names]
     seed = manifests[0]["train_options"]["seed"]
     assert seed == SEED and [m["init_seed"] for m in manifests] == [SEED, SEED + 1]
-    assert manifests[0]["online_masks"] == {"instances_from": "prediction", "connectivity": 8, "normalize": False}
+    assert manifests[0]["online_masks"] == {"instances_from": "prediction", "connectivity": 8, "normalize": normalize}
     _, images, labels = first_batch(data, manifests[0], seed)
     logits = replay_logits([("mobilenet_v2", SEED), ("mobilenet_v2", SEED + 1)], seed, images)
 
-    # The batch's mask, computed here: the members' mean softmax, its entropy, averaged over the
-    # 8-connected instances of its argmax.
+    # The batch's mask, computed here: the members' mean softmax, its entropy (over ln C when
+    # normalised), averaged over the 8-connected instances of its argmax.
     probs = ((torch.softmax(logits[0], 1) + torch.softmax(logits[1], 1)) / 2).numpy()
     entropy, prediction = entropy_np(probs), probs.argmax(1)
-    mine = np.stack([instance_means(p, e, 8, IGNORE) for p, e in zip(prediction, entropy)])
+
+    def mask(scale: float) -> np.ndarray:
+        return np.stack([instance_means(p, e / scale, 8, IGNORE) for p, e in zip(prediction, entropy)])
+
+    scale = math.log(NUM_CLASSES) if normalize else 1.0
+    mine = mask(scale)
     # ... and by the real online step's mask function (the same instances, the same means).
-    iu = online_masks(logits, labels, MaskConfig("prediction", 8, False), NUM_CLASSES, IGNORE)
-    np.testing.assert_allclose(iu.numpy(), mine, rtol=1e-5, atol=1e-5)
-    assert float(iu.max()) > 0.3
+    iu = online_masks(logits, labels, MaskConfig("prediction", 8, normalize), NUM_CLASSES, IGNORE)
+    np.testing.assert_allclose(iu.numpy(), mine, rtol=1e-5, atol=1e-5,
+                               err_msg=f"online mask with normalize={normalize} is not the entropy / {scale:.4f}")
+    assert float(iu.max()) * scale > 0.3
+    # the mask with the other choice of normalisation, which the recorded loss must not match
+    other_iu = torch.from_numpy(mask(1.0 if normalize else math.log(NUM_CLASSES)))
 
     pixels, in_images = count_labels(data, "train", NUM_CLASSES, IGNORE)
     weights = median_weights(pixels, in_images)
@@ -319,6 +340,8 @@ def test_online_step_loss_uses_the_batch_online_masks(data, online):
                                                                  cw).item(),
             no_class_weights=iumask.uncertainty_weighted_cross_entropy(member_logits, labels, iu, EXPONENT,
                                                                        IGNORE).item(),
+            **{f"normalize={not normalize}": iumask.uncertainty_weighted_cross_entropy(
+                member_logits, labels, other_iu, EXPONENT, IGNORE, cw).item()},
         )
 
 
