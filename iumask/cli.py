@@ -31,6 +31,7 @@ from iumask.config import (
     Inference,
     InstanceSource,
     LossConfig,
+    LossName,
     MaskConfig,
     ModelConfig,
     PredictConfig,
@@ -39,6 +40,7 @@ from iumask.config import (
     TrainConfig,
     UncertaintyKind,
 )
+from iumask.core import LOSS_METHODS
 from iumask.errors import IumaskError
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
@@ -59,9 +61,21 @@ DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root: generic fo
 FormatOpt = Annotated[Format, typer.Option("--format", help="Dataset layout (auto detects it).")]
 Conditions = Annotated[Optional[str], typer.Option(help="ACDC only: conditions to use, comma-separated "
                                                    "(fog,night,rain,snow). Default: all present.")]
-ClassWeights = Annotated[ClassWeighting, typer.Option(help="Class weights in the loss: inverse (inverse class "
-                                                      "proportion) or median (median frequency balancing); "
-                                                      "combinable with IU weighting.")]
+ClassWeights = Annotated[ClassWeighting, typer.Option(help="Class weights in the loss, from the training labels: "
+                                                      "inverse (inverse class proportion), median (median "
+                                                      "frequency balancing) or effective-number (Cui et al. "
+                                                      "2019, --effective-number-beta); combinable with any loss "
+                                                      "and with IU weighting (the focal loss's α).")]
+LossOpt = Annotated[LossName, typer.Option("--loss", help="Loss method: " + "; ".join(
+    f"{name}: {method.summary}" for name, method in LOSS_METHODS.items()) + ". IU weighting multiplies any "
+    "per-pixel loss; dice and lovasz take no per-pixel weight.")]
+FocalGamma = Annotated[float, typer.Option(help="--loss focal: focusing parameter γ of (1 − p)^γ (0 = CE).")]
+OhemThreshold = Annotated[float, typer.Option(help="--loss ohem: keep pixels whose true-class probability is below "
+                                              "this (mmsegmentation: 0.7).")]
+OhemMinKept = Annotated[int, typer.Option(help="--loss ohem: keep at least this many pixels per image (the "
+                                          "hardest; mmsegmentation: 100000, sized for 512x1024 crops).")]
+EffectiveNumberBeta = Annotated[float, typer.Option(help="--class-weights effective-number: β in "
+                                                    "(1 − β)/(1 − β^n) over pixel counts n.")]
 Augment = Annotated[bool, typer.Option(help="Augment training samples (scale, crop, flip, colour jitter; "
                                        "label and IU mask move with the image).")]
 Scale = Annotated[str, typer.Option(help="Random scale range MIN,MAX of the augmentation.")]
@@ -172,8 +186,14 @@ AUGMENTATION = OptionGroup("augment", (
     ("jitter", Jitter, 0.2)),
     lambda augment, scale, crop, flip, jitter: AugmentConfig(augment, scale, crop, flip, jitter))
 
-LOSS = OptionGroup("loss", (("exponent", Exponent, 2.0), ("class_weights", ClassWeights, ClassWeighting.NONE)),
-                   lambda exponent, class_weights: LossConfig(exponent, class_weights))
+# The loss without IU weighting (train-baseline), and with it (γ = --exponent).
+PLAIN_LOSS = OptionGroup("loss", (
+    ("loss", LossOpt, LossName("cross-entropy")), ("class_weights", ClassWeights, ClassWeighting.NONE),
+    ("focal_gamma", FocalGamma, LossConfig.focal_gamma), ("ohem_threshold", OhemThreshold, LossConfig.ohem_threshold),
+    ("ohem_min_kept", OhemMinKept, LossConfig.ohem_min_kept),
+    ("effective_number_beta", EffectiveNumberBeta, LossConfig.effective_number_beta)),
+    lambda **options: LossConfig(exponent=0.0, **options))
+LOSS = OptionGroup("loss", (("exponent", Exponent, 2.0), *PLAIN_LOSS.options), lambda **options: LossConfig(**options))
 INSTANCES = OptionGroup("masks", (
     ("instances_from", InstancesFrom, InstanceSource.PREDICTION), ("connectivity", ConnectivityOpt, Connectivity.EIGHT),
     ("normalize", Normalize, False)),
@@ -205,27 +225,28 @@ def make_synthetic(
 
 
 @app.command("train-baseline")
-@takes(MODEL, TRAINING, AUGMENTATION)
+@takes(MODEL, TRAINING, AUGMENTATION, PLAIN_LOSS)
 def train_baseline(
     data: DataRoot,
     model: ModelConfig,
     train: TrainConfig,
     augment: AugmentConfig,
+    loss: LossConfig,
     out: Out = Path("runs/baseline"),
     size: Size = None,
     device: Device = "auto",
-    class_weights: ClassWeights = ClassWeighting.NONE,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     overwrite: Overwrite = False,
     tensorboard: TensorBoard = False,
 ):
-    """Train an ensemble of DeepLabV3+ members with plain cross-entropy (one folder per member and an
-    ensemble.json). Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
+    """Train an ensemble of DeepLabV3+ members without IU masks: plain cross-entropy (the paper's
+    baseline) or a peer method (--loss, --class-weights); one folder per member and an
+    ensemble.json. Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     from iumask.stages.train import train_baseline as stage
 
-    manifest = stage(data_config(data, size, format, conditions), model, train, LossConfig(0.0, class_weights),
-                     augment, out, device, overwrite, tensorboard)
+    manifest = stage(data_config(data, size, format, conditions), model, train, loss, augment, out, device,
+                     overwrite, tensorboard)
     _print_path("ensemble", manifest)
 
 

@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from iumask.core.loss import CLASS_WEIGHTINGS, DEFAULT_EFFECTIVE_NUMBER_BETA, LOSS_METHODS, LossMethod
 from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, open_dataset
@@ -41,7 +42,10 @@ Format = Choice("Format", {name: name for name in FORMATS})  # from the dataset-
 
 InstanceSource = Choice("InstanceSource", {"PREDICTION": "prediction", "LABEL": "label"})
 Connectivity = Choice("Connectivity", {"FOUR": "4", "EIGHT": "8"})
-ClassWeighting = Choice("ClassWeighting", {"NONE": "none", "INVERSE": "inverse", "MEDIAN": "median"})
+ClassWeighting = Choice("ClassWeighting", {name.upper().replace("-", "_"): name for name in CLASS_WEIGHTINGS})
+# The loss methods registered when the CLI was built (LossConfig checks the registry itself, so a
+# method registered later works from Python and config files built in Python).
+LossName = Choice("LossName", {name.upper().replace("-", "_"): name for name in LOSS_METHODS})
 Amp = Choice("Amp", {"OFF": "off", "BF16": "bf16", "FP16": "fp16"})
 Resolution = Choice("Resolution", {"NATIVE": "native", "TRAIN": "train"})
 Inference = Choice("Inference", {"RESIZE": "resize", "SLIDE": "slide"})
@@ -104,6 +108,10 @@ def checked_workers(value: Any, option: str = "--workers") -> int | str:
     if isinstance(value, bool) or number < 0 or (isinstance(value, float) and value != number):
         raise IumaskError(f"{option} must be auto or an integer >= 0, got {value!r}")
     return number
+
+
+def _is_number(value) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 
 
 def _at_least(value, low, option: str, what: str = "") -> None:
@@ -302,20 +310,63 @@ RUNTIME_OPTIONS = ("checkpoint_every", "num_workers")
 
 @dataclass(frozen=True)
 class LossConfig:
-    """The training loss: cross-entropy × (1 + IU)^γ (γ = ``--exponent``; 0 or no masks: plain CE),
-    optionally with class weights (``--class-weights``)."""
+    """The training loss: a loss method (``--loss``: cross-entropy, the paper's, or a peer method
+    from :data:`iumask.core.LOSS_METHODS`) × (1 + IU)^γ (γ = ``--exponent``; 0 or no masks: no IU
+    weighting), optionally with class weights (``--class-weights``), and the methods' parameters."""
 
     exponent: float = 2.0
     class_weights: str = "none"
+    loss: str = "cross-entropy"
+    focal_gamma: float = 2.0
+    ohem_threshold: float = 0.7
+    ohem_min_kept: int = 100_000
+    effective_number_beta: float = DEFAULT_EFFECTIVE_NUMBER_BETA
 
     def __post_init__(self) -> None:
         _at_least(self.exponent, 0, "--exponent", "a finite γ >= 0")
         object.__setattr__(self, "exponent", float(self.exponent))
         object.__setattr__(self, "class_weights", choice(ClassWeighting, self.class_weights, "--class-weights"))
+        loss = self.loss.value if isinstance(self.loss, Enum) else str(self.loss)
+        if loss not in LOSS_METHODS:
+            raise IumaskError(f"--loss must be one of {', '.join(LOSS_METHODS)}, got {self.loss!r}")
+        object.__setattr__(self, "loss", loss)
+        _at_least(self.focal_gamma, 0, "--focal-gamma", "a finite γ >= 0")
+        object.__setattr__(self, "focal_gamma", float(self.focal_gamma))
+        if not _is_number(self.ohem_threshold) or not 0 < self.ohem_threshold <= 1:
+            raise IumaskError(f"--ohem-threshold must be a probability in (0, 1], got {self.ohem_threshold!r}")
+        object.__setattr__(self, "ohem_threshold", float(self.ohem_threshold))
+        if isinstance(self.ohem_min_kept, bool) or not isinstance(self.ohem_min_kept, int) or self.ohem_min_kept < 0:
+            raise IumaskError(f"--ohem-min-kept must be an integer >= 0, got {self.ohem_min_kept!r}")
+        if not _is_number(self.effective_number_beta) or not 0 <= self.effective_number_beta < 1:
+            raise IumaskError(f"--effective-number-beta must be in [0, 1), got {self.effective_number_beta!r}")
+        object.__setattr__(self, "effective_number_beta", float(self.effective_number_beta))
+
+    @property
+    def method(self) -> LossMethod:
+        return LOSS_METHODS[self.loss]
 
     def plain(self) -> LossConfig:
-        """The same class weighting without IU weighting (the baseline's loss)."""
+        """The same loss and class weighting without IU weighting (the baseline's loss)."""
         return replace(self, exponent=0.0)
+
+    def check_iu_weighting(self, where: str = "--loss") -> None:
+        """Refuse IU weighting of a region loss (Dice, Lovász): it has no per-pixel term to weight."""
+        if not self.method.takes_pixel_weights and self.exponent != 0:
+            raise IumaskError(f"{where} {self.loss}: a region loss takes no per-pixel weight, so it cannot be "
+                              "combined with IU weighting; use cross-entropy, focal, ohem or recall with IU masks, "
+                              "or train it without masks (train-baseline)")
+
+    def identity(self) -> dict:
+        """What a trained model's identity records of its loss: γ and the class weighting, and only
+        where they are used, the method and its parameters and β (so models trained before these
+        options existed keep their identity)."""
+        out: dict[str, Any] = {"exponent": self.exponent, "class_weights": self.class_weights}
+        if self.loss != "cross-entropy":
+            out["method"] = self.loss
+            out.update({name: getattr(self, name) for name in self.method.parameters})
+        if self.class_weights == "effective-number":
+            out["effective_number_beta"] = self.effective_number_beta
+        return out
 
 
 # ----------------------------------------------------------------------------- masks and evaluation

@@ -1,8 +1,11 @@
-"""Training losses by name: the one place the baseline, offline-weighted and online steps get theirs.
+"""Training losses: the one place the baseline, offline-weighted and online steps get theirs.
 
-A loss is built from a :class:`~iumask.config.LossConfig` (γ and the class weighting), the class
-weights' values and the ignore index, and is called as ``loss(logits, label, iu)``. Class weights
-combine with either loss (docs/method.md §4, §7). A new loss is one :func:`register_loss` entry.
+A loss is built from a :class:`~iumask.config.LossConfig` (the method, γ, the class weighting and
+the methods' parameters), the class weights' values and the ignore index, and is called as
+``loss(logits, label, iu)``. The methods are the registry :data:`iumask.core.LOSS_METHODS`
+(cross-entropy, focal, ohem, recall, dice, lovasz): a new method is one
+:func:`iumask.core.register_loss_method` call, and the CLI's ``--loss`` choices, config files and
+experiment arms take it by name (docs/method.md §4, §7, §10).
 """
 
 from __future__ import annotations
@@ -12,42 +15,24 @@ from typing import Callable
 import torch
 
 from iumask.config import LossConfig
-from iumask.core import uncertainty_weighted_cross_entropy
+from iumask.core import segmentation_loss
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, "torch.Tensor | None"], torch.Tensor]
-LossFactory = Callable[[LossConfig, "torch.Tensor | None", int], LossFn]
-LOSSES: dict[str, LossFactory] = {}
 
 
-def register_loss(name: str) -> Callable[[LossFactory], LossFactory]:
-    def add(factory: LossFactory) -> LossFactory:
-        LOSSES[name] = factory
-        return factory
-    return add
-
-
-@register_loss("cross-entropy")
-def cross_entropy(config: LossConfig, class_weights: torch.Tensor | None, ignore_index: int) -> LossFn:
-    """Plain (optionally class-weighted) cross-entropy: the baseline's loss; ``iu`` is ignored."""
-    def loss(logits: torch.Tensor, label: torch.Tensor, iu: torch.Tensor | None = None) -> torch.Tensor:
-        return uncertainty_weighted_cross_entropy(logits, label, None, 0.0, ignore_index, class_weights)
-    return loss
-
-
-@register_loss("iu-weighted")
-def iu_weighted(config: LossConfig, class_weights: torch.Tensor | None, ignore_index: int) -> LossFn:
-    """CE · (1 + IU)^γ with the batch's IU mask, which it requires (a missing mask would silently
-    train plain cross-entropy)."""
-    def loss(logits: torch.Tensor, label: torch.Tensor, iu: torch.Tensor | None) -> torch.Tensor:
-        if iu is None:
-            raise ValueError("the IU-weighted loss needs the batch's IU mask")
-        return uncertainty_weighted_cross_entropy(logits, label, iu, config.exponent, ignore_index, class_weights)
-    return loss
-
-
-def build_loss(name: str, config: LossConfig, class_weight_values: list[float] | None, ignore_index: int) -> LossFn:
-    """The registered loss ``name`` with these settings (class weights as float32 values)."""
-    if name not in LOSSES:
-        raise ValueError(f"unknown loss {name!r}; registered: {', '.join(LOSSES)}")
+def build_loss(config: LossConfig, class_weight_values: list[float] | None, ignore_index: int,
+               iu_weighted: bool) -> LossFn:
+    """The loss of ``config`` (class weights as float32 values). With ``iu_weighted`` every call
+    needs the batch's IU mask (a missing mask would silently train without it) and the method must
+    take per-pixel weights; without, ``iu`` is ignored and γ is not used."""
+    if iu_weighted:
+        config.check_iu_weighting()
     weights = None if class_weight_values is None else torch.as_tensor(class_weight_values, dtype=torch.float32)
-    return LOSSES[name](config, weights, ignore_index)
+    exponent = config.exponent if iu_weighted else 0.0
+
+    def loss(logits: torch.Tensor, label: torch.Tensor, iu: torch.Tensor | None = None) -> torch.Tensor:
+        if iu_weighted and iu is None:
+            raise ValueError("the IU-weighted loss needs the batch's IU mask")
+        return segmentation_loss(logits, label, config.loss, config, ignore_index, weights,
+                                 iu if iu_weighted else None, exponent)
+    return loss

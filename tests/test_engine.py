@@ -335,7 +335,8 @@ def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_pat
     assert output.count("ensemble:") == 1 and output.count("needs a CUDA device") == 1  # rank 1 is silent
     ensemble = json.loads((out / "ensemble.json").read_text())
     assert ensemble["members"] == ["mobilenet_v2", "efficientnet-b0"]
-    assert sorted(p.name for p in out.iterdir()) == ["efficientnet-b0", "ensemble.json", "mobilenet_v2"]
+    assert sorted(p.name for p in out.iterdir()) == [".iumask-writer.lock", "efficientnet-b0", "ensemble.json",
+                                                 "mobilenet_v2"]  # the lock: rank 0 held it for the job
     for name in ensemble["members"]:
         files = sorted(p.name for p in (out / name).iterdir())
         assert files == ["curves.png", "manifest.json", "metrics.csv", "model.safetensors"]

@@ -34,7 +34,9 @@ from iumask.errors import IumaskError
 
 # How an arm uses IU masks: not at all, from the mask store (offline), or computed while training.
 IU_MODES = ("none", "offline", "online")
-ARM_KEYS = ("name", "iu", "exponent", "class_weights", "instances_from", "connectivity", "normalize", "train",
+# The loss keys of an arm besides iu and exponent: LossConfig's fields (method, weighting, parameters).
+LOSS_KEYS = ("loss", "class_weights", "focal_gamma", "ohem_threshold", "ohem_min_kept", "effective_number_beta")
+ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivity", "normalize", "train",
             "augment", "online_encoders")
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "seeds", "masks", "evaluation",
             "evaluations", "arms", "reference", "rare_classes", "device")
@@ -310,7 +312,10 @@ def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskC
     if iu == "none" and exponent:
         table.fail(f"exponent = {exponent} needs IU masks: add iu = 'offline' or 'online'")
     weighting = table.build(choice, ClassWeighting, table.get("class_weights", "none"), "class_weights")
-    loss = table.build(LossConfig, exponent=exponent, class_weights=weighting)
+    options = {k: table.get(k) for k in LOSS_KEYS if k in table.values and k != "class_weights"}
+    loss = table.build(LossConfig, exponent=exponent, class_weights=weighting, **options)
+    if iu != "none":
+        table.build(loss.check_iu_weighting, "loss =")
     instance_options = {k: table.get(k) for k in ("instances_from", "connectivity", "normalize") if k in table.values}
     if instance_options and iu == "none":
         table.fail(f"{', '.join(instance_options)} apply to IU masks: add iu = 'offline' or 'online'")

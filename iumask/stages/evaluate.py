@@ -153,11 +153,13 @@ def check_pavpu_window(window: int, shapes: list[tuple[int, int]], folder) -> No
 
 
 def display_name(manifests: list[dict]) -> str:
-    """E.g. ``baseline mobilenet_v2``, ``baseline+inverse mobilenet_v2``, ``weighted ensemble``."""
+    """E.g. ``baseline mobilenet_v2``, ``baseline+inverse mobilenet_v2``, ``baseline+focal resnet18``,
+    ``weighted ensemble``."""
     stage = manifests[0].get("stage", "model")
-    weighting = manifests[0].get("loss", {}).get("class_weights", "none")
-    if weighting != "none":
-        stage = f"{stage}+{weighting}"
+    loss = manifests[0].get("loss", {})
+    for part in (loss.get("method", "cross-entropy"), loss.get("class_weights", "none")):
+        if part not in ("cross-entropy", "none"):
+            stage = f"{stage}+{part}"
     if len(manifests) > 1:
         return f"{stage} ensemble"
     return f"{stage} {manifests[0].get('name', manifests[0]['encoder'])}"

@@ -107,9 +107,8 @@ class TrainingInputs:
         if data.size is None and not (augment.enabled and augment.crop):
             require_one_shape(train_folder, shapes, size_fix)
         self.fingerprint = train_folder.fingerprint()
-        weights = class_weight_values(train_folder, loss.class_weights, self.fingerprint)
-        self.loss = {"exponent": loss.exponent, "class_weights": loss.class_weights,
-                     "class_weight_values": None if weights is None else weights.tolist()}
+        weights = class_weight_values(train_folder, loss, self.fingerprint)
+        self.loss = {**loss.identity(), "class_weight_values": None if weights is None else weights.tolist()}
         transform = augment.transform(self.classes.ignore_index)
         self.augmentation = None if transform is None else transform.describe()
         mask_fn = StoreMaskReader(masks) if masks is not None else None
@@ -117,8 +116,8 @@ class TrainingInputs:
                                              seed=train.seed, valid_mask=valid_mask)
         self.val_set = SegmentationDataset(val_folder, data.size)
 
-    def loss_fn(self, name: str, config: LossConfig) -> LossFn:
-        return build_loss(name, config, self.loss["class_weight_values"], self.classes.ignore_index)
+    def loss_fn(self, config: LossConfig, iu_weighted: bool) -> LossFn:
+        return build_loss(config, self.loss["class_weight_values"], self.classes.ignore_index, iu_weighted)
 
     def manifest_extras(self, data: DataConfig) -> dict:
         """What every member manifest records beside its identity."""
@@ -141,13 +140,14 @@ def require_one_shape(folder: PairedDataset, shapes: list[tuple[int, int]], fix:
                 f"{folder.ids[i]} is {shape[1]}x{shape[0]}, WxH); {fix}")
 
 
-def class_weight_values(folder: PairedDataset, method: str, fingerprint: str) -> np.ndarray | None:
+def class_weight_values(folder: PairedDataset, loss: LossConfig, fingerprint: str) -> np.ndarray | None:
     """Class weights from the training labels' counts (computed once per dataset, cached)."""
-    if method == "none":
+    if loss.class_weights == "none":
         return None
     stats = cached_label_statistics(folder, fingerprint=fingerprint)["per_class"]
     # Eigen & Fergus: all pixels of the images that contain c (as in CamVid's published weights).
-    return class_weights(stats["pixels"], method, stats["total_pixels_in_images_containing"])
+    return class_weights(stats["pixels"], loss.class_weights, stats["total_pixels_in_images_containing"],
+                         loss.effective_number_beta)
 
 
 def _start(model: ModelConfig, train: TrainConfig, device: str,
@@ -174,14 +174,14 @@ def _weights_identity(model: ModelConfig) -> dict:
 # ----------------------------------------------------------------------------- baseline and weighted
 
 
-def _train_members(stage: str, loss_name: str, data: DataConfig, model: ModelConfig, train: TrainConfig,
+def _train_members(stage: str, iu_weighted: bool, data: DataConfig, model: ModelConfig, train: TrainConfig,
                    loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
                    masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False) -> Path:
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
     dev, train = _start(model, train, device, tensorboard)
     inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
     with out_lock(out):
-        return _train_locked_members(stage, loss_name, inputs, data, model, train, loss, out, dev, overwrite,
+        return _train_locked_members(stage, iu_weighted, inputs, data, model, train, loss, out, dev, overwrite,
                                      extra_identity, tensorboard)
 
 
@@ -190,11 +190,11 @@ def out_lock(out: Path):
     return folder_writer_lock(out, f"model folder {out}", "use another --out", enabled=distributed.is_main())
 
 
-def _train_locked_members(stage: str, loss_name: str, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
+def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
                           train: TrainConfig, loss: LossConfig, out: Path, dev: torch.device, overwrite: bool,
                           extra_identity: dict | None, tensorboard: bool) -> Path:
     classes = inputs.classes
-    loss_fn = inputs.loss_fn(loss_name, loss)
+    loss_fn = inputs.loss_fn(loss, iu_weighted)
     names = model.names
     for index, (name, encoder) in enumerate(zip(names, model.encoders)):
         folder = out / name
@@ -237,7 +237,7 @@ def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, los
                    tensorboard: bool = False) -> Path:
     """Stage 1: an ensemble trained with plain (optionally class-weighted) cross-entropy
     (``loss.exponent`` is not used). Returns its ensemble.json."""
-    return _train_members("baseline", "cross-entropy", data, model, train, loss.plain(), augment, Path(out),
+    return _train_members("baseline", False, data, model, train, loss.plain(), augment, Path(out),
                           device, overwrite, tensorboard=tensorboard)
 
 
@@ -246,6 +246,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
                    overwrite: bool = False, tensorboard: bool = False) -> Path:
     """Stage 3: models trained with the IU-weighted loss, each image's mask read from the store
     (checked to belong to this dataset and to be complete; training runs at the store's size)."""
+    loss.check_iu_weighting()
     if tensorboard:
         require_tensorboard()
     store = MaskStore.open(store_path)
@@ -264,7 +265,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
     )
     if not store.attrs.get("finished") or not store.completed().all():
         raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
-    return _train_members("weighted", "iu-weighted", data.with_size(size), model, train, loss, augment, Path(out),
+    return _train_members("weighted", True, data.with_size(size), model, train, loss, augment, Path(out),
                           device, overwrite, masks=Path(store_path),
                           extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard)
 
@@ -280,6 +281,7 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
     Member ``k`` is initialised from seed ``train.seed + k``; all members see the same batches
     (data order and augmentation from ``train.seed``).
     """
+    loss.check_iu_weighting()
     if masks.source != UncertaintyKind.ENSEMBLE.value:
         raise IumaskError("--source: online training uses its members as the ensemble; --source mc-dropout "
                           "applies to make-masks")
@@ -320,7 +322,7 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
         total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
         members = [make_member(name, net, encoder, train, dev, total_steps, precision)
                    for name, net, encoder in zip(names, nets, model.encoders)]
-        step = OnlineStep(members, precision, masks, inputs.loss_fn("iu-weighted", loss), classes.num_classes,
+        step = OnlineStep(members, precision, masks, inputs.loss_fn(loss, iu_weighted=True), classes.num_classes,
                           classes.ignore_index, dev)
         log = EpochLog([out / name for name in names], [f"online {name}" for name in names], classes,
                        inputs.val_set, dev, tensorboard)
