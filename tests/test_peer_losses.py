@@ -177,7 +177,8 @@ def plain(data, tmp_path_factory):
 
 @pytest.mark.slow
 @pytest.mark.usefixtures("one_thread")
-@pytest.mark.parametrize("args", [["--loss", "focal"], ["--loss", "ohem", "--ohem-threshold", "0.1", "--ohem-min-kept", "100"],
+@pytest.mark.parametrize("args", [["--loss", "focal"],
+                                  ["--loss", "ohem", "--ohem-threshold", "0.1", "--ohem-min-kept", "100"],
                                   ["--loss", "recall"], ["--loss", "dice"], ["--loss", "lovasz"],
                                   ["--class-weights", "effective-number"]])
 def test_each_method_trains_and_changes_the_weights(data, plain, tmp_path, args):
