@@ -25,7 +25,8 @@ LAYERS = [
     ["iumask.data.formats"],
     ["iumask.data.augment", "iumask.data.folder"],
     ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
-    ["iumask.core.instances", "iumask.core.loss", "iumask.core.metrics", "iumask.core.entropy"],
+    ["iumask.core.metrics", "iumask.core.loss"],
+    ["iumask.core.instances", "iumask.core.entropy"],
     ["iumask.errors"],
 ]
 # Package __init__ files re-export what lies below them.

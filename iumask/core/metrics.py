@@ -1,7 +1,10 @@
 """Segmentation and uncertainty metrics (docs/method.md §8): IoU from one confusion matrix over the
 split, PAvPU (Mukhoti & Gal 2018) from pooled patch counts, and, given class probabilities, the
-calibration metrics ECE (from per-bin sums), Brier score and NLL (from running sums). Streaming:
-memory does not grow with the number of images."""
+calibration metrics ECE (from per-bin sums), Brier score and NLL (from running sums); and the
+metrics that see small and rare objects and selective prediction (docs/method.md §8): mean class
+accuracy, per-image mIoU and its worst 10 %, instance recall per class and size, and AURC, AUGRC and
+risk at 80 % coverage from a fine confidence histogram. Streaming: memory does not grow with the
+number of pixels (one float per image for the per-image mIoU)."""
 
 from __future__ import annotations
 
@@ -10,6 +13,112 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
+
+from iumask.core.instances import label_instances
+
+# Instance sizes by area relative to the image: COCO's 32² and 96² pixels of a 640x480 image.
+INSTANCE_SIZES = ("small", "medium", "large")
+SMALL_INSTANCE_AREA = 32 * 32 / (640 * 480)
+LARGE_INSTANCE_AREA = 96 * 96 / (640 * 480)
+# Selective risk: pixels binned by confidence on u = log(1 − confidence) / log(1e-7) ∈ [0, 1]
+# (fine near confidence 1, where a trained model puts most pixels; confidence exactly 1 and
+# above 1 − 1e-7 share the last bin).
+RISK_BINS = 1 << 16
+_RISK_FLOOR = math.log(1e-7)
+COVERAGE = 0.8
+WORST_FRACTION = 0.1
+
+
+def instance_recall_counts(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255,
+                           connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth instances of one image (connected components of each class of ``target``, as
+    the method's instances) that are found, i.e. at least half of their pixels predicted as their
+    class: ``(found, total)``, each ``(C, 3)`` counts by class and size (small, medium, large)."""
+    found = np.zeros((num_classes, len(INSTANCE_SIZES)), np.int64)
+    total = np.zeros_like(found)
+    instances, instance_class = label_instances(target, num_classes, connectivity, ignore_index)
+    count = len(instance_class) - 1
+    if count == 0:
+        return found, total
+    flat = instances.ravel()
+    area = np.bincount(flat, minlength=count + 1)[1:]
+    hits = np.bincount(flat[(pred == target).ravel()], minlength=count + 1)[1:]
+    size = np.digitize(area / target.size, [SMALL_INSTANCE_AREA, LARGE_INSTANCE_AREA])
+    classes = instance_class[1:]
+    np.add.at(total, (classes, size), 1)
+    np.add.at(found, (classes, size), (2 * hits >= area).astype(np.int64))
+    return found, total
+
+
+def per_image_miou(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
+    """One image's mIoU over the classes present in its label or its prediction (valid pixels
+    only); NaN for an image without valid pixels."""
+    valid = target != ignore_index
+    if not valid.any():
+        return math.nan
+    cm = np.bincount(target[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes ** 2)
+    cm = cm.reshape(num_classes, num_classes)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    present = union > 0
+    return float((tp[present] / union[present]).mean())
+
+
+def worst_mean(values: list[float], fraction: float = WORST_FRACTION) -> float:
+    """Mean of the lowest ``ceil(fraction · n)`` values (NaN without values)."""
+    values = sorted(v for v in values if not math.isnan(v))
+    if not values:
+        return math.nan
+    return float(np.mean(values[:math.ceil(fraction * len(values))]))
+
+
+def risk_bin(confidence: torch.Tensor, bins: int = RISK_BINS) -> torch.Tensor:
+    """The selective-risk histogram bin of each confidence (0 = least confident)."""
+    u = torch.log1p(-confidence.double().clamp(0, 1)).clamp_min(_RISK_FLOOR) / _RISK_FLOOR
+    return (u * bins).long().clamp_(0, bins - 1)
+
+
+def selective_risk(counts, errors, coverage: float = COVERAGE) -> dict:
+    """AURC, AUGRC and the risk at ``coverage`` (torch-uncertainty's definitions: pixels sorted by
+    confidence, most confident first; risk(k) = errors among the first k / k, generalized risk =
+    errors among the first k / n; the areas over coverage k/n) from a confidence histogram:
+    ``counts`` and ``errors`` per bin, bins in increasing confidence.
+
+    The order of pixels inside a bin is unknown, so the errors are taken as spread evenly through
+    it (the expected value for a random order of the bin's pixels). ``*_bound`` are bounds on the
+    difference to the exact value of any order (errors first or last in every bin), plus 2/n for
+    the difference between the sum over pixels and the integral."""
+    n_b = np.asarray(counts, np.float64)[::-1]  # most confident first
+    e_b = np.asarray(errors, np.float64)[::-1]
+    keep = n_b > 0
+    n_b, e_b = n_b[keep], e_b[keep]
+    n = n_b.sum()
+    nan = math.nan
+    if n < 2:
+        return {"aurc": nan, "augrc": nan, "risk_at_80_coverage": nan, "aurc_bound": nan, "augrc_bound": nan,
+                "risk_at_80_coverage_bound": nan}
+    k1 = np.cumsum(n_b)
+    k0 = k1 - n_b
+    e1 = np.cumsum(e_b)
+    e0 = e1 - e_b
+    slope = e_b / n_b
+    spread = e_b * (n_b - e_b) / 2  # area between the even spread and either extreme order in a bin
+    # ∫ E(k)/k dk over each bin, E linear from e0 at k0 to e1 at k1 (the first bin: E/k = slope)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_ratio = np.where(k0 > 0, np.log(k1 / np.maximum(k0, 1)), 0.0)
+        area = np.where(k0 > 0, slope * n_b + (e0 - slope * k0) * log_ratio, slope * n_b)
+        # in the first bin E(k)/k of any order is within [0, 1] of the even spread's (none if all agree)
+        first = np.where((e_b > 0) & (e_b < n_b), n_b, 0.0)
+        aurc_bound = np.where(k0 > 0, spread / np.maximum(k0, 1), first).sum() / n + 2 / n
+    aurc = area.sum() / n
+    augrc = ((e0 + e1) / 2 * n_b).sum() / n ** 2
+    augrc_bound = spread.sum() / n ** 2 + 2 / n
+    k = math.ceil(coverage * n)
+    b = int(np.searchsorted(k1, k))
+    at_k = e0[b] + slope[b] * (k - k0[b])
+    return {"aurc": float(aurc), "augrc": float(augrc), "risk_at_80_coverage": float(at_k / k),
+            "aurc_bound": float(aurc_bound), "augrc_bound": float(augrc_bound),
+            "risk_at_80_coverage_bound": float(e_b[b] * (n_b[b] - e_b[b]) / n_b[b] / k + 1 / k)}
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -55,6 +164,7 @@ class SegmentationMetrics:
         pavpu_stride: int | None = None,
         accuracy_threshold: float = 0.5,
         ece_bins: int = 15,
+        instance_connectivity: int = 8,
     ):
         self.num_classes = num_classes
         self.ignore_index = ignore_index
@@ -65,6 +175,7 @@ class SegmentationMetrics:
         if ece_bins < 1:
             raise ValueError(f"ece_bins must be at least 1, got {ece_bins}")
         self.ece_bins = ece_bins
+        self.instance_connectivity = instance_connectivity
         # float32 edges, as torchmetrics builds them for float32 confidences
         self._bin_edges = torch.linspace(0, 1, ece_bins + 1, dtype=torch.float32)
         self.reset()
@@ -81,6 +192,14 @@ class SegmentationMetrics:
         self.bin_accuracy = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
         # valid pixels with probabilities, Σ Brier, Σ NLL
         self.score_sums = torch.zeros(3, dtype=torch.float64)
+        # ground-truth instances found / in all, by class and size (summed across processes)
+        self.instances_found = torch.zeros(self.num_classes, len(INSTANCE_SIZES), dtype=torch.int64)
+        self.instances_total = torch.zeros_like(self.instances_found)
+        # one mIoU per image (concatenated across processes)
+        self.image_miou: list[float] = []
+        # selective risk: pixels and errors per confidence bin (summed across processes)
+        self.risk_counts = torch.zeros(RISK_BINS, dtype=torch.float64)
+        self.risk_errors = torch.zeros(RISK_BINS, dtype=torch.float64)
 
     def update(self, pred, target, entropy=None, probs=None) -> None:
         """Add a batch: ``pred`` and ``target`` ``(B, H, W)`` (or ``(H, W)``) class indices,
@@ -111,6 +230,15 @@ class SegmentationMetrics:
         bad = valid & ((pred < 0) | (pred >= self.num_classes))
         if bad.any():
             raise ValueError(f"pred values {pred[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1}")
+        pred_np, target_np = pred.numpy(), target.numpy()
+        for p, t in zip(pred_np, target_np):
+            found, total = instance_recall_counts(p, t, self.num_classes, self.ignore_index,
+                                                  self.instance_connectivity)
+            self.instances_found += torch.from_numpy(found)
+            self.instances_total += torch.from_numpy(total)
+            miou = per_image_miou(p, t, self.num_classes, self.ignore_index)
+            if not math.isnan(miou):
+                self.image_miou.append(miou)
         index = target[valid] * self.num_classes + pred[valid]
         self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(
             self.num_classes, self.num_classes
@@ -142,6 +270,9 @@ class SegmentationMetrics:
         self.bin_counts += torch.bincount(bins, minlength=n).double().cpu()
         self.bin_confidence += torch.bincount(bins, weights=confidence.double(), minlength=n).cpu()
         self.bin_accuracy += torch.bincount(bins, weights=correct, minlength=n).cpu()
+        risk = risk_bin(confidence)
+        self.risk_counts += torch.bincount(risk, minlength=RISK_BINS).double().cpu()
+        self.risk_errors += torch.bincount(risk, weights=1 - correct, minlength=RISK_BINS).cpu()
         nll = -torch.log(p[rows, t].double().clamp_min(1e-12)).sum()
         p[rows, t] -= 1  # p - one_hot(target)
         brier = torch.sum(p * p, dtype=torch.float64)
@@ -194,6 +325,29 @@ class SegmentationMetrics:
             # the reliability diagram's data: per confidence bin (the last holds confidence 1)
             # pixels, mean confidence and accuracy (NaN for an empty bin)
             "calibration_bins": self._reliability(),
+            **self._small_and_rare(cm),
+            **selective_risk(self.risk_counts.numpy(), self.risk_errors.numpy()),
+        }
+
+    def _small_and_rare(self, cm: torch.Tensor) -> dict:
+        """Mean class accuracy, per-image and worst-10 % mIoU, instance recall (per class, by size)."""
+        labelled = cm.sum(1)
+        accuracy = torch.where(labelled > 0, cm.diag() / labelled.clamp_min(1), math.nan)
+        found, total = self.instances_found.double(), self.instances_total.double()
+        ratio = lambda f, t: float(f / t) if t > 0 else math.nan  # noqa: E731
+        images = self.image_miou
+        return {
+            "class_accuracy": accuracy.tolist(),
+            "mean_accuracy": float(accuracy[labelled > 0].mean()) if (labelled > 0).any() else math.nan,
+            "per_image_miou": float(np.mean(images)) if images else math.nan,
+            "worst_10pct_miou": worst_mean(images),
+            "images_scored": len(images),
+            "instance_recall": ratio(found.sum(), total.sum()),
+            **{f"instance_recall_{size}": ratio(found[:, i].sum(), total[:, i].sum())
+               for i, size in enumerate(INSTANCE_SIZES)},
+            "instance_recall_per_class": [ratio(f, t) for f, t in zip(found.sum(1), total.sum(1))],
+            "instance_counts": {"found": self.instances_found.tolist(), "total": self.instances_total.tolist(),
+                                "sizes": list(INSTANCE_SIZES)},
         }
 
     def _reliability(self) -> dict:

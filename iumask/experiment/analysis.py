@@ -21,7 +21,11 @@ RESULT_COLUMNS = ("arm", "encoder", "seed", "dataset", "split", "metric", "class
 SPLIT_METRICS = (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
                  ("p_accurate_given_certain", "p(acc|cert)"), ("p_uncertain_given_inaccurate", "p(unc|inacc)"),
                  ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"), ("mean_entropy", "mean entropy"),
-                 ("pavpu_threshold", "u_th"))
+                 ("pavpu_threshold", "u_th"), ("mean_accuracy", "mAcc"), ("per_image_miou", "per-image mIoU"),
+                 ("worst_10pct_miou", "worst-10 % mIoU"), ("instance_recall", "instance recall"),
+                 ("instance_recall_small", "inst. recall small"), ("instance_recall_medium", "inst. recall medium"),
+                 ("instance_recall_large", "inst. recall large"), ("aurc", "AURC"), ("augrc", "AUGRC"),
+                 ("risk_at_80_coverage", "risk@80 % cov."))
 UNCERTAINTY_METRICS = ("pavpu", "p_accurate_given_certain", "p_uncertain_given_inaccurate", "ece", "brier", "nll")
 LABELS = dict(SPLIT_METRICS)
 

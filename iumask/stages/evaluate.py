@@ -43,6 +43,9 @@ from iumask.uncertainty import UncertaintySource, check_models, load_source
 # What tells results apart in a results file: evaluating the same model on the same data, split
 # and resolution again replaces its entry; anything else is added beside the earlier entries.
 RESULT_KEY = ("path", "data", "split", "resolution", "inference")
+# Scalar metrics added after the first results files (NaN in the CSV for entries merged from those).
+NEWER_METRICS = ("mean_accuracy", "per_image_miou", "worst_10pct_miou", "instance_recall", "instance_recall_small",
+                 "instance_recall_medium", "instance_recall_large", "aurc", "augrc", "risk_at_80_coverage")
 
 
 @torch.no_grad()
@@ -211,7 +214,8 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
     classes = results[0]["classes"] if results else []
     # ``label`` is distinct per row; model path, data, split, resolution and inference make it unique.
     header = ["label", "model", *RESULT_KEY, *[f"iou_{c}" for c in classes], "miou", "pixel_accuracy", "pavpu",
-              "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold", "ece", "brier", "nll"]
+              "p_accurate_given_certain", "p_uncertain_given_inaccurate", "pavpu_threshold", "ece", "brier", "nll",
+              *NEWER_METRICS]
     with atomic_write(csv_path) as tmp, open(tmp, "w", newline="") as f:
         writer = csv.writer(f, lineterminator="\n")
         writer.writerow(header)
@@ -220,7 +224,7 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
             row = [label, r["model"], *keys, *r["iou"], r["miou"], r["pixel_accuracy"], r["pavpu"],
                    r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"],
                    # NaN for entries merged from a results file written before these existed
-                   *(r.get(k, float("nan")) for k in ("ece", "brier", "nll"))]
+                   *(r.get(k, float("nan")) for k in ("ece", "brier", "nll", *NEWER_METRICS))]
             writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in row])
     return csv_path
 
