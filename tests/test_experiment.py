@@ -148,8 +148,12 @@ def test_results_csv_reproduces_the_report(straight):
         welch = stats.ttest_ind(list(iu.values()), list(ref.values()), equal_var=False).pvalue
         paired = stats.ttest_rel([iu[s] for s in (0, 1)], [ref[s] for s in (0, 1)]).pvalue
         fmt = lambda p: "n/a" if np.isnan(p) else (f"{p:.3f}" if p >= 0.001 else f"{p:.1e}")  # noqa: E731
+        holm = lambda p, fmt=fmt: fmt(p) if np.isnan(p) else f"{fmt(p)} ({fmt(p)})"  # noqa: E731 (one-arm family)
         line = next(x for x in section.splitlines() if x.startswith("| **mIoU** |") and "±" in x and x.count("|") > 5)
-        assert f"| {diff:+.3f} | {fmt(welch)} | {fmt(paired)} |" in line
+        assert f"| {diff:+.3f} | {holm(welch)} | {holm(paired)} |" in line
+        overview = section.split("### Which method? Overview")[1].split("###")[0]
+        iu_row = next(x for x in overview.splitlines() if x.startswith("| iu |"))
+        assert f"| {diff:+.3f} ({fmt(paired)}) |" in iu_row
     # uncertainty table: PAvPU and ECE per arm
     for arm in ("regular", "iu"):
         for metric in ("pavpu", "ece"):

@@ -129,3 +129,20 @@ def test_run_table_puts_each_weighted_model_beside_its_baseline_with_the_differe
     assert [c.strip() for c in road] == ["0.800", "0.750", "-0.050", "0.900"]
     assert [c.strip() for c in pole] == ["0.000", "0.120", "+0.120", "0.100"]
     assert [c.strip() for c in miou] == ["0.400", "0.435", "+0.035", "0.500"]
+
+
+def test_holm_adjustment_by_hand_and_in_the_comparisons():
+    import math
+
+    from iumask.experiment.analysis import add_holm, holm
+
+    adjusted = holm([0.01, 0.04, 0.03, math.nan])
+    # m = 3 known values: 0.01·3 = 0.03, then max(0.03, 0.03·2) = 0.06, then max(0.06, 0.04·1) = 0.06
+    assert adjusted[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(adjusted[3])
+    assert holm([0.5, 0.9]) == [1.0, 1.0]  # capped at 1
+    comparisons = {"a": {"miou": {"welch_p": 0.01, "paired_p": 0.2}},
+                   "b": {"miou": {"welch_p": 0.02, "paired_p": math.nan}}}
+    add_holm(comparisons)
+    assert comparisons["a"]["miou"]["welch_p_holm"] == pytest.approx(0.02)
+    assert comparisons["b"]["miou"]["welch_p_holm"] == pytest.approx(0.02)
+    assert comparisons["a"]["miou"]["paired_p_holm"] == pytest.approx(0.2)  # the only known paired p

@@ -28,6 +28,11 @@ SPLIT_METRICS = (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "
                  ("risk_at_80_coverage", "risk@80 % cov."))
 UNCERTAINTY_METRICS = ("pavpu", "p_accurate_given_certain", "p_uncertain_given_inaccurate", "ece", "brier", "nll")
 LABELS = dict(SPLIT_METRICS)
+# The overview ("which method?"): each arm's mean ± std, and for these its difference to the
+# reference with Holm-adjusted paired p-values. rare_miou: mean IoU of the rarest training classes.
+OVERVIEW = ("miou", "rare_miou", "mean_accuracy", "worst_10pct_miou", "instance_recall_small", "ece", "aurc")
+OVERVIEW_TESTED = ("rare_miou", "mean_accuracy", "worst_10pct_miou", "instance_recall_small", "ece", "aurc")
+LABELS["rare_miou"] = "rare-class mIoU"
 
 
 def result_rows(arm: str, encoder: str, seed: int, dataset: str, split: str, result: dict) -> list[dict]:
@@ -75,6 +80,37 @@ def compare(reference: dict[int, float], other: dict[int, float]) -> dict:
             "pairs": len(seeds)}
 
 
+def _rare_miou(rows: list[dict], arm: str, rare: list[str], scope: dict) -> dict[int, float]:
+    """{seed: mean IoU over the rarest classes} (classes undefined in a run left out)."""
+    per_class = [_values(rows, arm=arm, metric="iou", **{"class": name}, **scope) for name in rare]
+    seeds = sorted({seed for values in per_class for seed in values})
+    return {seed: float(np.mean([v[seed] for v in per_class if seed in v])) for seed in seeds}
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm's step-down adjustment of a family of p-values (NaN stays NaN and is not counted):
+    the i-th smallest of m becomes max over j ≤ i of min(1, (m − j + 1) · p_(j))."""
+    known = sorted((p, i) for i, p in enumerate(p_values) if not math.isnan(p))
+    adjusted = [math.nan] * len(p_values)
+    running = 0.0
+    for rank, (p, i) in enumerate(known):
+        running = max(running, min(1.0, (len(known) - rank) * p))
+        adjusted[i] = running
+    return adjusted
+
+
+def add_holm(comparisons: dict[str, dict[str, dict]]) -> None:
+    """Add ``welch_p_holm`` and ``paired_p_holm`` to ``comparisons[arm][item]``: each item's tests of
+    all arms against the reference form one family (one question: does any method change it?)."""
+    arms = list(comparisons)
+    items = {item for arm in arms for item in comparisons[arm]}
+    for item in items:
+        for test in ("welch_p", "paired_p"):
+            family = [arm for arm in arms if item in comparisons[arm]]
+            for arm, value in zip(family, holm([comparisons[arm][item][test] for arm in family])):
+                comparisons[arm][item][f"{test}_holm"] = value
+
+
 def rarest_classes(pixels: dict[str, int], k: int) -> list[dict]:
     """The ``k`` classes with the smallest pixel share of the training split (ties by name)."""
     total = sum(pixels.values())
@@ -97,16 +133,22 @@ def summarize(rows: list[dict], arms: list[str], reference: str, classes: list[s
             for key, _ in SPLIT_METRICS:
                 table[key] = {arm: mean_std(list(_values(rows, arm=arm, metric=key, **scope).values()))
                               for arm in arms}
+            rare_miou = {arm: _rare_miou(rows, arm, [r["class"] for r in rare], scope) for arm in arms}
+            table["rare_miou"] = {arm: mean_std(list(rare_miou[arm].values())) for arm in arms}
             comparisons = {}
             for arm in arms:
                 if arm == reference:
                     continue
                 compared = {}
-                for item in [r["class"] for r in rare] + ["miou"]:
-                    where = dict(metric="miou") if item == "miou" else dict(metric="iou", **{"class": item})
+                for item in [r["class"] for r in rare] + ["miou", *OVERVIEW_TESTED]:
+                    if item == "rare_miou":
+                        compared[item] = compare(rare_miou[reference], rare_miou[arm])
+                        continue
+                    where = dict(metric=item) if item in LABELS else dict(metric="iou", **{"class": item})
                     compared[item] = compare(_values(rows, arm=reference, **where, **scope),
                                              _values(rows, arm=arm, **where, **scope))
                 comparisons[arm] = compared
+            add_holm(comparisons)
             seeds = {arm: sorted(_values(rows, arm=arm, metric="miou", **scope)) for arm in arms}
             groups.append({**scope, "seeds": seeds, "metrics": table, "comparisons": comparisons})
     return {"arms": arms, "reference": reference, "classes": classes, "rare_classes": rare, "groups": groups}
@@ -129,6 +171,44 @@ def fmt_p(p: float) -> str:
     return f"{p:.3f}" if p >= 0.001 else f"{p:.1e}"
 
 
+def fmt_p_holm(comparison: dict, test: str) -> str:
+    """``raw (Holm)``, e.g. ``0.014 (0.056)``."""
+    raw, adjusted = comparison[test], comparison.get(f"{test}_holm", math.nan)
+    return fmt_p(raw) if math.isnan(adjusted) else f"{fmt_p(raw)} ({fmt_p(adjusted)})"
+
+
+def overview_table(group: dict, arms: list[str], cost: dict | None = None) -> tuple[list[str], list[list[str]]]:
+    """Which method? One row per arm: the overview metrics (mean ± std), for the tested ones the
+    difference to the reference with the Holm-adjusted paired p-value, and the training cost."""
+    header = ["arm"]
+    for key in OVERVIEW:
+        header += [LABELS[key]] + (["Δ (paired p, Holm)"] if key in ("miou", *OVERVIEW_TESTED) else [])
+    if cost:
+        header.append("training min per run")
+    rows = []
+    for arm in arms:
+        row = [arm]
+        for key in OVERVIEW:
+            row.append(fmt_mean_std(group["metrics"][key][arm]))
+            if key in ("miou", *OVERVIEW_TESTED):
+                c = group["comparisons"].get(arm, {}).get(key)
+                holm_p = math.nan if c is None else c.get("paired_p_holm", math.nan)
+                row.append("—" if c is None else f"{fmt_signed(c['difference'])} ({fmt_p(holm_p)})")
+        if cost:
+            row.append(_cost_cell(cost, arm))
+        rows.append(row)
+    return header, rows
+
+
+def _cost_cell(cost: dict, arm: str) -> str:
+    runs = cost.get("runs", {}).get(arm)
+    if not runs:
+        return "—"
+    text = fmt_mean_std(mean_std([s / 60 for s in runs]), 1)
+    extra = cost.get("ensemble_s") if arm in cost.get("uses_ensemble", []) else None
+    return text + (f" + ensemble {extra / 60:.0f}" if extra else "")
+
+
 def fmt_signed(value: float, digits: int = 3) -> str:
     return "—" if math.isnan(value) else f"{value:+.{digits}f}"
 
@@ -147,7 +227,7 @@ def rare_table(group: dict, arms: list[str], reference: str, rare: list[dict]) -
     others = [a for a in arms if a != reference]
     header = ["class", "pixel share", f"{reference} IoU"]
     for arm in others:
-        header += [f"{arm} − {reference}", "Welch p", "paired p"]
+        header += [f"{arm} − {reference}", "Welch p (Holm)", "paired p (Holm)"]
     rows = []
     for item in [r["class"] for r in rare] + ["miou"]:
         share = next((f"{100 * r['share']:.2f} %" for r in rare if r["class"] == item), "")
@@ -155,7 +235,7 @@ def rare_table(group: dict, arms: list[str], reference: str, rare: list[dict]) -
         row = ["**mIoU**" if item == "miou" else item, share, fmt_mean_std(group["metrics"][key][reference])]
         for arm in others:
             c = group["comparisons"][arm][item]
-            row += [fmt_signed(c["difference"]), fmt_p(c["welch_p"]), fmt_p(c["paired_p"])]
+            row += [fmt_signed(c["difference"]), fmt_p_holm(c, "welch_p"), fmt_p_holm(c, "paired_p")]
         rows.append(row)
     return header, rows
 

@@ -13,7 +13,7 @@ import numpy as np
 from rich.table import Table
 
 from iumask.artifacts import atomic_write, write_bytes_atomic, write_json_atomic
-from iumask.experiment.analysis import RESULT_COLUMNS, iou_table, rare_table, uncertainty_table
+from iumask.experiment.analysis import RESULT_COLUMNS, iou_table, overview_table, rare_table, uncertainty_table
 from iumask.report import class_histogram_png, iou_bars_png, mask_gallery_png, print_table, reliability_png
 
 RESULTS_FILE = "results.csv"
@@ -71,11 +71,22 @@ def report_markdown(summary: dict, figures: dict[str, str]) -> str:
                "(absent from its labels and predictions) is left out of that mean. p-values are two-sided, "
                "from scipy: Welch's t-test over all runs, and the paired t-test over runs with the same "
                "seed (same initial weights and data order); n/a with fewer than 2 runs or pairs, or when the "
-               "runs do not vary at all.")
+               "runs do not vary at all. In parentheses: Holm's adjustment over the arms compared with the "
+               "reference (each class or metric is one family).")
     out.append("")
     for group in summary["groups"]:
         seeds = ", ".join(f"{arm}: {len(s)}" for arm, s in group["seeds"].items())
         out += [f"## {_group_title(group)}", "", f"Seeds per arm: {seeds}.", ""]
+        out += ["### Which method? Overview", "",
+                f"Mean ± std over seeds; Δ is the difference to {reference} with the paired t-test's p-value "
+                "over seeds, Holm-adjusted over the arms compared (one family per column). rare-class mIoU: "
+                f"mean IoU of the {len(rare)} rarest training classes; worst-10 % mIoU: mean of the per-image "
+                "mIoU of the worst tenth of images; instance recall small: share of small ground-truth "
+                "instances (under 32² pixels of a 640x480 image, relative to the image) with at least half "
+                "their pixels found; AURC: area under the risk-coverage curve of the pixels' confidence. "
+                "Training minutes: the run's epochs (for offline IU arms plus the mask ensemble, trained "
+                "once and shared by all of them).", "",
+                _markdown(*overview_table(group, arms, summary.get("cost"))), ""]
         out += ["### Per-class IoU and mIoU", "", _markdown(*iou_table(group, arms, classes)), ""]
         bars = figures.get("bars", {}).get(_slug(group))
         if bars:

@@ -17,6 +17,7 @@ whole seeds of every arm), then the evaluations (rank 0 under torchrun) and the 
 
 from __future__ import annotations
 
+import csv
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -31,6 +32,7 @@ from iumask.experiment.analysis import rarest_classes, result_rows, summarize
 from iumask.experiment.report import write_report
 from iumask.experiment.spec import Arm, ExperimentSpec
 from iumask.progress import console
+from iumask.report import METRICS_FILE
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
@@ -226,6 +228,19 @@ class Experiment:
             train_online(spec.data, spec.model(encoders), train, arm.loss, arm.augment, arm.masks, folder,
                          **common)
 
+    def cost(self) -> dict:
+        """Training seconds per run by arm (its epochs' wall time from metrics.csv), and the mask
+        ensemble's (all members, trained once) for the offline IU arms that need it."""
+        runs: dict[str, list[float]] = {}
+        for arm, _, folder, encoders in self.trainings():
+            member = self.spec.model(encoders).names[0]
+            runs.setdefault(arm.name, []).append(training_seconds(folder / member))
+        ensemble = 0.0
+        if self.trains_ensemble:
+            ensemble = sum(training_seconds(self.ensemble_path.parent / n) for n in self.spec.ensemble.model.names)
+        return {"runs": runs, "ensemble_s": ensemble,
+                "uses_ensemble": [a.name for a in self.spec.arms if a.iu == "offline"]}
+
     def report(self, rows: list[dict], results: dict, classes: list[str]) -> dict:
         spec = self.spec
         train_folder = spec.data.open(spec.data.train_split)
@@ -233,6 +248,7 @@ class Experiment:
         pixels = dict(zip(classes, stats["per_class"]["pixels"]))
         rare = rarest_classes(pixels, min(spec.rare_classes, len(classes)))
         summary = summarize(rows, [a.name for a in spec.arms], spec.reference, classes, rare)
+        summary.update(cost=self.cost())
         summary.update(experiment=spec.name, spec=spec.raw, training_runs=spec.training_runs,
                        evaluations=[{"name": e.name, "split": e.split, "root": str(e.data.root.resolve())}
                                     for e in spec.evaluations])
@@ -257,6 +273,15 @@ def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
 
         predictors.append((f"{folder.name} prediction", predict))
     return tuple(predictors)
+
+
+def training_seconds(member: Path) -> float:
+    """The summed epoch seconds of a member's metrics.csv (0 when it has none)."""
+    path = member / METRICS_FILE
+    if not path.is_file():
+        return 0.0
+    with open(path, newline="") as f:
+        return float(sum(float(row.get("seconds") or 0) for row in csv.DictReader(f)))
 
 
 def _training_status(folder: Path, names: list[str]) -> str:
