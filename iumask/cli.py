@@ -348,13 +348,20 @@ def evaluate(
     device: Device = "auto",
     workers: Workers = "auto",
     amp: AmpOpt = Amp.OFF,
+    temperature_scale: Annotated[bool, typer.Option(help="Also fit one temperature per model on "
+                                                    "--temperature-split (by NLL) and report ECE, Brier and NLL "
+                                                    "after it (temperature, ece_scaled, ...), to tell a training "
+                                                    "method's calibration gain from what a temperature alone "
+                                                    "gives.")] = False,
+    temperature_split: Annotated[str, typer.Option(help="Split of --data the temperature is fitted on.")] = "val",
 ):
-    """Per-class IoU, mIoU and PAvPU of models or ensembles on a dataset split (another dataset with
-    the same class names evaluates domain shift)."""
+    """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
+    ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
     from iumask.stages.evaluate import evaluate as stage
     from iumask.stages.evaluate import merge_results, write_results
 
-    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp)
+    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp,
+                         temperature_split if temperature_scale else None)
     data_options = data_config(data, None, format, conditions)
     # Refuse a foreign --output file, or one over other classes, before any work.
     merge_results(output, [], classes=list(data_options.open(split).classes.names))

@@ -426,6 +426,7 @@ class EvalConfig:
     inference: str = "resize"
     num_workers: int | str = "auto"  # data-loader processes (not part of the results' identity)
     amp: str = "off"  # inference autocast (bf16 on CPU or CUDA, fp16 on CUDA)
+    temperature_split: str | None = None  # fit a temperature on this split and report calibration after it
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
@@ -444,9 +445,11 @@ class EvalConfig:
     def identity(self) -> dict:
         """What the results depend on (the precision only when not the default float32, so
         results files of earlier versions stay cache hits)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("num_workers", "amp")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("num_workers", "amp", "temperature_split")}
         if self.amp != "off":
             out["amp"] = self.amp
+        if self.temperature_split is not None:
+            out["temperature_split"] = self.temperature_split
         return out
 
 

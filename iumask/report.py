@@ -572,7 +572,10 @@ def print_results(results: list[dict], compare: bool = False) -> None:
     for key, label in (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "PAvPU"),
                        ("p_accurate_given_certain", "p(acc|cert)"),
                        ("p_uncertain_given_inaccurate", "p(unc|inacc)"), ("pavpu_threshold", "u_th"),
-                       ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL")):
+                       ("ece", "ECE"), ("brier", "Brier"), ("nll", "NLL"), ("mean_accuracy", "mAcc"),
+                       ("worst_10pct_miou", "worst-10% mIoU"), ("instance_recall_small", "inst. rec. small"),
+                       ("aurc", "AURC"), *([("temperature", "T"), ("ece_scaled", "ECE at T"),
+                                            ("nll_scaled", "NLL at T")] if "temperature" in results[0] else [])):
         table.add_row(f"[bold]{label}[/bold]" if key == "miou" else label,
                       *(cell(get(key), signed) for _, get, signed in columns))
     print_table(table, 20 + sum(max(12, *map(len, title.split("\n"))) + 3 for title, _, _ in columns))

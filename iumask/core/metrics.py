@@ -355,3 +355,24 @@ class SegmentationMetrics:
         mean = lambda sums: torch.where(counts > 0, sums / counts.clamp_min(1), math.nan).tolist()  # noqa: E731
         return {"edges": self._bin_edges.double().tolist(), "pixels": [int(c) for c in counts.tolist()],
                 "confidence": mean(self.bin_confidence), "accuracy": mean(self.bin_accuracy)}
+
+
+def fit_temperature(log_probs: torch.Tensor, target: torch.Tensor, low: float = 0.05, high: float = 20.0) -> float:
+    """Post-hoc temperature scaling (Guo et al. 2017): the T in [low, high] minimising the NLL of
+    ``softmax(log_probs / T)`` on ``(N, C)`` log-probabilities (an ensemble's log p̄, or a model's
+    log-softmax) with ``(N,)`` labels, by a bounded scalar search on log T (scipy)."""
+    from scipy.optimize import minimize_scalar
+
+    z, y = log_probs.double(), target.long()
+
+    def nll(log_t: float) -> float:
+        return float(F.cross_entropy(z / math.exp(log_t), y))
+
+    found = minimize_scalar(nll, bounds=(math.log(low), math.log(high)), method="bounded",
+                            options={"xatol": 1e-6})
+    return float(math.exp(found.x))
+
+
+def scale_temperature(probs: torch.Tensor, temperature: float) -> torch.Tensor:
+    """``softmax(log p / T)`` over dimension 1 (probabilities clamped at 1e-12 before the log)."""
+    return torch.softmax(torch.log(probs.double().clamp_min(1e-12)) / temperature, 1).to(probs.dtype)

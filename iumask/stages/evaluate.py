@@ -30,6 +30,7 @@ from iumask.artifacts import (
 )
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics, pixel_entropy
+from iumask.core.metrics import fit_temperature, scale_temperature
 from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.engine import Precision, resolve_device, usable_amp
@@ -45,15 +46,18 @@ from iumask.uncertainty import UncertaintySource, check_models, load_source
 RESULT_KEY = ("path", "data", "split", "resolution", "inference")
 # Scalar metrics added after the first results files (NaN in the CSV for entries merged from those).
 NEWER_METRICS = ("mean_accuracy", "per_image_miou", "worst_10pct_miou", "instance_recall", "instance_recall_small",
-                 "instance_recall_medium", "instance_recall_large", "aurc", "augrc", "risk_at_80_coverage")
+                 "instance_recall_medium", "instance_recall_large", "aurc", "augrc", "risk_at_80_coverage",
+                 "temperature", "ece_scaled", "brier_scaled", "nll_scaled")
 
 
 @torch.no_grad()
 def predict_split(source: UncertaintySource, dataset: SegmentationDataset, device: torch.device, label: str,
                   metrics: SegmentationMetrics | None, inference: str = "resize", workers: int | str = 0,
-                  amp: str = "off") -> float:
+                  amp: str = "off", scaled: tuple[SegmentationMetrics, float] | None = None,
+                  on_batch=None) -> float:
     """Run ``source`` over a dataset (``workers`` loader processes, ``amp`` autocast); feed
-    ``metrics``; return the mean pixel entropy."""
+    ``metrics`` (and ``scaled = (metrics, T)`` with the probabilities at temperature T); hand each
+    batch's ``(probs, labels)`` to ``on_batch``; return the mean pixel entropy."""
     precision = Precision(usable_amp(amp, device), device)
     total, pixels = 0.0, 0
     loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1,
@@ -66,11 +70,45 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
             probs = probs.float()
             entropy = host_tensor(pixel_entropy(probs))
             total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
+            prediction = host_tensor(probs.argmax(1), class_id_dtype(probs.shape[1]))
             if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
-                metrics.update(host_tensor(probs.argmax(1), class_id_dtype(probs.shape[1])), batch["label"], entropy,
-                               probs)
+                metrics.update(prediction, batch["label"], entropy, probs)
+            if scaled is not None:
+                scaled[0].update(prediction, batch["label"], None, scale_temperature(probs, scaled[1]))
+            if on_batch is not None:
+                on_batch(probs, batch["label"])
             progress.update(task, advance=len(batch["index"]))
     return total / max(pixels, 1)
+
+
+# Temperature scaling is fitted on at most this many valid pixels (a fixed random sample).
+TEMPERATURE_PIXELS = 2_000_000
+
+
+def split_temperature(source: UncertaintySource, folder, eval_size, options: EvalConfig, device: torch.device,
+                      name: str) -> float:
+    """The temperature that minimises the NLL of the model's probabilities on ``folder`` (a fixed
+    random sample of at most TEMPERATURE_PIXELS valid pixels, spread evenly over the images)."""
+    dataset = SegmentationDataset(folder, eval_size)
+    per_image = max(1, TEMPERATURE_PIXELS // max(len(dataset), 1))
+    generator = torch.Generator().manual_seed(0)
+    chosen_logp, chosen_labels = [], []
+
+    def keep(probs: torch.Tensor, labels: torch.Tensor) -> None:
+        logp = torch.log(probs.float().clamp_min(1e-12)).movedim(1, -1).cpu()
+        for image_logp, image_labels in zip(logp, labels):
+            valid = image_labels != folder.classes.ignore_index
+            z, y = image_logp[valid], image_labels[valid]
+            pick = torch.randperm(len(y), generator=generator)[:per_image]
+            chosen_logp.append(z[pick])
+            chosen_labels.append(y[pick])
+
+    predict_split(source, dataset, device, f"temperature {name} ({folder.split})", None,
+                  inference=options.inference, workers=options.num_workers, amp=options.amp, on_batch=keep)
+    if not chosen_labels or sum(len(y) for y in chosen_labels) == 0:
+        raise IumaskError(f"{folder.root} ({folder.split}): no labelled pixel to fit a temperature on; choose "
+                          "another --temperature-split")
+    return fit_temperature(torch.cat(chosen_logp), torch.cat(chosen_labels))
 
 
 def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device,
@@ -112,6 +150,10 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
     dev = resolve_device(device)
     folder = data.open(options.split)
     shapes = folder.check_headers()
+    temperature_folder = None
+    if options.temperature_split is not None:
+        temperature_folder = data.open(options.temperature_split)
+        temperature_folder.check_headers()
     for model_path in model_paths:  # every model usable before the first is evaluated
         manifests = check_models(model_path, folder)
         size = manifests[0].get("image_size") if options.resolution == "train" else None
@@ -129,8 +171,16 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
                                       pavpu_stride=options.pavpu_stride)
         name = display_name(source.manifests)
         eval_size = source.size if options.resolution == "train" else None
+        scaled, extra = None, {}
+        if temperature_folder is not None:
+            temperature = split_temperature(source, temperature_folder, eval_size, options, dev, name)
+            scaled = (SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index), temperature)
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
-                      inference=options.inference, workers=options.num_workers, amp=options.amp)
+                      inference=options.inference, workers=options.num_workers, amp=options.amp, scaled=scaled)
+        if scaled is not None:
+            after = scaled[0].compute()
+            extra = {"temperature": scaled[1], "temperature_split": options.temperature_split,
+                     **{f"{k}_scaled": after[k] for k in ("ece", "brier", "nll")}}
         if int(metrics.confusion.sum()) == 0:
             warn(f"{folder.root} ({options.split}): every label pixel is the ignore label "
                  f"{folder.classes.ignore_index}, so IoU, accuracy, PAvPU and calibration are undefined (NaN); "
@@ -140,7 +190,7 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
                         "data": str(data.root.resolve()), "classes": list(folder.classes.names),
                         "image_size": list(size) if size else None, "resolution": options.resolution,
                         "inference": options.inference if size and options.resolution == "native" else None,
-                        **metrics.compute()})
+                        **metrics.compute(), **extra})
     return results
 
 
