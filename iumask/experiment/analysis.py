@@ -25,8 +25,10 @@ SPLIT_METRICS = (("miou", "mIoU"), ("pixel_accuracy", "pixel acc."), ("pavpu", "
                  ("worst_10pct_miou", "worst-10 % mIoU"), ("instance_recall", "instance recall"),
                  ("instance_recall_small", "inst. recall small"), ("instance_recall_medium", "inst. recall medium"),
                  ("instance_recall_large", "inst. recall large"), ("aurc", "AURC"), ("augrc", "AUGRC"),
-                 ("risk_at_80_coverage", "risk@80 % cov."))
-UNCERTAINTY_METRICS = ("pavpu", "p_accurate_given_certain", "p_uncertain_given_inaccurate", "ece", "brier", "nll")
+                 ("risk_at_80_coverage", "risk@80 % cov."), ("temperature", "T"), ("ece_scaled", "ECE at T"),
+                 ("nll_scaled", "NLL at T"))
+UNCERTAINTY_METRICS = ("pavpu", "p_accurate_given_certain", "p_uncertain_given_inaccurate", "ece", "brier", "nll",
+                       "temperature", "ece_scaled", "nll_scaled")
 LABELS = dict(SPLIT_METRICS)
 # The overview ("which method?"): each arm's mean ± std, and for these its difference to the
 # reference with Holm-adjusted paired p-values. rare_miou: mean IoU of the rarest training classes.
