@@ -517,6 +517,7 @@ class RunConfig:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "out", Path(self.out))
+        self.loss.check_iu_weighting()  # the weighted stage would refuse it after the baseline's training
 
 
 def artifact_identity(stage: str, **parts: Any) -> dict:

@@ -229,3 +229,11 @@ def test_help_and_experiment_spec_take_every_registered_method(tmp_path, capsys,
     spec.write_text(base + '[[arms]]\nname = "d"\niu = "online"\nloss = "lovasz"\n[[evaluations]]\nsplit = "val"\n')
     with pytest.raises(IumaskError, match=r"\[arms #1\].*region loss takes no per-pixel weight"):
         load_spec(spec)
+
+
+def test_run_refuses_a_region_loss_with_iu_before_training(data, tmp_path, capsys):
+    """run's weighted stage would refuse Dice with IU: the whole run stops before the baseline trains."""
+    capsys.readouterr()
+    iumask("run", "--data", data, "--out", tmp_path / "run", *TRAIN, "--loss", "dice", expect=2)
+    assert "a region loss takes no per-pixel weight" in capsys.readouterr().err.replace("\n", " ")
+    assert not (tmp_path / "run" / "baseline").exists()
