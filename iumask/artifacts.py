@@ -19,6 +19,7 @@ import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import shlex
 import socket
@@ -250,9 +251,21 @@ def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
     return path
 
 
+def nan_to_none(value):
+    """NaN and ±inf → None throughout, so JSON written from it is strict (``null``, not ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_none(v) for v in value]
+    return value
+
+
 def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
-    """Write JSON atomically (see :func:`atomic_write`)."""
-    text = json.dumps(data, indent=2, sort_keys=False) + "\n"
+    """Write strict JSON atomically (see :func:`atomic_write`): undefined values (NaN) are written as
+    ``null``, which every JSON parser reads (bare ``NaN`` is not JSON)."""
+    text = json.dumps(nan_to_none(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
     with atomic_write(path) as tmp:
         tmp.write_text(text)
 

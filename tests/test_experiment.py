@@ -329,3 +329,15 @@ def test_masks_from_a_given_model_with_mc_dropout(datasets, straight, tmp_path, 
     options = MaskStore.open(tmp_path / "out" / "masks" / "prediction-c8.zarr").identity["options"]
     assert options["source"] == "mc-dropout" and options["passes"] == 2
     assert (tmp_path / "out" / "figures" / "masks.png").is_file()
+
+
+def test_every_json_file_written_is_strict_json(straight):
+    """Manifests, ensembles, results, summary and the stores' metadata parse with a strict parser
+    (undefined values are null: bare NaN is not JSON)."""
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    files = list(straight.rglob("*.json"))
+    assert len(files) > 20
+    for path in files:
+        json.loads(path.read_text(), parse_constant=refuse)

@@ -9,6 +9,7 @@ Models are tiny (one MobileNetV2 member, 1 epoch, 32x32 synthetic images)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from pathlib import Path
@@ -267,4 +268,15 @@ def test_split_whose_labels_are_all_ignored_warns(trained, tmp_path, capsys):
            "--pavpu-threshold", "1")
     err = capsys.readouterr().err.replace("\n", " ")
     assert "every label pixel is the ignore label 255" in err
-    assert np.isnan(json.loads((tmp_path / "r.json").read_text())["results"][0]["miou"])
+    # strict JSON: undefined values are null, not the bare NaN most parsers reject
+    def refuse(constant):
+        raise ValueError(f"not JSON: {constant}")
+
+    result = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)["results"][0]
+    assert result["miou"] is None and result["iou"] == [None] * 10
+    assert next(csv.DictReader(open(tmp_path / "r.csv")))["miou"] == "nan"
+    # a results file with nulls merges and evaluates again
+    iumask("evaluate", "--model", model, "--data", data, "--output", tmp_path / "r.json", "--device", "cpu",
+           "--pavpu-threshold", "1")
+    results = json.loads((tmp_path / "r.json").read_text(), parse_constant=refuse)["results"]
+    assert len(results) == 2 and results[1]["miou"] > 0

@@ -41,10 +41,11 @@ def result_rows(arm: str, encoder: str, seed: int, dataset: str, split: str, res
     """One evaluation result (``iumask.stages.evaluate`` format) as ``results.csv`` rows: one per
     class IoU (metric ``iou``) and one per whole-split metric (class empty)."""
     base = {"arm": arm, "encoder": encoder, "seed": int(seed), "dataset": dataset, "split": split}
-    rows = [dict(base, metric="iou", **{"class": name}, value=float(value))
+    # None: undefined (strict JSON's null for NaN, e.g. a class absent from labels and predictions)
+    rows = [dict(base, metric="iou", **{"class": name}, value=math.nan if value is None else float(value))
             for name, value in zip(result["classes"], result["iou"])]
-    rows += [dict(base, metric=key, **{"class": ""}, value=float(result[key]))
-             for key, _ in SPLIT_METRICS if result.get(key) is not None]
+    rows += [dict(base, metric=key, **{"class": ""}, value=math.nan if result[key] is None else float(result[key]))
+             for key, _ in SPLIT_METRICS if key in result]
     return rows
 
 

@@ -6,7 +6,6 @@ and ``figures/``; and the rich table on the terminal (``report.md``'s first tabl
 from __future__ import annotations
 
 import csv
-import math
 from pathlib import Path
 
 import numpy as np
@@ -20,17 +19,6 @@ RESULTS_FILE = "results.csv"
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.md"
 FIGURES_DIR = "figures"
-
-
-def nan_to_none(value):
-    """NaN → None throughout (strict JSON)."""
-    if isinstance(value, float) and math.isnan(value):
-        return None
-    if isinstance(value, dict):
-        return {k: nan_to_none(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [nan_to_none(v) for v in value]
-    return value
 
 
 def write_results_csv(path: Path, rows: list[dict]) -> Path:
@@ -176,6 +164,6 @@ def write_report(out: Path, summary: dict, rows: list[dict], results: dict, labe
         mask_gallery_png(train_folder, store, figures_dir / "masks.png", predictors=predictors)
         figures["masks"] = f"{FIGURES_DIR}/masks.png"
     write_results_csv(out / RESULTS_FILE, rows)
-    write_json_atomic(out / SUMMARY_FILE, nan_to_none(dict(summary, figures=figures)))
+    write_json_atomic(out / SUMMARY_FILE, dict(summary, figures=figures))
     write_bytes_atomic(out / REPORT_FILE, report_markdown(summary, figures).encode())
     print_first_table(summary)

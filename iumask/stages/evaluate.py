@@ -23,6 +23,7 @@ from iumask.artifacts import (
     cached_threshold,
     describe_os_error,
     model_key,
+    nan_to_none,
     read_json,
     resolve_models,
     threshold_record,
@@ -191,7 +192,7 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
                         "image_size": list(size) if size else None, "resolution": options.resolution,
                         "inference": options.inference if size and options.resolution == "native" else None,
                         **metrics.compute(), **extra})
-    return results
+    return nan_to_none(results)  # the results file's form: null (None) for undefined values
 
 
 def check_pavpu_window(window: int, shapes: list[tuple[int, int]], folder) -> None:
@@ -275,7 +276,7 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
                    r["p_accurate_given_certain"], r["p_uncertain_given_inaccurate"], r["pavpu_threshold"],
                    # NaN for entries merged from a results file written before these existed
                    *(r.get(k, float("nan")) for k in ("ece", "brier", "nll", *NEWER_METRICS))]
-            writer.writerow([f"{v:.6f}" if isinstance(v, float) else str(v) for v in row])
+            writer.writerow([f"{v:.6f}" if isinstance(v, float) else "nan" if v is None else str(v) for v in row])
     return csv_path
 
 
