@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 from cli_runner import iumask
+from test_store_reliability import stopped
 
 from iumask.artifacts import file_sha256
 from iumask.config import MaskConfig
@@ -458,13 +460,13 @@ def test_concurrent_evaluates_into_one_file_keep_both_results(trained, tmp_path)
     out = tmp_path / "r.json"
     args = ["evaluate", "--model", str(member), "--data", str(data), "--output", str(out), "--device", "cpu",
             "--pavpu-threshold", "1"]
+    # The evaluate stops itself (SIGSTOP) at its flock, i.e. after evaluating and before merging;
+    # an evaluate that took no lock never gets there and fails the test here.
+    proc = stopped(args, r"fcntl\.flock", "")
     with folder_lock(tmp_path):  # another evaluate is merging into this folder right now
-        proc = subprocess.Popen([sys.executable, "-c", "from iumask.cli import main; main()", *args],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-        time.sleep(10)  # long enough to evaluate two images; then it waits for the lock
-        assert proc.poll() is None, f"did not wait for the lock: {proc.stderr.read()}"
+        proc.send_signal(signal.SIGCONT)  # it now waits for the lock, whatever the machine's speed
         shutil.copy(other, out)  # the other merge's result lands
-    assert proc.wait(timeout=120) == 0
+    assert proc.wait(timeout=120) == 0, proc.stderr.read()
     assert sorted(r["split"] for r in json.loads(out.read_text())["results"]) == ["train", "val"]
 
 
