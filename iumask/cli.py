@@ -22,6 +22,7 @@ from iumask.artifacts import check_writable, describe_os_error, folder_lock
 from iumask.config import (
     RUN_ENCODERS,
     Amp,
+    Architecture,
     AugmentConfig,
     ClassWeighting,
     Connectivity,
@@ -174,9 +175,13 @@ def train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed,
                        checkpoint_every=checkpoint_every)
 
 
-MODEL = OptionGroup("model", (("encoder", Encoders, None), ("encoder_weights", EncoderWeights, "none")),
-                    lambda encoder, encoder_weights: ModelConfig(tuple(encoder) if encoder else DEFAULT_ENCODERS,
-                                                                 encoder_weights))
+ArchOpt = Annotated[Architecture, typer.Option("--arch", help="Members' architecture (segmentation-models-"
+                                               "pytorch): deeplabv3plus (the paper's, output stride 16) or any "
+                                               "other that takes the encoder.")]
+MODEL = OptionGroup("model", (("encoder", Encoders, None), ("encoder_weights", EncoderWeights, "none"),
+                              ("arch", ArchOpt, Architecture("deeplabv3plus"))),
+                    lambda encoder, encoder_weights, arch: ModelConfig(
+                        tuple(encoder) if encoder else DEFAULT_ENCODERS, encoder_weights, arch))
 TRAINING = OptionGroup("train", (
     ("epochs", Epochs, 60), ("batch_size", BatchSize, 2), ("lr", Lr, None), ("backbone_lr_factor", BackboneLr, 0.1),
     ("weight_decay", WeightDecay, 1e-4), ("seed", Seed, 0), ("workers", Workers, "auto"),
@@ -424,8 +429,9 @@ RUN_DEFAULTS = {True: {"epochs": 12, "batch_size": 8, "lr": 1e-3, "backbone_lr_f
 
 RUN_MODEL = OptionGroup("model", (("encoder", Annotated[Optional[list[str]], typer.Option(
     "--encoder", help=f"Members' encoders. Default: {', '.join(RUN_ENCODERS)}.")], None),
-    ("encoder_weights", EncoderWeights, "none")),
-    lambda encoder, encoder_weights: ModelConfig(tuple(encoder) if encoder else RUN_ENCODERS, encoder_weights))
+    ("encoder_weights", EncoderWeights, "none"), ("arch", ArchOpt, Architecture("deeplabv3plus"))),
+    lambda encoder, encoder_weights, arch: ModelConfig(tuple(encoder) if encoder else RUN_ENCODERS, encoder_weights,
+                                                       arch))
 
 
 @app.command("run")

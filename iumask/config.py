@@ -25,7 +25,14 @@ from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, open_dataset
 from iumask.errors import IumaskError
-from iumask.models import DEFAULT_ENCODERS, check_encoder
+from iumask.models import (
+    ARCHITECTURE,
+    ARCHITECTURES,
+    DEFAULT_ENCODERS,
+    architecture_name,
+    check_architecture,
+    check_encoder,
+)
 
 FORMAT_VERSION = 1  # of member manifests and results files
 
@@ -45,6 +52,7 @@ Connectivity = Choice("Connectivity", {"FOUR": "4", "EIGHT": "8"})
 ClassWeighting = Choice("ClassWeighting", {name.upper().replace("-", "_"): name for name in CLASS_WEIGHTINGS})
 # The loss methods registered when the CLI was built (LossConfig checks the registry itself, so a
 # method registered later works from Python and config files built in Python).
+Architecture = Choice("Architecture", {name.upper(): name for name in ARCHITECTURES})
 LossName = Choice("LossName", {name.upper().replace("-", "_"): name for name in LOSS_METHODS})
 Amp = Choice("Amp", {"OFF": "off", "BF16": "bf16", "FP16": "fp16"})
 Resolution = Choice("Resolution", {"NATIVE": "native", "TRAIN": "train"})
@@ -224,6 +232,7 @@ class ModelConfig:
     encoders: tuple[str, ...] = DEFAULT_ENCODERS
     # None (random), "imagenet", a local state-dict file, or ((encoder, one of those), ...)
     encoder_weights: str | None | tuple[tuple[str, str | None], ...] = None
+    architecture: str = ARCHITECTURE  # smp's class name (--arch unet gives "Unet")
 
     def __post_init__(self) -> None:
         encoders = (self.encoders,) if isinstance(self.encoders, str) else tuple(self.encoders or ())
@@ -232,6 +241,11 @@ class ModelConfig:
         for encoder in encoders:
             check_encoder(encoder)
         object.__setattr__(self, "encoders", encoders)
+        arch = self.architecture.value if isinstance(self.architecture, Enum) else self.architecture
+        object.__setattr__(self, "architecture", architecture_name(arch))
+        if self.architecture != ARCHITECTURE:
+            for encoder in set(encoders):
+                check_architecture(self.architecture, encoder)
         weights = self.encoder_weights
         if isinstance(weights, dict) or (isinstance(weights, tuple) and weights and isinstance(weights[0], tuple)):
             table = dict(weights)

@@ -1,4 +1,5 @@
-"""DeepLabV3+ members (segmentation-models-pytorch): building, saving and loading weights, logits.
+"""Members (segmentation-models-pytorch; DeepLabV3+ by default, any smp architecture with ``--arch``):
+building, saving and loading weights, logits.
 
 A member lives in a folder (see :mod:`iumask.artifacts`): ``model.safetensors`` (weights, loaded
 without running code from the file) and ``manifest.json``. How members' outputs become class
@@ -26,25 +27,53 @@ from iumask.artifacts import (
 from iumask.errors import IumaskError
 
 DEFAULT_ENCODERS = ("mobilenet_v2", "resnet50", "resnet101")
-ARCHITECTURE = "DeepLabV3Plus"
-OUTPUT_STRIDE = 16
+ARCHITECTURE = "DeepLabV3Plus"  # the paper's, and the default
+OUTPUT_STRIDE = 16  # DeepLabV3+'s encoder output stride (as the authors)
+# segmentation-models-pytorch's architectures: --arch name -> the class name manifests record.
+ARCHITECTURES = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
 
 
-def build_model(encoder: str, num_classes: int, encoder_weights: str | None = None) -> torch.nn.Module:
-    """A DeepLabV3+ with output stride 16 (as the authors).
+def architecture_name(arch: str) -> str:
+    """The class name of ``arch`` (``unet``, ``Unet``, ``deeplabv3plus`` ...), as manifests record it."""
+    by_lower = {name.lower(): name for name in ARCHITECTURES.values()}
+    found = ARCHITECTURES.get(str(arch).lower()) or by_lower.get(str(arch).lower())
+    if found is None:
+        raise IumaskError(f"--arch {arch!r}: unknown architecture; choose one of segmentation-models-pytorch's: "
+                          f"{', '.join(ARCHITECTURES)}")
+    return found
+
+
+def check_architecture(architecture: str, encoder: str) -> None:
+    """Refuse an architecture that cannot take ``encoder`` (e.g. DPT needs a ViT encoder), by
+    building it without allocating memory (meta device)."""
+    try:
+        with torch.device("meta"):
+            _create(architecture, encoder, 2, None)
+    except Exception as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise IumaskError(f"--arch {architecture} with --encoder {encoder}: segmentation-models-pytorch cannot build "
+                          f"it ({reason}); choose another encoder or architecture") from None
+
+
+def _create(architecture: str, encoder: str, num_classes: int, encoder_weights: str | None) -> torch.nn.Module:
+    options = {"encoder_output_stride": OUTPUT_STRIDE} if architecture == ARCHITECTURE else {}
+    return smp.create_model(architecture, encoder_name=encoder, encoder_weights=encoder_weights,
+                            classes=num_classes, **options)
+
+
+def build_model(encoder: str, num_classes: int, encoder_weights: str | None = None,
+                architecture: str = ARCHITECTURE) -> torch.nn.Module:
+    """A segmentation model of ``architecture`` (segmentation-models-pytorch; default DeepLabV3+
+    with output stride 16, as the authors).
 
     ``encoder_weights``: None (random init), ``"imagenet"`` (smp downloads them: needs internet) or
     the path of a local state dict (``.pth``/``.pt``/``.safetensors``) for the encoder, for offline
     machines.
     """
     check_encoder(encoder)
+    architecture = architecture_name(architecture)
     local = encoder_weights not in (None, "none", "imagenet")
-    model = smp.DeepLabV3Plus(
-        encoder_name=encoder,
-        encoder_weights=None if local or encoder_weights == "none" else encoder_weights,
-        encoder_output_stride=OUTPUT_STRIDE,
-        classes=num_classes,
-    )
+    model = _create(architecture, encoder, num_classes, None if local or encoder_weights == "none" else encoder_weights)
     if local:
         load_encoder_weights(model, Path(encoder_weights))
     return model
@@ -117,7 +146,12 @@ def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch
     folder = Path(folder)
     manifest = checked_manifest(folder)
     weights = folder / WEIGHTS_FILE
-    model = build_model(manifest["encoder"], len(manifest["classes"]["names"]))
+    architecture = manifest.get("architecture", ARCHITECTURE)  # manifests before --arch: DeepLabV3Plus too
+    if str(architecture).lower() not in {name.lower() for name in ARCHITECTURES.values()}:
+        raise IumaskError(f"{folder}: the model is a {architecture}, which this segmentation-models-pytorch "
+                          f"does not have ({', '.join(ARCHITECTURES.values())}); install the version it was "
+                          "trained with")
+    model = build_model(manifest["encoder"], len(manifest["classes"]["names"]), architecture=architecture)
     try:
         model.load_state_dict(load_file(str(weights)))
     except Exception as exc:
@@ -127,7 +161,7 @@ def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch
 
 
 def pad_to_stride(images: torch.Tensor, stride: int = OUTPUT_STRIDE) -> tuple[torch.Tensor, tuple[int, int]]:
-    """DeepLabV3+ needs sides divisible by its output stride: pad bottom/right (reflect)."""
+    """The models need sides divisible by their encoder's output stride: pad bottom/right (reflect)."""
     h, w = images.shape[-2:]
     ph, pw = (-h) % stride, (-w) % stride
     if ph or pw:
@@ -135,8 +169,15 @@ def pad_to_stride(images: torch.Tensor, stride: int = OUTPUT_STRIDE) -> tuple[to
     return images, (h, w)
 
 
+def input_stride(model: torch.nn.Module) -> int:
+    """What a model's input sides must be divisible by: its encoder's output stride (16 for the
+    default DeepLabV3+, 32 for a U-Net)."""
+    model = getattr(model, "module", model)  # DistributedDataParallel wraps the model
+    return int(getattr(getattr(model, "encoder", None), "output_stride", 32))
+
+
 def predict_logits(model: torch.nn.Module, images: torch.Tensor) -> torch.Tensor:
-    padded, (h, w) = pad_to_stride(images)
+    padded, (h, w) = pad_to_stride(images, input_stride(model))
     return model(padded)[..., :h, :w]
 
 

@@ -112,8 +112,9 @@ class MCDropoutSource(UncertaintySource):
         self.num_passes, self.seed = passes, seed
         self.dropout = [m for m in model.modules() if isinstance(m, DROPOUT_LAYERS) and m.p > 0]
         if not self.dropout:
-            raise IumaskError(f"{path}: this model has no dropout layer, so MC dropout would repeat one "
-                              "prediction; use --source ensemble")
+            raise IumaskError(f"{path}: this model ({type(model).__name__}) has no dropout layer, so MC dropout "
+                              "would repeat one prediction; use --source ensemble, or a model with dropout (e.g. "
+                              "--arch deeplabv3plus or fpn)")
 
     def passes(self, images: torch.Tensor) -> list[torch.Tensor]:
         model = self.models[0]

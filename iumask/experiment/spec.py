@@ -38,9 +38,9 @@ IU_MODES = ("none", "offline", "online")
 LOSS_KEYS = ("loss", "class_weights", "focal_gamma", "ohem_threshold", "ohem_min_kept", "effective_number_beta")
 ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivity", "normalize", "train",
             "augment", "online_encoders")
-TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "seeds", "masks", "evaluation",
+TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "arch", "seeds", "masks", "evaluation",
             "evaluations", "arms", "reference", "rare_classes", "device")
-MASK_KEYS = ("encoders", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
+MASK_KEYS = ("encoders", "arch", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
              "batch_size", "num_workers", "amp", "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -91,6 +91,7 @@ class ExperimentSpec:
     augment: AugmentConfig  # experiment-wide (arms may override); the mask ensemble's
     encoders: tuple[str, ...]
     encoder_weights: str | None | tuple  # as ModelConfig holds it (per encoder: pairs)
+    architecture: str  # the arms' models' (smp class name); the mask ensemble has its own
     seeds: tuple[int, ...]
     arms: tuple[Arm, ...]
     ensemble: MaskEnsemble
@@ -105,7 +106,7 @@ class ExperimentSpec:
         return next(a for a in self.arms if a.name == name)
 
     def model(self, encoders: tuple[str, ...]) -> ModelConfig:
-        return ModelConfig(encoders, self.encoder_weights)
+        return ModelConfig(encoders, self.encoder_weights, self.architecture)
 
     @property
     def training_runs(self) -> int:
@@ -230,7 +231,7 @@ def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
         weights = {encoder: _weights_path(base, value) for encoder, value in weights.items()}
     else:
         weights = _weights_path(base, weights)
-    model = top.build(ModelConfig, encoders, weights)
+    model = top.build(ModelConfig, encoders, weights, top.get("arch", "deeplabv3plus"))
     if len(set(model.encoders)) != len(model.encoders):
         top.fail(f"encoders {list(encoders)}: list each encoder once (seeds give the repeats)")
 
@@ -265,7 +266,8 @@ def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
         mask_table.fail(f"seed = {mask_seed!r}: give an integer >= 0")
     ensemble = MaskEnsemble(
         model=None if mask_path is not None else mask_table.build(ModelConfig, tuple(mask_encoders),
-                                                                   model.encoder_weights),
+                                                                   model.encoder_weights,
+                                                                   mask_values.get("arch", "deeplabv3plus")),
         train=_train(mask_table, mask_values.get("train", {}), train), seed=mask_seed, path=mask_path, masks=masks)
 
     arm_values = top.get("arms")
@@ -297,7 +299,7 @@ def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
     name = top.get("name", path.stem)
     return ExperimentSpec(
         path=path, name=str(name), data=data, train=train, augment=augment, encoders=model.encoders,
-        encoder_weights=model.encoder_weights,
+        encoder_weights=model.encoder_weights, architecture=model.architecture,
         seeds=tuple(seeds), arms=tuple(arms), ensemble=ensemble, evaluations=tuple(evaluations), eval=eval_config,
         reference=reference, rare_classes=rare, device=str(top.get("device", "auto")), raw=json_normal(raw))
 
@@ -324,7 +326,7 @@ def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskC
     if iu == "online":
         default = ensemble.model.encoders if ensemble.model is not None else model.encoders
         online_encoders = tuple(table.get("online_encoders", default))
-        table.build(ModelConfig, online_encoders, model.encoder_weights)
+        table.build(ModelConfig, online_encoders, model.encoder_weights, model.architecture)
         missing = [e for e in model.encoders if e not in online_encoders]
         if missing:
             table.fail(f"online_encoders {list(online_encoders)} must include the experiment's encoders "

@@ -61,7 +61,7 @@ from iumask.engine import (
 )
 from iumask.errors import IumaskError
 from iumask.losses import LossFn, build_loss
-from iumask.models import ARCHITECTURE, build_model, encoder_weights_identity, predict_logits, save_member
+from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, warn
 from iumask.report import (
@@ -200,7 +200,7 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
         folder = out / name
         member_train = replace(train, seed=train.seed + index)
         identity = artifact_identity(
-            stage, architecture=ARCHITECTURE, encoder=encoder, encoder_weights=model.weights_for(encoder),
+            stage, architecture=model.architecture, encoder=encoder, encoder_weights=model.weights_for(encoder),
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
             **encoder_weights_identity(model.weights_for(encoder)), **(extra_identity or {}))
@@ -209,7 +209,7 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
             continue
         keep_foreign_checkpoint(folder / CHECKPOINT_FILE, identity, overwrite)
         seed_everything(member_train.seed)  # the initial weights depend on the seed only
-        net = build_model(encoder, classes.num_classes, model.weights_for(encoder))
+        net = build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture)
 
         def loss_of_batch(logits, batch):
             return loss_fn(logits, batch["label"], batch.get("iu"))
@@ -291,7 +291,7 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
     classes = inputs.classes
     names = model.names
     identity = artifact_identity(
-        ONLINE_STAGE, architecture=ARCHITECTURE, members=names, encoders=list(model.encoders),
+        ONLINE_STAGE, architecture=model.architecture, members=names, encoders=list(model.encoders),
         classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint,
         data=data, train_options=train, loss=inputs.loss, augmentation=inputs.augmentation, online_masks=masks,
         world_size=distributed.world_size(), **_weights_identity(model))
@@ -317,7 +317,7 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
         nets = []
         for k, encoder in enumerate(model.encoders):
             seed_everything(train.seed + k)  # member k's initialisation
-            nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder)))
+            nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture))
         precision = Precision(train.amp, dev)
         total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
         members = [make_member(name, net, encoder, train, dev, total_steps, precision)
