@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import difflib
 import json
+import tomllib
 import typing
 from enum import Enum
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from iumask.errors import IumaskError
 

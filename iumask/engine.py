@@ -501,7 +501,10 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
             shown = f"val mIoU {mious[0]:.3f}" if k == 1 else f"ensemble val mIoU {ensemble_miou:.3f}"
             if k > 1:
                 ensemble_history.append({"epoch": epoch + 1, "val_miou": ensemble_miou})
-            progress.update(task, info=f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}")
+            summary = f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}"
+            progress.update(task, info=summary)
+            if not console.is_terminal:  # a log file (nohup, a cluster job) gets a line per epoch
+                console.print(f"{label}: {summary} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
             if on_epoch is not None and distributed.is_main():
                 on_epoch(records, [m.model for m in members])
                 for member in members:

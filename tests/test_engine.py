@@ -405,3 +405,16 @@ def test_fp16_on_cpu_is_switched_off_with_a_warning_and_bf16_runs(capsys):
     cuda = Precision("fp16", torch.device("cuda"))
     assert cuda.enabled and cuda.scaled and cuda.dtype == torch.float16
     assert Precision("bf16", torch.device("cuda")).scaled is False
+
+
+def test_a_log_file_gets_one_line_per_epoch(make_synthetic, tmp_path, capsys):
+    """Output to a file (nohup, a cluster job) is not a terminal: each epoch is one plain line, so a
+    long run's log shows its progress (the bar alone prints nothing until the end there)."""
+    data = make_synthetic("log-lines", num_train=4, num_val=2)
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", tmp_path / "out", "--encoder", "mobilenet_v2", "--epochs",
+           "2", "--batch-size", "2", "--lr", "1e-3", "--device", "cpu", "--no-augment")
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("baseline mobilenet_v2: epoch")]
+    assert [line.split(" loss ")[0] for line in lines] == ["baseline mobilenet_v2: epoch 1/2",
+                                                          "baseline mobilenet_v2: epoch 2/2"]
+    assert all("val mIoU" in line and line.endswith(" s)") for line in lines)
