@@ -8,8 +8,10 @@ line): top-level keys apply to every command, a ``[train-baseline]``-style table
 
 from __future__ import annotations
 
+import difflib
 import functools
 import inspect
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +57,22 @@ app = typer.Typer(
     add_completion=False,
 )
 
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from iumask import __version__
+
+        print(f"iumask {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                help="Print iumask's version and exit.")] = False) -> None:
+    """Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation."""
+
+
 # ----------------------------------------------------------------------------- options, declared once
 
 DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root: generic folder format (images/<split>/, "
@@ -95,6 +113,7 @@ Lr = Annotated[Optional[float], typer.Option(help="Learning rate of the decoder/
 BackboneLr = Annotated[float, typer.Option(help="Encoder learning rate = lr × this (authors: 0.1).")]
 WeightDecay = Annotated[float, typer.Option(help="Adam weight decay.")]
 Seed = Annotated[int, typer.Option(help="Random seed; member k uses seed + k.")]
+SyntheticSeed = Annotated[int, typer.Option("--seed", help="Random seed of the generated images.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Workers = Annotated[str, typer.Option(help="Data-loader worker processes: auto (the CPUs of this process, per "
                                        "torchrun rank, less 2 for the main process; at most 8; 0 on 2 CPUs) or a "
@@ -105,7 +124,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other
                                          "(the old artifact stays until its replacement is complete).")]
 Out = Annotated[Path, typer.Option(help="Output folder.")]
 TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard (<member>/tensorboard/: scalars and a few "
-                                           "validation images per epoch); needs pip install iumask[tensorboard].")]
+                                           "validation images per epoch); needs pip install 'iumask\\[tensorboard]'.")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
 Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
 InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
@@ -216,7 +235,7 @@ def make_synthetic(
     num_val: Annotated[int, typer.Option(help="Validation images.")] = 16,
     height: Annotated[int, typer.Option(help="Image height.")] = 96,
     width: Annotated[int, typer.Option(help="Image width.")] = 128,
-    seed: Seed = 0,
+    seed: SyntheticSeed = 0,
     shifted: Annotated[bool, typer.Option(help="Shifted domain: darker, foggier, noisier.")] = False,
     overwrite: Annotated[bool, typer.Option(help="Replace an earlier synthetic dataset made with other "
                                             "parameters (only files make-synthetic wrote are deleted).")] = False,
@@ -583,9 +602,21 @@ def main() -> None:
             sys.exit(exc.exit_code)
         ctx = getattr(exc, "ctx", None)
         where = f"iumask {' '.join(ctx.command_path.split()[1:])} --help".replace("  ", " ") if ctx else "iumask --help"
-        _fail(f"{exc.format_message().rstrip('.')}; see {where}", code=exc.exit_code)
+        _fail(f"{_usage_message(exc.format_message())}; see {where}", code=exc.exit_code)
     if isinstance(code, int) and code:
         sys.exit(code)
+
+
+def _usage_message(message: str) -> str:
+    """A usage error as one clean line: without the validation library's "Value error," prefix, and
+    for a value outside an option's choices the closest choice (as for a misspelt option name)."""
+    message = message.rstrip(".").replace("Value error, ", "")
+    found = re.search(r"'([^']*)' is not one of ((?:'[^']*'(?:, )?)+)", message)
+    if found:
+        close = difflib.get_close_matches(found.group(1), re.findall(r"'([^']*)'", found.group(2)), n=1)
+        if close:
+            message += f"; did you mean '{close[0]}'?"
+    return message
 
 
 def _fail(message: str, code: int = 2) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -266,3 +267,20 @@ def test_run_all_stages_then_cache_hits(tmp_path, capsys):
     captured = capsys.readouterr()
     assert captured.err.count("cache hit") == 4  # baseline member, store, weighted member, results
     assert json.loads((tmp_path / "run" / "results.json").read_text())["results"] == first
+
+
+def test_version_value_typos_and_help_texts(capsys, monkeypatch):
+    """--version prints the version; a value outside an option's choices gets one clean line with
+    the closest choice; help texts show what they say (a [extra] is not eaten as markup)."""
+    import iumask as package
+
+    iumask("--version")
+    assert capsys.readouterr().out.strip() == f"iumask {package.__version__}"
+    iumask("train-baseline", "--data", "x", "--class-weights", "inverce", expect=2)
+    err = capsys.readouterr().err.replace("\n", " ")
+    assert "did you mean 'inverse'?" in err and "Value error" not in err
+    monkeypatch.setenv("COLUMNS", "250")  # rich cuts long cells at 80 columns
+    iumask("train-baseline", "--help")
+    assert "iumask[tensorboard]" in re.sub(r"[\s│]", "", capsys.readouterr().out)  # 80 columns: boxed and wrapped
+    iumask("make-synthetic", "--help")
+    assert "member k" not in capsys.readouterr().out
