@@ -264,7 +264,7 @@ def train_baseline(
     overwrite: Overwrite = False,
     tensorboard: TensorBoard = False,
 ):
-    """Train an ensemble of DeepLabV3+ members without IU masks: plain cross-entropy (the paper's
+    """Train an ensemble (DeepLabV3+ members, or --arch) without IU masks: plain cross-entropy (the paper's
     baseline) or a peer method (--loss, --class-weights); one folder per member and an
     ensemble.json. Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     from iumask.stages.train import train_baseline as stage

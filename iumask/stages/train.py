@@ -2,7 +2,7 @@
 trained jointly, masks computed every step). All three share the data preparation, the member
 folders and the engine's loop; only the loss and where the masks come from differ.
 
-* ``train_baseline``: one member per encoder, cross-entropy (docs/method.md §9).
+* ``train_baseline``: one member per encoder, cross-entropy (docs/method.md §9) or a peer loss (§10).
 * ``train_weighted``: the same with CE·(1 + IU)^γ, each image's IU mask read from the store.
 * ``train_online`` (docs/method.md §5 item 2; paper section 4): every step, every member runs on
   the same batch in train mode; p̄ is the mean of their *detached* softmax; its entropy is averaged
@@ -235,8 +235,9 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
 def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                    augment: AugmentConfig, out: Path, device: str = "auto", overwrite: bool = False,
                    tensorboard: bool = False) -> Path:
-    """Stage 1: an ensemble trained with plain (optionally class-weighted) cross-entropy
-    (``loss.exponent`` is not used). Returns its ensemble.json."""
+    """Stage 1: an ensemble trained without IU masks: cross-entropy (the paper's baseline) or the
+    peer method ``loss.loss``, optionally class-weighted (``loss.exponent`` is not used). Returns
+    its ensemble.json."""
     return _train_members("baseline", False, data, model, train, loss.plain(), augment, Path(out),
                           device, overwrite, tensorboard=tensorboard)
 
