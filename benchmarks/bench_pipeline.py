@@ -86,9 +86,9 @@ def make_ensemble(work: Path, args) -> tuple[Path, Path]:
 def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     from iumask.config import DataConfig, MaskConfig
     from iumask.data.folder import SegmentationDataset
+    from iumask.inference import load_source
     from iumask.stages.masks import make_masks
     from iumask.transfer import to_device
-    from iumask.uncertainty import load_source
 
     device = torch.device(args.device)
     source = load_source(ensemble, "ensemble", device)

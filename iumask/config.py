@@ -286,7 +286,7 @@ class TrainConfig:
     poly_power: float = 0.9
     seed: int = 0
     num_workers: int | str = "auto"  # data-loader processes; "auto": iumask.overlap.resolve_workers
-    amp: str = "off"  # off, bf16 (CPU or CUDA) or fp16 (CUDA) autocast; see iumask.engine.usable_amp
+    amp: str = "off"  # off, bf16 (CPU or CUDA) or fp16 (CUDA) autocast; see iumask.device.usable_amp
     # Steps between mid-epoch checkpoints (0: only at epoch ends). Not part of the result's
     # identity: resuming is exact wherever the checkpoint was taken.
     checkpoint_every: int = 500

@@ -3,7 +3,7 @@ building, saving and loading weights, logits.
 
 A member lives in a folder (see :mod:`iumask.artifacts`): ``model.safetensors`` (weights, loaded
 without running code from the file) and ``manifest.json``. How members' outputs become class
-probabilities (an ensemble, MC dropout) is :mod:`iumask.uncertainty`.
+probabilities (an ensemble, MC dropout) is :mod:`iumask.inference`.
 """
 
 from __future__ import annotations

@@ -24,7 +24,8 @@ from safetensors.torch import load_file
 from iumask import engine
 from iumask.config import TrainConfig as TrainOptions
 from iumask.data.synthetic import generate_synthetic
-from iumask.engine import EpochBatchSampler, Precision, resolve_amp, steps_per_epoch
+from iumask.device import Precision
+from iumask.engine import EpochBatchSampler, resolve_amp, steps_per_epoch
 from iumask.store import MaskStore
 
 pytestmark = pytest.mark.slow

@@ -19,9 +19,9 @@ LAYERS = [
     ["iumask.stages.run", "iumask.stages.experiment"],
     ["iumask.experiment.report", "iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate",
      "iumask.stages.stats", "iumask.stages.predict"],
-    ["iumask.engine", "iumask.losses", "iumask.uncertainty", "iumask.report", "iumask.experiment.spec"],
+    ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.report", "iumask.experiment.spec"],
     ["iumask.config", "iumask.experiment.analysis"],
-    ["iumask.store", "iumask.stats", "iumask.models", "iumask.distributed", "iumask.data.synthetic"],
+    ["iumask.store", "iumask.stats", "iumask.models", "iumask.distributed", "iumask.device", "iumask.data.synthetic"],
     ["iumask.data.formats"],
     ["iumask.data.augment", "iumask.data.folder"],
     ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
@@ -95,3 +95,39 @@ def test_no_import_cycle():
 
     for module in sorted(graph):
         visit(module, [])
+
+
+def _imported_closure(module: str) -> set[str]:
+    """Every iumask module ``module`` imports, directly or through others."""
+    seen, todo = set(), [module]
+    while todo:
+        for target, _, _ in _imports(MODULES[todo.pop()]):
+            if target in MODULES and target not in seen:
+                seen.add(target)
+                todo.append(target)
+    return seen
+
+
+@pytest.mark.parametrize("module", ["iumask.inference", "iumask.stages.masks", "iumask.stages.evaluate",
+                                    "iumask.stages.predict"])
+def test_inference_does_not_import_the_training_engine(module):
+    assert "iumask.engine" not in _imported_closure(module), f"{module} imports the training engine"
+
+
+# The core's functions that turn probabilities into entropy and instance uncertainty.
+MAP_FUNCTIONS = {"pixel_entropy", "instance_uncertainty", "instance_uncertainty_batch"}
+
+
+def test_one_place_computes_entropy_and_iu_from_probabilities():
+    """Outside the core, only iumask.inference calls the entropy and IU functions: every stage gets
+    its maps from there, with the run's choices applied the same way."""
+    callers = {}
+    for module, path in MODULES.items():
+        if module.startswith("iumask.core") or module == "iumask.inference":
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.Call):
+                name = getattr(node.func, "id", None) or getattr(node.func, "attr", None)
+                if name in MAP_FUNCTIONS:
+                    callers.setdefault(module, []).append(f"{name} (line {node.lineno})")
+    assert not callers, f"entropy/IU computed outside iumask.inference: {callers}"

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from iumask.errors import IumaskError
+from iumask.inference import ensemble_probs
 from iumask.models import build_model, load_member, save_member
-from iumask.uncertainty import ensemble_probs
 
 
 class Pointwise(torch.nn.Module):

@@ -185,8 +185,8 @@ def test_bf16_autocast_runs_on_the_cpu_in_training_make_masks_and_evaluate(basel
     reference = json.loads((ensemble.parent / "mobilenet_v2" / "manifest.json").read_text())["history"]
     assert manifest["history"][0]["loss"] != reference[0]["loss"]
     assert manifest["history"][0]["loss"] == pytest.approx(reference[0]["loss"], rel=0.05)
-    from iumask.engine import Precision
-    from iumask.uncertainty import load_source
+    from iumask.device import Precision
+    from iumask.inference import load_source
 
     source = load_source(out, "ensemble", torch.device("cpu"))
     images = torch.randn(2, 3, 32, 32)

@@ -30,17 +30,17 @@ from iumask.artifacts import (
     write_json_atomic,
 )
 from iumask.config import DataConfig, EvalConfig, json_normal
-from iumask.core import SegmentationMetrics, pixel_entropy
+from iumask.core import SegmentationMetrics
 from iumask.core.metrics import fit_temperature, scale_temperature
 from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
-from iumask.engine import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError
+from iumask.inference import UncertaintySource, check_models, load_source, pixel_maps
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
 from iumask.report import result_labels
-from iumask.transfer import class_id_dtype, host_tensor, to_device
-from iumask.uncertainty import UncertaintySource, check_models, load_source
+from iumask.transfer import host_tensor, to_device
 
 # What tells results apart in a results file: evaluating the same model on the same data, split
 # and resolution again replaces its entry; anything else is added beside the earlier entries.
@@ -69,9 +69,9 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
             with precision.autocast():
                 probs = source.probs(to_device(batch["image"], device), inference)
             probs = probs.float()
-            entropy = host_tensor(pixel_entropy(probs))
+            maps = pixel_maps(probs)
+            entropy, prediction = host_tensor(maps.entropy), host_tensor(maps.prediction)
             total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
-            prediction = host_tensor(probs.argmax(1), class_id_dtype(probs.shape[1]))
             if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
                 metrics.update(prediction, batch["label"], entropy, probs)
             if scaled is not None:

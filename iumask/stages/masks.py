@@ -12,21 +12,19 @@ import functools
 from pathlib import Path
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader
 
 from iumask import distributed
 from iumask.artifacts import describe_os_error
 from iumask.config import DataConfig, MaskConfig
-from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import SegmentationDataset
-from iumask.engine import Precision, resolve_device
+from iumask.device import Precision, resolve_device
 from iumask.errors import IumaskError
+from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar
 from iumask.store import MaskStore
-from iumask.transfer import class_id_dtype, to_device, to_host
-from iumask.uncertainty import check_models, load_source
+from iumask.transfer import to_device, to_host
 
 
 def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
@@ -73,14 +71,11 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
         batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
         loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
                             num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
-        ids = class_id_dtype(num_classes)
+        iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
 
         def finish(index: int, entropy: np.ndarray, prediction: np.ndarray, label: np.ndarray, advance) -> None:
-            # Background: IU of one image (instances in the store's dtype: instance_uncertainty's
-            # uint8 fast path up to 256 classes), then its arrays and completion flag.
-            instances = prediction.astype(store.prediction_dtype) if masks.instances_from == "prediction" else label
-            iu = instance_uncertainty(instances, entropy, num_classes, masks.connectivity, ignore)
-            store.write(index, entropy, iu, prediction)
+            # Background: IU of one image, then its arrays and completion flag.
+            store.write(index, entropy, iu_of.image(prediction, entropy, label), prediction)
             advance()
 
         precision = Precision(masks.amp, dev)
@@ -93,12 +88,11 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
                 # that batches images the same way).
                 with precision.autocast():
                     probs = source.probs(to_device(batch["image"], dev), seed=int(batch["index"][0]))
-                probs = probs.float()
                 # Entropy and argmax on the device; the class ids cross to the host as uint8 (up to
                 # 256 classes). The entropy crosses in float32: IU averages full-precision values
                 # (as the serial path always did); the store rounds both to float16.
-                entropy = to_host(pixel_entropy(probs, normalize=masks.normalize), torch.float32)
-                prediction = to_host(probs.argmax(1), ids)
+                maps = pixel_maps(probs, masks.normalize)
+                entropy, prediction = to_host(maps.entropy), to_host(maps.prediction)
                 labels = batch["label"].numpy()
                 for k, index in enumerate(batch["index"].tolist()):
                     pool.submit(finish, index, entropy[k], prediction[k], labels[k], advance)

@@ -28,15 +28,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from iumask.artifacts import WriterLock, atomic_write, check_writable, describe_os_error
 from iumask.config import PredictConfig
-from iumask.core import instance_uncertainty, pixel_entropy
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
-from iumask.engine import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import DataError, IumaskError
+from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar, warn
 from iumask.store import MaskStore
-from iumask.transfer import class_id_dtype, to_device, to_host
-from iumask.uncertainty import check_models, load_source
+from iumask.transfer import to_device, to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_KINDS = ("labels", "color", "overlay", "entropy", "iu")
@@ -243,9 +242,11 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
     palette, precision = classes.palette(), Precision(usable_amp(options.amp, dev), dev)  # fp16 on a CPU: off
     start = time.perf_counter()
 
+    iu_of = InstanceUncertainty(num_classes, classes.ignore_index, options.connectivity)
+
     def finish(i: int, rgb: np.ndarray, entropy: np.ndarray, prediction: np.ndarray) -> None:
         # Background: the image's IU, its store entry and its files.
-        iu = instance_uncertainty(prediction, entropy, num_classes, options.connectivity, classes.ignore_index)
+        iu = iu_of.image(prediction, entropy)
         if store is not None:
             store.write(slot[i], entropy, iu, prediction)
         write_outputs(paths[i], rgb, prediction, entropy, iu, palette, top)
@@ -262,9 +263,9 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
             for group in _same_shape(good):
                 images = to_device(torch.stack([item["image"] for item in group]), dev)
                 with precision.autocast():
-                    probs = source.probs(images, options.inference, seed=group[0]["index"]).float()
-                entropy = to_host(pixel_entropy(probs), torch.float32)
-                prediction = to_host(probs.argmax(1), class_id_dtype(num_classes)).astype(label_dtype)
+                    probs = source.probs(images, options.inference, seed=group[0]["index"])
+                maps = pixel_maps(probs)
+                entropy, prediction = to_host(maps.entropy), to_host(maps.prediction).astype(label_dtype)
                 for k, item in enumerate(group):
                     pool.submit(finish, item["index"], item["rgb"], entropy[k], prediction[k])
                     result.done += 1

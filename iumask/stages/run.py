@@ -7,7 +7,7 @@ from iumask import distributed
 from iumask.artifacts import folder_writer_lock, read_json
 from iumask.config import RunConfig
 from iumask.data.synthetic import generate_synthetic
-from iumask.engine import resolve_device
+from iumask.device import resolve_device
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks

@@ -46,20 +46,20 @@ from iumask.config import (
     UncertaintyKind,
     artifact_identity,
 )
-from iumask.core import class_weights, instance_uncertainty_batch, mean_softmax, pixel_entropy
+from iumask.core import class_weights, mean_softmax
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset, SegmentationDataset
+from iumask.device import Precision, resolve_device
 from iumask.engine import (
-    Precision,
     fit,
     keep_foreign_checkpoint,
     make_member,
     resolve_amp,
-    resolve_device,
     seed_everything,
     steps_per_epoch,
     train_model,
 )
 from iumask.errors import IumaskError
+from iumask.inference import InstanceUncertainty, pixel_maps
 from iumask.losses import LossFn, build_loss
 from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.overlap import BackgroundPool, background_threads
@@ -112,6 +112,8 @@ class TrainingInputs:
         transform = augment.transform(self.classes.ignore_index)
         self.augmentation = None if transform is None else transform.describe()
         mask_fn = StoreMaskReader(masks) if masks is not None else None
+        # The connectivity of the IU shown in TensorBoard: the store's, else the default.
+        self.connectivity = MaskStore.open(masks).identity["options"].get("connectivity", 8) if masks is not None else 8
         self.train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform,
                                              seed=train.seed, valid_mask=valid_mask)
         self.val_set = SegmentationDataset(val_folder, data.size)
@@ -214,7 +216,7 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
         def loss_of_batch(logits, batch):
             return loss_fn(logits, batch["label"], batch.get("iu"))
 
-        log = EpochLog([folder], [f"{stage} {name}"], classes, inputs.val_set, dev, tensorboard)
+        log = EpochLog([folder], [f"{stage} {name}"], classes, inputs.val_set, dev, tensorboard, inputs.connectivity)
         try:
             history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
                                   folder, identity, classes.num_classes, classes.ignore_index, dev,
@@ -326,7 +328,7 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
         step = OnlineStep(members, precision, masks, inputs.loss_fn(loss, iu_weighted=True), classes.num_classes,
                           classes.ignore_index, dev)
         log = EpochLog([out / name for name in names], [f"online {name}" for name in names], classes,
-                       inputs.val_set, dev, tensorboard)
+                       inputs.val_set, dev, tensorboard, masks.connectivity)
         try:
             result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint_path, identity,
                          classes.num_classes, classes.ignore_index, dev, f"online ×{len(members)}", precision,
@@ -362,8 +364,9 @@ class EpochLog:
     IMAGES = 3
 
     def __init__(self, folders: list[Path], titles: list[str], classes: ClassInfo, val_set, device: torch.device,
-                 tensorboard: bool = False):
+                 tensorboard: bool = False, connectivity: int = 8):
         self.folders, self.titles, self.classes = folders, titles, classes
+        self.iu_of = InstanceUncertainty(classes.num_classes, classes.ignore_index, connectivity)
         self.val_set, self.device = val_set, device
         self.boards = [TensorBoardLog(f / TENSORBOARD_DIR, classes.names, classes.palette()) for f in folders] \
             if tensorboard else None
@@ -376,7 +379,7 @@ class EpochLog:
         if self.boards is None or models is None:  # models None: a resume, nothing new to log
             return
         for board, model, rows in zip(self.boards, models, records):
-            board.log(rows[-1], validation_maps(model, self.val_set, self.IMAGES, self.classes, self.device))
+            board.log(rows[-1], validation_maps(model, self.val_set, self.IMAGES, self.iu_of, self.device))
 
     def close(self) -> None:
         for board in self.boards or []:
@@ -384,10 +387,11 @@ class EpochLog:
 
 
 @torch.no_grad()
-def validation_maps(model: torch.nn.Module, val_set, count: int, classes: ClassInfo,
+def validation_maps(model: torch.nn.Module, val_set, count: int, iu_of: InstanceUncertainty,
                     device: torch.device) -> list[dict]:
     """A few validation images (evenly spread) with ``model``'s prediction, pixel entropy and IU
-    (instances of the prediction), as numpy arrays for display. Eval mode: no RNG is drawn."""
+    (instances of the prediction, at the run's connectivity), as numpy arrays for display. Eval
+    mode: no RNG is drawn."""
     model.eval()
     n = len(val_set)
     picks = sorted(set(np.linspace(0, n - 1, min(count, n)).round().astype(int).tolist())) if n else []
@@ -395,12 +399,10 @@ def validation_maps(model: torch.nn.Module, val_set, count: int, classes: ClassI
     maps = []
     for i in picks:
         image = val_set[i]["image"]
-        probs = torch.softmax(predict_logits(model, to_device(image[None], device)).float(), 1)
-        entropy = pixel_entropy(probs)
-        prediction = probs.argmax(1)
-        iu = instance_uncertainty_batch(prediction, entropy, classes.num_classes, 8, classes.ignore_index)
+        pixel = pixel_maps(torch.softmax(predict_logits(model, to_device(image[None], device)).float(), 1))
+        iu = iu_of.batch(pixel)
         rgb = ((image * std + mean).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-        maps.append({"image": rgb, "prediction": to_host(prediction[0]), "entropy": to_host(entropy[0]),
+        maps.append({"image": rgb, "prediction": to_host(pixel.prediction[0]), "entropy": to_host(pixel.entropy[0]),
                      "iu": to_host(iu[0])})
     return maps
 
@@ -414,12 +416,9 @@ def online_masks(logits: list[torch.Tensor], label: torch.Tensor, masks: MaskCon
     so they join no instance (else their entropy would leak into real instances touching the
     padding); they carry no loss either (ignore label). ``map_fn`` spreads the images over threads."""
     with torch.no_grad():
-        probs = mean_softmax([x.detach() for x in logits])
-        entropy = pixel_entropy(probs, normalize=masks.normalize)
-        source = probs.argmax(1) if masks.instances_from == "prediction" else label
-        if valid is not None:
-            source = source.masked_fill(~valid, ignore_index)
-        return instance_uncertainty_batch(source, entropy, num_classes, masks.connectivity, ignore_index, map_fn)
+        maps = pixel_maps(mean_softmax([x.detach() for x in logits]), masks.normalize)
+        iu_of = InstanceUncertainty(num_classes, ignore_index, masks.connectivity, masks.instances_from)
+        return iu_of.batch(maps, label, valid, map_fn)
 
 
 class OnlineStep:

@@ -1,4 +1,7 @@
-"""Where the class probabilities p̄ come from: the one interface make-masks, evaluate and predict use.
+"""Inference: where the class probabilities p̄ come from, and the maps every stage makes of them.
+
+The one interface make-masks, evaluate, predict and training's TensorBoard images and online masks
+use; it does not import the training engine (device and precision helpers: :mod:`iumask.device`).
 
 An :class:`UncertaintySource` returns the mean class probabilities of a batch of images, at the
 images' resolution, from several stochastic or independent predictions (docs/method.md §1):
@@ -8,7 +11,12 @@ images' resolution, from several stochastic or independent predictions (docs/met
   in eval mode (MC dropout, the pixel-wise uncertainty the paper compares against). It needs no
   ensemble: one trained model makes IU masks, at T forward passes per image.
 
-Both share the handling of image sizes: a model trained at a reduced size sees either the image
+The maps of p̄ are made in one place: :func:`pixel_maps` (on p̄'s device: the pixel entropy and the
+predicted class ids) and :class:`InstanceUncertainty` (the IU of one image or a batch, with the
+instances of the prediction or of the labels, at a connectivity): the numerical core's functions
+with the choices of a run applied the same way everywhere.
+
+Both sources share the handling of image sizes: a model trained at a reduced size sees either the image
 resized to that size (logits upsampled back, ``inference="resize"``) or windows of that size slid
 over the full image (``"slide"``). Online training averages its members' training-mode softmax
 with the same rule (:func:`iumask.core.mean_softmax`).
@@ -16,16 +24,20 @@ with the same rule (:func:`iumask.core.mean_softmax`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from iumask.artifacts import check_ensemble_members, checked_manifest, resolve_models
-from iumask.core import mean_softmax
+from iumask.core import instance_uncertainty, instance_uncertainty_batch, mean_softmax, pixel_entropy
 from iumask.data.folder import PairedDataset, class_differences
 from iumask.errors import IumaskError
 from iumask.models import load_member, predict_logits
+from iumask.transfer import class_id_dtype
 
 INFERENCE_MODES = ("resize", "slide")
 DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
@@ -141,6 +153,57 @@ def window_starts(length: int, window: int) -> list[int]:
     stride = max(1, (2 * window) // 3)
     starts = list(range(0, length - window, stride))
     return starts + [length - window]
+
+
+# ----------------------------------------------------------------------------- maps of p̄
+
+
+class PixelMaps(NamedTuple):
+    """The per-pixel maps of a batch's p̄ (B, C, H, W), on p̄'s device."""
+
+    entropy: torch.Tensor  # (B, H, W) float32, natural log (÷ ln C when normalised)
+    prediction: torch.Tensor  # (B, H, W) argmax class ids in the narrowest dtype (transfer.class_id_dtype)
+
+
+def pixel_maps(probs: torch.Tensor, normalize: bool = False) -> PixelMaps:
+    """Entropy (float32 whatever precision p̄ was computed in) and predicted class of every pixel."""
+    probs = probs.float()
+    return PixelMaps(pixel_entropy(probs, normalize=normalize), probs.argmax(1).to(class_id_dtype(probs.shape[1])))
+
+
+@dataclass(frozen=True)
+class InstanceUncertainty:
+    """How a run turns pixel entropy into IU (docs/method.md §3): instances are the connected
+    components (``connectivity`` 4 or 8) of each class in the prediction or in the labels
+    (``instances_from``); ``ignore_index`` pixels join no instance and get IU 0."""
+
+    num_classes: int
+    ignore_index: int
+    connectivity: int = 8
+    instances_from: str = "prediction"
+
+    def _instances(self, prediction, label):
+        if self.instances_from == "prediction":
+            return prediction
+        if label is None:
+            raise ValueError("instances_from='label' needs the labels")
+        return label
+
+    def image(self, prediction: np.ndarray, entropy: np.ndarray, label: np.ndarray | None = None) -> np.ndarray:
+        """The (H, W) float32 IU map of one image (host arrays)."""
+        return instance_uncertainty(self._instances(prediction, label), entropy, self.num_classes,
+                                    self.connectivity, self.ignore_index)
+
+    def batch(self, maps: PixelMaps, label: torch.Tensor | None = None, valid: torch.Tensor | None = None,
+              map_fn=map) -> torch.Tensor:
+        """The (B, H, W) float32 IU maps of a batch, on the entropy's device. ``valid`` (bool) is
+        False on pixels outside the image (augmentation padding): they join no instance.
+        ``map_fn`` spreads the images over threads (the result is the same)."""
+        instances = self._instances(maps.prediction, label)
+        if valid is not None:
+            instances = instances.long().masked_fill(~valid.to(instances.device), self.ignore_index)
+        return instance_uncertainty_batch(instances, maps.entropy, self.num_classes, self.connectivity,
+                                          self.ignore_index, map_fn)
 
 
 # ----------------------------------------------------------------------------- loading
