@@ -20,6 +20,7 @@ from typing import Annotated, Any, Callable, Optional
 import typer
 from rich.markup import escape
 
+from iumask import distributed
 from iumask.artifacts import check_writable, describe_os_error, folder_lock
 from iumask.config import (
     RUN_ENCODERS,
@@ -390,7 +391,11 @@ def evaluate(
     # Refuse a foreign --output file, or one over other classes, before any work.
     merge_results(output, [], classes=list(data_options.open(split).classes.names))
     # The output folder is created once the models and data are checked, before the first model runs.
-    results = stage(model, data_options, options, device, before_work=lambda: check_writable(output.parent))
+    # Under torchrun the ranks share the images and rank 0 writes the results.
+    results = stage(model, data_options, options, device, before_work=lambda: check_writable(output.parent),
+                    across_ranks=True)
+    if not distributed.is_main():
+        return
     print_results(results)  # shown even if the file cannot be written
     with folder_lock(output.parent):  # concurrent evaluates into one file keep each other's results
         merged, kept, replaced = merge_results(output, results)

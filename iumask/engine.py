@@ -46,7 +46,8 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, atomic_write, comparable_identity, mismatch_keys
 from iumask.config import TrainConfig
-from iumask.core import SegmentationMetrics, mean_softmax
+from iumask.core import mean_softmax
+from iumask.core.metrics import ConfusionMatrix
 from iumask.device import Precision, usable_amp
 from iumask.errors import IumaskError
 from iumask.models import predict_logits
@@ -310,14 +311,14 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
                      ignore_index: int, device: torch.device, precision: Precision) -> Validation:
     """Validation mIoU and per-class IoU of each model and (for several) of their ensemble (mean
     softmax). Under torchrun each rank predicts its share of the images and the confusion matrices
-    are summed."""
+    are reduced (summed)."""
     if not len(val_set):
         nan, several = float("nan"), len(models) > 1
         return Validation([nan] * len(models), [[nan] * num_classes for _ in models],
                           nan if several else None, [nan] * num_classes if several else None)
     for model in models:
         model.eval()
-    metrics = [SegmentationMetrics(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
+    metrics = [ConfusionMatrix(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
     subset = Subset(val_set, distributed.shard(list(range(len(val_set)))))
     # Validation images of several sizes (no --size) go one at a time.
     batch_size = options.batch_size if val_set.uniform_shape() else 1
@@ -331,7 +332,7 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
         if len(models) > 1:
             metrics[-1].update(host_tensor(mean_softmax(logits).argmax(1), ids), batch["label"])
     for m in metrics:
-        distributed.all_reduce_sum(m.confusion)
+        m.sync(distributed.all_reduce_sum, distributed.all_gather_object)
     scores = [m.compute() for m in metrics]
     mious = [s["miou"] for s in scores]
     ious = [[float(v) for v in s["iou"]] for s in scores]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -324,6 +325,33 @@ def test_make_masks_with_two_processes_equals_one_process(data, baseline, tmp_pa
         a, b = one.read(i), two.read(i)
         for key in a:
             np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_evaluate_with_two_processes_equals_one_process(data, baseline, tmp_path):
+    """Evaluation under torchrun: each rank predicts every other batch (the training-set entropy of
+    the PAvPU threshold too), the metrics' states are reduced over the two Gloo ranks, rank 0 writes:
+    the counts-based numbers equal one process's exactly, the float sums to rounding."""
+    results = {}
+    for runner in ("one", "two"):
+        model = tmp_path / runner / "baseline"
+        shutil.copytree(baseline, model)  # each computes (and caches) the PAvPU threshold itself
+        args = ["evaluate", "--model", model / "ensemble.json", "--data", data, "--split", "train", "--device", "cpu",
+                "--temperature-scale", "--output", tmp_path / runner / "results.json", "--workers", "0"]
+        if runner == "one":
+            subprocess.run([sys.executable, "-m", "iumask.cli", *map(str, args)], check=True, capture_output=True,
+                           env=dict(os.environ, OMP_NUM_THREADS="1"))
+        else:
+            assert torchrun(*args).stdout.count("per-class IoU") == 1  # one table, from rank 0
+        [results[runner]] = json.loads((tmp_path / runner / "results.json").read_text())["results"]
+    one, two = results["one"], results["two"]
+    assert one["images_scored"] == two["images_scored"] == 8
+    for key in ("iou", "miou", "pixel_accuracy", "class_accuracy", "mean_accuracy", "pavpu_threshold",
+                "pavpu_counts", "instance_counts", "worst_10pct_miou", "temperature"):
+        assert one[key] == two[key], key  # 8 images on both: no image left out or counted twice
+    assert one["calibration_bins"]["pixels"] == two["calibration_bins"]["pixels"]
+    for key in ("mean_entropy", "ece", "brier", "nll", "per_image_miou", "aurc", "augrc", "risk_at_80_coverage",
+                "ece_scaled", "nll_scaled"):
+        assert two[key] == pytest.approx(one[key], rel=1e-12, abs=1e-15), key
 
 
 def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_path):

@@ -341,7 +341,7 @@ def _check_calibration_against_reference(targets, preds, probs, num_classes, ign
         assert res_single[k] == pytest.approx(res[k], rel=1e-12, abs=1e-15)
     assert 0 < res["ece"] < 1 and 0 < res["brier"] < 2 and res["nll"] > 0
     valid_total = sum(int((t != ignore).sum()) for t in targets)
-    assert int(m.bin_counts.sum()) == valid_total == int(m.score_sums[0])
+    assert int(m.calibration.bin_counts.sum()) == valid_total == int(m.calibration.score_sums[0])
     # the reliability diagram's bins give back the ECE: Σ pixels·|accuracy − confidence| / pixels
     bins = res["calibration_bins"]
     pixels = np.asarray(bins["pixels"], dtype=float)
@@ -408,8 +408,8 @@ def test_calibration_bin_edges_and_nan():
     target = torch.tensor([[0, 0, 1, 0]])  # the confidence-1 pixel is wrong
     m = iumask.SegmentationMetrics(2, ignore_index=255)
     m.update(probs.argmax(0), target, probs=probs)
-    assert m.bin_counts.shape == (16,)
-    assert m.bin_counts.tolist() == [0] * 8 + [1, 1] + [0] * 4 + [1, 1]
+    assert m.calibration.bin_counts.shape == (16,)
+    assert m.calibration.bin_counts.tolist() == [0] * 8 + [1, 1] + [0] * 4 + [1, 1]
     # per-bin |acc - conf| weighted by share; the wrong confidence-1 pixel is not pooled with 0.95
     expected = (abs(1 - e9) + abs(1 - below) + 1.0 + abs(1 - np.float32(0.95))) / 4
     assert m.compute()["ece"] == pytest.approx(expected, rel=1e-7)
@@ -429,7 +429,7 @@ def test_calibration_bin_edges_and_nan():
     for r in (no_probs.compute(), all_ignored.compute()):
         assert math.isnan(r["ece"]) and math.isnan(r["brier"]) and math.isnan(r["nll"])
     m.reset()
-    assert all(float(getattr(m, k).abs().sum()) == 0 for k in CALIBRATION_STATE)
+    assert all(float(getattr(m.calibration, k).abs().sum()) == 0 for k in CALIBRATION_STATE)
     assert math.isnan(m.compute()["ece"])
     with pytest.raises(ValueError):  # wrong number of classes
         m.update(target, target, probs=probs[:1])
@@ -439,7 +439,7 @@ def test_calibration_bin_edges_and_nan():
 
 def test_calibration_memory_flat_and_summable():
     """The calibration state has a fixed size whatever the number of updates, and summing two
-    metrics' state tensors (what all_reduce_sum does across ranks) gives the metrics of both halves."""
+    metrics' state tensors (merge: what sync's all_reduce_sum does across ranks) gives the metrics of both halves."""
     rng = np.random.default_rng(5)
     num_classes, ignore = 5, 255
     targets = _generated_labels(6, num_classes, ignore, rng, h=40, w=56)
@@ -449,8 +449,9 @@ def test_calibration_memory_flat_and_summable():
     m = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
 
     def footprint():
-        return {k: (tuple(v.shape), v.dtype) for k, v in vars(m).items() if isinstance(v, torch.Tensor)} | {
-            k: len(v) for k, v in vars(m).items() if isinstance(v, (list, tuple, dict, set)) and k != "image_miou"}
+        state = {k: v for a in m.accumulators for k, v in vars(a).items() if not k.startswith("_")}
+        return {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)} | {
+            k: len(v) for k, v in state.items() if isinstance(v, (list, tuple, dict, set)) and k != "image_miou"}
 
     m.update(preds[0], targets[0], probs=probs[0])
     before = footprint()
@@ -459,8 +460,8 @@ def test_calibration_memory_flat_and_summable():
             m.update(p, t, probs=pr)
     assert footprint() == before
     for k in CALIBRATION_STATE[:3]:
-        assert getattr(m, k).shape == (16,) and getattr(m, k).dtype == torch.float64
-    assert m.score_sums.shape == (3,) and m.score_sums.dtype == torch.float64
+        assert getattr(m.calibration, k).shape == (16,) and getattr(m.calibration, k).dtype == torch.float64
+    assert m.calibration.score_sums.shape == (3,) and m.calibration.score_sums.dtype == torch.float64
 
     whole = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
     half_a = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
@@ -468,8 +469,7 @@ def test_calibration_memory_flat_and_summable():
     for i, (p, t, pr) in enumerate(zip(preds, targets, probs)):
         whole.update(p, t, probs=pr)
         (half_a if i % 2 else half_b).update(p, t, probs=pr)
-    for k in ("confusion", *CALIBRATION_STATE):
-        getattr(half_a, k).add_(getattr(half_b, k))
+    half_a.merge(half_b)
     r_whole, r_sum = whole.compute(), half_a.compute()
     for k in ("ece", "brier", "nll", "miou"):
         assert r_sum[k] == pytest.approx(r_whole[k], rel=1e-12)

@@ -137,10 +137,7 @@ def test_new_state_sums_across_processes(camvid):
     labels, preds, probs = camvid
     whole = metrics_of(labels, preds, probs)
     a, b = metrics_of(labels[::2], preds[::2], probs[::2]), metrics_of(labels[1::2], preds[1::2], probs[1::2])
-    for name in ("confusion", "instances_found", "instances_total", "risk_counts", "risk_errors", "bin_counts",
-                 "bin_confidence", "bin_accuracy", "score_sums"):
-        setattr(a, name, getattr(a, name) + getattr(b, name))
-    a.image_miou += b.image_miou
+    a.merge(b)
     merged, expected = a.compute(), whole.compute()
     for key in ("instance_recall", "instance_recall_small", "mean_accuracy", "per_image_miou", "worst_10pct_miou",
                 "aurc", "augrc", "risk_at_80_coverage"):

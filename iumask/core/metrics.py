@@ -125,8 +125,299 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.asarray(x))
 
 
+# ----------------------------------------------------------------------------- pure functions
+
+
+def iou_from_confusion(confusion: torch.Tensor) -> dict:
+    """Per-class IoU (NaN for a class absent from both target and prediction), mIoU over the others,
+    pixel accuracy, per-class accuracy (recall; NaN for a class without labelled pixels) and their
+    mean (mAcc), from a ``(C, C)`` confusion matrix (rows: target, columns: prediction)."""
+    cm = confusion.double()
+    tp = cm.diag()
+    union = cm.sum(0) + cm.sum(1) - tp
+    iou = torch.where(union > 0, tp / union.clamp_min(1), torch.tensor(math.nan, dtype=torch.float64))
+    present = ~torch.isnan(iou)
+    total = cm.sum()
+    labelled = cm.sum(1)
+    accuracy = torch.where(labelled > 0, tp / labelled.clamp_min(1), math.nan)
+    return {
+        "iou": iou.tolist(),
+        "miou": float(iou[present].mean()) if present.any() else math.nan,
+        "pixel_accuracy": float(tp.sum() / total) if total > 0 else math.nan,
+        "class_accuracy": accuracy.tolist(),
+        "mean_accuracy": float(accuracy[labelled > 0].mean()) if (labelled > 0).any() else math.nan,
+    }
+
+
+def pavpu_patch_counts(correct: torch.Tensor, valid: torch.Tensor, entropy: torch.Tensor, threshold: float,
+                       window: int = 4, stride: int | None = None, accuracy_threshold: float = 0.5) -> torch.Tensor:
+    """PAvPU's patch counts ``[n_ac, n_au, n_ic, n_iu]`` of a batch ``(B, H, W)`` (docs/method.md §8):
+    ``window``² patches at ``stride`` (default ``window``) that fit inside the image; a patch is
+    accurate when correct / valid pixels ≥ ``accuracy_threshold`` (patches without valid pixels are
+    skipped) and certain when its mean entropy (over all its pixels) is below ``threshold``."""
+    stride = stride or window
+    if min(correct.shape[-2:]) < window:  # every patch would overhang an edge: none is scored
+        return torch.zeros(4, dtype=torch.int64)
+    pool = lambda x: F.avg_pool2d(x[:, None].float(), window, stride=stride)[:, 0]  # noqa: E731
+    valid_frac = pool(valid)
+    has_valid = valid_frac > 0
+    accurate = pool(correct & valid) / valid_frac.clamp_min(1e-12) >= accuracy_threshold
+    certain = pool(entropy) < threshold
+    return torch.stack([(accurate & certain & has_valid).sum(), (accurate & ~certain & has_valid).sum(),
+                        (~accurate & certain & has_valid).sum(), (~accurate & ~certain & has_valid).sum()])
+
+
+def pavpu_from_counts(counts) -> dict:
+    """PAvPU = (n_ac + n_iu) / patches, p(accurate | certain) and p(uncertain | inaccurate) from
+    ``[n_ac, n_au, n_ic, n_iu]`` (NaN where a denominator is 0)."""
+    n_ac, n_au, n_ic, n_iu = (int(v) for v in counts)
+    patches = n_ac + n_au + n_ic + n_iu
+    return {"pavpu": (n_ac + n_iu) / patches if patches else math.nan,
+            "p_accurate_given_certain": n_ac / (n_ac + n_ic) if n_ac + n_ic else math.nan,
+            "p_uncertain_given_inaccurate": n_iu / (n_ic + n_iu) if n_ic + n_iu else math.nan,
+            "pavpu_counts": {"n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu}}
+
+
+def top_label(probs: torch.Tensor, target: torch.Tensor, valid: torch.Tensor):
+    """The valid pixels of a ``(B, C, H, W)`` batch as ``(p, t, confidence, correct)``: their class
+    probabilities ``(N, C)`` (float32 or float64, a copy), targets, largest probability, and
+    whether that class is the target (float64); on ``probs``' device."""
+    device = probs.device
+    valid = valid.to(device)
+    p = probs.movedim(1, -1)[valid]
+    if p.dtype != torch.float64:
+        p = p.float()
+    t = target.to(device)[valid]
+    confidence, top = p.max(dim=1) if p.shape[0] else (p.new_zeros(0), t)
+    return p, t, confidence, (top == t).double()
+
+
+# ----------------------------------------------------------------------------- accumulators
+
+
+class Accumulator:
+    """Streamed state the torchmetrics way: each state is declared with :meth:`add_state` and how it
+    reduces (``"sum"``: tensors added; ``"cat"``: lists concatenated), so :meth:`merge` (another
+    accumulator of other data) and :meth:`sync` (every process's, e.g. under torchrun) give the
+    state of all the data, and :meth:`compute` the metrics of it."""
+
+    def __init__(self):
+        self._reductions: dict[str, str] = {}
+        self._defaults: dict = {}
+
+    def add_state(self, name: str, default, reduce: str) -> None:
+        if reduce not in ("sum", "cat"):
+            raise ValueError(f"reduce must be 'sum' or 'cat', got {reduce!r}")
+        self._reductions[name], self._defaults[name] = reduce, default
+        setattr(self, name, default.clone() if reduce == "sum" else list(default))
+
+    def reset(self) -> None:
+        for name, reduce in self._reductions.items():
+            default = self._defaults[name]
+            setattr(self, name, default.clone() if reduce == "sum" else list(default))
+
+    def merge(self, other: "Accumulator") -> None:
+        """Add ``other``'s state (an accumulator of the same kind over other data) to this one."""
+        for name, reduce in self._reductions.items():
+            if reduce == "sum":
+                getattr(self, name).add_(getattr(other, name))
+            else:
+                getattr(self, name).extend(getattr(other, name))
+
+    def sync(self, all_reduce_sum, all_gather_object) -> None:
+        """Reduce the state over processes with the given collectives (``all_reduce_sum(tensor)``
+        in place; ``all_gather_object(value) -> [value of rank 0, ...]``), e.g. those of
+        :mod:`iumask.distributed`. Afterwards every process holds the state of all the data."""
+        for name, reduce in self._reductions.items():
+            if reduce == "sum":
+                all_reduce_sum(getattr(self, name))
+            else:
+                setattr(self, name, [v for part in all_gather_object(getattr(self, name)) for v in part])
+
+    def compute(self) -> dict:
+        raise NotImplementedError
+
+
+class ConfusionMatrix(Accumulator):
+    """IoU, mIoU, pixel accuracy and mAcc (:func:`iou_from_confusion`) from one confusion matrix."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.add_state("confusion", torch.zeros(num_classes, num_classes, dtype=torch.int64), "sum")
+
+    def update(self, pred, target) -> None:
+        """Add ``pred`` and ``target`` class ids of the same shape (tensors or arrays); refuses
+        values outside 0..C−1 (the target's ignore label aside)."""
+        pred, target = _as_tensor(pred).long().cpu(), _as_tensor(target).long().cpu()
+        if pred.shape != target.shape:
+            raise ValueError(f"pred shape {tuple(pred.shape)} differs from target {tuple(target.shape)}")
+        valid = target != self.ignore_index
+        bad = valid & ((target < 0) | (target >= self.num_classes))
+        if bad.any():
+            raise ValueError(
+                f"target values {target[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1} "
+                f"and are not the ignore label {self.ignore_index}"
+            )
+        bad = valid & ((pred < 0) | (pred >= self.num_classes))
+        if bad.any():
+            raise ValueError(f"pred values {pred[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1}")
+        index = target[valid] * self.num_classes + pred[valid]
+        self.confusion += torch.bincount(index, minlength=self.num_classes ** 2).view(self.num_classes,
+                                                                                        self.num_classes)
+
+    def compute(self) -> dict:
+        return iou_from_confusion(self.confusion)
+
+
+class MeanEntropy(Accumulator):
+    """Mean pixel entropy over all pixels (labelled or not)."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("entropy_sums", torch.zeros(2, dtype=torch.float64), "sum")  # Σ entropy, pixels
+
+    def update(self, entropy: torch.Tensor) -> None:
+        self.entropy_sums += torch.tensor([float(entropy.double().sum()), entropy.numel()], dtype=torch.float64)
+
+    def compute(self) -> dict:
+        total, pixels = (float(v) for v in self.entropy_sums)
+        return {"mean_entropy": total / pixels if pixels else math.nan}
+
+
+class PAvPU(Accumulator):
+    """Patch accuracy vs patch uncertainty (Mukhoti & Gal 2018) from pooled patch counts
+    (:func:`pavpu_patch_counts`, :func:`pavpu_from_counts`)."""
+
+    def __init__(self, threshold: float, window: int = 4, stride: int | None = None,
+                 accuracy_threshold: float = 0.5):
+        super().__init__()
+        self.threshold, self.window, self.stride = threshold, window, stride or window
+        self.accuracy_threshold = accuracy_threshold
+        self.add_state("patch_counts", torch.zeros(4, dtype=torch.int64), "sum")  # n_ac, n_au, n_ic, n_iu
+
+    def update(self, pred: torch.Tensor, target: torch.Tensor, entropy: torch.Tensor, ignore_index: int) -> None:
+        self.patch_counts += pavpu_patch_counts(pred == target, target != ignore_index, entropy, self.threshold,
+                                                self.window, self.stride, self.accuracy_threshold)
+
+    def compute(self) -> dict:
+        return {**pavpu_from_counts(self.patch_counts), "pavpu_threshold": self.threshold}
+
+
+class Calibration(Accumulator):
+    """Top-label ECE (equal-width bins, as torchmetrics' ``MulticlassCalibrationError(norm="l1")``),
+    Brier score and NLL of the valid pixels, from per-bin and running sums (see
+    :class:`SegmentationMetrics`)."""
+
+    def __init__(self, ece_bins: int = 15):
+        super().__init__()
+        if ece_bins < 1:
+            raise ValueError(f"ece_bins must be at least 1, got {ece_bins}")
+        self.ece_bins = ece_bins
+        # float32 edges, as torchmetrics builds them for float32 confidences
+        self.bin_edges = torch.linspace(0, 1, ece_bins + 1, dtype=torch.float32)
+        # per confidence bin (ece_bins + 1, the last for confidence 1): pixels, Σ confidence, Σ correct
+        for name in ("bin_counts", "bin_confidence", "bin_accuracy"):
+            self.add_state(name, torch.zeros(ece_bins + 1, dtype=torch.float64), "sum")
+        self.add_state("score_sums", torch.zeros(3, dtype=torch.float64), "sum")  # pixels, Σ Brier, Σ NLL
+
+    def update_pixels(self, p: torch.Tensor, t: torch.Tensor, confidence: torch.Tensor, correct: torch.Tensor) -> None:
+        """Add valid pixels given as :func:`top_label` returns them (``p`` is modified)."""
+        if p.shape[0] == 0:
+            return
+        bins = torch.bucketize(confidence.float(), self.bin_edges.to(p.device), right=True) - 1
+        n = self.ece_bins + 1
+        self.bin_counts += torch.bincount(bins, minlength=n).double().cpu()
+        self.bin_confidence += torch.bincount(bins, weights=confidence.double(), minlength=n).cpu()
+        self.bin_accuracy += torch.bincount(bins, weights=correct, minlength=n).cpu()
+        rows = torch.arange(p.shape[0], device=p.device)
+        nll = -torch.log(p[rows, t].double().clamp_min(1e-12)).sum()
+        p[rows, t] -= 1  # p - one_hot(target)
+        brier = torch.sum(p * p, dtype=torch.float64)
+        self.score_sums += torch.tensor([float(rows.numel()), float(brier), float(nll)], dtype=torch.float64)
+
+    def compute(self) -> dict:
+        scored, brier_sum, nll_sum = (float(v) for v in self.score_sums)
+        ece = float((self.bin_accuracy - self.bin_confidence).abs().sum()) / scored if scored else math.nan
+        counts = self.bin_counts
+        mean = lambda sums: torch.where(counts > 0, sums / counts.clamp_min(1), math.nan).tolist()  # noqa: E731
+        return {"ece": ece, "brier": brier_sum / scored if scored else math.nan,
+                "nll": nll_sum / scored if scored else math.nan,
+                # the reliability diagram's data: per confidence bin (the last holds confidence 1)
+                # pixels, mean confidence and accuracy (NaN for an empty bin)
+                "calibration_bins": {"edges": self.bin_edges.double().tolist(),
+                                     "pixels": [int(c) for c in counts.tolist()],
+                                     "confidence": mean(self.bin_confidence), "accuracy": mean(self.bin_accuracy)}}
+
+
+class SelectiveRisk(Accumulator):
+    """AURC, AUGRC and risk at 80 % coverage (:func:`selective_risk`) from a confidence histogram
+    of the valid pixels (:func:`risk_bin`): pixels and errors per bin."""
+
+    def __init__(self):
+        super().__init__()
+        self.add_state("risk_counts", torch.zeros(RISK_BINS, dtype=torch.float64), "sum")
+        self.add_state("risk_errors", torch.zeros(RISK_BINS, dtype=torch.float64), "sum")
+
+    def update_pixels(self, confidence: torch.Tensor, correct: torch.Tensor) -> None:
+        risk = risk_bin(confidence)
+        self.risk_counts += torch.bincount(risk, minlength=RISK_BINS).double().cpu()
+        self.risk_errors += torch.bincount(risk, weights=1 - correct, minlength=RISK_BINS).cpu()
+
+    def compute(self) -> dict:
+        return selective_risk(self.risk_counts.numpy(), self.risk_errors.numpy())
+
+
+class InstanceRecall(Accumulator):
+    """Ground-truth instances found, per class and size (:func:`instance_recall_counts`)."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255, connectivity: int = 8):
+        super().__init__()
+        self.num_classes, self.ignore_index, self.connectivity = num_classes, ignore_index, connectivity
+        self.add_state("instances_found", torch.zeros(num_classes, len(INSTANCE_SIZES), dtype=torch.int64), "sum")
+        self.add_state("instances_total", torch.zeros(num_classes, len(INSTANCE_SIZES), dtype=torch.int64), "sum")
+
+    def update_image(self, pred: np.ndarray, target: np.ndarray) -> None:
+        found, total = instance_recall_counts(pred, target, self.num_classes, self.ignore_index, self.connectivity)
+        self.instances_found += torch.from_numpy(found)
+        self.instances_total += torch.from_numpy(total)
+
+    def compute(self) -> dict:
+        found, total = self.instances_found.double(), self.instances_total.double()
+        ratio = lambda f, t: float(f / t) if t > 0 else math.nan  # noqa: E731
+        return {
+            "instance_recall": ratio(found.sum(), total.sum()),
+            **{f"instance_recall_{size}": ratio(found[:, i].sum(), total[:, i].sum())
+               for i, size in enumerate(INSTANCE_SIZES)},
+            "instance_recall_per_class": [ratio(f, t) for f, t in zip(found.sum(1), total.sum(1))],
+            "instance_counts": {"found": self.instances_found.tolist(), "total": self.instances_total.tolist(),
+                                "sizes": list(INSTANCE_SIZES)},
+        }
+
+
+class PerImageIoU(Accumulator):
+    """Mean over images of each image's mIoU (:func:`per_image_miou`) and the mean of the worst 10 %."""
+
+    def __init__(self, num_classes: int, ignore_index: int = 255):
+        super().__init__()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.add_state("image_miou", [], "cat")  # one mIoU per image with valid pixels
+
+    def update_image(self, pred: np.ndarray, target: np.ndarray) -> None:
+        miou = per_image_miou(pred, target, self.num_classes, self.ignore_index)
+        if not math.isnan(miou):
+            self.image_miou.append(miou)
+
+    def compute(self) -> dict:
+        images = self.image_miou
+        return {"per_image_miou": float(np.mean(images)) if images else math.nan,
+                "worst_10pct_miou": worst_mean(images), "images_scored": len(images)}
+
+
 class SegmentationMetrics:
-    """Accumulates a confusion matrix and PAvPU patch counts over batches.
+    """All of iumask's evaluation metrics over batches: a collection of the accumulators above,
+    fed by one :meth:`update`, reduced together (:meth:`merge`, :meth:`sync`) and computed into one
+    dict (the keys of results.json).
 
     Args:
         num_classes: C.
@@ -143,6 +434,7 @@ class SegmentationMetrics:
             overhang the bottom or right edge are left out.
         accuracy_threshold: a patch is accurate when correct / valid pixels ≥ this (0.5).
         ece_bins: number of equal-width confidence bins of the expected calibration error (15).
+        instance_connectivity: connectivity of the ground-truth instances of instance recall.
 
     Calibration (only from batches whose ``probs`` are given, over valid pixels): the ECE is
     top-label and L1, as torchmetrics' ``MulticlassCalibrationError(n_bins=15, norm="l1")``: the
@@ -151,8 +443,7 @@ class SegmentationMetrics:
     ``torch.linspace``, a confidence exactly on an edge goes to the bin above it), and, as there,
     a confidence of exactly 1 gets a bin of its own (``n + 1`` bins in all); ECE =
     Σ_bins |Σ correct − Σ confidence| / pixels. Brier = mean of Σ_c (p_c − y_c)², NLL = mean of
-    −log max(p_target, 1e-12). The state is per-bin counts, confidence and correct sums, and the
-    Brier/NLL sums (float64 tensors that can be summed across processes like ``confusion``).
+    −log max(p_target, 1e-12).
     """
 
     def __init__(
@@ -166,40 +457,38 @@ class SegmentationMetrics:
         ece_bins: int = 15,
         instance_connectivity: int = 8,
     ):
-        self.num_classes = num_classes
-        self.ignore_index = ignore_index
-        self.pavpu_window = pavpu_window
-        self.pavpu_stride = pavpu_stride or pavpu_window
-        self.pavpu_threshold = pavpu_threshold
-        self.accuracy_threshold = accuracy_threshold
-        if ece_bins < 1:
-            raise ValueError(f"ece_bins must be at least 1, got {ece_bins}")
-        self.ece_bins = ece_bins
-        self.instance_connectivity = instance_connectivity
-        # float32 edges, as torchmetrics builds them for float32 confidences
-        self._bin_edges = torch.linspace(0, 1, ece_bins + 1, dtype=torch.float32)
-        self.reset()
+        self.num_classes, self.ignore_index = num_classes, ignore_index
+        self.confusion_matrix = ConfusionMatrix(num_classes, ignore_index)
+        self.mean_entropy = MeanEntropy()
+        self.pavpu = PAvPU(pavpu_threshold, pavpu_window, pavpu_stride, accuracy_threshold) \
+            if pavpu_threshold is not None else None
+        self.calibration = Calibration(ece_bins)
+        self.selective_risk = SelectiveRisk()
+        self.instance_recall = InstanceRecall(num_classes, ignore_index, instance_connectivity)
+        self.per_image = PerImageIoU(num_classes, ignore_index)
+
+    @property
+    def accumulators(self) -> list[Accumulator]:
+        return [a for a in (self.confusion_matrix, self.mean_entropy, self.pavpu, self.calibration,
+                            self.selective_risk, self.instance_recall, self.per_image) if a is not None]
+
+    @property
+    def confusion(self) -> torch.Tensor:
+        """The (C, C) confusion matrix so far (rows: target, columns: prediction)."""
+        return self.confusion_matrix.confusion
 
     def reset(self) -> None:
-        self.confusion = torch.zeros(self.num_classes, self.num_classes, dtype=torch.int64)
-        # n_ac, n_au, n_ic, n_iu
-        self.patch_counts = torch.zeros(4, dtype=torch.int64)
-        self.entropy_sum = 0.0
-        self.entropy_pixels = 0
-        # per confidence bin (ece_bins + 1, the last for confidence 1): pixels, Σ confidence, Σ correct
-        self.bin_counts = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
-        self.bin_confidence = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
-        self.bin_accuracy = torch.zeros(self.ece_bins + 1, dtype=torch.float64)
-        # valid pixels with probabilities, Σ Brier, Σ NLL
-        self.score_sums = torch.zeros(3, dtype=torch.float64)
-        # ground-truth instances found / in all, by class and size (summed across processes)
-        self.instances_found = torch.zeros(self.num_classes, len(INSTANCE_SIZES), dtype=torch.int64)
-        self.instances_total = torch.zeros_like(self.instances_found)
-        # one mIoU per image (concatenated across processes)
-        self.image_miou: list[float] = []
-        # selective risk: pixels and errors per confidence bin (summed across processes)
-        self.risk_counts = torch.zeros(RISK_BINS, dtype=torch.float64)
-        self.risk_errors = torch.zeros(RISK_BINS, dtype=torch.float64)
+        for accumulator in self.accumulators:
+            accumulator.reset()
+
+    def merge(self, other: "SegmentationMetrics") -> None:
+        for mine, theirs in zip(self.accumulators, other.accumulators):
+            mine.merge(theirs)
+
+    def sync(self, all_reduce_sum, all_gather_object) -> None:
+        """Every state reduced over processes (see :meth:`Accumulator.sync`)."""
+        for accumulator in self.accumulators:
+            accumulator.sync(all_reduce_sum, all_gather_object)
 
     def update(self, pred, target, entropy=None, probs=None) -> None:
         """Add a batch: ``pred`` and ``target`` ``(B, H, W)`` (or ``(H, W)``) class indices,
@@ -207,9 +496,7 @@ class SegmentationMetrics:
         probabilities ``(B, C, H, W)`` (or ``(C, H, W)``; needed for ECE, Brier and NLL; the ECE
         takes its top label from ``probs``, like torchmetrics, not from ``pred``)."""
         pred, target = _as_tensor(pred).long().cpu(), _as_tensor(target).long().cpu()
-        if pred.shape != target.shape:
-            raise ValueError(f"pred shape {tuple(pred.shape)} differs from target {tuple(target.shape)}")
-        if pred.ndim == 2:
+        if pred.ndim == 2 and pred.shape == target.shape:
             pred, target = pred[None], target[None]
             entropy = None if entropy is None else _as_tensor(entropy)[None]
             probs = None if probs is None else _as_tensor(probs)[None]
@@ -220,141 +507,31 @@ class SegmentationMetrics:
                 raise ValueError(f"probs shape {tuple(probs.shape)} is not (B, C, H, W) = {expected}")
             if not probs.is_floating_point():
                 raise ValueError(f"probs must be floating point probabilities, got {probs.dtype}")
+        self.confusion_matrix.update(pred, target)  # first: it checks the class ids
         valid = target != self.ignore_index
-        bad = valid & ((target < 0) | (target >= self.num_classes))
-        if bad.any():
-            raise ValueError(
-                f"target values {target[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1} "
-                f"and are not the ignore label {self.ignore_index}"
-            )
-        bad = valid & ((pred < 0) | (pred >= self.num_classes))
-        if bad.any():
-            raise ValueError(f"pred values {pred[bad].unique()[:5].tolist()} are outside 0..{self.num_classes - 1}")
-        pred_np, target_np = pred.numpy(), target.numpy()
-        for p, t in zip(pred_np, target_np):
-            found, total = instance_recall_counts(p, t, self.num_classes, self.ignore_index,
-                                                  self.instance_connectivity)
-            self.instances_found += torch.from_numpy(found)
-            self.instances_total += torch.from_numpy(total)
-            miou = per_image_miou(p, t, self.num_classes, self.ignore_index)
-            if not math.isnan(miou):
-                self.image_miou.append(miou)
-        index = target[valid] * self.num_classes + pred[valid]
-        self.confusion += torch.bincount(index, minlength=self.num_classes**2).view(
-            self.num_classes, self.num_classes
-        )
+        for p, t in zip(pred.numpy(), target.numpy()):
+            self.instance_recall.update_image(p, t)
+            self.per_image.update_image(p, t)
         if entropy is not None:
             entropy = _as_tensor(entropy).float().cpu()
-            self.entropy_sum += float(entropy.double().sum())
-            self.entropy_pixels += entropy.numel()
-            if self.pavpu_threshold is not None:
-                self.patch_counts += self._patch_counts(pred == target, valid, entropy)
+            self.mean_entropy.update(entropy)
+            if self.pavpu is not None:
+                self.pavpu.update(pred, target, entropy, self.ignore_index)
         if probs is not None:
-            self._add_calibration(probs, target, valid)
-
-    def _add_calibration(self, probs, target, valid) -> None:
-        """Per-bin and Brier/NLL sums of the valid pixels, computed on ``probs``' device."""
-        device = probs.device
-        valid = valid.to(device)
-        p = probs.movedim(1, -1)[valid]  # (N, C), a copy
-        if p.shape[0] == 0:
-            return
-        if p.dtype != torch.float64:
-            p = p.float()
-        t = target.to(device)[valid]
-        rows = torch.arange(p.shape[0], device=device)
-        confidence, top = p.max(dim=1)
-        correct = (top == t).double()
-        bins = torch.bucketize(confidence.float(), self._bin_edges.to(device), right=True) - 1
-        n = self.ece_bins + 1
-        self.bin_counts += torch.bincount(bins, minlength=n).double().cpu()
-        self.bin_confidence += torch.bincount(bins, weights=confidence.double(), minlength=n).cpu()
-        self.bin_accuracy += torch.bincount(bins, weights=correct, minlength=n).cpu()
-        risk = risk_bin(confidence)
-        self.risk_counts += torch.bincount(risk, minlength=RISK_BINS).double().cpu()
-        self.risk_errors += torch.bincount(risk, weights=1 - correct, minlength=RISK_BINS).cpu()
-        nll = -torch.log(p[rows, t].double().clamp_min(1e-12)).sum()
-        p[rows, t] -= 1  # p - one_hot(target)
-        brier = torch.sum(p * p, dtype=torch.float64)
-        self.score_sums += torch.tensor([float(rows.numel()), float(brier), float(nll)], dtype=torch.float64)
-
-    def _patch_counts(self, correct, valid, entropy) -> torch.Tensor:
-        w, s = self.pavpu_window, self.pavpu_stride
-        if min(correct.shape[-2:]) < w:  # every patch would overhang an edge: none is scored
-            return torch.zeros(4, dtype=torch.int64)
-        pool = lambda x: F.avg_pool2d(x[:, None].float(), w, stride=s)[:, 0]  # noqa: E731
-        valid_frac = pool(valid)
-        has_valid = valid_frac > 0
-        accuracy = pool(correct & valid) / valid_frac.clamp_min(1e-12)
-        accurate = accuracy >= self.accuracy_threshold
-        certain = pool(entropy) < self.pavpu_threshold
-        ac = (accurate & certain & has_valid).sum()
-        au = (accurate & ~certain & has_valid).sum()
-        ic = (~accurate & certain & has_valid).sum()
-        iu = (~accurate & ~certain & has_valid).sum()
-        return torch.stack([ac, au, ic, iu])
+            p, t, confidence, correct = top_label(probs, target, valid)
+            self.selective_risk.update_pixels(confidence, correct)
+            self.calibration.update_pixels(p, t, confidence, correct)
 
     def compute(self) -> dict:
-        """Per-class IoU (NaN for a class absent from both target and prediction), mIoU over the
-        others, pixel accuracy, mean entropy (over all pixels), PAvPU with its two conditional
-        probabilities, and ECE, Brier score and NLL (NaN without probabilities or valid pixels)."""
-        cm = self.confusion.double()
-        tp = cm.diag()
-        union = cm.sum(0) + cm.sum(1) - tp
-        iou = torch.where(union > 0, tp / union.clamp_min(1), torch.tensor(math.nan, dtype=torch.float64))
-        present = ~torch.isnan(iou)
-        total = cm.sum()
-        n_ac, n_au, n_ic, n_iu = (int(v) for v in self.patch_counts)
-        patches = n_ac + n_au + n_ic + n_iu
-        nan = math.nan
-        scored, brier_sum, nll_sum = (float(v) for v in self.score_sums)
-        ece = float((self.bin_accuracy - self.bin_confidence).abs().sum()) / scored if scored else nan
-        return {
-            "iou": iou.tolist(),
-            "miou": float(iou[present].mean()) if present.any() else nan,
-            "pixel_accuracy": float(tp.sum() / total) if total > 0 else nan,
-            "mean_entropy": self.entropy_sum / self.entropy_pixels if self.entropy_pixels else nan,
-            "pavpu": (n_ac + n_iu) / patches if patches else nan,
-            "p_accurate_given_certain": n_ac / (n_ac + n_ic) if n_ac + n_ic else nan,
-            "p_uncertain_given_inaccurate": n_iu / (n_ic + n_iu) if n_ic + n_iu else nan,
-            "pavpu_counts": {"n_ac": n_ac, "n_au": n_au, "n_ic": n_ic, "n_iu": n_iu},
-            "pavpu_threshold": self.pavpu_threshold,
-            "ece": ece,
-            "brier": brier_sum / scored if scored else nan,
-            "nll": nll_sum / scored if scored else nan,
-            # the reliability diagram's data: per confidence bin (the last holds confidence 1)
-            # pixels, mean confidence and accuracy (NaN for an empty bin)
-            "calibration_bins": self._reliability(),
-            **self._small_and_rare(cm),
-            **selective_risk(self.risk_counts.numpy(), self.risk_errors.numpy()),
-        }
-
-    def _small_and_rare(self, cm: torch.Tensor) -> dict:
-        """Mean class accuracy, per-image and worst-10 % mIoU, instance recall (per class, by size)."""
-        labelled = cm.sum(1)
-        accuracy = torch.where(labelled > 0, cm.diag() / labelled.clamp_min(1), math.nan)
-        found, total = self.instances_found.double(), self.instances_total.double()
-        ratio = lambda f, t: float(f / t) if t > 0 else math.nan  # noqa: E731
-        images = self.image_miou
-        return {
-            "class_accuracy": accuracy.tolist(),
-            "mean_accuracy": float(accuracy[labelled > 0].mean()) if (labelled > 0).any() else math.nan,
-            "per_image_miou": float(np.mean(images)) if images else math.nan,
-            "worst_10pct_miou": worst_mean(images),
-            "images_scored": len(images),
-            "instance_recall": ratio(found.sum(), total.sum()),
-            **{f"instance_recall_{size}": ratio(found[:, i].sum(), total[:, i].sum())
-               for i, size in enumerate(INSTANCE_SIZES)},
-            "instance_recall_per_class": [ratio(f, t) for f, t in zip(found.sum(1), total.sum(1))],
-            "instance_counts": {"found": self.instances_found.tolist(), "total": self.instances_total.tolist(),
-                                "sizes": list(INSTANCE_SIZES)},
-        }
-
-    def _reliability(self) -> dict:
-        counts = self.bin_counts
-        mean = lambda sums: torch.where(counts > 0, sums / counts.clamp_min(1), math.nan).tolist()  # noqa: E731
-        return {"edges": self._bin_edges.double().tolist(), "pixels": [int(c) for c in counts.tolist()],
-                "confidence": mean(self.bin_confidence), "accuracy": mean(self.bin_accuracy)}
+        """Every accumulator's metrics in one dict: IoU, mIoU, pixel accuracy, mAcc, mean entropy,
+        PAvPU (NaN without a threshold), ECE, Brier, NLL, instance recall, per-image and worst-10 %
+        mIoU, AURC, AUGRC and risk at 80 % coverage (NaN where undefined)."""
+        out = {}
+        for accumulator in self.accumulators:
+            out.update(accumulator.compute())
+        if self.pavpu is None:
+            out.update(pavpu_from_counts([0, 0, 0, 0]), pavpu_threshold=None)
+        return out
 
 
 def fit_temperature(log_probs: torch.Tensor, target: torch.Tensor, low: float = 0.05, high: float = 20.0) -> float:

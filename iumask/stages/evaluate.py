@@ -16,6 +16,7 @@ from typing import Callable
 import torch
 from torch.utils.data import DataLoader
 
+from iumask import distributed
 from iumask.artifacts import (
     MANIFEST_FILE,
     atomic_write,
@@ -55,30 +56,47 @@ NEWER_METRICS = ("mean_accuracy", "per_image_miou", "worst_10pct_miou", "instanc
 def predict_split(source: UncertaintySource, dataset: SegmentationDataset, device: torch.device, label: str,
                   metrics: SegmentationMetrics | None, inference: str = "resize", workers: int | str = 0,
                   amp: str = "off", scaled: tuple[SegmentationMetrics, float] | None = None,
-                  on_batch=None) -> float:
+                  on_batch=None, across_ranks: bool = False) -> float:
     """Run ``source`` over a dataset (``workers`` loader processes, ``amp`` autocast); feed
     ``metrics`` (and ``scaled = (metrics, T)`` with the probabilities at temperature T); hand each
-    batch's ``(probs, labels)`` to ``on_batch``; return the mean pixel entropy."""
+    batch's ``(probs, labels)`` to ``on_batch``; return the mean pixel entropy.
+
+    ``across_ranks`` (under torchrun): each rank predicts every world_size-th batch (the batches of
+    one process), the metrics are reduced over the ranks and the mean entropy is summed in batch
+    order, so every rank ends with the single-process numbers."""
     precision = Precision(usable_amp(amp, device), device)
-    total, pixels = 0.0, 0
-    loader = DataLoader(dataset, batch_size=4 if dataset.uniform_shape() else 1,
-                        num_workers=resolve_workers(workers), pin_memory=device.type == "cuda")
+    step = 4 if dataset.uniform_shape() else 1
+    batches = [list(range(i, min(i + step, len(dataset)))) for i in range(0, len(dataset), step)]
+    order = list(range(len(batches)))
+    if across_ranks:
+        order = distributed.shard(order)
+    sums = []  # (batch, Σ entropy, pixels) of this rank's batches
+    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in order], num_workers=resolve_workers(workers),
+                        pin_memory=device.type == "cuda")
     with progress_bar() as progress:
         task = progress.add_task(label, total=len(dataset), info="")
-        for batch in loader:
+        for b, batch in zip(order, loader):
             with precision.autocast():
                 probs = source.probs(to_device(batch["image"], device), inference)
             probs = probs.float()
             maps = pixel_maps(probs)
             entropy, prediction = host_tensor(maps.entropy), host_tensor(maps.prediction)
-            total, pixels = total + float(entropy.double().sum()), pixels + entropy.numel()
+            sums.append((b, float(entropy.double().sum()), entropy.numel()))
             if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
                 metrics.update(prediction, batch["label"], entropy, probs)
             if scaled is not None:
                 scaled[0].update(prediction, batch["label"], None, scale_temperature(probs, scaled[1]))
             if on_batch is not None:
                 on_batch(probs, batch["label"])
-            progress.update(task, advance=len(batch["index"]))
+            progress.update(task, advance=len(batch["index"]) * (distributed.world_size() if across_ranks else 1))
+    if across_ranks:
+        for reduced in (metrics, scaled[0] if scaled else None):
+            if reduced is not None:
+                reduced.sync(distributed.all_reduce_sum, distributed.all_gather_object)
+        sums = sorted(s for part in distributed.all_gather_object(sums) for s in part)
+    total = pixels = 0
+    for _, batch_sum, batch_pixels in sums:  # in batch order, as one process adds them
+        total, pixels = total + batch_sum, pixels + batch_pixels
     return total / max(pixels, 1)
 
 
@@ -113,12 +131,15 @@ def split_temperature(source: UncertaintySource, folder, eval_size, options: Eva
 
 
 def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device,
-                       workers: int | str = 0) -> float:
+                       workers: int | str = 0, across_ranks: bool = False) -> float:
     """The model's training-set mean pixel entropy (the default PAvPU threshold), cached in its
     manifest (member manifest.json or ensemble.json) with the weights it belongs to, once computed.
-    A manifest that cannot be written (read-only folder) only loses the cache: a warning."""
+    A manifest that cannot be written (read-only folder) only loses the cache: a warning.
+    ``across_ranks``: the ranks share the work (:func:`predict_split`) and rank 0 writes the cache."""
     weights = [m["weights_sha256"] for m in source.manifests]
     cached = cached_threshold(model_path, weights)
+    if across_ranks:  # every rank takes rank 0's answer, read before rank 0 may write the cache
+        cached = distributed.all_gather_object(cached)[0]
     if cached is not None:
         return cached
     record = threshold_record(model_path)
@@ -128,7 +149,10 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
                           "threshold; pass --pavpu-threshold")
     dataset = SegmentationDataset(
         open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), source.size)
-    mean = predict_split(source, dataset, device, "train-set entropy", None, workers=workers)  # float32 always
+    mean = predict_split(source, dataset, device, "train-set entropy", None, workers=workers,  # float32 always
+                         across_ranks=across_ranks)
+    if not distributed.is_main():
+        return mean
     try:
         cache_threshold(model_path, weights, mean)
     except IumaskError as exc:
@@ -138,7 +162,8 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
 
 
 def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = EvalConfig(),
-             device: str = "auto", before_work: Callable[[], None] | None = None) -> list[dict]:
+             device: str = "auto", before_work: Callable[[], None] | None = None,
+             across_ranks: bool = False) -> list[dict]:
     """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
     ``options.split``.
 
@@ -147,8 +172,12 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
     and upsample the logits, or ``slide`` windows over the full-resolution image);
     ``"train"`` resizes images and labels (nearest) to the training size. ``before_work`` runs once
     the models and data are checked, before the first model is run (e.g. to create the output folder).
+
+    ``across_ranks``: started by torchrun, every rank calls this; they share the images and each
+    returns the single-process results (``run`` and ``experiment`` evaluate on rank 0 alone instead).
     """
-    dev = resolve_device(device)
+    dev = distributed.init(resolve_device(device)) if across_ranks else resolve_device(device)
+    across_ranks = across_ranks and distributed.is_distributed()
     folder = data.open(options.split)
     shapes = folder.check_headers()
     temperature_folder = None
@@ -159,14 +188,14 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         manifests = check_models(model_path, folder)
         size = manifests[0].get("image_size") if options.resolution == "train" else None
         check_pavpu_window(options.pavpu_window, [tuple(size)] * len(shapes) if size else shapes, folder)
-    if before_work is not None:
+    if before_work is not None and distributed.is_main():
         before_work()
     results = []
     for model_path in model_paths:
         source = load_source(model_path, "ensemble", dev)
         threshold = options.pavpu_threshold
         if threshold is None:
-            threshold = train_mean_entropy(model_path, source, dev, options.num_workers)
+            threshold = train_mean_entropy(model_path, source, dev, options.num_workers, across_ranks)
         metrics = SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index,
                                       pavpu_window=options.pavpu_window, pavpu_threshold=threshold,
                                       pavpu_stride=options.pavpu_stride)
@@ -177,7 +206,8 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
             temperature = split_temperature(source, temperature_folder, eval_size, options, dev, name)
             scaled = (SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index), temperature)
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
-                      inference=options.inference, workers=options.num_workers, amp=options.amp, scaled=scaled)
+                      inference=options.inference, workers=options.num_workers, amp=options.amp, scaled=scaled,
+                      across_ranks=across_ranks)
         if scaled is not None:
             after = scaled[0].compute()
             extra = {"temperature": scaled[1], "temperature_split": options.temperature_split,
