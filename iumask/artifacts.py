@@ -5,11 +5,21 @@ A member is a folder holding ``model.safetensors`` and ``manifest.json`` (archit
 classes, normalisation, image size, the inputs it was trained from, history, and the weights'
 SHA-256). An ensemble is an ``ensemble.json`` naming member folders beside it.
 
-Every file iumask writes goes through :func:`atomic_write`: the content is written to a temporary
-file beside the target and renamed over it, so a crash never leaves half a file; a failed write
-(full disk, read-only folder) removes the temporary file and raises :class:`IumaskError` naming
-the path. Files get the permissions the user's umask gives new files (some writers, e.g.
-safetensors, create private 0600 files).
+Every file iumask writes itself (JSON, CSV, weights, checkpoints, figures, predicted images, the
+synthetic dataset, the statistics cache) goes through :func:`atomic_write`: the content is written
+to a temporary file beside the target with a name of its own (``<name>.<random>.tmp``, so two
+writers of one file never share one) and renamed over it, so a crash never leaves half a file; a
+failed write (full disk, read-only folder) removes the temporary file and raises
+:class:`IumaskError` naming the path. Files get the permissions the user's umask gives new files
+(some writers, e.g. safetensors, create private 0600 files). Two kinds of files are written by
+libraries instead: the mask store's chunks (zarr; an image counts only once its completion flag is
+set, :mod:`iumask.store`) and TensorBoard's event files.
+
+Locks are ``fcntl.flock`` (:class:`WriterLock`, :func:`folder_lock`), not the ``filelock``
+package: on Linux and macOS ``filelock`` takes the same ``flock``, so it would add a dependency
+for no new guarantee here; the one it would add, Windows, iumask does not target (use WSL). What
+matters is kept by ``flock``: the kernel drops a lock when its holder dies, so there is never a
+stale lock to remove by hand.
 """
 
 from __future__ import annotations
@@ -24,6 +34,7 @@ import os
 import shlex
 import socket
 import sys
+import tempfile
 from pathlib import Path
 from typing import Iterator
 
@@ -74,18 +85,33 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; rename it over ``path`` on
     success, remove it on any failure (the old ``path``, if any, is left as it was)."""
     path = Path(path)
-    tmp = path.with_name(path.name + TEMP_SUFFIX)
+    tmp = None
     try:
+        # A unique name (``<name>.<random>.tmp``), so concurrent writers of one file never write
+        # into each other's temporary file; the last rename wins, each file whole.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        tmp = Path(name)
         yield tmp
         os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
         cause = _os_error_in(exc)
         if cause is not None:
             raise IumaskError(describe_os_error(cause, path)) from exc
         raise
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name whose :func:`atomic_write` temporary file ``name`` is (``a.json`` for
+    ``a.json.k3x_9q.tmp``), else None: how a crashed write's leftover is recognised."""
+    if not name.endswith(TEMP_SUFFIX):
+        return None
+    target, dot, _ = name[:-len(TEMP_SUFFIX)].rpartition(".")
+    return target if dot and target else None
 
 
 def _os_error_in(exc: BaseException) -> OSError | None:

@@ -13,13 +13,12 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from iumask.artifacts import TEMP_SUFFIX, current_umask, json_digest
+from iumask.artifacts import json_digest, write_json_atomic
 from iumask.core import label_instances
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
@@ -199,24 +198,19 @@ def cached_label_statistics(
 
 
 def _write_json(path: Path, data: Any) -> None:
-    """Atomic write with a unique temporary name (concurrent writers of one cache entry are safe).
-
-    Not :func:`iumask.artifacts.write_json_atomic`: that one uses one fixed temporary name (two
-    torchrun ranks filling the same entry would collide) and raises IumaskError, where a failed
-    cache write must stay an OSError that only costs a warning. Like every file iumask writes, the
-    entry gets the permissions the user's umask gives new files (mkstemp's file is private, 0600),
-    and a failed write leaves no temporary file."""
+    """:func:`iumask.artifacts.write_json_atomic` (unique temporary names: concurrent writers of
+    one cache entry are safe), raising the OSError behind a failure: a failed cache write only
+    costs a warning."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=1)
-            f.write("\n")
-        os.chmod(tmp, 0o666 & ~current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        write_json_atomic(path, data)
+    except IumaskError as exc:
+        cause = exc.__cause__
+        while cause is not None and not isinstance(cause, OSError):
+            cause = cause.__cause__ or cause.__context__
+        if cause is None:
+            raise
+        raise cause from exc
 
 
 # --------------------------------------------------------------------------------------------

@@ -7,9 +7,11 @@
   copy moves 1-2 bytes per pixel instead of 8.
 * :func:`host_tensor`: the same as a CPU tensor (for metrics that stream on the host).
 
-Outside this module, only models move as a whole (``model.to(device)``, ``.cpu()`` before saving)
-and the pure core fetches what its host algorithms need (OpenCV's connected components in
-``core.instances``, the confusion matrix and PAvPU patch counts in ``core.metrics``).
+Outside this module, only models move as a whole (``model.to(device)``, ``.cpu()`` before saving),
+the temperature fit gathers its sample of log-probabilities, ``distributed.all_reduce_sum`` stages
+a tensor through the GPU for NCCL, and the pure core fetches what its host algorithms need
+(OpenCV's connected components in ``core.instances``, the confusion matrix and PAvPU patch counts
+in ``core.metrics``).
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ temporary file, which a rerun replaces (and ``overwrite`` deletes as its own).
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import json
 import os
@@ -33,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from iumask.artifacts import TEMP_SUFFIX, write_bytes_atomic
+from iumask.artifacts import TEMP_SUFFIX, temporary_target, write_bytes_atomic
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
 
@@ -51,7 +52,6 @@ SYNTHETIC_CLASSES = ClassInfo(
 )
 
 MANIFEST_FILE = "synthetic.json"
-_MANIFEST_TMP = MANIFEST_FILE + TEMP_SUFFIX  # atomic_write's temporary file of the manifest
 GENERATOR = "iumask.synthetic"
 # Bump when the rendering changes (an old folder then needs --overwrite). 2: poles, signs, persons and
 # bicycles thicker, in most images (street corners) and with a consistent colour cue.
@@ -125,7 +125,8 @@ def generate_synthetic(
         else:
             _write(root, params, only=[f for f in existing.files if not os.path.lexists(root / f)])
         return root
-    entries = [e for e in _entries(root) if e != _MANIFEST_TMP]
+    # An interrupted write of the manifest leaves its temporary file: not a dataset file.
+    entries = [e for e in _entries(root) if temporary_target(e) != MANIFEST_FILE]
     if not entries:
         _write(root, params)
         return root
@@ -259,7 +260,8 @@ def _foreign_files(root: Path, entries: list[str], existing: _Manifest | None) -
 
 def _own_leftover(rel: str, existing: _Manifest) -> bool:
     """``rel`` is the temporary file of an interrupted atomic write of one of ``existing``'s files."""
-    return rel.endswith(TEMP_SUFFIX) and rel[:-len(TEMP_SUFFIX)] in existing.files
+    target = temporary_target(Path(rel).name)
+    return target is not None and str(Path(rel).with_name(target)) in existing.files
 
 
 def _rendered_digests(params: dict[str, Any], rels: Iterable[str]) -> dict[str, str]:
@@ -282,7 +284,8 @@ def _delete_own(root: Path, existing: _Manifest) -> None:
     rerun."""
     folders = set()
     for rel in existing.files:
-        for path in (root / rel, root / (rel + TEMP_SUFFIX)):
+        leftovers = (root / rel).parent.glob(glob.escape(Path(rel).name) + ".*" + TEMP_SUFFIX)
+        for path in (root / rel, *leftovers):
             try:
                 path.unlink(missing_ok=True)
             except OSError as exc:
@@ -308,6 +311,15 @@ def _write(root: Path, params: dict[str, Any], only: list[str] | None = None) ->
     digests = {rel: _write_file(root / rel, data) for rel, data in _render_files(params, wanted)}
     if only is None:
         _write_manifest(root, {**params, "complete": True, "files": dict(sorted(digests.items()))})
+    _remove_leftovers(root, {*files, MANIFEST_FILE})
+
+
+def _remove_leftovers(root: Path, own: set[str]) -> None:
+    """Delete the temporary files that killed atomic writes of the ``own`` files left behind
+    (each write has its own temporary name, so a rewrite does not replace them)."""
+    for rel in _entries(root):
+        if temporary_target(rel) in own:
+            (root / rel).unlink(missing_ok=True)
 
 
 def _render_files(params: dict[str, Any], wanted: set[str]) -> Iterator[tuple[str, bytes]]:

@@ -1,0 +1,59 @@
+"""The one atomic writer (iumask.artifacts.atomic_write): unique temporary names, so two writers of
+one file never write into each other's temporary file, and a crashed write's leftover is still
+recognised as the dataset's own by make-synthetic."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from cli_runner import iumask
+
+from iumask.artifacts import atomic_write, temporary_target, write_json_atomic
+from iumask.errors import IumaskError
+
+
+def test_two_writers_of_one_file_do_not_share_a_temporary_file(tmp_path):
+    """Before: one fixed name (results.json.tmp); the inner writer renamed the outer one's half
+    written file away and the outer one then failed."""
+    target = tmp_path / "results.json"
+    with atomic_write(target) as first:
+        first.write_text("first")
+        with atomic_write(target) as second:
+            assert second != first and second.parent == first.parent
+            second.write_text("second")
+        assert target.read_text() == "second"
+    assert target.read_text() == "first"  # the last rename wins, each content whole
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary_file(tmp_path):
+    target = tmp_path / "summary.json"
+    write_json_atomic(target, {"a": 1})
+    with pytest.raises(RuntimeError), atomic_write(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed half way")
+    assert json.loads(target.read_text()) == {"a": 1}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["summary.json"]
+    with pytest.raises(IumaskError, match="missing"):  # an OSError: one line naming the file
+        write_json_atomic(tmp_path / "missing" / "x.json", {})
+
+
+@pytest.mark.parametrize("name, target", [("a.json.k3x_9q.tmp", "a.json"), ("x.png.abc.tmp", "x.png"),
+                                          ("a.json.tmp", "a"), ("a.json", None), (".tmp", None),
+                                          ("labels/train/t.png.q1.tmp", "labels/train/t.png")])
+def test_temporary_target(name, target):
+    assert temporary_target(name) == target
+
+
+def test_leftovers_of_interrupted_writes_count_as_the_datasets_own(tmp_path):
+    """A killed make-synthetic leaves temporary files with unique names beside its files; a rerun
+    with other parameters and --overwrite recognises and deletes them (a foreign file would stop it)."""
+    root = tmp_path / "syn"
+    small = ("--num-val", 1, "--height", 32, "--width", 32)
+    iumask("make-synthetic", "--out", root, "--num-train", 2, *small)
+    (root / "images" / "train" / "train_0001.png.k3x_9q.tmp").write_bytes(b"half an image")
+    (root / "synthetic.json.zz81.tmp").write_text("{half")
+    iumask("make-synthetic", "--out", root, "--num-train", 1, *small, "--seed", 3, "--overwrite")
+    assert not list(root.rglob("*.tmp"))
+    assert json.loads((root / "synthetic.json").read_text())["seed"] == 3
