@@ -23,7 +23,7 @@ from typing import Any
 from iumask.core.loss import CLASS_WEIGHTINGS, DEFAULT_EFFECTIVE_NUMBER_BETA, LOSS_METHODS, LossMethod
 from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
-from iumask.data.formats import ACDC_CONDITIONS, FORMATS, open_dataset
+from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
 from iumask.errors import IumaskError
 from iumask.models import (
     ARCHITECTURE,
@@ -145,7 +145,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
         object.__setattr__(self, "size", _checked_size(self.size, "--size"))
-        object.__setattr__(self, "format", choice(Format, self.format, "--format"))
+        # The registry is read now, not at import: formats registered later are usable by name.
+        fmt = self.format.value if isinstance(self.format, Enum) else str(self.format)
+        if fmt not in format_names():
+            raise IumaskError(f"--format must be one of {', '.join(format_names())}, got {self.format!r}")
+        object.__setattr__(self, "format", fmt)
         conditions = self.conditions
         if isinstance(conditions, str):
             conditions = [c.strip() for c in conditions.split(",") if c.strip()]

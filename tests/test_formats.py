@@ -411,3 +411,24 @@ def test_real_camvid_labels_and_fingerprint():
     assert found_void
     fingerprint = ds.fingerprint()
     assert len(fingerprint) == 64 and int(fingerprint, 16) >= 0
+
+
+def test_a_format_registered_after_import_is_usable_by_name(tmp_path):
+    """The registry is read when a config is validated, not frozen at import (was: --format must be
+    one of auto, folder, ...)."""
+    from iumask.config import DataConfig
+    from iumask.data.folder import FolderDataset
+    from iumask.data.formats import DATASET_FORMATS, DatasetFormat, format_names, register_format
+    from iumask.data.synthetic import generate_synthetic
+    from iumask.errors import IumaskError
+
+    root = generate_synthetic(tmp_path / "mine", num_train=2, num_val=1, height=32, width=32)
+    register_format(DatasetFormat("my-folder", "a folder of mine", lambda r: False,
+                                  lambda r, split, conditions: FolderDataset(r, split)))
+    try:
+        assert "my-folder" in format_names()
+        assert len(DataConfig(root, format="my-folder").open("train")) == 2
+    finally:
+        del DATASET_FORMATS["my-folder"]
+    with pytest.raises(IumaskError, match="--format must be one of auto, folder"):
+        DataConfig(root, format="my-folder")

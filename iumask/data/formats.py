@@ -311,7 +311,13 @@ register_format(DatasetFormat(
     lambda root: bool(_camvid_splits(root)),
     lambda root, split, conditions: CamVidDataset(root, split)))
 
-FORMATS = ("auto", *DATASET_FORMATS)  # the --format choices
+FORMATS = ("auto", *DATASET_FORMATS)  # the built-in --format choices (the CLI's, fixed at import)
+
+
+def format_names() -> tuple[str, ...]:
+    """``auto`` and every registered format, read when called: a format registered after import
+    (your own, with :func:`register_format`) is usable by name in configs and :func:`open_dataset`."""
+    return ("auto", *DATASET_FORMATS)
 
 
 def detect_format(root: str | Path) -> str:
@@ -341,8 +347,8 @@ def open_dataset(
     ``conditions`` (ACDC only) selects among fog, night, rain, snow, as a list or a comma-separated
     string; the default is every condition present for the split.
     """
-    if format not in FORMATS:
-        raise DataError(f"unknown dataset format {format!r}; choose from {', '.join(FORMATS)}")
+    if format not in format_names():
+        raise DataError(f"unknown dataset format {format!r}; choose from {', '.join(format_names())}")
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder not found; check the path")
