@@ -8,18 +8,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from assertions import error_line
 from cli_runner import iumask
 
 SMALL = ("--num-train", 1, "--num-val", 1, "--height", 32, "--width", 32)
 
 
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    assert "error:" in err, err
-    line = err[err.rindex("error:"):].strip()
-    assert "\n" not in line, line
-    return line
 
 
 def run_with(tmp_path, capsys, text: str, *args, expect: int = 2) -> str:

@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from assertions import raises_naming
 
 from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset, load_classes
 from iumask.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
@@ -39,8 +40,6 @@ def make_folder(root: Path, ids=("b", "a", "c"), shape=(12, 16), classes=None) -
     return root
 
 
-def raises_naming(fragment: str):
-    return pytest.raises(DataError, match=fragment.replace(".", r"\."))
 
 
 # ---------------------------------------------------------------- classes.json

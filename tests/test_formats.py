@@ -8,6 +8,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from assertions import raises_naming
 from PIL import Image
 from testdata import camvid_root
 
@@ -22,7 +23,6 @@ from iumask.data.formats import (
     detect_format,
     open_dataset,
 )
-from iumask.errors import DataError
 
 H, W = 16, 32
 
@@ -103,24 +103,6 @@ def make_folder(root: Path) -> Path:
     return root
 
 
-def raises_naming(*fragments: str):
-    """DataError whose one-line message contains every fragment (checked after the block)."""
-
-    class _Check:
-        def __enter__(self):
-            self.ctx = pytest.raises(DataError)
-            self.info = self.ctx.__enter__()
-            return self.info
-
-        def __exit__(self, *exc):
-            suppressed = self.ctx.__exit__(*exc)
-            message = str(self.info.value)
-            assert "\n" not in message
-            for fragment in fragments:
-                assert fragment in message, f"{fragment!r} not in {message!r}"
-            return suppressed
-
-    return _Check()
 
 
 # ---------------------------------------------------------------- Cityscapes

@@ -18,6 +18,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from assertions import error_line
 from cli_runner import iumask
 
 from iumask.core import SegmentationMetrics
@@ -37,11 +38,6 @@ def trained(make_synthetic, tmp_path_factory):
     return data, model
 
 
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def truncate_pixels(image: Path) -> None:

@@ -20,6 +20,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from assertions import error_line
 from cli_runner import iumask
 from test_store_reliability import stopped
 
@@ -38,12 +39,6 @@ TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--l
          "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 
 
-def _error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1, err
-    assert "Traceback" not in err
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +103,7 @@ def test_overwrite_with_bad_new_data_keeps_the_old_member(trained, tmp_path, cap
     _truncate_last_train_image_pixels(bad)
     capsys.readouterr()
     iumask("train-baseline", "--data", bad, "--out", out, *TRAIN, "--overwrite", expect=2)
-    assert "cannot decode" in _error_line(capsys)
+    assert "cannot decode" in error_line(capsys)
     for name, content in before.items():
         assert (member / name).read_bytes() == content, name
     load_member(member)  # still usable: weights match their manifest
@@ -171,7 +166,7 @@ def test_evaluate_output_merges_instead_of_replacing(trained, tmp_path, capsys):
     foreign.write_text('{"my": "notes"}')
     capsys.readouterr()
     iumask("evaluate", "--model", member, "--data", data, "--output", foreign, "--device", "cpu", expect=2)
-    assert "not an iumask results file" in _error_line(capsys)
+    assert "not an iumask results file" in error_line(capsys)
     assert foreign.read_text() == '{"my": "notes"}'
 
 
@@ -192,7 +187,7 @@ def test_damaged_weights_are_found_and_the_advice_works(trained, tmp_path, capsy
     capsys.readouterr()
     iumask("make-masks", "--ensemble", out / "ensemble.json", "--data", data, "--store", tmp_path / "m.zarr",
            "--device", "cpu", expect=2)
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "rerun the train command" in line and not (tmp_path / "m.zarr").exists()
     # The advice: rerun the train command with the same options. It must retrain, not report a cache hit.
     iumask("train-baseline", "--data", data, "--out", out, *TRAIN)
@@ -214,7 +209,7 @@ def test_changed_encoder_weights_file_is_not_a_cache_hit(trained, tmp_path, caps
     torch.save(build_model("mobilenet_v2", 10).encoder.state_dict(), encoder_file)  # same path, other content
     capsys.readouterr()
     iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--encoder-weights", encoder_file, expect=2)
-    assert "encoder_weights_sha256" in _error_line(capsys)
+    assert "encoder_weights_sha256" in error_line(capsys)
 
 
 # ----------------------------------------------------------------------------- item 9
@@ -230,7 +225,7 @@ def test_bad_training_options_stop_before_any_training(trained, tmp_path, capsys
     out = tmp_path / "out"
     capsys.readouterr()
     iumask("train-baseline", "--data", data, "--out", out, *TRAIN, *args, expect=2)
-    assert needle in _error_line(capsys)
+    assert needle in error_line(capsys)
     assert not (out / "mobilenet_v2").exists()
 
 
@@ -241,7 +236,7 @@ def test_corrupt_validation_image_stops_before_training(trained, tmp_path, capsy
     victim.write_bytes(b"not an image at all")
     capsys.readouterr()
     iumask("train-baseline", "--data", bad, "--out", tmp_path / "out", *TRAIN, expect=2)
-    assert victim.name in _error_line(capsys)
+    assert victim.name in error_line(capsys)
     assert not (tmp_path / "out" / "mobilenet_v2").exists()
 
 
@@ -256,7 +251,7 @@ def test_bad_evaluate_options_are_one_line_errors(trained, tmp_path, capsys, arg
     capsys.readouterr()
     iumask("evaluate", "--model", root / "baseline" / "mobilenet_v2", "--data", data,
            "--output", tmp_path / "r.json", *args, expect=2)
-    assert needle in _error_line(capsys)
+    assert needle in error_line(capsys)
     assert not (tmp_path / "r.json").exists()
 
 
@@ -298,9 +293,9 @@ def test_read_only_output_folder_is_one_line_error(trained, read_only_copy, tmp_
     capsys.readouterr()
     iumask("evaluate", "--model", root / "baseline" / "mobilenet_v2", "--data", data,
            "--output", read_only_copy / "results.json", "--device", "cpu", expect=2)
-    assert "Read-only file system" in _error_line(capsys)
+    assert "Read-only file system" in error_line(capsys)
     iumask("train-baseline", "--data", data, "--out", read_only_copy / "new", *TRAIN, expect=2)
-    assert str(read_only_copy / "new") in _error_line(capsys)
+    assert str(read_only_copy / "new") in error_line(capsys)
 
 
 def test_full_disk_during_training_is_one_line_error_without_temporary_files(trained, tmp_path, capsys):
@@ -311,7 +306,7 @@ def test_full_disk_during_training_is_one_line_error_without_temporary_files(tra
     try:
         capsys.readouterr()
         iumask("train-baseline", "--data", data, "--out", target / "run", *TRAIN, expect=2)
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert "No space left on device" in line and "checkpoint.pt" in line
         leftovers = [p.name for p in target.rglob("*") if p.name.endswith(".tmp")]
         assert leftovers == []
@@ -334,7 +329,7 @@ def test_training_on_images_of_several_sizes_needs_size(tmp_path, capsys):
         cv2.imwrite(str(path), cv2.resize(array, (80, 48), interpolation=interpolation))
     capsys.readouterr()
     iumask("train-baseline", "--data", data, "--out", tmp_path / "out", *TRAIN, expect=2)
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "--size" in line and image.stem in line
     assert not (tmp_path / "out" / "mobilenet_v2").exists()
     # With --size it trains (validation images of several sizes are batched one at a time).
@@ -416,10 +411,10 @@ def test_ensemble_with_a_replaced_member_is_refused(two_members, tmp_path, capsy
     capsys.readouterr()
     iumask("evaluate", "--model", mixed / "ensemble.json", "--data", data, "--output", tmp_path / "r.json",
            "--device", "cpu", expect=2)
-    assert "mobilenet_v2-2 changed since this ensemble was written" in _error_line(capsys)
+    assert "mobilenet_v2-2 changed since this ensemble was written" in error_line(capsys)
     iumask("make-masks", "--ensemble", mixed, "--data", data, "--store", tmp_path / "m.zarr", "--device", "cpu",
            expect=2)
-    assert "changed since" in _error_line(capsys) and not (tmp_path / "m.zarr").exists()
+    assert "changed since" in error_line(capsys) and not (tmp_path / "m.zarr").exists()
     # One member on its own is still usable.
     iumask("evaluate", "--model", mixed / "mobilenet_v2-2", "--data", data, "--output", tmp_path / "r.json",
            "--device", "cpu", "--pavpu-threshold", "1")
@@ -479,7 +474,7 @@ def test_full_disk_during_make_masks_names_the_store(trained, tmp_path, capsys):
         capsys.readouterr()
         iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", target / "m.zarr",
                "--device", "cpu", expect=2)
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert "No space left on device" in line and "m.zarr" in line
     finally:
         subprocess.run(["umount", "-l", str(target)], check=False)
@@ -496,7 +491,7 @@ def test_full_disk_when_the_weights_are_saved_is_one_line(trained, tmp_path, cap
         capsys.readouterr()
         iumask("train-baseline", "--data", data, "--out", target / "run", *TRAIN, "--checkpoint-every", "0",
                expect=2)
-        line = _error_line(capsys)
+        line = error_line(capsys)
         assert "No space left on device" in line and "model.safetensors" in line
         assert [p.name for p in target.rglob("*.tmp")] == []
     finally:
@@ -510,7 +505,7 @@ def test_train_weighted_size_advice_leads_somewhere(trained, tmp_path, capsys):
     capsys.readouterr()
     iumask("train-weighted", "--data", data, "--store", tmp_path / "m.zarr", "--out", tmp_path / "w", *TRAIN,
            "--size", "32x32", expect=2)
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "retrain the baseline with that --size and rerun make-masks" in line
 
 
@@ -529,7 +524,7 @@ def test_unfinished_run_with_other_options_is_not_discarded_silently(trained, tm
     save_checkpoint(out / "mobilenet_v2" / "checkpoint.pt", {"format": 2, "identity": identity, "world_size": 1})
     capsys.readouterr()
     iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--epochs", "2", expect=2)
-    line = _error_line(capsys)
+    line = error_line(capsys)
     assert "checkpoint.pt" in line and "train_options" in line and "--overwrite" in line
     assert (out / "mobilenet_v2" / "checkpoint.pt").exists()
     iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--epochs", "2", "--overwrite")

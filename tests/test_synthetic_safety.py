@@ -17,6 +17,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from assertions import error_line
 from cli_runner import iumask
 from testdata import small_tmpfs
 
@@ -30,12 +31,6 @@ def snapshot(root: Path) -> dict[str, bytes]:
     return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
 
 
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    line = err[err.rindex("error:"):].strip()
-    assert "\n" not in line, line
-    return line
 
 
 def user_dataset(root: Path) -> Path:

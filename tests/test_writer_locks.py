@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from assertions import error_line
 from cli_runner import iumask
 from test_store_reliability import stopped
 
@@ -49,11 +50,6 @@ def lock_held_by_another_process(folder: Path):
         child.wait()
 
 
-def error_line(capsys) -> str:
-    err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in err, err
-    return lines[0]
 
 
 def test_a_second_train_baseline_on_one_out_is_refused_and_a_killed_holder_frees_it(data, tmp_path, capsys):
