@@ -1,4 +1,4 @@
-"""`--config FILE` is validated against the commands when it is read (issue 7, item 10).
+"""`--config FILE` is validated against the commands when it is read.
 
 Real TOML files and real CLI runs; each error is one line naming the file, the table and the key.
 """

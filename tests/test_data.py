@@ -315,7 +315,7 @@ def test_shifted_domain_is_darker(tmp_path, synthetic_root):
 
 
 def test_regenerate_is_noop_and_other_params_need_overwrite(tmp_path):
-    # Issue 7 item 5 changed this behaviour: other parameters used to replace the dataset silently.
+    # Other parameters used to replace the dataset silently; now they need --overwrite.
     root = generate_synthetic(tmp_path / "d", num_train=2, num_val=1, seed=1)
     label = root / "labels" / "train" / "train_0000.png"
     original, marker = label.read_bytes(), b"untouched"
@@ -350,7 +350,7 @@ def test_rejects_bad_arguments(tmp_path):
 
 
 def test_palette_has_a_colour_for_every_class_beyond_256():
-    """Issue 7 item 3: 300 classes drawn by `iumask stats` and `predict` need 300 colours."""
+    """300 classes drawn by `iumask stats` and `predict` need 300 colours."""
     pal = ClassInfo(names=tuple(f"c{i}" for i in range(300))).palette()
     assert pal.shape == (300, 3)
     np.testing.assert_array_equal(pal[:255], ClassInfo(names=("a", "b", "c")).palette()[:255])

@@ -1,5 +1,4 @@
-"""``evaluate`` and ``make-masks`` against an independent recomputation (issue 7, "Tests that could
-not catch what matters most").
+"""``evaluate`` and ``make-masks`` against an independent recomputation.
 
 A tiny ensemble (two MobileNetV2 members, 2 epochs at a high learning rate, so that it is
 confident in places and its entropy varies) is trained at a reduced ``--size`` 32x48 on

@@ -1,5 +1,6 @@
-"""Regression tests for issue 7 (wrong numbers and lost work under faults and bad input): the
-training, evaluation and file-system items. Each test fails on the code before its fix.
+"""Wrong numbers and lost work under faults and bad input, for training, evaluation and the file
+system: the cached PAvPU threshold, --overwrite, the results file, damaged weights, read-only
+folders and full disks, images of several sizes. Each test failed on the code before its fix.
 
 Models are tiny (one MobileNetV2 member, 1 epoch, 64x64 synthetic images). File-system tests use
 real mounts (a read-only bind mount, a size-limited tmpfs) and skip where mounting is not allowed.
@@ -67,7 +68,7 @@ def _truncate_last_train_image_pixels(data: Path) -> Path:
     return victim
 
 
-# ----------------------------------------------------------------------------- item 1
+# ----------------------------------------------------------------------------- the cached PAvPU threshold
 
 
 def test_retrained_members_do_not_inherit_the_old_pavpu_threshold(trained, tmp_path):
@@ -91,7 +92,7 @@ def test_retrained_members_do_not_inherit_the_old_pavpu_threshold(trained, tmp_p
     assert fresh != pytest.approx(old, rel=1e-6)
 
 
-# ----------------------------------------------------------------------------- item 4
+# ----------------------------------------------------------------------------- --overwrite with bad new data
 
 
 def test_overwrite_with_bad_new_data_keeps_the_old_member(trained, tmp_path, capsys):
@@ -143,7 +144,7 @@ def test_kill_during_overwrite_keeps_old_member_and_resumes(trained, tmp_path):
     assert not checkpoint.exists()
 
 
-# ----------------------------------------------------------------------------- item 7
+# ----------------------------------------------------------------------------- evaluate's results file
 
 
 def test_evaluate_output_merges_instead_of_replacing(trained, tmp_path, capsys):
@@ -170,7 +171,7 @@ def test_evaluate_output_merges_instead_of_replacing(trained, tmp_path, capsys):
     assert foreign.read_text() == '{"my": "notes"}'
 
 
-# ----------------------------------------------------------------------------- item 8
+# ----------------------------------------------------------------------------- damaged weights
 
 
 @pytest.mark.parametrize("damage", ["corrupt", "missing"])
@@ -212,7 +213,7 @@ def test_changed_encoder_weights_file_is_not_a_cache_hit(trained, tmp_path, caps
     assert "encoder_weights_sha256" in error_line(capsys)
 
 
-# ----------------------------------------------------------------------------- item 9
+# ----------------------------------------------------------------------------- file-system errors (real mounts)
 
 
 @pytest.mark.parametrize("args, needle", [
@@ -255,7 +256,7 @@ def test_bad_evaluate_options_are_one_line_errors(trained, tmp_path, capsys, arg
     assert not (tmp_path / "r.json").exists()
 
 
-# ----------------------------------------------------------------------------- item 11
+# ----------------------------------------------------------------------------- a full disk
 
 
 def _mount(args: list[str], target: Path) -> None:
@@ -317,7 +318,7 @@ def test_full_disk_during_training_is_one_line_error_without_temporary_files(tra
             subprocess.run(["umount", "-l", str(target)], check=False)
 
 
-# ----------------------------------------------------------------------------- item 12
+# ----------------------------------------------------------------------------- images of several sizes
 
 
 def test_training_on_images_of_several_sizes_needs_size(tmp_path, capsys):

@@ -1,4 +1,4 @@
-"""The mask store under faults and unusual input (issue 7): one writer at a time (an OS lock that a
+"""The mask store under faults and unusual input: one writer at a time (an OS lock that a
 killed holder leaves free, shared by the ranks of one torchrun job), class ids above 255 end to end,
 ``--overwrite`` that builds the replacement beside the old store and swaps it in only when finished,
 creation that a kill cannot leave half done, zarr's leftovers, and ``MaskStore.write``'s completion flag.

@@ -1,4 +1,4 @@
-"""`make-synthetic` never deletes or overwrites what it did not write (issue 7, item 5).
+"""`make-synthetic` never deletes or overwrites what it did not write.
 
 Every test runs the real CLI in-process on real folders and compares every file byte for byte.
 """
@@ -218,7 +218,7 @@ def test_manifest_of_another_generator_version_without_file_records_is_not_trust
     assert "even with --overwrite" in error_line(capsys) and snapshot(root) == before
 
 
-# ----------------------------------------------------------------------------- full disk (item 11)
+# ----------------------------------------------------------------------------- full disk
 
 
 def fill(folder: Path, leave: int = 0) -> None:

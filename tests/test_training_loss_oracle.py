@@ -1,5 +1,4 @@
-"""The loss a real training step uses, against an independent recomputation (issue 7, "Tests that
-could not catch what matters most").
+"""The loss a real training step uses, against an independent recomputation.
 
 * One real training step (4 training images, batch size 4, 1 epoch: exactly one optimizer step, so
   the recorded history loss is that step's loss) of ``train-baseline --class-weights inverse``,
