@@ -1,4 +1,4 @@
-"""Presentation: rich tables of :mod:`iumask.stats` results, and pictures drawn with matplotlib
+"""Presentation: rich tables of :mod:`iumask.dataset_stats` results, and pictures drawn with matplotlib
 (Agg, no display): the class histogram and mask gallery of ``iumask stats`` (the paper's Figures
 4, 1 and 2), training curves, and the per-epoch training log (``metrics.csv``, TensorBoard).
 
@@ -87,7 +87,7 @@ def class_histogram_png(
     bar_width: int = 34,
     plot_height: int = 320,
 ) -> Path:
-    """Bar chart of the pixels per class of :func:`iumask.stats.label_statistics` ``stats`` (the paper's
+    """Bar chart of the pixels per class of :func:`iumask.dataset_stats.label_statistics` ``stats`` (the paper's
     Figure 4): bars in the class colours (``classes``: a ClassInfo), largest first when ``sort``,
     on a log scale when ``log_scale``, class names under the bars and each class's share of
     labelled pixels above its bar. ``bar_width`` (pixels per class) and ``plot_height`` set the

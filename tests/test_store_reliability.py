@@ -30,10 +30,10 @@ from iumask.artifacts import resolve_models
 from iumask.core import instance_uncertainty, label_instances, pixel_entropy
 from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
+from iumask.dataset_stats import label_statistics, mask_statistics
 from iumask.errors import IumaskError
 from iumask.inference import ensemble_probs
 from iumask.models import load_member, save_member
-from iumask.stats import label_statistics, mask_statistics
 from iumask.store import MaskStore
 
 PARTIAL = r"\.[0-9a-f]{32}\.partial"  # zarr's atomic writes go through <name>.<uuid hex>.partial

@@ -1,5 +1,5 @@
 """What ``iumask experiment`` writes once its runs are evaluated: ``results.csv`` (every number),
-``summary.json`` and ``report.md`` (computed from those rows by :mod:`iumask.experiment.analysis`)
+``summary.json`` and ``report.md`` (computed from those rows by :mod:`iumask.experiment.significance`)
 and ``figures/``; and the rich table on the terminal (``report.md``'s first table).
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 from rich.table import Table
 
 from iumask.artifacts import atomic_write, write_bytes_atomic, write_json_atomic
-from iumask.experiment.analysis import RESULT_COLUMNS, iou_table, overview_table, rare_table, uncertainty_table
+from iumask.experiment.significance import RESULT_COLUMNS, iou_table, overview_table, rare_table, uncertainty_table
 from iumask.report import class_histogram_png, iou_bars_png, mask_gallery_png, print_table, reliability_png
 
 RESULTS_FILE = "results.csv"

@@ -26,10 +26,11 @@ from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable, folder_writer_lock, resolve_models
 from iumask.config import LossConfig, MaskConfig
 from iumask.data.folder import SegmentationDataset, class_differences
+from iumask.dataset_stats import cached_label_statistics
 from iumask.device import resolve_device
 from iumask.errors import IumaskError
-from iumask.experiment.analysis import rarest_classes, result_rows, summarize
 from iumask.experiment.report import write_report
+from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec
 from iumask.inference import check_models, load_source
 from iumask.progress import console
@@ -37,7 +38,6 @@ from iumask.report import METRICS_FILE
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
-from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore
 from iumask.transfer import to_device, to_host
 

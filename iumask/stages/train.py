@@ -48,6 +48,7 @@ from iumask.config import (
 )
 from iumask.core import class_weights, mean_softmax
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset, SegmentationDataset
+from iumask.dataset_stats import cached_label_statistics
 from iumask.device import Precision, resolve_device
 from iumask.engine import (
     fit,
@@ -73,7 +74,6 @@ from iumask.report import (
     training_curves_png,
     write_metrics_csv,
 )
-from iumask.stats import cached_label_statistics
 from iumask.store import MaskStore, StoreMaskReader
 from iumask.transfer import to_device, to_host
 

@@ -13,8 +13,8 @@ import pytest
 from scipy.stats import t as student_t
 from testdata import camvid_label_files, skip_without_camvid
 
-from iumask.experiment.analysis import compare, mean_std, rarest_classes, result_rows, summarize
 from iumask.experiment.report import merged_bins
+from iumask.experiment.significance import compare, mean_std, rarest_classes, result_rows, summarize
 
 
 def welch_p(a, b) -> float:
@@ -81,7 +81,7 @@ def test_rarest_classes_of_camvid_match_numpy_counts():
     from testdata import camvid_root
 
     from iumask.data.formats import open_dataset
-    from iumask.stats import label_statistics
+    from iumask.dataset_stats import label_statistics
 
     files = camvid_label_files()
     counts = np.zeros(256, dtype=np.int64)
@@ -134,7 +134,7 @@ def test_run_table_puts_each_weighted_model_beside_its_baseline_with_the_differe
 def test_holm_adjustment_by_hand_and_in_the_comparisons():
     import math
 
-    from iumask.experiment.analysis import add_holm, holm
+    from iumask.experiment.significance import add_holm, holm
 
     adjusted = holm([0.01, 0.04, 0.03, math.nan])
     # m = 3 known values: 0.01·3 = 0.03, then max(0.03, 0.03·2) = 0.06, then max(0.06, 0.04·1) = 0.06
