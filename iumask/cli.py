@@ -510,6 +510,9 @@ def experiment(
                                           "training runs) and stop.")] = False,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda or cuda:N. Default: the spec's "
                                                   "device (auto).")] = None,
+    data: Annotated[Optional[Path], typer.Option(help="The training dataset's folder, instead of the spec's "
+                                                 "[data] root (evaluations without a root of their own use "
+                                                 "it too).")] = None,
     overwrite: Overwrite = False,
 ):
     """Compare loss settings (arms) over encoders and seeds: train every model through the ordinary
@@ -521,7 +524,7 @@ def experiment(
     from iumask.experiment.spec import load_spec
     from iumask.stages.experiment import Experiment
 
-    plan = load_spec(spec)
+    plan = load_spec(spec, data)
     if device is not None:
         plan = replace(plan, device=device)
     folder = out if out is not None else Path("runs") / plan.name

@@ -341,3 +341,22 @@ def test_every_json_file_written_is_strict_json(straight):
     assert len(files) > 20
     for path in files:
         json.loads(path.read_text(), parse_constant=refuse)
+
+
+def test_data_option_replaces_the_specs_root(datasets, tmp_path, cli, capsys):
+    """A spec written on another machine (its root does not exist here) runs with --data DIR; the
+    evaluations without a root of their own follow it."""
+    data, shifted = datasets
+    spec = write_spec(tmp_path, (tmp_path / "elsewhere" / "camvid", shifted))
+    capsys.readouterr()
+    cli("experiment", spec, "--out", tmp_path / "out", "--dry-run", expect=2)
+    assert "pass --data DIR" in capsys.readouterr().err
+    cli("experiment", spec, "--out", tmp_path / "out", "--dry-run", "--data", tmp_path / "missing", expect=2)
+    assert "--data" in capsys.readouterr().err
+    cli("experiment", spec, "--out", tmp_path / "out", "--dry-run", "--data", data)
+    assert "to train" in capsys.readouterr().out
+    from iumask.experiment.spec import load_spec
+
+    loaded = load_spec(spec, data)
+    assert loaded.data.root == Path(data).resolve()
+    assert [e.data.root for e in loaded.evaluations] == [Path(data).resolve(), Path(shifted).resolve()]

@@ -193,8 +193,10 @@ def _name(table: _Table, value: Any, what: str) -> str:
     return value
 
 
-def load_spec(path: str | Path) -> ExperimentSpec:
-    """Read and validate an experiment spec; every error names the file, the table and the key."""
+def load_spec(path: str | Path, data_root: str | Path | None = None) -> ExperimentSpec:
+    """Read and validate an experiment spec; every error names the file, the table and the key.
+    ``data_root`` (``experiment --data``) replaces the spec's ``[data] root``: the training data,
+    and the evaluations that name no root of their own."""
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -205,21 +207,27 @@ def load_spec(path: str | Path) -> ExperimentSpec:
         raise IumaskError(f"{path}: not valid TOML ({exc}); fix the spec") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise IumaskError(f"{path}: cannot read the spec ({exc}); give a readable TOML file") from None
-    return parse_spec(raw, path)
+    return parse_spec(raw, path, data_root)
 
 
-def parse_spec(raw: dict, path: Path) -> ExperimentSpec:
+def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> ExperimentSpec:
     base = path.resolve().parent
     top = _Table(path, "top level", raw, TOP_KEYS)
 
     data_values = dict(top.get("data") or top.fail("needs a [data] table with the training dataset's root"))
     data_table = _Table(path, "data", data_values, _fields_of(DataConfig))
-    if "root" not in data_values:
-        data_table.fail("needs root = the training dataset's folder")
-    data_values["root"] = _resolve(base, data_values["root"])
+    if data_root is not None:  # --data: a folder on this machine, relative to the working directory
+        if not Path(data_root).is_dir():
+            raise IumaskError(f"--data {data_root}: no such folder; give the training dataset's folder")
+        data_values["root"] = Path(data_root).resolve()
+    elif "root" not in data_values:
+        data_table.fail("needs root = the training dataset's folder (or pass --data)")
+    else:
+        data_values["root"] = _resolve(base, data_values["root"])
     data = data_table.build(DataConfig, **data_values)
     if not data.root.is_dir():
-        data_table.fail(f"root {data.root}: no such folder; give the dataset's folder (relative to the spec)")
+        data_table.fail(f"root {data.root}: no such folder; give the dataset's folder (relative to the spec) "
+                        "or pass --data DIR")
 
     train = _train(top, top.get("train", {}), TrainConfig())
     augment = _augment(top, top.get("augment", {}), AugmentConfig())
