@@ -371,6 +371,9 @@ def resolve_models(path: Path) -> list[Path]:
             raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a "
                               "model folder")
         return [(path.parent / m).resolve() for m in ensemble["members"]]
+    if not path.exists():
+        raise IumaskError(f"{path}: no model here (no such file or folder); train one first (iumask "
+                          "train-baseline --out FOLDER) or give a model folder, its manifest.json or an ensemble.json")
     raise IumaskError(f"{path}: no model here; give a model folder, its manifest.json or an ensemble.json")
 
 

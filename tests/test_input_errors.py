@@ -249,7 +249,8 @@ def test_bad_model_creates_no_output_folder(trained, tmp_path, capsys, command):
             else ["evaluate", "--data", data, "--output", out / "r.json"])
     capsys.readouterr()
     iumask(*args, "--model", tmp_path / "no-model", "--device", "cpu", expect=2)
-    assert "no model here" in error_line(capsys)
+    line = error_line(capsys)
+    assert "no model here" in line and "iumask train-baseline" in line  # says how to get one
     assert not (tmp_path / "new").exists()
 
 
