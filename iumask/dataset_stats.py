@@ -189,28 +189,14 @@ def cached_label_statistics(
         except (OSError, ValueError):
             pass  # missing, unreadable or corrupt: recompute
     stats = label_statistics(dataset, connectivity=connectivity, size=size)
-    try:
-        _write_json(path, {"key": key, "stats": stats})
-    except OSError as exc:
+    try:  # unique temporary names: concurrent writers of one cache entry are safe
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(path, {"key": key, "stats": stats})
+    except (OSError, IumaskError) as exc:  # a failed cache write only costs a warning
+        detail = (exc.strerror or exc) if isinstance(exc, OSError) else str(exc).split(";")[0]
         console.print(f"[yellow]warning:[/yellow] cannot cache label statistics in {path.parent} "
-                      f"({exc.strerror or exc}); set {CACHE_ENV} to a writable folder", highlight=False)
+                      f"({detail}); set {CACHE_ENV} to a writable folder", highlight=False)
     return stats
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """:func:`iumask.artifacts.write_json_atomic` (unique temporary names: concurrent writers of
-    one cache entry are safe), raising the OSError behind a failure: a failed cache write only
-    costs a warning."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        write_json_atomic(path, data)
-    except IumaskError as exc:
-        cause = exc.__cause__
-        while cause is not None and not isinstance(cause, OSError):
-            cause = cause.__cause__ or cause.__context__
-        if cause is None:
-            raise
-        raise cause from exc
 
 
 # --------------------------------------------------------------------------------------------

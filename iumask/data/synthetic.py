@@ -18,12 +18,12 @@ parameters, in memory: generation is deterministic, so only a file byte-identica
 Every file is written through :func:`iumask.artifacts.atomic_write`: a temporary file beside it,
 renamed over it when complete. A killed or failed write (full disk) never leaves a partial file
 under a dataset name, where it would be mistaken for a user's edit; a killed run may leave the
-temporary file, which a rerun replaces (and ``overwrite`` deletes as its own).
+temporary file (``<name>.<random>.tmp``), which a rerun that writes the dataset deletes (and
+``overwrite`` deletes as its own).
 """
 
 from __future__ import annotations
 
-import glob
 import hashlib
 import json
 import os
@@ -34,7 +34,7 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from iumask.artifacts import TEMP_SUFFIX, temporary_target, write_bytes_atomic
+from iumask.artifacts import temporary_target, write_bytes_atomic
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
 
@@ -260,8 +260,7 @@ def _foreign_files(root: Path, entries: list[str], existing: _Manifest | None) -
 
 def _own_leftover(rel: str, existing: _Manifest) -> bool:
     """``rel`` is the temporary file of an interrupted atomic write of one of ``existing``'s files."""
-    target = temporary_target(Path(rel).name)
-    return target is not None and str(Path(rel).with_name(target)) in existing.files
+    return temporary_target(rel) in existing.files
 
 
 def _rendered_digests(params: dict[str, Any], rels: Iterable[str]) -> dict[str, str]:
@@ -283,14 +282,13 @@ def _delete_own(root: Path, existing: _Manifest) -> None:
     empty. The manifest stays until the new one replaces it, so an interrupted replacement can be
     rerun."""
     folders = set()
-    for rel in existing.files:
-        leftovers = (root / rel).parent.glob(glob.escape(Path(rel).name) + ".*" + TEMP_SUFFIX)
-        for path in (root / rel, *leftovers):
-            try:
-                path.unlink(missing_ok=True)
-            except OSError as exc:
-                raise IumaskError(f"{path}: cannot delete it ({exc.strerror}); check the folder's "
-                                  "permissions") from None
+    for rel in [*existing.files, *_leftovers(root, set(existing.files))]:
+        path = root / rel
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:
+            raise IumaskError(f"{path}: cannot delete it ({exc.strerror}); check the folder's "
+                              "permissions") from None
         folders.update(p for p in Path(rel).parents if p != Path("."))
     for folder in sorted(folders, key=lambda p: len(p.parts), reverse=True):
         try:
@@ -314,12 +312,15 @@ def _write(root: Path, params: dict[str, Any], only: list[str] | None = None) ->
     _remove_leftovers(root, {*files, MANIFEST_FILE})
 
 
+def _leftovers(root: Path, own: set[str]) -> list[str]:
+    """The temporary files that killed atomic writes of the ``own`` files left behind (each write
+    has its own temporary name, so a rewrite does not replace them)."""
+    return [rel for rel in _entries(root) if temporary_target(rel) in own]
+
+
 def _remove_leftovers(root: Path, own: set[str]) -> None:
-    """Delete the temporary files that killed atomic writes of the ``own`` files left behind
-    (each write has its own temporary name, so a rewrite does not replace them)."""
-    for rel in _entries(root):
-        if temporary_target(rel) in own:
-            (root / rel).unlink(missing_ok=True)
+    for rel in _leftovers(root, own):
+        (root / rel).unlink(missing_ok=True)
 
 
 def _render_files(params: dict[str, Any], wanted: set[str]) -> Iterator[tuple[str, bytes]]:
