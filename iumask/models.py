@@ -146,11 +146,13 @@ def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch
     folder = Path(folder)
     manifest = checked_manifest(folder)
     weights = folder / WEIGHTS_FILE
-    architecture = manifest.get("architecture", ARCHITECTURE)  # manifests before --arch: DeepLabV3Plus too
-    if str(architecture).lower() not in {name.lower() for name in ARCHITECTURES.values()}:
-        raise IumaskError(f"{folder}: the model is a {architecture}, which this segmentation-models-pytorch "
+    recorded = manifest.get("architecture", ARCHITECTURE)  # manifests before --arch: DeepLabV3Plus too
+    try:
+        architecture = architecture_name(recorded)
+    except IumaskError:
+        raise IumaskError(f"{folder}: the model is a {recorded}, which this segmentation-models-pytorch "
                           f"does not have ({', '.join(ARCHITECTURES.values())}); install the version it was "
-                          "trained with")
+                          "trained with") from None
     model = build_model(manifest["encoder"], len(manifest["classes"]["names"]), architecture=architecture)
     try:
         model.load_state_dict(load_file(str(weights)))
