@@ -209,12 +209,15 @@ class Accumulator:
         if reduce not in ("sum", "cat"):
             raise ValueError(f"reduce must be 'sum' or 'cat', got {reduce!r}")
         self._reductions[name], self._defaults[name] = reduce, default
-        setattr(self, name, default.clone() if reduce == "sum" else list(default))
+        self._reset_state(name)
+
+    def _reset_state(self, name: str) -> None:
+        default = self._defaults[name]
+        setattr(self, name, default.clone() if self._reductions[name] == "sum" else list(default))
 
     def reset(self) -> None:
-        for name, reduce in self._reductions.items():
-            default = self._defaults[name]
-            setattr(self, name, default.clone() if reduce == "sum" else list(default))
+        for name in self._reductions:
+            self._reset_state(name)
 
     def merge(self, other: "Accumulator") -> None:
         """Add ``other``'s state (an accumulator of the same kind over other data) to this one."""

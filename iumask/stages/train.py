@@ -94,7 +94,8 @@ class TrainingInputs:
     header read), the class weights, the augmentation and the identity parts they contribute."""
 
     def __init__(self, data: DataConfig, train: TrainConfig, loss: LossConfig, augment: AugmentConfig,
-                 masks: Path | None = None, valid_mask: bool = False, size_fix: str = SIZE_FIX):
+                 masks: Path | None = None, valid_mask: bool = False, size_fix: str = SIZE_FIX,
+                 connectivity: int = 8):
         train_folder = data.open(data.train_split)
         val_folder = data.open(data.val_split)
         self.classes = train_folder.classes
@@ -112,8 +113,7 @@ class TrainingInputs:
         transform = augment.transform(self.classes.ignore_index)
         self.augmentation = None if transform is None else transform.describe()
         mask_fn = StoreMaskReader(masks) if masks is not None else None
-        # The connectivity of the IU shown in TensorBoard: the store's, else the default.
-        self.connectivity = MaskStore.open(masks).identity["options"].get("connectivity", 8) if masks is not None else 8
+        self.connectivity = connectivity  # of the IU images shown in TensorBoard
         self.train_set = SegmentationDataset(train_folder, data.size, masks=mask_fn, transform=transform,
                                              seed=train.seed, valid_mask=valid_mask)
         self.val_set = SegmentationDataset(val_folder, data.size)
@@ -178,10 +178,13 @@ def _weights_identity(model: ModelConfig) -> dict:
 
 def _train_members(stage: str, iu_weighted: bool, data: DataConfig, model: ModelConfig, train: TrainConfig,
                    loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
-                   masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False) -> Path:
-    """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``."""
+                   masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False,
+                   connectivity: int = 8) -> Path:
+    """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``
+    (``connectivity``: of the IU in TensorBoard's images, the mask store's for weighted training)."""
     dev, train = _start(model, train, device, tensorboard)
-    inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX)
+    inputs = TrainingInputs(data, train, loss, augment, masks, size_fix=SIZE_FIX if masks is None else STORE_SIZE_FIX,
+                            connectivity=connectivity)
     with out_lock(out):
         return _train_locked_members(stage, iu_weighted, inputs, data, model, train, loss, out, dev, overwrite,
                                      extra_identity, tensorboard)
@@ -270,7 +273,8 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
         raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
     return _train_members("weighted", True, data.with_size(size), model, train, loss, augment, Path(out),
                           device, overwrite, masks=Path(store_path),
-                          extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard)
+                          extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard,
+                          connectivity=store.identity["options"].get("connectivity", 8))
 
 
 # ----------------------------------------------------------------------------- online
