@@ -18,3 +18,8 @@ def iumask(*args, expect: int = 0) -> None:
     finally:
         sys.argv = argv
     assert code == expect, f"iumask {' '.join(map(str, args))} exited {code}, expected {expect}"
+
+
+# The training options of the tiny runs most CLI tests make: one mobilenet_v2 member, one epoch.
+TINY_TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
+              "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]

@@ -1,5 +1,5 @@
-"""Shared fixtures: the CamVid location, tiny synthetic datasets, one intra-op thread for the
-modules that train, and the in-process CLI runner.
+"""Shared fixtures: the CamVid location, tiny synthetic datasets, the tiny baseline trained once per
+session, one intra-op thread for the modules that train, and the in-process CLI runner.
 
 Plain helpers live in modules that tests import directly: ``testdata`` (CamVid labels, reading a
 dataset folder, label-map transformations), ``reference`` (slow independent reference
@@ -8,6 +8,7 @@ implementations) and ``cli_runner`` (``iumask(*args, expect=0)``).
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,34 @@ def make_synthetic(tmp_path_factory):
         return generate_synthetic(tmp_path_factory.mktemp(name) / "data", **options)
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_baseline(make_synthetic, tmp_path_factory):
+    """A factory: ``tiny_baseline(folder)`` returns the session's tiny dataset (4 train and 2 val
+    synthetic 32x32 images) and a copy, in ``folder/baseline``, of the one-member baseline trained
+    on it with ``TINY_TRAIN``. Trained once, on first use. Every caller gets its own copy of the
+    baseline, so a test that damages, retrains or caches into it changes nothing another test sees;
+    the dataset is shared (manifests record its path): a test that changes data copies it first."""
+    from cli_runner import TINY_TRAIN, iumask
+
+    trained: list[tuple[Path, Path]] = []
+
+    def copy(folder: Path) -> tuple[Path, Path]:
+        if not trained:
+            data = make_synthetic("tiny")
+            baseline = tmp_path_factory.mktemp("tiny-baseline") / "baseline"
+            before = torch.get_num_threads()
+            torch.set_num_threads(1)  # see one_thread
+            try:
+                iumask("train-baseline", "--data", data, "--out", baseline, *TINY_TRAIN)
+            finally:
+                torch.set_num_threads(before)
+            trained.append((data, baseline))
+        data, baseline = trained[0]
+        return data, Path(shutil.copytree(baseline, folder / "baseline"))
+
+    return copy
 
 
 @pytest.fixture(scope="module")

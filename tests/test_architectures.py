@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
 from iumask.config import ModelConfig
@@ -18,8 +19,6 @@ from iumask.store import MaskStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 
 
 def test_unet_trains_makes_masks_and_evaluates(make_synthetic, tmp_path, capsys):

@@ -19,23 +19,19 @@ import numpy as np
 import pytest
 import torch
 from assertions import error_line
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
 from iumask.core import SegmentationMetrics
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 
 
 @pytest.fixture(scope="module")
-def trained(make_synthetic, tmp_path_factory):
-    """A synthetic dataset and a one-member baseline trained on it."""
-    data = make_synthetic("input-errors", num_train=4, num_val=2)
-    model = tmp_path_factory.mktemp("input-errors-model") / "baseline"
-    iumask("train-baseline", "--data", data, "--out", model, *TRAIN)
-    return data, model
+def trained(tiny_baseline, tmp_path_factory):
+    """A copy of the tiny synthetic dataset and its one-member baseline."""
+    return tiny_baseline(tmp_path_factory.mktemp("input-errors"))
 
 
 

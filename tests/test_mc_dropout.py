@@ -8,6 +8,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
 from iumask.core import instance_uncertainty, pixel_entropy
@@ -18,8 +19,6 @@ from iumask.store import MaskStore
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 PASSES = 4
 
 

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 from testdata import CAMVID_CLASSES, CAMVID_VOID, camvid_labels, downsample
 
@@ -159,20 +160,22 @@ def test_bad_loss_options_are_one_line_errors():
 
 # ----------------------------------------------------------------------------- through the CLI
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 
 
 @pytest.fixture(scope="module")
-def data(make_synthetic):
-    return make_synthetic("peer-losses", num_train=4, num_val=2)
+def tiny(tiny_baseline, tmp_path_factory):
+    return tiny_baseline(tmp_path_factory.mktemp("peer-losses"))
 
 
 @pytest.fixture(scope="module")
-def plain(data, tmp_path_factory):
-    out = tmp_path_factory.mktemp("plain") / "ce"
-    iumask("train-baseline", "--data", data, "--out", out, *TRAIN)
-    return json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+def data(tiny):
+    return tiny[0]
+
+
+@pytest.fixture(scope="module")
+def plain(tiny):
+    """The manifest of the tiny baseline: plain cross-entropy with TRAIN's options."""
+    return json.loads((tiny[1] / "mobilenet_v2" / "manifest.json").read_text())
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 import torch
 from assertions import error_line
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 from test_store_reliability import stopped
 
@@ -36,18 +37,16 @@ from iumask.stages.train import online_masks
 
 pytestmark = pytest.mark.slow
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 
 
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A synthetic dataset and a trained one-member baseline (copied by tests that change it)."""
+def trained(tiny_baseline, tmp_path_factory):
+    """A copy of the tiny synthetic dataset and its one-member baseline (copied again by tests that
+    change it), in ``root/data`` and ``root/baseline``."""
     root = tmp_path_factory.mktemp("reliability")
-    data = generate_synthetic(root / "data", num_train=4, num_val=2, height=64, width=64, seed=3)
-    iumask("train-baseline", "--data", data, "--out", root / "baseline", *TRAIN)
+    data, _ = tiny_baseline(root)
     return root, data
 
 

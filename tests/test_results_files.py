@@ -10,25 +10,23 @@ import json
 import shutil
 
 import pytest
+from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
 from iumask.report import result_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment"]
 EVAL = ["--device", "cpu", "--pavpu-threshold", "1"]
 
 
 @pytest.fixture(scope="module")
-def two_runs(make_synthetic, tmp_path_factory):
-    """Two one-member baselines of one dataset with different seeds, in runA/ and runB/ (both are
-    displayed as "baseline mobilenet_v2")."""
-    data = make_synthetic("results-files", num_train=4, num_val=2)
+def two_runs(tiny_baseline, tmp_path_factory):
+    """Two one-member baselines of one dataset with different seeds, in runA/ (the tiny baseline,
+    seed 0) and runB/ (seed 7); both are displayed as "baseline mobilenet_v2"."""
     root = tmp_path_factory.mktemp("results-files")
-    for run, seed in (("runA", "0"), ("runB", "7")):
-        iumask("train-baseline", "--data", data, "--out", root / run / "baseline", *TRAIN, "--seed", seed)
+    data, _ = tiny_baseline(root / "runA")
+    iumask("train-baseline", "--data", data, "--out", root / "runB" / "baseline", *TRAIN, "--seed", "7")
     return data, root / "runA" / "baseline", root / "runB" / "baseline"
 
 

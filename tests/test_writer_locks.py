@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from assertions import error_line
-from cli_runner import iumask
+from cli_runner import TINY_TRAIN, iumask
 from test_store_reliability import stopped
 
 from iumask.artifacts import LOCK_FILE, WriterLock
@@ -26,8 +26,7 @@ from iumask.errors import IumaskError
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
-TRAIN = ["--encoder", "mobilenet_v2", "--epochs", "1", "--batch-size", "2", "--lr", "1e-3",
-         "--backbone-lr-factor", "1", "--device", "cpu", "--no-augment", "--checkpoint-every", "1"]
+TRAIN = [*TINY_TRAIN, "--checkpoint-every", "1"]
 HOLD = ("import sys, time\nfrom iumask.artifacts import WriterLock\n"
         "lock = WriterLock(sys.argv[1], 'folder', 'wait')\nprint('locked', flush=True)\ntime.sleep(600)\n")
 
@@ -75,25 +74,23 @@ def test_a_second_train_baseline_on_one_out_is_refused_and_a_killed_holder_frees
 
 
 @pytest.mark.parametrize("command", ["train-baseline", "online", "train-weighted", "run", "predict"])
-def test_every_writing_command_refuses_a_locked_folder(data, tmp_path, capsys, command):
+def test_every_writing_command_refuses_a_locked_folder(data, tiny_baseline, tmp_path, capsys, command):
     """Each command that writes an artifact folder refuses one another process writes, before any
     work, and leaves the holder's files alone."""
     out = tmp_path / "out"
     store = tmp_path / "masks.zarr"
+    if command in ("train-weighted", "predict"):  # they need a model (and masks) of their data first
+        data, _ = tiny_baseline(tmp_path)
     args = {
         "train-baseline": ["train-baseline", "--data", data, "--out", out, *TRAIN],
         "online": ["train-weighted", "--online", "--data", data, "--out", out, *TRAIN, "--size", "32x32"],
         "train-weighted": ["train-weighted", "--data", data, "--out", out, "--store", store, *TRAIN],
         "run": ["run", "--data", data, "--out", out, *TRAIN],
-        "predict": ["predict", "--input", data / "images" / "val", "--out", out, "--device", "cpu"],
+        "predict": ["predict", "--input", data / "images" / "val", "--out", out, "--device", "cpu",
+                    "--model", tmp_path / "baseline"],
     }[command]
-    if command in ("train-weighted", "predict"):  # they need a model (and masks) first
-        iumask("train-baseline", "--data", data, "--out", tmp_path / "baseline", *TRAIN)
-        if command == "train-weighted":
-            iumask("make-masks", "--model", tmp_path / "baseline", "--data", data, "--store", store,
-                   "--device", "cpu")
-        else:
-            args += ["--model", tmp_path / "baseline"]
+    if command == "train-weighted":
+        iumask("make-masks", "--model", tmp_path / "baseline", "--data", data, "--store", store, "--device", "cpu")
     with lock_held_by_another_process(out) as holder:
         capsys.readouterr()
         iumask(*args, expect=2)
