@@ -9,6 +9,16 @@ record.
 
 An artifact's identity (what a cache hit compares) is built by :func:`artifact_identity` from the
 groups it depends on, through each group's ``identity()``.
+One validation path: the command line (typer converts the text), ``--config`` files (checked
+against the commands' own options by :mod:`iumask.configfile`) and experiment specs
+(:mod:`iumask.experiment.spec`, which reads tables into these objects) all end in these
+``__post_init__`` checks, built from :func:`checked_integer`, :func:`checked_flag`,
+:func:`checked_split`, :func:`choice` and friends; the TOML readers add only what is theirs
+(unknown tables and keys with did-you-mean, and the file and table in front of the message).
+pydantic was considered and not adopted: these checks are short, raise the project's one-line
+:class:`IumaskError` naming the option as the command line spells it, and reject what the command
+line rejects (pydantic's lax mode turns ``"3"`` into 3; its strict mode would still need a
+translation of its multi-line errors), and one more dependency would buy no shorter code.
 """
 
 from __future__ import annotations
@@ -127,6 +137,30 @@ def _at_least(value, low, option: str, what: str = "") -> None:
         raise IumaskError(f"{option} must be {what or f'a number >= {low}'}, got {value!r}")
 
 
+# The checks below are the one validation path of every option: the CLI, ``--config`` files and
+# experiment specs all end in the configuration objects' ``__post_init__``, which call them.
+
+def checked_integer(value: Any, low: int, option: str, what: str = "") -> int:
+    """``value`` if it is an integer (not a bool) >= ``low``, else an error naming ``option``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise IumaskError(f"{option} must be {what or f'an integer >= {low}'}, got {value!r}")
+    return value
+
+
+def checked_split(value: Any, option: str) -> str:
+    """``value`` if it is a split name (a non-empty string without ``/``), else an error naming ``option``."""
+    if not isinstance(value, str) or not value or "/" in value:
+        raise IumaskError(f"{option} must be a split name such as train or val, got {value!r}")
+    return value
+
+
+def checked_flag(value: Any, option: str) -> bool:
+    """``value`` if it is true or false, else an error naming ``option``."""
+    if not isinstance(value, bool):
+        raise IumaskError(f"{option} must be true or false, got {value!r}")
+    return value
+
+
 # ----------------------------------------------------------------------------- data
 
 
@@ -160,8 +194,7 @@ class DataConfig:
                               f"choose from {', '.join(ACDC_CONDITIONS)}")
         object.__setattr__(self, "conditions", conditions)
         for name in ("train_split", "val_split"):
-            if not getattr(self, name) or "/" in getattr(self, name):
-                raise IumaskError(f"--{name.replace('_', '-')}: give a split name such as train or val")
+            checked_split(getattr(self, name), f"--{name.replace('_', '-')}")
 
     def open(self, split: str) -> PairedDataset:
         return open_dataset(self.root, split, self.format, self.conditions)
@@ -197,9 +230,10 @@ class AugmentConfig:
                 scale = tuple(float(v) for v in scale.split(","))
             except ValueError:
                 raise IumaskError(f"--scale {self.scale!r}: write it as MIN,MAX, e.g. 0.5,2.0") from None
-        if len(scale) != 2:
+        if not isinstance(scale, (list, tuple)) or len(scale) != 2 or not all(_is_number(v) for v in scale):
             raise IumaskError(f"--scale {self.scale!r}: write it as MIN,MAX, e.g. 0.5,2.0")
         object.__setattr__(self, "scale", (float(scale[0]), float(scale[1])))
+        checked_flag(self.enabled, "--augment")
         object.__setattr__(self, "crop", _checked_size(self.crop, "--crop"))
         if self.enabled:
             JointAugment.from_options(self.options())  # its checks, once, before any work
@@ -298,10 +332,7 @@ class TrainConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
         for name, low in (("epochs", 1), ("batch_size", 1), ("checkpoint_every", 0), ("seed", 0)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                option = "--workers" if name == "num_workers" else f"--{name.replace('_', '-')}"
-                raise IumaskError(f"{option} must be an integer >= {low}, got {value!r}")
+            checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
         if self.lr is not None:
             _at_least(self.lr, 0, "--lr", "a positive learning rate")
             if self.lr == 0:
@@ -353,8 +384,7 @@ class LossConfig:
         if not _is_number(self.ohem_threshold) or not 0 < self.ohem_threshold <= 1:
             raise IumaskError(f"--ohem-threshold must be a probability in (0, 1], got {self.ohem_threshold!r}")
         object.__setattr__(self, "ohem_threshold", float(self.ohem_threshold))
-        if isinstance(self.ohem_min_kept, bool) or not isinstance(self.ohem_min_kept, int) or self.ohem_min_kept < 0:
-            raise IumaskError(f"--ohem-min-kept must be an integer >= 0, got {self.ohem_min_kept!r}")
+        checked_integer(self.ohem_min_kept, 0, "--ohem-min-kept")
         if not _is_number(self.effective_number_beta) or not 0 <= self.effective_number_beta < 1:
             raise IumaskError(f"--effective-number-beta must be in [0, 1), got {self.effective_number_beta!r}")
         object.__setattr__(self, "effective_number_beta", float(self.effective_number_beta))
@@ -413,13 +443,11 @@ class MaskConfig:
         object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
         object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
+        checked_flag(self.normalize, "--normalize")
         for name, low in (("passes", 2), ("batch_size", 1)):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise IumaskError(f"--{name.replace('_', '-')} must be an integer >= {low}, got {value!r}")
-        if self.threads is not None and (isinstance(self.threads, bool) or not isinstance(self.threads, int)
-                                         or self.threads < 0):
-            raise IumaskError(f"threads must be an integer >= 0 or None, got {self.threads!r}")
+            checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
+        if self.threads is not None:
+            checked_integer(self.threads, 0, "threads", "an integer >= 0 or None")
 
     def identity(self) -> dict:
         """The mask options a store records (the source and the precision only when they are not
@@ -447,14 +475,16 @@ class EvalConfig:
     temperature_split: str | None = None  # fit a temperature on this split and report calibration after it
 
     def __post_init__(self) -> None:
+        checked_split(self.split, "--split")
+        if self.temperature_split is not None:
+            checked_split(self.temperature_split, "--temperature-split")
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
         object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
         for name in ("pavpu_window", "pavpu_stride"):
             value = getattr(self, name)
             if value is None and name == "pavpu_stride":
                 continue
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise IumaskError(f"--{name.replace('_', '-')} must be at least 1 pixel, got {value!r}")
+            checked_integer(value, 1, f"--{name.replace('_', '-')}", "at least 1 pixel")
         if self.pavpu_threshold is not None:
             _at_least(self.pavpu_threshold, 0, "--pavpu-threshold", "a finite entropy >= 0")
         object.__setattr__(self, "resolution", choice(Resolution, self.resolution, "--resolution"))
@@ -493,10 +523,10 @@ class PredictConfig:
         object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
         object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
-        for name, low, option in (("passes", 2, "--passes"), ("batch_size", 1, "--batch-size")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < low:
-                raise IumaskError(f"{option} must be an integer >= {low}, got {value!r}")
+        for name, low in (("passes", 2), ("batch_size", 1)):
+            checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
+        checked_flag(self.save_arrays, "--save-arrays")
+        checked_flag(self.overwrite, "--overwrite")
 
     def identity(self) -> dict:
         """The options the predicted arrays depend on (a ``--save-arrays`` store's ``options``)."""

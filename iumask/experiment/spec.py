@@ -26,6 +26,7 @@ from iumask.config import (
     ModelConfig,
     TrainConfig,
     UncertaintyKind,
+    checked_integer,
     choice,
     json_normal,
 )
@@ -244,12 +245,12 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
 
     seeds = top.get("seeds", 3)
     if isinstance(seeds, int) and not isinstance(seeds, bool):
-        if seeds < 1:
-            top.fail(f"seeds = {seeds}: give a number of seeds >= 1 or a list such as [0, 1, 2]")
-        seeds = list(range(seeds))
-    if not isinstance(seeds, list) or not seeds or any(isinstance(s, bool) or not isinstance(s, int) or s < 0
-                                                      for s in seeds) or len(set(seeds)) != len(seeds):
+        seeds = list(range(top.build(checked_integer, seeds, 1, "seeds", "a number of seeds >= 1 or a list "
+                                                                            "such as [0, 1, 2]")))
+    if not isinstance(seeds, list) or not seeds or len(set(map(repr, seeds))) != len(seeds):
         top.fail(f"seeds = {seeds!r}: give a number of seeds or a list of distinct integers >= 0")
+    for seed in seeds:
+        top.build(checked_integer, seed, 0, "seeds", "a number of seeds or a list of distinct integers >= 0")
 
     mask_values = top.get("masks", {})
     mask_table = _Table(path, "masks", mask_values, MASK_KEYS)
@@ -268,9 +269,7 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
             mask_table.fail("source = 'mc-dropout' uses one model: give one encoder or a path")
     else:
         mask_encoders = mask_values.get("encoders", ["mobilenet_v2", "resnet18", "resnet34"])
-    mask_seed = mask_values.get("seed", 0)
-    if isinstance(mask_seed, bool) or not isinstance(mask_seed, int) or mask_seed < 0:
-        mask_table.fail(f"seed = {mask_seed!r}: give an integer >= 0")
+    mask_seed = mask_table.build(checked_integer, mask_values.get("seed", 0), 0, "seed")
     ensemble = MaskEnsemble(
         model=None if mask_path is not None else mask_table.build(ModelConfig, tuple(mask_encoders),
                                                                    model.encoder_weights,
@@ -300,9 +299,8 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
     if len(set(labels)) != len(labels):
         top.fail(f"evaluations repeat a (name, split) pair: {labels}")
 
-    rare = top.get("rare_classes", 5)
-    if isinstance(rare, bool) or not isinstance(rare, int) or rare < 1:
-        top.fail(f"rare_classes = {rare!r}: give the number of rarest classes to test (>= 1)")
+    rare = top.build(checked_integer, top.get("rare_classes", 5), 1, "rare_classes",
+                     "the number of rarest classes to test (>= 1)")
     name = top.get("name", path.stem)
     return ExperimentSpec(
         path=path, name=str(name), data=data, train=train, augment=augment, encoders=model.encoders,
