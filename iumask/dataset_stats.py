@@ -1,5 +1,6 @@
 """Dataset and mask-store statistics: counting only (JSON-able results), and the label-statistics
-cache. Tables and pictures of them are in :mod:`iumask.report`.
+cache. Tables of them are in :mod:`iumask.tables`, pictures in
+:mod:`iumask.figures`.
 
 * :func:`label_statistics` counts over a dataset's labels (pure counting, JSON-able output);
   class-weight computation (e.g. median frequency balancing) reads its per-class

@@ -112,7 +112,7 @@ def test_merged_reliability_bins_pool_pixels_and_fold_confidence_one():
 
 
 def test_run_table_puts_each_weighted_model_beside_its_baseline_with_the_difference(capsys):
-    from iumask.report import print_results
+    from iumask.tables import print_results
 
     def result(model, iou, miou):
         return {"model": model, "classes": ["road", "pole"], "iou": iou, "miou": miou, "pavpu": 0.5}

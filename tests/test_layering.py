@@ -14,17 +14,18 @@ PACKAGE = Path(__file__).resolve().parents[1] / "iumask"
 # Top to bottom. A module may import modules of lower layers only (and, within its own layer, none
 # of the others), so every change of direction shows up here as a failure.
 LAYERS = [
+    ["iumask.__main__"],
     ["iumask.cli"],
     ["iumask.configfile"],
     ["iumask.stages.run", "iumask.stages.experiment"],
     ["iumask.experiment.report", "iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate",
-     "iumask.stages.stats", "iumask.stages.predict"],
-    ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.report", "iumask.experiment.spec"],
-    ["iumask.config", "iumask.experiment.significance"],
+     "iumask.stages.stats", "iumask.stages.predict", "iumask.stages.check_data"],
+    ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.training_log", "iumask.experiment.spec"],
+    ["iumask.config", "iumask.experiment.significance", "iumask.figures", "iumask.tables"],
     ["iumask.store", "iumask.dataset_stats", "iumask.models", "iumask.distributed", "iumask.device",
      "iumask.data.synthetic"],
     ["iumask.data.formats"],
-    ["iumask.data.augment", "iumask.data.folder"],
+    ["iumask.data.augment", "iumask.data.folder", "iumask.download"],
     ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
     ["iumask.core.metrics", "iumask.core.loss"],
     ["iumask.core.instances", "iumask.core.entropy"],

@@ -13,7 +13,7 @@ import pytest
 from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
-from iumask.report import result_labels
+from iumask.tables import result_labels
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 

@@ -1,4 +1,4 @@
-"""iumask.dataset_stats and iumask.report against independent numpy / cv2 computations, on generated data and on real
+"""iumask.dataset_stats and iumask.figures against independent numpy / cv2 computations, on generated data and on real
 CamVid labels (3 files of the SegNet 11-class version, 11 = void, at ``<repo>/../shared/data/camvid``
 or ``$IUMASK_CAMVID``; those tests are skipped without them), plus the cache, the PNGs and the
 ``iumask stats`` command."""
@@ -22,7 +22,7 @@ from iumask.core import instance_uncertainty
 from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.dataset_stats import CACHE_SUBDIR, cached_label_statistics, label_statistics, mask_statistics
-from iumask.report import class_histogram_png, mask_gallery_png
+from iumask.figures import class_histogram_png, mask_gallery_png
 from iumask.store import MaskStore
 
 CAMVID_NAMES = ["sky", "building", "pole", "road", "pavement", "tree", "sign", "fence", "car", "pedestrian",

@@ -40,7 +40,7 @@ from iumask.errors import IumaskError
 from iumask.inference import UncertaintySource, check_models, load_source, pixel_maps
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
-from iumask.report import result_labels
+from iumask.tables import result_labels
 from iumask.transfer import host_tensor, to_device
 
 # What tells results apart in a results file: evaluating the same model on the same data, split

@@ -34,11 +34,11 @@ from iumask.experiment.significance import rarest_classes, result_rows, summariz
 from iumask.experiment.spec import Arm, ExperimentSpec
 from iumask.inference import check_models, load_source
 from iumask.progress import console
-from iumask.report import METRICS_FILE
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
 from iumask.store import MaskStore
+from iumask.training_log import METRICS_FILE
 from iumask.transfer import to_device, to_host
 
 

@@ -1,5 +1,5 @@
 """The ``iumask stats`` command: count a dataset split's labels (and a mask store's IU and
-entropy) with :mod:`iumask.dataset_stats`, draw them with :mod:`iumask.report`, and write ``stats.json``
+entropy) with :mod:`iumask.dataset_stats`, draw them with :mod:`iumask.figures`, and write ``stats.json``
 and the PNGs into one folder."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from iumask.artifacts import write_json_atomic
 from iumask.data.formats import open_dataset
 from iumask.dataset_stats import cached_label_statistics, mask_statistics
 from iumask.errors import IumaskError
-from iumask.report import class_histogram_png, mask_gallery_png
+from iumask.figures import class_histogram_png, mask_gallery_png
 from iumask.store import MaskStore
 
 STATS_FILE = "stats.json"

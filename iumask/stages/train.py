@@ -60,21 +60,21 @@ from iumask.engine import (
     train_model,
 )
 from iumask.errors import IumaskError
+from iumask.figures import training_curves_png
 from iumask.inference import InstanceUncertainty, pixel_maps
 from iumask.losses import LossFn, build_loss
 from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, warn
-from iumask.report import (
+from iumask.store import MaskStore, StoreMaskReader
+from iumask.training_log import (
     CURVES_FILE,
     METRICS_FILE,
     TENSORBOARD_DIR,
     TensorBoardLog,
     require_tensorboard,
-    training_curves_png,
     write_metrics_csv,
 )
-from iumask.store import MaskStore, StoreMaskReader
 from iumask.transfer import to_device, to_host
 
 ONLINE_STAGE = "online"
