@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.markup import escape
 
 from iumask import distributed
-from iumask.artifacts import check_writable, describe_os_error, folder_lock
 from iumask.config import (
     RUN_ENCODERS,
     Amp,
@@ -49,6 +48,7 @@ from iumask.config import (
 from iumask.core import LOSS_METHODS
 from iumask.download import DATASETS
 from iumask.errors import IumaskError
+from iumask.files import check_writable, describe_os_error, folder_lock
 from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
 from iumask.tables import print_results

@@ -19,10 +19,10 @@ from typing import Any
 
 import numpy as np
 
-from iumask.artifacts import json_digest, write_json_atomic
 from iumask.core import label_instances
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
+from iumask.files import json_digest, write_json_atomic
 from iumask.progress import console, progress_bar
 
 STATS_FORMAT_VERSION = 1

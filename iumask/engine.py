@@ -44,12 +44,13 @@ import torch
 from torch.utils.data import DataLoader, Sampler, Subset
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, atomic_write, comparable_identity, mismatch_keys
+from iumask.artifacts import CHECKPOINT_FILE, comparable_identity, require_same_inputs
 from iumask.config import TrainConfig
 from iumask.core import mean_softmax
 from iumask.core.metrics import ConfusionMatrix
 from iumask.device import Precision, usable_amp
 from iumask.errors import IumaskError
+from iumask.files import atomic_write
 from iumask.models import predict_logits
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
@@ -275,10 +276,8 @@ def keep_foreign_checkpoint(path: Path, identity: dict, overwrite: bool) -> None
         return
     stored = dict(comparable_identity(state.get("identity") or {}), world_size=state.get("world_size"))
     given = dict(identity, world_size=distributed.world_size())
-    differ = mismatch_keys(stored, given)
-    if differ:
-        raise IumaskError(f"{path}: holds an unfinished run with other inputs ({', '.join(differ)}); rerun with "
-                          "the same options to resume it, or pass --overwrite to discard it")
+    require_same_inputs(stored, given, f"the unfinished run in {path}",
+                        "rerun with the same options to resume it, or pass --overwrite to discard it")
 
 
 def _rng_state(device: torch.device) -> dict:

@@ -2,7 +2,7 @@
 gallery of ``iumask stats`` (the paper's Figures 4, 1 and 2), a member's training curves, the
 experiment's per-class IoU bars and reliability diagrams, and heat maps for TensorBoard images.
 
-Every PNG is rendered in memory and written through :func:`iumask.artifacts.write_bytes_atomic`.
+Every PNG is rendered in memory and written through :func:`iumask.files.write_bytes_atomic`.
 matplotlib is imported when a picture is drawn, not with this module.
 """
 
@@ -16,9 +16,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from iumask.artifacts import write_bytes_atomic
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
+from iumask.files import write_bytes_atomic
 
 _DPI = 100
 _GREY = "#6e6e6e"

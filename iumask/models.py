@@ -16,15 +16,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
-from iumask.artifacts import (
-    MANIFEST_FILE,
-    WEIGHTS_FILE,
-    atomic_write,
-    checked_manifest,
-    file_sha256,
-    write_json_atomic,
-)
+from iumask.artifacts import MANIFEST_FILE, WEIGHTS_FILE, checked_manifest
 from iumask.errors import IumaskError
+from iumask.files import atomic_write, file_sha256, write_json_atomic
 
 DEFAULT_ENCODERS = ("mobilenet_v2", "resnet50", "resnet101")
 ARCHITECTURE = "DeepLabV3Plus"  # the paper's, and the default

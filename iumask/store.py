@@ -42,8 +42,9 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import LOCK_FILE, WriterLock
+from iumask.artifacts import require_same_inputs
 from iumask.errors import IumaskError, StoreMismatchError
+from iumask.files import LOCK_FILE, WriterLock
 
 # Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
 # a byte stay version 1, the same layout as before, so older iumask still reads them; it would
@@ -93,26 +94,6 @@ def _to_json(value: Any) -> Any:
         raise TypeError(f"cannot store {type(obj).__name__} in mask store attributes")
 
     return json.loads(json.dumps(value, default=default))
-
-
-def _describe(key: str, stored: Any, given: Any, missing: object) -> list[str]:
-    """Short human descriptions of how ``stored`` and ``given`` differ (empty if equal)."""
-    if stored == given:
-        return []
-    if isinstance(stored, dict) and isinstance(given, dict):
-        out = []
-        for sub in sorted(set(stored) | set(given)):
-            out += _describe(f"{key}.{sub}", stored.get(sub, missing), given.get(sub, missing), missing)
-        return out
-    text = [("none" if v is missing else json.dumps(v)) for v in (stored, given)]
-    if max(len(t) for t in text) <= 40:
-        return [f"{key}: stored {text[0]}, given {text[1]}"]
-    if isinstance(stored, list) and isinstance(given, list):
-        if len(stored) != len(given):
-            return [f"{key} differ ({len(stored)} stored vs {len(given)} given)"]
-        n = sum(a != b for a, b in zip(stored, given))
-        return [f"{key} differ ({n} of {len(stored)} entries)"]
-    return [f"{key} differs"]
 
 
 def _checked_identity(identity: dict) -> dict:
@@ -423,15 +404,9 @@ class MaskStore:
     def check_identity(self, expected: dict,
                        fix: str = "pass --overwrite to recompute it or use another --store path") -> None:
         """Raise StoreMismatchError if any key in ``expected`` differs from the stored value."""
-        missing = object()
-        stored, expected = self.attrs, _to_json(dict(expected))
-        diffs = []
-        for key in expected:
-            diffs += _describe(key, stored.get(key, missing), expected[key], missing)
-        if diffs:
-            raise StoreMismatchError(
-                f"mask store {self.path} was made from other inputs ({'; '.join(diffs)}); {fix}"
-            )
+        expected = _to_json(dict(expected))
+        stored = {key: value for key, value in self.attrs.items() if key in expected}
+        require_same_inputs(stored, expected, f"mask store {self.path}", fix, StoreMismatchError)
 
     def index_of(self, image_id: str) -> int:
         try:

@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from iumask.artifacts import write_bytes_atomic
 from iumask.errors import IumaskError
 from iumask.figures import heat_rgb, label_colors
+from iumask.files import write_bytes_atomic
 
 METRICS_FILE = "metrics.csv"
 CURVES_FILE = "curves.png"

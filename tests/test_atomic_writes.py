@@ -1,4 +1,4 @@
-"""The one atomic writer (iumask.artifacts.atomic_write): unique temporary names, so two writers of
+"""The one atomic writer (iumask.files.atomic_write): unique temporary names, so two writers of
 one file never write into each other's temporary file, and a crashed write's leftover is still
 recognised as the dataset's own by make-synthetic."""
 
@@ -9,8 +9,8 @@ import json
 import pytest
 from cli_runner import iumask
 
-from iumask.artifacts import atomic_write, temporary_target, write_json_atomic
 from iumask.errors import IumaskError
+from iumask.files import atomic_write, temporary_target, write_json_atomic
 
 
 def test_two_writers_of_one_file_do_not_share_a_temporary_file(tmp_path):

@@ -27,6 +27,7 @@ LAYERS = [
     ["iumask.data.formats"],
     ["iumask.data.augment", "iumask.data.folder", "iumask.download"],
     ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
+    ["iumask.files"],
     ["iumask.core.metrics", "iumask.core.loss"],
     ["iumask.core.instances", "iumask.core.entropy"],
     ["iumask.errors"],

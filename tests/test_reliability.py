@@ -26,12 +26,12 @@ from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 from test_store_reliability import stopped
 
-from iumask.artifacts import file_sha256
 from iumask.config import MaskConfig
 from iumask.core import pixel_entropy
 from iumask.data.augment import JointAugment
 from iumask.data.folder import FolderDataset, SegmentationDataset
 from iumask.data.synthetic import generate_synthetic
+from iumask.files import file_sha256
 from iumask.models import build_model, load_member, save_member
 from iumask.stages.train import online_masks
 
@@ -445,7 +445,7 @@ def test_one_model_spelled_two_ways_is_one_entry(trained, tmp_path):
 def test_concurrent_evaluates_into_one_file_keep_both_results(trained, tmp_path):
     """An evaluate merging into a results file waits for another one's merge (an OS lock on the
     folder) instead of overwriting it with its own stale read."""
-    from iumask.artifacts import folder_lock
+    from iumask.files import folder_lock
 
     root, data = trained
     member = root / "baseline" / "mobilenet_v2"
@@ -544,3 +544,17 @@ def test_a_store_swapped_under_a_reader_is_not_read_silently(trained, tmp_path):
     with pytest.raises(IumaskError, match="replaced or removed while it was being read"):
         reader.read_iu(0)
     assert MaskStore.open(store_path).identity["options"]["normalize"] is True
+
+
+def test_a_model_made_from_other_inputs_is_refused_naming_each_difference(trained, tmp_path, capsys):
+    """Members, checkpoints and mask stores share one refusal: what differs, stored and given."""
+    root, data = trained
+    out = _copy_baseline(trained, tmp_path)
+    before = {p: p.read_bytes() for p in (out / "mobilenet_v2").iterdir()}
+    capsys.readouterr()
+    iumask("train-baseline", "--data", data, "--out", out, *TRAIN, "--seed", "7", "--lr", "2e-3", expect=2)
+    line = error_line(capsys)
+    assert f"the model in {out / 'mobilenet_v2'} was made from other inputs (" in line
+    assert "train_options.seed: stored 0, given 7" in line and "train_options.lr: stored 0.001, given 0.002" in line
+    assert "pass --overwrite" in line
+    assert {p: p.read_bytes() for p in (out / "mobilenet_v2").iterdir()} == before

@@ -21,13 +21,13 @@ from assertions import error_line
 from cli_runner import TINY_TRAIN, iumask
 from test_store_reliability import stopped
 
-from iumask.artifacts import LOCK_FILE, WriterLock
 from iumask.errors import IumaskError
+from iumask.files import LOCK_FILE, WriterLock
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
 
 TRAIN = [*TINY_TRAIN, "--checkpoint-every", "1"]
-HOLD = ("import sys, time\nfrom iumask.artifacts import WriterLock\n"
+HOLD = ("import sys, time\nfrom iumask.files import WriterLock\n"
         "lock = WriterLock(sys.argv[1], 'folder', 'wait')\nprint('locked', flush=True)\ntime.sleep(600)\n")
 
 

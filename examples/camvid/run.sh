@@ -5,7 +5,7 @@
 # shared). Usage:
 #   CAMVID=/path/to/camvid OUT=runs/camvid [EPOCHS=8 SIZE=144x192 DEVICE=cpu] bash examples/camvid/run.sh
 set -euo pipefail
-CAMVID=${CAMVID:-$(cd "$(dirname "$0")/../.." && pwd)/data/camvid}  # README: "Getting CamVid"
+CAMVID=${CAMVID:-$(cd "$(dirname "$0")/../.." && pwd)/data/camvid}  # iumask download camvid --out data/camvid (docs/download.md)
 OUT=${OUT:-runs/camvid}
 EPOCHS=${EPOCHS:-8}
 SIZE=${SIZE:-144x192}

@@ -15,7 +15,7 @@ SHA-256 (one written by an older version, which recorded parameters only, or one
 files of a write still in progress), the expected content is rendered again from the recorded
 parameters, in memory: generation is deterministic, so only a file byte-identical to it is its own.
 
-Every file is written through :func:`iumask.artifacts.atomic_write`: a temporary file beside it,
+Every file is written through :func:`iumask.files.atomic_write`: a temporary file beside it,
 renamed over it when complete. A killed or failed write (full disk) never leaves a partial file
 under a dataset name, where it would be mistaken for a user's edit; a killed run may leave the
 temporary file (``<name>.<random>.tmp``), which a rerun that writes the dataset deletes (and
@@ -34,9 +34,9 @@ from typing import Any, Iterable, Iterator
 import cv2
 import numpy as np
 
-from iumask.artifacts import temporary_target, write_bytes_atomic
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
+from iumask.files import temporary_target, write_bytes_atomic
 
 SKY, BUILDING, ROAD, SIDEWALK, VEGETATION, POLE, SIGN, PERSON, BICYCLE, CAR = range(10)
 IGNORE = 255

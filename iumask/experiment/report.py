@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
-from iumask.artifacts import atomic_write, write_bytes_atomic, write_json_atomic
 from iumask.experiment.significance import RESULT_COLUMNS, iou_table, overview_table, rare_table, uncertainty_table
 from iumask.figures import class_histogram_png, iou_bars_png, mask_gallery_png, reliability_png
+from iumask.files import atomic_write, write_bytes_atomic, write_json_atomic
 from iumask.tables import print_table
 
 RESULTS_FILE = "results.csv"

@@ -19,16 +19,11 @@ from torch.utils.data import DataLoader
 from iumask import distributed
 from iumask.artifacts import (
     MANIFEST_FILE,
-    atomic_write,
     cache_threshold,
     cached_threshold,
-    describe_os_error,
     model_key,
-    nan_to_none,
-    read_json,
     resolve_models,
     threshold_record,
-    write_json_atomic,
 )
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics
@@ -37,6 +32,7 @@ from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError
+from iumask.files import atomic_write, describe_os_error, nan_to_none, read_json, write_json_atomic
 from iumask.inference import UncertaintySource, check_models, load_source, pixel_maps
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn

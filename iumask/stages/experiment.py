@@ -23,7 +23,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, check_writable, folder_writer_lock, resolve_models
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, resolve_models
 from iumask.config import LossConfig, MaskConfig
 from iumask.data.folder import SegmentationDataset, class_differences
 from iumask.dataset_stats import cached_label_statistics
@@ -32,6 +32,7 @@ from iumask.errors import IumaskError
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec
+from iumask.files import check_writable, folder_writer_lock
 from iumask.inference import check_models, load_source
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate

@@ -15,11 +15,11 @@ import numpy as np
 from torch.utils.data import DataLoader
 
 from iumask import distributed
-from iumask.artifacts import describe_os_error
 from iumask.config import DataConfig, MaskConfig
 from iumask.data.folder import SegmentationDataset
 from iumask.device import Precision, resolve_device
 from iumask.errors import IumaskError
+from iumask.files import describe_os_error
 from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar

@@ -26,11 +26,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from iumask.artifacts import WriterLock, atomic_write, check_writable, describe_os_error
 from iumask.config import PredictConfig
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
 from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import DataError, IumaskError
+from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error
 from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar, warn

@@ -4,10 +4,10 @@ already matches its inputs and resumed when it was interrupted."""
 from __future__ import annotations
 
 from iumask import distributed
-from iumask.artifacts import folder_writer_lock, read_json
 from iumask.config import RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import resolve_device
+from iumask.files import folder_writer_lock, read_json
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks

@@ -7,11 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from iumask.artifacts import write_json_atomic
 from iumask.data.formats import open_dataset
 from iumask.dataset_stats import cached_label_statistics, mask_statistics
 from iumask.errors import IumaskError
 from iumask.figures import class_histogram_png, mask_gallery_png
+from iumask.files import write_json_atomic
 from iumask.store import MaskStore
 
 STATS_FILE = "stats.json"

@@ -26,15 +26,7 @@ import numpy as np
 import torch
 
 from iumask import distributed
-from iumask.artifacts import (
-    CHECKPOINT_FILE,
-    MANIFEST_FILE,
-    folder_writer_lock,
-    json_digest,
-    member_needs_training,
-    read_json,
-    write_ensemble,
-)
+from iumask.artifacts import CHECKPOINT_FILE, MANIFEST_FILE, member_needs_training, write_ensemble
 from iumask.config import (
     FORMAT_VERSION,
     AugmentConfig,
@@ -61,6 +53,7 @@ from iumask.engine import (
 )
 from iumask.errors import IumaskError
 from iumask.figures import training_curves_png
+from iumask.files import folder_writer_lock, json_digest, read_json
 from iumask.inference import InstanceUncertainty, pixel_maps
 from iumask.losses import LossFn, build_loss
 from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member

@@ -1,0 +1,309 @@
+"""File primitives: atomic writes, strict JSON, writer locks and digests. Nothing here knows what
+a model, a store or a results file is (that is :mod:`iumask.artifacts`, :mod:`iumask.store`).
+
+Every file iumask writes itself (JSON, CSV, weights, checkpoints, figures, predicted images, the
+synthetic dataset, the statistics cache) goes through :func:`atomic_write`: the content is written
+to a temporary file beside the target with a name of its own (``<name>.<random>.tmp``, so two
+writers of one file never share one) and renamed over it, so a crash never leaves half a file; a
+failed write (full disk, read-only folder) removes the temporary file and raises
+:class:`IumaskError` naming the path. Files get the permissions the user's umask gives new files
+(some writers, e.g. safetensors, create private 0600 files). Two kinds of files are written by
+libraries instead: the mask store's chunks (zarr; an image counts only once its completion flag is
+set, :mod:`iumask.store`) and TensorBoard's event files.
+
+Locks are ``fcntl.flock`` (:class:`WriterLock`, :func:`folder_lock`), not the ``filelock``
+package: on Linux and macOS ``filelock`` takes the same ``flock``, so it would add a dependency
+for no new guarantee here; the one it would add, Windows, iumask does not target (use WSL). What
+matters is kept by ``flock``: the kernel drops a lock when its holder dies, so there is never a
+stale lock to remove by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import hashlib
+import json
+import math
+import os
+import shlex
+import socket
+import sys
+import tempfile
+from pathlib import Path
+from typing import Iterator
+
+from iumask.errors import IumaskError
+
+TEMP_SUFFIX = ".tmp"
+LOCK_FILE = ".iumask-writer.lock"
+
+THRESHOLD_KEYS = ("train_mean_entropy", "train_mean_entropy_weights_sha256")
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc), else by setting
+    and restoring it."""
+    try:
+        with open("/proc/self/status") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def describe_os_error(exc: OSError, path: str | os.PathLike | None = None, action: str | None = "write") -> str:
+    """One line naming the path, the problem and the fix, e.g. for a full disk. ``action`` None:
+    the failing operation is unknown (a read or a write)."""
+    where = path if path is not None else (exc.filename or "a file")
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        fix = "free some space or write elsewhere"
+    elif exc.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        fix = "choose a writable folder (e.g. another --out, --store or --output)"
+    else:
+        fix = "check the path and the disk"
+    return f"{'cannot ' + action + ' ' if action else ''}{where}: {reason}; {fix}"
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path to write ``path``'s new content to; rename it over ``path`` on
+    success, remove it on any failure (the old ``path``, if any, is left as it was)."""
+    path = Path(path)
+    tmp = None
+    try:
+        # A unique name (``<name>.<random>.tmp``), so concurrent writers of one file never write
+        # into each other's temporary file; the last rename wins, each file whole.
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+        os.close(fd)
+        tmp = Path(name)
+        yield tmp
+        os.chmod(tmp, 0o666 & ~current_umask())
+        os.replace(tmp, path)
+    except BaseException as exc:
+        if tmp is not None:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+        cause = _os_error_in(exc)
+        if cause is not None:
+            raise IumaskError(describe_os_error(cause, path)) from exc
+        raise
+
+
+def temporary_target(name: str) -> str | None:
+    """The file name whose :func:`atomic_write` temporary file ``name`` is (``a.json`` for
+    ``a.json.k3x_9q.tmp``), else None: how a crashed write's leftover is recognised."""
+    if not name.endswith(TEMP_SUFFIX):
+        return None
+    target, dot, _ = name[:-len(TEMP_SUFFIX)].rpartition(".")
+    return target if dot and target else None
+
+
+def _os_error_in(exc: BaseException) -> OSError | None:
+    """The OSError behind ``exc``, if any (torch.save, for one, reports a failed write of its file
+    object as a RuntimeError raised while handling the OSError)."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, OSError):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
+def check_writable(folder: str | os.PathLike) -> None:
+    """Create ``folder`` if needed and check that a file can be written there, before the work
+    whose results go there starts."""
+    folder = Path(folder)
+    probe = folder / f".iumask-write-test-{os.getpid()}"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+    except OSError as exc:
+        raise IumaskError(describe_os_error(exc, folder)) from None
+    finally:
+        with contextlib.suppress(OSError):
+            probe.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
+    """Hold an exclusive OS lock on ``folder`` (waiting for it), e.g. while a results file there is
+    read, merged and rewritten, so that concurrent commands do not lose each other's entries."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+class WriterLock:
+    """An exclusive, non-blocking ``flock`` on ``directory/.iumask-writer.lock``, whose content names
+    the holder (PID, host, command) for the error another writer gets: one writer per artifact
+    folder (a mask store, a train command's ``--out``, an experiment, a predict output).
+
+    The OS releases it when the holder exits or is killed, so a dead holder's lock is simply taken
+    (no stale lock to clean up). It excludes other processes; within one process, handles on one
+    folder share it (reference-counted), so a stage may lock a folder its caller already holds.
+    ``what`` names the folder in messages (e.g. ``mask store runs/masks.zarr``), ``fix`` says what
+    else the user can do (e.g. ``use another --store path``).
+    """
+
+    def __init__(self, directory: str | os.PathLike, what: str, fix: str):
+        self._key: tuple[int, int] | None = None
+        file = Path(directory) / LOCK_FILE
+        try:
+            fd, writable = os.open(file, os.O_RDWR | os.O_CREAT, 0o666), True
+        except OSError as exc:
+            if exc.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
+            if not file.is_file():
+                return  # a folder this process cannot write to: it cannot write the artifact either
+            fd, writable = os.open(file, os.O_RDONLY), False
+        try:
+            stat = os.fstat(fd)
+            key = (stat.st_dev, stat.st_ino)
+            held = _HELD_LOCKS.get(key)
+            if held is not None and held[2] == os.getpid():
+                os.close(fd)
+                held[1] += 1
+                self._key = key
+                return
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise IumaskError(f"{what} is being written by another process ({lock_holder(fd)}); wait for it "
+                                  f"to finish or stop it, or {fix}") from None
+            try:
+                same = os.path.samestat(stat, os.stat(file))
+            except FileNotFoundError:
+                same = False
+            if not same:  # the folder was swapped or removed between opening and locking
+                raise IumaskError(f"{what} was replaced by another process while this one was locking it; "
+                                  "rerun the command")
+            if writable:
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, json.dumps(_holder_info()).encode(), 0)
+        except BaseException:
+            os.close(fd)
+            raise
+        _HELD_LOCKS[key] = [fd, 1, os.getpid()]
+        self._key = key
+
+    def close(self) -> None:
+        if self._key is not None:
+            held = _HELD_LOCKS[self._key]
+            held[1] -= 1
+            if held[1] == 0:
+                os.close(held[0])
+                del _HELD_LOCKS[self._key]
+            self._key = None
+
+    __del__ = close
+
+    def __enter__(self) -> "WriterLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+# Lock files this process holds: (st_dev, st_ino) -> [fd, handles, pid]. An inode stays unique
+# while its file is open, even after the file is deleted.
+_HELD_LOCKS: dict[tuple[int, int], list[int]] = {}
+
+
+def _holder_info() -> dict:
+    command = shlex.join([Path(sys.argv[0]).name, *sys.argv[1:]]) if sys.argv else "python"
+    command = " ".join(command.split())  # one line
+    return {"pid": os.getpid(), "host": socket.gethostname(),
+            "command": command if len(command) <= 300 else command[:297] + "..."}
+
+
+def lock_holder(fd: int) -> str:
+    """Who holds the lock file open as ``fd``, as written by its holder (for messages)."""
+    try:
+        info = json.loads(os.pread(fd, 4096, 0))
+        return f"pid {info['pid']} on {info['host']}: {info['command']}"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "unknown process"
+
+
+def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True):
+    """:class:`WriterLock` on ``folder`` (created if needed) when ``enabled`` (e.g. on rank 0 of a
+    torchrun job only: its other ranks write under rank 0's lock), else a no-op context."""
+    if not enabled:
+        return contextlib.nullcontext()
+    check_writable(folder)
+    return WriterLock(folder, what, fix)
+
+
+def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (see :func:`atomic_write`), creating its folder; a
+    failure (full disk, read-only folder) is a one-line IumaskError naming the path."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise IumaskError(describe_os_error(exc, path.parent)) from None
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
+    return path
+
+
+def nan_to_none(value):
+    """NaN and ±inf → None throughout, so JSON written from it is strict (``null``, not ``NaN``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: nan_to_none(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_none(v) for v in value]
+    return value
+
+
+def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
+    """Write strict JSON atomically (see :func:`atomic_write`): undefined values (NaN) are written as
+    ``null``, which every JSON parser reads (bare ``NaN`` is not JSON)."""
+    text = json.dumps(nan_to_none(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    with atomic_write(path) as tmp:
+        tmp.write_text(text)
+
+
+def read_json(path: str | os.PathLike, what: str) -> dict:
+    try:
+        return json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise IumaskError(f"{path}: {what} not found; check the path or run the stage that makes it") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise IumaskError(f"{path}: {what} is not valid JSON ({exc.msg if hasattr(exc, 'msg') else exc}); "
+                          "delete it and rerun the stage that makes it") from None
+
+
+# SHA-256 by (path, inode, size, modification time in ns): a command checks each weights file
+# several times (before any work, then when loading) and hashes it once.
+_SHA256_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    if key not in _SHA256_CACHE:
+        with open(path, "rb") as f:
+            _SHA256_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()
+    return _SHA256_CACHE[key]
+
+
+def json_digest(value) -> str:
+    """SHA-256 of a JSON value (keys sorted), e.g. to identify a store by its identity."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- members and ensembles
