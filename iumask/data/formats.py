@@ -284,6 +284,8 @@ class DatasetFormat:
     detect: Callable[[Path], bool]
     open: Callable[[Path, str, Iterable[str] | str | None], PairedDataset]
     takes_conditions: bool = False
+    # The splits present at a root (for ``iumask check-data``); None: train and val, iumask's defaults.
+    splits: Callable[[Path], list[str]] | None = None
 
 
 DATASET_FORMATS: dict[str, DatasetFormat] = {}
@@ -294,22 +296,35 @@ def register_format(fmt: DatasetFormat) -> DatasetFormat:
     return fmt
 
 
+def _folder_names(folder: Path) -> list[str]:
+    return [p.name for p in _subdirs(folder)] if folder.is_dir() else []
+
+
+def _acdc_splits(root: Path) -> list[str]:
+    """Splits with images and labels for some condition (ACDC's test split has no public labels)."""
+    return sorted({split for cond in ACDC_CONDITIONS for split in _folder_names(root / "rgb_anon" / cond)
+                   if (root / "gt" / cond / split).is_dir()})
+
+
 register_format(DatasetFormat(
     "folder", "classes.json + images/",
     lambda root: (root / CLASSES_FILE).is_file() and (root / "images").is_dir(),
-    lambda root, split, conditions: FolderDataset(root, split)))
+    lambda root, split, conditions: FolderDataset(root, split),
+    splits=lambda root: _folder_names(root / "images")))
 register_format(DatasetFormat(
     "cityscapes", "leftImg8bit/ + gtFine/",
     lambda root: (root / "leftImg8bit").is_dir() and (root / "gtFine").is_dir(),
-    lambda root, split, conditions: CityscapesDataset(root, split)))
+    lambda root, split, conditions: CityscapesDataset(root, split),
+    splits=lambda root: _folder_names(root / "leftImg8bit")))
 register_format(DatasetFormat(
     "acdc", "rgb_anon/ + gt/",
     lambda root: (root / "rgb_anon").is_dir() and (root / "gt").is_dir(),
-    ACDCDataset, takes_conditions=True))
+    ACDCDataset, takes_conditions=True, splits=_acdc_splits))
 register_format(DatasetFormat(
     "camvid", "train/ + trainannot/ (or another <split>/ + <split>annot/)",
     lambda root: bool(_camvid_splits(root)),
-    lambda root, split, conditions: CamVidDataset(root, split)))
+    lambda root, split, conditions: CamVidDataset(root, split),
+    splits=_camvid_splits))
 
 FORMATS = ("auto", *DATASET_FORMATS)  # the built-in --format choices (the CLI's, fixed at import)
 
@@ -318,6 +333,13 @@ def format_names() -> tuple[str, ...]:
     """``auto`` and every registered format, read when called: a format registered after import
     (your own, with :func:`register_format`) is usable by name in configs and :func:`open_dataset`."""
     return ("auto", *DATASET_FORMATS)
+
+
+def dataset_splits(root: str | Path, format: str) -> list[str]:  # noqa: A002 - the user-facing option name
+    """The splits of the ``format`` dataset at ``root`` (train and val for a format that does not
+    say how to list them)."""
+    fmt = DATASET_FORMATS[format]
+    return fmt.splits(Path(root)) if fmt.splits is not None else ["train", "val"]
 
 
 def detect_format(root: str | Path) -> str:

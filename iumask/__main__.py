@@ -1,0 +1,5 @@
+"""``python -m iumask``: the same command line as the ``iumask`` script."""
+
+from iumask.cli import main
+
+main()
