@@ -13,6 +13,7 @@ import functools
 import inspect
 import re
 import sys
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
@@ -53,12 +54,24 @@ from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
 from iumask.tables import print_results
 
+
+class PlainUsage(typer.core.TyperCommand):
+    """A command whose usage line names its arguments as its help does (``SPEC``, not typer's ``{spec}``)."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        arguments = [p.name.upper() for p in self.get_params(ctx) if p.param_type_name == "argument"]
+        return [self.options_metavar or "", *arguments]
+
+
 app = typer.Typer(
     help="Instance-wise uncertainty masks and uncertainty-weighted training for semantic segmentation.\n\n"
          "Stages: train-baseline → make-masks → train-weighted → evaluate; `iumask run` does all four.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # Plain click help: it wraps at any width and reads the same in a log (rich's boxed table cut
+    # option names at 80 columns, e.g. "--ensemble,--mo…").
+    rich_markup_mode=None,
 )
 
 
@@ -127,7 +140,7 @@ Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other
                                          "(the old artifact stays until its replacement is complete).")]
 Out = Annotated[Path, typer.Option(help="Output folder.")]
 TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard (<member>/tensorboard/: scalars and a few "
-                                           "validation images per epoch); needs pip install 'iumask\\[tensorboard]'.")]
+                                           "validation images per epoch); needs pip install 'iumask[tensorboard]'.")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
 Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
 InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
@@ -500,7 +513,7 @@ def run(
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 
-@app.command("experiment")
+@app.command("experiment", cls=PlainUsage)
 def experiment(
     spec: Annotated[Path, typer.Argument(help="Experiment spec (TOML): data, arms, encoders, seeds, mask "
                                          "ensemble, evaluations; see docs/experiments.md and "
@@ -570,7 +583,7 @@ def stats(
 DatasetName = Choice("DatasetName", {name.upper(): name for name in DATASETS})
 
 
-@app.command("download")
+@app.command("download", cls=PlainUsage)
 def download(
     dataset: Annotated[DatasetName, typer.Argument(help="camvid is downloaded; cityscapes and acdc need a "
                                                    "login, so their manual steps are printed.",
@@ -596,7 +609,7 @@ def download(
     stdout.print("Cite:\n" + "\n".join(f"  {escape(c)}" for c in CAMVID_CITATIONS))
 
 
-@app.command("check-data")
+@app.command("check-data", cls=PlainUsage)
 def check_data(
     data: Annotated[Path, typer.Argument(help="Dataset folder.", show_default=False)],
     format: Annotated[Format, typer.Option("--format", help="Check this layout (auto: every layout the folder "
@@ -642,10 +655,41 @@ def _extract_config(argv: list[str]) -> tuple[list[str], dict | None]:
     return rest, load_config(Path(path), typer.main.get_command(app))
 
 
+CONFIG_EPILOG = ("Any option can also come from a TOML file: --config FILE (anywhere on the command line; "
+                 "keys are option names; see docs/pipeline.md, Config files).")
+_METAVARS = {int: "INTEGER", float: "NUMBER", str: "TEXT", Path: "PATH"}
+
+
+def readable_help(group: Any) -> Any:
+    """The click group with help that says what to type: values as INTEGER, NUMBER, TEXT, PATH or
+    their choices (not typer's ``<int>``, ``<list[Path]>``), arguments by name (``SPEC``, not
+    ``{spec}``), and ``--config`` in every command's help."""
+    for command in group.commands.values():
+        command.epilog = CONFIG_EPILOG
+        for param in command.params:
+            if param.metavar is not None or getattr(param, "is_flag", False):
+                continue
+            if param.param_type_name == "argument":
+                param.metavar = param.name.upper()
+                continue
+            descriptor = getattr(param, "type_descriptor", None)
+            if descriptor is None:
+                continue
+            if descriptor.is_choice:
+                param.metavar = "|".join(str(getattr(c, "value", c)) for c in descriptor.choices or ())
+            else:
+                annotation = descriptor.annotation
+                if typing.get_origin(annotation) is list:
+                    (annotation,) = typing.get_args(annotation)
+                param.metavar = next((name for kind, name in _METAVARS.items()
+                                      if isinstance(annotation, type) and issubclass(annotation, kind)), None)
+    return group
+
+
 def main() -> None:
     try:
         argv, default_map = _extract_config(sys.argv[1:])
-        command = typer.main.get_command(app)
+        command = readable_help(typer.main.get_command(app))
         # Not standalone: usage errors (an unknown option, a value outside its choices) come back
         # here and are printed as one line like every other error.
         code = command.main(args=argv, prog_name="iumask", default_map=default_map, standalone_mode=False)

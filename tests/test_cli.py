@@ -279,8 +279,32 @@ def test_version_value_typos_and_help_texts(capsys, monkeypatch):
     iumask("train-baseline", "--data", "x", "--class-weights", "inverce", expect=2)
     err = capsys.readouterr().err.replace("\n", " ")
     assert "did you mean 'inverse'?" in err and "Value error" not in err
-    monkeypatch.setenv("COLUMNS", "250")  # rich cuts long cells at 80 columns
     iumask("train-baseline", "--help")
-    assert "iumask[tensorboard]" in re.sub(r"[\s│]", "", capsys.readouterr().out)  # 80 columns: boxed and wrapped
+    assert "iumask[tensorboard]" in re.sub(r"\s", "", capsys.readouterr().out)
     iumask("make-synthetic", "--help")
     assert "member k" not in capsys.readouterr().out
+
+
+def test_every_help_reads_at_80_columns(capsys, monkeypatch):
+    """Plain help at 80 columns: every option named in full (no "…"), values as INTEGER, NUMBER,
+    TEXT, PATH or the choices (no typer placeholders such as <int> or <bool>), arguments in the
+    usage line by name (SPEC, not {spec}), and --config in every command's help."""
+    import typer
+
+    from iumask.cli import app, readable_help
+
+    monkeypatch.setenv("COLUMNS", "80")
+    group = readable_help(typer.main.get_command(app))
+    for name, command in group.commands.items():
+        capsys.readouterr()
+        iumask(name, "--help")
+        text = capsys.readouterr().out
+        assert "…" not in text and "{" not in text.splitlines()[0], name
+        options = text.split("Options:")[1]  # (an argument's line keeps typer's type, e.g. SPEC <path>)
+        assert not re.search(r"<(int|float|str|bool|path|list\[\w+\])>", options), name
+        assert "--config FILE" in " ".join(text.split()), name
+        for param in command.params:
+            for flag in param.opts:
+                assert flag in text, (name, flag)
+    iumask("experiment", "--help")
+    assert capsys.readouterr().out.startswith("Usage: iumask experiment [OPTIONS] SPEC\n")
