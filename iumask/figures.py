@@ -318,12 +318,15 @@ def iou_bars_png(path: str | Path, classes: list[str], arms: list[str], means: n
 
 def reliability_png(path: str | Path, panels: list[tuple[str, dict]], title: str) -> Path:
     """Reliability diagrams, one panel per (name, bins): the accuracy of each equal-width
-    confidence bin (``bins``: ``edges`` (n + 1), ``pixels`` and ``accuracy`` (n each)), the
-    diagonal for perfect calibration and the share of pixels per bin."""
+    confidence bin (``bins``: ``edges`` (n + 1), ``pixels`` and ``accuracy`` (n each)) and the
+    diagonal for perfect calibration, above the share of pixels per bin on its own axis."""
     n = max(len(panels), 1)
-    fig = _figure(270 * n + 40, 330)
-    axes = np.atleast_1d(fig.subplots(1, n, sharey=True))
-    for ax, (name, bins) in zip(axes, panels):
+    fig = _figure(270 * n + 40, 420)
+    # The share of pixels per bin on its own axis under each diagram: drawn on the accuracy axis it
+    # hid behind the accuracy bars and had no scale.
+    grid = np.asarray(fig.subplots(2, n, sharex="col", gridspec_kw={"height_ratios": [3, 1]}), dtype=object)
+    grid = grid.reshape(2, n)
+    for ax, share_ax, (name, bins) in zip(grid[0], grid[1], panels):
         edges = np.asarray(bins["edges"], dtype=float)
         pixels = np.asarray(bins["pixels"], dtype=float)
         accuracy = np.asarray([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
@@ -331,15 +334,18 @@ def reliability_png(path: str | Path, panels: list[tuple[str, dict]], title: str
         ax.bar(centres, np.nan_to_num(accuracy, nan=0.0), widths, color="#4c72b0", edgecolor="white",
                linewidth=0.5, label="accuracy")
         ax.plot([0, 1], [0, 1], color="#c44e52", linewidth=1, linestyle="--", label="perfect calibration")
-        share = pixels / pixels.sum() if pixels.sum() else pixels
-        ax.bar(centres, share, widths * 0.5, color=_GREY, alpha=0.6, label="share of pixels")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1)
-        ax.set_xlabel("confidence (top class)", fontsize=9)
         ax.set_title(name, fontsize=10)
         ax.tick_params(labelsize=8)
-    axes[0].set_ylabel("accuracy", fontsize=9)
-    axes[0].legend(fontsize=7, loc="upper left")
+        share = pixels / pixels.sum() if pixels.sum() else pixels
+        share_ax.bar(centres, share, widths, color=_GREY, edgecolor="white", linewidth=0.5)
+        share_ax.set_ylim(0, max(float(share.max(initial=0.0)) * 1.1, 0.01))
+        share_ax.set_xlabel("confidence (top class)", fontsize=9)
+        share_ax.tick_params(labelsize=8)
+    grid[0][0].set_ylabel("accuracy", fontsize=9)
+    grid[1][0].set_ylabel("share of pixels", fontsize=9)
+    grid[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()
     return _save_figure(fig, path)

@@ -402,3 +402,17 @@ def test_cli_stats_on_a_full_disk_leaves_no_truncated_png(synthetic, tmp_path, m
                 assert json.loads((out / name).read_text()) == json.loads((tmp_path / "ref" / name).read_text())
         # No file left open either (an open, unlinked temporary file would keep the disk full).
         assert subprocess.run(["umount", str(target)], capture_output=True).returncode == 0
+
+
+def test_reliability_diagram_shows_the_share_of_pixels_on_its_own_axis(tmp_path):
+    """The share-of-pixels bars (grey) lie below the accuracy axis, not hidden behind its bars."""
+    from iumask.figures import reliability_png
+
+    bins = {"edges": np.linspace(0, 1, 11).tolist(), "pixels": [0, 0, 1, 5, 10, 20, 40, 80, 200, 900],
+            "accuracy": [None, None, .2, .3, .45, .5, .6, .7, .85, .97]}
+    image = cv2.imread(str(reliability_png(tmp_path / "r.png", [("a", bins)], "t")))
+    grey = np.all(image == 0x6E, axis=2)  # _GREY, #6e6e6e
+    rows = np.nonzero(grey.sum(axis=1) >= 5)[0]  # bar rows (not a stray anti-aliased text pixel)
+    assert rows.size and rows.min() > image.shape[0] * 0.7  # only in the bottom axis
+    blue = np.all(image == (0xB0, 0x72, 0x4C), axis=2)  # accuracy bars, #4c72b0 (BGR)
+    assert np.nonzero(blue.sum(axis=1) >= 5)[0].max() < rows.min()
