@@ -29,10 +29,16 @@ CAMVID_VOID = 11
 # --------------------------------------------------------------------------------------------
 
 def camvid_root() -> Path:
+    """``$IUMASK_CAMVID``, else ``<repository>/data/camvid`` (where ``iumask download camvid --out
+    data/camvid`` puts it) if it has labels, else ``../shared/data/camvid`` beside the repository."""
     env = os.environ.get("IUMASK_CAMVID")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[1].parent / "shared" / "data" / "camvid"
+    repository = Path(__file__).resolve().parents[1]
+    downloaded = repository / "data" / "camvid"
+    if (downloaded / "trainannot").is_dir():
+        return downloaded
+    return repository.parent / "shared" / "data" / "camvid"
 
 
 def camvid_label_files(count: int | None = None) -> list[Path]:
