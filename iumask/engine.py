@@ -414,7 +414,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
             })
 
     every = max(0, options.checkpoint_every)
-    with _deterministic(device), progress_bar() as progress:
+    with _deterministic(device), progress_bar(lines=False) as progress:  # a log gets a line per epoch
         task = progress.add_task(label, total=options.epochs * steps, completed=start_epoch * steps + start_step,
                                  info="")
         for epoch in range(start_epoch, options.epochs):
