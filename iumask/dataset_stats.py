@@ -13,7 +13,6 @@ cache. Tables of them are in :mod:`iumask.tables`, pictures in
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +21,10 @@ import numpy as np
 from iumask.core import label_instances
 from iumask.data.folder import resize_label
 from iumask.errors import IumaskError
-from iumask.files import json_digest, write_json_atomic
+from iumask.files import CACHE_ENV, default_cache_dir, json_digest, write_json_atomic
 from iumask.progress import console, progress_bar
 
 STATS_FORMAT_VERSION = 1
-CACHE_ENV = "IUMASK_CACHE"
 CACHE_SUBDIR = "label-statistics"
 
 # Instance sizes go into log2 bins: bin k holds sizes in [2^k, 2^(k+1)). 63 bins cover int64.
@@ -150,12 +148,6 @@ def _py(value):
 
 # --------------------------------------------------------------------------------------------
 # cache
-
-
-def default_cache_dir() -> Path:
-    """``$IUMASK_CACHE`` if set, else ``~/.cache/iumask``."""
-    env = os.environ.get(CACHE_ENV)
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "iumask"
 
 
 def cached_label_statistics(

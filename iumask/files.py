@@ -301,6 +301,16 @@ def file_sha256(path: str | os.PathLike) -> str:
     return _SHA256_CACHE[key]
 
 
+CACHE_ENV = "IUMASK_CACHE"
+
+
+def default_cache_dir() -> Path:
+    """Where iumask keeps what it can recompute (label statistics, dataset fingerprints):
+    ``$IUMASK_CACHE`` if set, else ``~/.cache/iumask``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "iumask"
+
+
 def json_digest(value) -> str:
     """SHA-256 of a JSON value (keys sorted), e.g. to identify a store by its identity."""
     return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()

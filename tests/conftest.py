@@ -8,12 +8,26 @@ implementations) and ``cli_runner`` (``iumask(*args, expect=0)``).
 
 from __future__ import annotations
 
+import os
 import shutil
 from pathlib import Path
 
 import pytest
 import torch
 from testdata import camvid_root, skip_without_camvid
+
+
+@pytest.fixture(scope="session", autouse=True)
+def own_cache(tmp_path_factory):
+    """The suite's own IUMASK_CACHE (label statistics, dataset fingerprints), never the user's;
+    child processes inherit it. Tests that need a cache of their own set it again."""
+    before = os.environ.get("IUMASK_CACHE")
+    os.environ["IUMASK_CACHE"] = str(tmp_path_factory.mktemp("iumask-cache"))
+    yield
+    if before is None:
+        os.environ.pop("IUMASK_CACHE", None)
+    else:
+        os.environ["IUMASK_CACHE"] = before
 
 
 @pytest.fixture(scope="session")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 
 import cv2
@@ -197,6 +199,36 @@ def test_garbage_image(tmp_path):
         ds.read_image(2)
     with raises_naming("c.png"):
         ds.read_label(2)  # the size check reads the image header
+
+
+def test_fingerprint_is_cached_and_an_edit_of_the_same_size_and_mtime_is_noticed(tmp_path, monkeypatch):
+    """A second fingerprint of an unchanged split comes from the cache (a value planted there comes
+    back: no file was hashed); a same-size edit with the modification time set back is noticed."""
+    import iumask.data.folder as folder
+
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(folder, "RACY_SECONDS", 0.05)
+    root = tmp_path / "data"
+    make_folder(root)
+    path = root / "labels" / "train" / "c.png"
+    while time.time_ns() < path.stat().st_ctime_ns + 100_000_000:  # past the racy window
+        time.sleep(0.01)
+    first = FolderDataset(root, "train").fingerprint()
+    (record,) = (tmp_path / "cache" / "fingerprints").glob("*.json")
+    planted = dict(json.loads(record.read_text()), fingerprint="f00d")
+    record.write_text(json.dumps(planted))
+    assert FolderDataset(root, "train").fingerprint() == "f00d"
+
+    before = path.stat()
+    data = bytearray(path.read_bytes())
+    data[-20] ^= 0xFF
+    path.write_bytes(bytes(data))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert (path.stat().st_size, path.stat().st_mtime_ns) == (before.st_size, before.st_mtime_ns)
+    edited = FolderDataset(root, "train").fingerprint()
+    assert edited not in ("f00d", first)
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "empty-cache"))
+    assert edited == FolderDataset(root, "train").fingerprint()  # what hashing every byte gives
 
 
 def test_fingerprint(tmp_path):

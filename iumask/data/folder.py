@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from iumask.errors import DataError
+from iumask.errors import DataError, IumaskError
+from iumask.files import default_cache_dir, write_json_atomic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -38,6 +40,9 @@ MAX_LABEL_VALUE = 65535  # labels are at most 16-bit PNGs
 # Decode pixels as stored: labels (read with PIL) ignore EXIF orientation, so images must too,
 # or a rotated JPEG would no longer line up with its label.
 _CV2_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
+FINGERPRINT_CACHE_SUBDIR = "fingerprints"
+# Files changed this recently are hashed but their split is not cached (see _metadata_signature).
+RACY_SECONDS = 2.0
 _HASH_CHUNK = 1 << 20
 
 
@@ -281,14 +286,57 @@ class PairedDataset:
         Covers every image and label file of the split (path relative to ROOT and full content,
         in sorted order), the extra files (e.g. classes.json) and the definition bytes, so renaming,
         editing, adding or removing a file, or changing the class mapping, changes it.
+
+        Reading every byte is the cost of a cache hit on a large dataset, so the digest is kept in
+        ``<cache>/fingerprints/`` (:func:`iumask.files.default_cache_dir`) under a signature of
+        the files' metadata: each path, size, inode, modification and change time (``os.stat``,
+        no read). An unchanged split is then hashed once. Writing a file sets its change time
+        (ctime), which no tool can set back, so an edited file, even one of the same size with its
+        modification time restored, changes the signature and the split is hashed again. A split
+        with a file changed in the last two seconds is not cached (file times are coarse). A cache
+        that cannot be read or written only costs the hashing.
         """
+        files = sorted([*self.image_paths, *self.label_paths, *self._extra_files])
+        # Before hashing, so an edit meanwhile is seen next time.
+        signature, recently_changed = self._metadata_signature(files)
+        record = default_cache_dir() / FINGERPRINT_CACHE_SUBDIR / f"{signature[:40]}.json"
+        try:
+            cached = json.loads(record.read_text(encoding="utf-8"))
+            if cached.get("signature") == signature and isinstance(cached.get("fingerprint"), str):
+                return cached["fingerprint"]
+        except (OSError, ValueError, AttributeError):
+            pass  # missing, unreadable or corrupt: hash the files
+        digest = self._content_fingerprint(files)
+        if recently_changed:  # a later write in the same clock tick could keep every stat field
+            return digest
+        try:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(record, {"signature": signature, "fingerprint": digest})
+        except (OSError, IumaskError):
+            pass
+        return digest
+
+    def _metadata_signature(self, files: list[Path]) -> tuple[str, bool]:
+        """The signature of the files' metadata, and whether any file changed in the last
+        :data:`RACY_SECONDS` (file times are coarse: a second write in the same clock tick could
+        leave every field as it was, so such a split is hashed but not cached, as git does)."""
+        h = hashlib.sha256(str(self.root.resolve()).encode("utf-8") + b"\0")
+        h.update(self._definition or b"\0none")
+        newest = 0
+        for path in files:
+            stat = path.stat()
+            newest = max(newest, stat.st_mtime_ns, stat.st_ctime_ns)
+            h.update(f"\0{path.relative_to(self.root).as_posix()}\0{stat.st_size}:{stat.st_ino}:{stat.st_dev}:"
+                     f"{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode("utf-8"))
+        return h.hexdigest(), newest >= time.time_ns() - int(RACY_SECONDS * 1e9)
+
+    def _content_fingerprint(self, files: list[Path]) -> str:
         h = hashlib.sha256()
         if self._definition is not None:
             # The NUL byte cannot occur in a path, so this entry never equals a file entry.
             name = b"\0definition"
             h.update(len(name).to_bytes(8, "little") + name)
             h.update(len(self._definition).to_bytes(8, "little") + self._definition)
-        files = sorted([*self.image_paths, *self.label_paths, *self._extra_files])
         for path in files:
             rel = path.relative_to(self.root).as_posix().encode("utf-8")
             # Length-prefix each name and content so that no two file sets hash the same stream.
