@@ -151,8 +151,6 @@ def _describe(key: str, stored: Any, given: Any, missing: object) -> list[str]:
     return [f"{key} differs"]
 
 
-
-
 def member_needs_training(folder: Path, identity: dict, overwrite: bool, warn) -> bool:
     """True when the member in ``folder`` must be (re)trained; False on a cache hit (same identity,
     finished, weights matching their SHA-256).

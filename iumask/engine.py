@@ -274,7 +274,7 @@ def keep_foreign_checkpoint(path: Path, identity: dict, overwrite: bool) -> None
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception:  # unreadable: load_checkpoint warns and starts over
         return
-    stored = dict(comparable_identity(state.get("identity") or {}), world_size=state.get("world_size"))
+    stored = dict(state.get("identity") or {}, world_size=state.get("world_size"))
     given = dict(identity, world_size=distributed.world_size())
     require_same_inputs(stored, given, f"the unfinished run in {path}",
                         "rerun with the same options to resume it, or pass --overwrite to discard it")

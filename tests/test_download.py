@@ -129,6 +129,13 @@ class Server:
         self.httpd.server_close()
 
 
+def without_proxy(monkeypatch) -> None:
+    """Requests to the local server go to 127.0.0.1 directly, never through a proxy."""
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("no_proxy", "127.0.0.1")
+
+
 @pytest.fixture(scope="module")
 def local_server():
     served = Server()
@@ -139,9 +146,7 @@ def local_server():
 @pytest.fixture
 def server(local_server, monkeypatch):
     """The module's server, serving the good archive, with its request count at 0."""
-    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy", "ALL_PROXY"):
-        monkeypatch.delenv(name, raising=False)  # 127.0.0.1 only, never through a proxy
-    monkeypatch.setenv("no_proxy", "127.0.0.1")
+    without_proxy(monkeypatch)
     local_server.body, local_server.mode, local_server.requests = GOOD, "ok", 0
     return local_server
 

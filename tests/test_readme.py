@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from cli_runner import iumask
-from test_download import SUMS, Server
+from test_download import SUMS, Server, without_proxy
 
 from iumask import download
 
@@ -46,8 +46,7 @@ def test_readme_quick_start_runs_as_written(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(clone)
     server = Server()
     try:
-        for name in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY"):
-            monkeypatch.delenv(name, raising=False)
+        without_proxy(monkeypatch)
         monkeypatch.setenv("IUMASK_CAMVID_URL", server.url)
         monkeypatch.setattr(download, "camvid_sums", lambda: SUMS)  # the miniature's own sums
         for command in commands:

@@ -20,7 +20,7 @@ from rich.markup import escape
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import DATASET_FORMATS, dataset_splits, detect_format, open_dataset
 from iumask.errors import DataError
-from iumask.progress import console, progress_bar
+from iumask.progress import progress_bar
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,7 @@ def _read_pairs(dataset: PairedDataset, what: str) -> None:
     pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
     try:
         results = pool.map(read, range(len(dataset)))
-        if not console.is_terminal:
-            for _ in results:
-                pass
-            return
-        with progress_bar() as progress:
+        with progress_bar(lines=False) as progress:  # a bar on a terminal, nothing in a log
             task = progress.add_task(what, total=len(dataset), info="")
             for _ in results:
                 progress.advance(task)
