@@ -134,6 +134,9 @@ Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
 Workers = Annotated[str, typer.Option(help="Data-loader worker processes: auto (the CPUs of this process, per "
                                        "torchrun rank, less 2 for the main process; at most 8; 0 on 2 CPUs) or a "
                                        "number (0: load in the main process). Does not change results.")]
+ImagesPerShard = Annotated[Optional[int], typer.Option(
+    help="Images per shard file of a new store (default: about 64 MB of arrays, at most 1024 images; 1: a file "
+         "per image, unsharded). A resumed store keeps its own; does not change the masks.")]
 EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none, imagenet (downloads; needs "
                                              "internet) or the path of a local encoder state dict.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping "
@@ -309,6 +312,7 @@ def make_masks(
     overwrite: Overwrite = False,
     workers: Workers = "auto",
     amp: AmpOpt = Amp.OFF,
+    images_per_shard: ImagesPerShard = None,
 ):
     """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit. Images
@@ -317,7 +321,7 @@ def make_masks(
     from iumask.stages.masks import make_masks as stage
 
     masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size, num_workers=workers,
-                       amp=amp)
+                       amp=amp, images_per_shard=images_per_shard)
     data_options = data_config(data, None, format, conditions, train_split=split)
     check_writable(store.parent)
     result = stage(ensemble, data_options, masks, store, device, overwrite)

@@ -431,11 +431,14 @@ class MaskConfig:
     source: str = "ensemble"
     passes: int = 8  # MC dropout: stochastic forward passes per image
     batch_size: int = 4
-    # How the work is spread (not part of the masks' identity): data-loader processes ("auto" or
-    # a number), background threads for IU and writes (None: 1 or 2 by CPUs; 0: serial).
+    # How the work is spread and stored (not part of the masks' identity): data-loader processes
+    # ("auto" or a number), background threads for IU and writes (None: 1 or 2 by CPUs; 0:
+    # serial), images per shard file of a new store (None: about 64 MB of arrays, at most 1024
+    # images; 1: a file per image, unsharded).
     num_workers: int | str = "auto"
     threads: int | None = None
     amp: str = "off"  # inference autocast: bf16 (CPU or CUDA) or fp16 (CUDA); changes the masks slightly
+    images_per_shard: int | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
@@ -448,6 +451,8 @@ class MaskConfig:
             checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
         if self.threads is not None:
             checked_integer(self.threads, 0, "threads", "an integer >= 0 or None")
+        if self.images_per_shard is not None:
+            checked_integer(self.images_per_shard, 1, "--images-per-shard")
 
     def identity(self) -> dict:
         """The mask options a store records (the source and the precision only when they are not

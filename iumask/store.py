@@ -5,12 +5,19 @@ Layout (one group):
 
 * ``entropy``, ``instance_uncertainty`` (float16) and ``prediction`` (uint8, or uint16 when the
   class ids do not fit in a byte: more than 256 classes), shape (N, Hmax, Wmax), one chunk per
-  image so an image is read or written without touching the others. An image of shape (H, W)
-  sits in the top-left corner of its slot; reads crop it.
+  image so an image is read without touching the others. An image of shape (H, W) sits in the
+  top-left corner of its slot; reads crop it.
 * ``complete`` (bool, shape (N,)), one chunk per image: set only after an image's three arrays
-  are written, so an interrupted write reads as incomplete and is recomputed. Because every
-  image owns its own chunk files, several processes (e.g. torch distributed ranks) may write
-  disjoint sets of images into one store concurrently. Group attributes are one file, so only
+  are written, so an interrupted write reads as incomplete and is recomputed.
+* Sharding (zarr v3's sharding codec, format versions 3 and 4): the chunks of
+  ``images_per_shard`` consecutive images share one file per array, so a store of 100k images
+  has hundreds of files, not 400k. zarr rewrites a whole shard file on every write to it, and two
+  concurrent writers of one shard lose each other's images silently, so every shard has exactly
+  one writer: :meth:`MaskStore.writes` buffers a process's images and writes each shard in one
+  go once its images are all there (threads share the buffer), and make-masks gives each torchrun
+  rank whole shards. An unsharded store (versions 1 and 2, one file per image and array, as iumask
+  wrote before) is read, resumed and written the same way. Several processes may write one store
+  concurrently when they write disjoint sets of shards. Group attributes are one file, so only
   one process (rank 0) should call ``set_attrs``.
 * Group attributes: the store's identity (``IDENTITY_KEYS``) plus free-form values set later
   (``mean_entropy``, ``num_complete``, ``finished``, ...).
@@ -35,6 +42,8 @@ import json
 import os
 import re
 import shutil
+import threading
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +61,16 @@ from iumask.files import LOCK_FILE, WriterLock
 STORE_FORMAT_VERSION = 1
 WIDE_FORMAT_VERSION = 2
 _PREDICTION_DTYPES = {STORE_FORMAT_VERSION: np.dtype(np.uint8), WIDE_FORMAT_VERSION: np.dtype(np.uint16)}
+# Sharded stores are versions 3 (8-bit) and 4 (16-bit): iumask before sharding refuses them, as it
+# would resume one with per-image writes from several threads, which lose data in a shared shard.
+# The identity records the content version (1 or 2): a sharded store and an unsharded one made
+# from the same inputs hold the same values, so either is a cache hit.
+_SHARDED_VERSIONS = {STORE_FORMAT_VERSION: 3, WIDE_FORMAT_VERSION: 4}
+_CONTENT_VERSIONS = {**{v: v for v in _PREDICTION_DTYPES}, **{s: v for v, s in _SHARDED_VERSIONS.items()}}
+# Images per shard by default: about this many uncompressed bytes (the buffer a writer holds per
+# shard in flight), and at most MAX_IMAGES_PER_SHARD images (what a kill can cost to recompute).
+SHARD_BYTES = 64 << 20
+MAX_IMAGES_PER_SHARD = 1024
 IDENTITY_KEYS = (
     "format_version",
     "image_ids",
@@ -94,6 +113,19 @@ def _to_json(value: Any) -> Any:
         raise TypeError(f"cannot store {type(obj).__name__} in mask store attributes")
 
     return json.loads(json.dumps(value, default=default))
+
+
+def default_images_per_shard(num_images: int, height: int, width: int, prediction_bytes: int = 1) -> int:
+    """Images per shard for slots of ``height`` x ``width``: :data:`SHARD_BYTES` of uncompressed
+    arrays (two float16 and the prediction), between 1 and :data:`MAX_IMAGES_PER_SHARD`."""
+    slot = height * width * (2 + 2 + prediction_bytes)
+    return max(1, min(num_images, MAX_IMAGES_PER_SHARD, SHARD_BYTES // max(slot, 1)))
+
+
+def _content_identity(attrs: dict) -> dict:
+    """Stored attributes with ``format_version`` as the content version (sharded or not: 1 or 2)."""
+    version = attrs.get("format_version")
+    return dict(attrs, format_version=_CONTENT_VERSIONS[version]) if version in _CONTENT_VERSIONS else attrs
 
 
 def _checked_identity(identity: dict) -> dict:
@@ -178,6 +210,8 @@ class MaskStore:
         self.image_ids: list[str] = list(attrs["image_ids"])
         self.image_shapes: list[tuple[int, int]] = [(int(h), int(w)) for h, w in attrs["image_shapes"]]
         self._index = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        self._shard_locks: dict[int, threading.Lock] = {}  # this process's writers of one shard take turns
+        self._shard_locks_lock = threading.Lock()
         self._locks: list[WriterLock] = []
         self._replaces: tuple[Path, WriterLock] | None = None  # (old store, its lock) that commit() replaces
 
@@ -186,33 +220,41 @@ class MaskStore:
         self.path = Path(path)
         self._group = group if group is not None else zarr.open_group(self.path, mode=self._mode, zarr_format=3)
         self._arrays = {name: self._group[name] for name in _ARRAYS}
+        shards = self._arrays["entropy"].shards
+        self.images_per_shard: int = shards[0] if shards else 1  # 1: unsharded (a file per image)
         self._directory = os.stat(self.path).st_ino  # renames keep it; a swapped-in store has another
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, identity: dict, overwrite: bool = False) -> "MaskStore":
+    def create(cls, path, identity: dict, overwrite: bool = False, images_per_shard: int | None = None) -> "MaskStore":
         """Create an empty store (all images incomplete); ``format_version`` is added here. An existing
-        store is replaced only with ``overwrite``. Holds the writer lock until :meth:`close`."""
+        store is replaced only with ``overwrite``. ``images_per_shard``: 1 for one file per image and
+        array (unsharded), None for :func:`default_images_per_shard`. Holds the writer lock until
+        :meth:`close`."""
         path = Path(path)
         identity = _checked_identity(identity)
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another "
                               "--store path")
-        store = cls._writer(path, identity, overwrite=True, resume=False)
+        store = cls._writer(path, identity, overwrite=True, resume=False, images_per_shard=images_per_shard)
         store.commit()  # an empty store is finished: it replaces the old one at once
         return store
 
     @classmethod
-    def open_or_create(cls, path, identity: dict, overwrite: bool = False) -> "MaskStore":
+    def open_or_create(cls, path, identity: dict, overwrite: bool = False,
+                       images_per_shard: int | None = None) -> "MaskStore":
         """The writer's store, holding the writer lock until :meth:`close`: the store at ``path`` if it
         was made from the same identity (to resume), else a new one (replacing a store needs
         ``overwrite``). A replacement is built beside the old store, which stays in place until
         :meth:`commit` swaps them; ``path`` of the returned store is then that staging folder, and a
-        rerun resumes the replacement made from the same identity."""
-        return cls._writer(Path(path), _checked_identity(identity), overwrite, resume=True)
+        rerun resumes the replacement made from the same identity. ``images_per_shard`` (see
+        :meth:`create`) applies to a new store; a resumed one keeps its own."""
+        return cls._writer(Path(path), _checked_identity(identity), overwrite, resume=True,
+                           images_per_shard=images_per_shard)
 
     @classmethod
-    def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool) -> "MaskStore":
+    def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool,
+                images_per_shard: int | None) -> "MaskStore":
         """The locked store to write (see :meth:`open_or_create`); ``resume=False`` always starts afresh."""
         _recover_swap(path)
         lock = store = None
@@ -234,7 +276,7 @@ class MaskStore:
                                       "delete it; use another --store path")
             elif path.exists() or path.is_symlink():
                 raise IumaskError(f"{path} is not a directory; remove it yourself or use another --store path")
-            store = cls._staged(_sibling(path, _STAGED), path, identity, resume)
+            store = cls._staged(_sibling(path, _STAGED), path, identity, resume, images_per_shard)
             if replaces:
                 store._replaces = (path, lock)
             else:  # nothing there, or debris of a store killed while being created: the new store goes in now
@@ -259,7 +301,8 @@ class MaskStore:
             raise
 
     @classmethod
-    def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool) -> "MaskStore":
+    def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool,
+                images_per_shard: int | None) -> "MaskStore":
         """The locked store in the staging folder: the one there if made from ``identity`` and
         ``resume``, else a new one."""
         staged.mkdir(parents=True, exist_ok=True)
@@ -281,7 +324,7 @@ class MaskStore:
                         shutil.rmtree(entry.path)
                     elif entry.name != LOCK_FILE:
                         os.unlink(entry.path)
-                store = cls._new(staged, identity)
+                store = cls._new(staged, identity, images_per_shard)
             store._locks = [lock]
             return store
         except BaseException:
@@ -289,22 +332,34 @@ class MaskStore:
             raise
 
     @classmethod
-    def _new(cls, path: Path, identity: dict) -> "MaskStore":
+    def _new(cls, path: Path, identity: dict, images_per_shard: int | None) -> "MaskStore":
         """Write an empty store into the (locked, otherwise empty) folder ``path``."""
         shapes = identity["image_shapes"]
         n = len(shapes)
         hmax = max((h for h, _ in shapes), default=1)
         wmax = max((w for _, w in shapes), default=1)
-        group = zarr.create_group(path, zarr_format=3, attributes=identity)
-        for name in _FLOAT_ARRAYS:
-            group.create_array(name, shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype="float16",
-                               compressors=_FLOAT_CODEC, fill_value=0)
         dtype = _PREDICTION_DTYPES[identity["format_version"]]
+        if images_per_shard is None:
+            images_per_shard = default_images_per_shard(n, hmax, wmax, dtype.itemsize)
+        per_shard = max(1, min(images_per_shard, n))
+        attributes = identity
+        if per_shard > 1:
+            attributes = dict(identity, format_version=_SHARDED_VERSIONS[identity["format_version"]])
+        group = zarr.create_group(path, zarr_format=3, attributes=attributes)
+
+        def shards(*inner: int) -> tuple[int, ...] | None:
+            return (per_shard, *inner) if per_shard > 1 else None
+
+        for name in _FLOAT_ARRAYS:
+            group.create_array(name, shape=(n, hmax, wmax), chunks=(1, hmax, wmax), shards=shards(hmax, wmax),
+                               dtype="float16", compressors=_FLOAT_CODEC, fill_value=0)
         # 2-byte class ids: shuffle puts their high bytes (nearly all alike) together
-        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax), dtype=dtype,
-                           compressors=_BYTE_CODEC if dtype.itemsize == 1 else _FLOAT_CODEC, fill_value=0)
-        # Uncompressed: each flag chunk is a single byte on disk.
-        group.create_array("complete", shape=(n,), chunks=(1,), dtype="bool", compressors=None, fill_value=False)
+        group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax), shards=shards(hmax, wmax),
+                           dtype=dtype, compressors=_BYTE_CODEC if dtype.itemsize == 1 else _FLOAT_CODEC,
+                           fill_value=0)
+        # Uncompressed: each flag is a single byte on disk.
+        group.create_array("complete", shape=(n,), chunks=(1,), shards=shards(), dtype="bool", compressors=None,
+                           fill_value=False)
         return cls(path, group, "r+")
 
     @classmethod
@@ -320,18 +375,22 @@ class MaskStore:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
             attrs = dict(group.attrs)
             version = attrs.get("format_version")
+            content = _CONTENT_VERSIONS.get(version)
             problem = None
-            if version not in _PREDICTION_DTYPES:
-                problem = f"has format_version {version}, expected {' or '.join(map(str, _PREDICTION_DTYPES))}"
+            if content is None:
+                problem = f"has format_version {version}, expected one of {', '.join(map(str, _CONTENT_VERSIONS))}"
             elif any(k not in attrs for k in IDENTITY_KEYS):
                 problem = "lacks identity attributes"
-            elif version != format_version(len(attrs["class_names"])):
+            elif content != format_version(len(attrs["class_names"])):
                 problem = (f"has format_version {version} for {len(attrs['class_names'])} classes (8-bit predictions "
                            "cannot hold class ids above 255)")
             elif any(name not in group for name in _ARRAYS):
                 problem = "lacks the mask arrays"
-            elif np.dtype(group["prediction"].dtype) != _PREDICTION_DTYPES[version]:
-                problem = f"has {group['prediction'].dtype} predictions, expected {_PREDICTION_DTYPES[version]}"
+            elif np.dtype(group["prediction"].dtype) != _PREDICTION_DTYPES[content]:
+                problem = f"has {group['prediction'].dtype} predictions, expected {_PREDICTION_DTYPES[content]}"
+            elif len({(group[name].shards or (1,))[0] for name in _ARRAYS}) > 1 or (
+                    (group["entropy"].shards is not None) != (version in _SHARDED_VERSIONS.values())):
+                problem = f"has format_version {version} but arrays sharded otherwise"
             else:
                 store = cls(path, group, mode)
                 if any(a.shape[0] != len(store.image_ids) for a in store._arrays.values()):
@@ -389,7 +448,8 @@ class MaskStore:
 
     @property
     def identity(self) -> dict:
-        attrs = self.attrs
+        """The inputs the store was made from (``format_version``: the content version, 1 or 2)."""
+        attrs = _content_identity(self.attrs)
         return {k: attrs[k] for k in IDENTITY_KEYS}
 
     def set_attrs(self, **values) -> None:
@@ -405,7 +465,7 @@ class MaskStore:
                        fix: str = "pass --overwrite to recompute it or use another --store path") -> None:
         """Raise StoreMismatchError if any key in ``expected`` differs from the stored value."""
         expected = _to_json(dict(expected))
-        stored = {key: value for key, value in self.attrs.items() if key in expected}
+        stored = {key: value for key, value in _content_identity(self.attrs).items() if key in expected}
         require_same_inputs(stored, expected, f"mask store {self.path}", fix, StoreMismatchError)
 
     def index_of(self, image_id: str) -> int:
@@ -418,7 +478,16 @@ class MaskStore:
 
     # ------------------------------------------------------------------ data
     def write(self, index: int, entropy, instance_uncertainty, prediction) -> None:
-        """Store one image's arrays, then mark it complete (so a crash leaves it incomplete)."""
+        """Store one image's arrays, then mark it complete (so a crash leaves it incomplete). In a
+        sharded store this rewrites the image's whole shard: for many images use :meth:`writes`."""
+        self.write_shard(self.shard_of(index), {index: self.checked_arrays(index, entropy, instance_uncertainty,
+                                                                          prediction)})
+
+    def shard_of(self, index: int) -> int:
+        return index // self.images_per_shard
+
+    def checked_arrays(self, index: int, entropy, instance_uncertainty, prediction) -> tuple[np.ndarray, ...]:
+        """One image's arrays checked (shape, class ids) and cast as stored: (entropy, IU, prediction)."""
         shape = self.image_shapes[index]
         values = {"entropy": entropy, "instance_uncertainty": instance_uncertainty, "prediction": prediction}
         for name, value in values.items():
@@ -429,13 +498,44 @@ class MaskStore:
         if not np.issubdtype(pred.dtype, np.integer) or pred.min() < 0 or pred.max() > top:
             raise ValueError(f"prediction for image {index} must hold integer class ids in 0..{top} "
                              f"(this store's {self.prediction_dtype})")
-        h, w = shape
-        complete = self._arrays["complete"]
-        complete[index] = False  # rewriting a finished image: invalid until all three are written
-        for name in _FLOAT_ARRAYS:
-            self._arrays[name][index, :h, :w] = np.asarray(values[name], dtype=np.float16)
-        self._arrays["prediction"][index, :h, :w] = pred.astype(self.prediction_dtype)
-        complete[index] = True
+        return (np.asarray(entropy, dtype=np.float16), np.asarray(instance_uncertainty, dtype=np.float16),
+                pred.astype(self.prediction_dtype))
+
+    def write_shard(self, shard: int, images: dict[int, tuple[np.ndarray, ...]]) -> None:
+        """Write ``images`` (index -> :meth:`checked_arrays`, all in shard ``shard``) with one write of
+        the whole shard per array, then their completion flags; the shard's other finished images
+        are kept. Threads of this process take turns per shard; other processes must not write it."""
+        start = shard * self.images_per_shard
+        stop = min(start + self.images_per_shard, self.num_images)
+        if any(not start <= i < stop for i in images):
+            raise ValueError(f"images {sorted(images)} are not all in shard {shard} (images {start}..{stop - 1})")
+        with self._shard_lock(shard):
+            complete = self._arrays["complete"]
+            flags = np.asarray(complete[start:stop], dtype=bool)
+            written = [i - start for i in images]
+            keep = flags.copy()
+            keep[written] = False
+            if flags[written].any():  # rewriting finished images: invalid until all three arrays are written
+                complete[start:stop] = keep
+            for k, name in enumerate((*_FLOAT_ARRAYS, "prediction")):
+                array = self._arrays[name]
+                # Whole-shard writes replace the file without reading it, unless finished images stay.
+                block = array[start:stop] if keep.any() else np.zeros((stop - start, *array.shape[1:]), array.dtype)
+                for index, values in images.items():
+                    h, w = self.image_shapes[index]
+                    block[index - start] = 0
+                    block[index - start, :h, :w] = values[k]
+                array[start:stop] = block
+            keep[written] = True
+            complete[start:stop] = keep
+
+    def _shard_lock(self, shard: int) -> threading.Lock:
+        with self._shard_locks_lock:
+            return self._shard_locks.setdefault(shard, threading.Lock())
+
+    def writes(self, pending: Iterable[int]) -> "ShardWriter":
+        """A buffered writer of this process's images ``pending`` (see :class:`ShardWriter`)."""
+        return ShardWriter(self, pending)
 
     def is_complete(self, index: int) -> bool:
         return bool(self._arrays["complete"][index])
@@ -484,6 +584,56 @@ class MaskStore:
 
     def __repr__(self) -> str:
         return f"MaskStore({str(self.path)!r}, {self.num_images} images, mode={self._mode!r})"
+
+
+class ShardWriter:
+    """Writes of one process into a store, shard by shard: :meth:`write` (thread-safe) keeps an
+    image until every image of ``pending`` in its shard has come, then writes the shard at once
+    (:meth:`MaskStore.write_shard`; in an unsharded store, each image at once). Leaving the
+    ``with`` block writes what is buffered (after an error too, so finished images are kept; a
+    kill loses at most the shards in flight, which a rerun recomputes). The process must own
+    every shard it writes: no other process may write images of those shards meanwhile."""
+
+    def __init__(self, store: MaskStore, pending: Iterable[int]):
+        self.store = store
+        self._waiting: dict[int, set[int]] = {}  # shard -> its pending images not yet written
+        for index in pending:
+            self._waiting.setdefault(store.shard_of(index), set()).add(index)
+        self._buffered: dict[int, dict[int, tuple[np.ndarray, ...]]] = {}
+        self._lock = threading.Lock()
+
+    def write(self, index: int, entropy, instance_uncertainty, prediction) -> None:
+        values = self.store.checked_arrays(index, entropy, instance_uncertainty, prediction)
+        shard = self.store.shard_of(index)
+        with self._lock:
+            images = self._buffered.setdefault(shard, {})
+            images[index] = values
+            waiting = self._waiting.get(shard, set())
+            waiting.discard(index)
+            if waiting:
+                return
+            del self._buffered[shard]
+            self._waiting.pop(shard, None)
+        self.store.write_shard(shard, images)
+
+    def flush(self) -> None:
+        """Write every buffered image (shards still waiting for others are written as they are)."""
+        with self._lock:
+            buffered, self._buffered = self._buffered, {}
+        for shard, images in buffered.items():
+            self.store.write_shard(shard, images)
+
+    def __enter__(self) -> "ShardWriter":
+        return self
+
+    def __exit__(self, kind, exc, traceback) -> None:
+        if kind is None:
+            self.flush()
+            return
+        try:
+            self.flush()
+        except Exception:  # noqa: BLE001 - the error that ended the block is the one to report
+            pass
 
 
 class StoreMaskReader:

@@ -231,16 +231,17 @@ def test_interrupted_make_masks_resumes(work, tmp_path):
     data = generate_synthetic(tmp_path / "data", num_train=60, num_val=2, height=64, width=64, seed=5)
     store = tmp_path / "masks.zarr"
     cmd = [sys.executable, "-m", "iumask.cli", "make-masks", "--ensemble", str(root / "baseline"), "--data",
-           str(data), "--store", str(store), "--batch-size", "1", "--device", "cpu"]
+           str(data), "--store", str(store), "--batch-size", "1", "--device", "cpu", "--images-per-shard", "4"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    complete_dir = store / "complete" / "c"
+    complete_dir = store / "complete" / "c"  # a flag file per finished shard of 4 images
     deadline = time.time() + 120
-    while time.time() < deadline and (not complete_dir.is_dir() or len(list(complete_dir.iterdir())) < 5):
+    while time.time() < deadline and (not complete_dir.is_dir() or len(list(complete_dir.iterdir())) < 2):
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     done = MaskStore.open(store).completed()
-    assert 5 <= done.sum() < 60, "the process should have been killed part way"
+    assert 8 <= done.sum() < 60, "the process should have been killed part way"
+    assert done.sum() % 4 == 0  # whole shards
     iumask("make-masks", "--ensemble", root / "baseline", "--data", data, "--store", store, "--batch-size", "1",
            "--device", "cpu")
     resumed = MaskStore.open(store)

@@ -315,9 +315,11 @@ def test_make_masks_with_two_processes_equals_one_process(data, baseline, tmp_pa
     # number of processes; a different thread count changes the convolutions' float rounding.
     subprocess.run([sys.executable, "-m", "iumask.cli", *map(str, common), "--store", str(tmp_path / "one.zarr")],
                    check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
-    torchrun(*common, "--store", tmp_path / "two.zarr")
+    # Two ranks, shards of 2 images: each rank writes whole shards (every other one).
+    torchrun(*common, "--store", tmp_path / "two.zarr", "--images-per-shard", "2")
     one, two = MaskStore.open(tmp_path / "one.zarr"), MaskStore.open(tmp_path / "two.zarr")
     assert two.completed().all() and two.attrs["finished"]
+    assert two.images_per_shard == 2 and two.num_images > 4  # at least three shards
     timing = {k for k in one.attrs if "time" in k or "timing" in k}
     assert {k: v for k, v in one.attrs.items() if k not in timing} == \
         {k: v for k, v in two.attrs.items() if k not in timing}

@@ -143,10 +143,14 @@ def assert_same_store(a: Path, b: Path) -> None:
 def test_overlapped_make_masks_writes_the_serial_store(baseline, tmp_path):
     ensemble, data = baseline
     options = DataConfig(data)
-    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=0, num_workers=0), tmp_path / "serial.zarr",
-               device="cpu")
-    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=3, num_workers=2), tmp_path / "overlap.zarr",
-               device="cpu")
+    # Serial into a file per image; background threads into shards of 3 images (written when
+    # whole, by whichever thread finishes a shard's last image): the same values.
+    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=0, num_workers=0, images_per_shard=1),
+               tmp_path / "serial.zarr", device="cpu")
+    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=3, num_workers=2, images_per_shard=3),
+               tmp_path / "overlap.zarr", device="cpu")
+    assert (MaskStore.open(tmp_path / "serial.zarr").images_per_shard,
+            MaskStore.open(tmp_path / "overlap.zarr").images_per_shard) == (1, 3)
     assert_same_store(tmp_path / "serial.zarr", tmp_path / "overlap.zarr")
 
 
@@ -156,9 +160,10 @@ def test_make_masks_killed_with_images_in_the_pool_resumes_to_the_serial_store(b
                tmp_path / "serial.zarr", device="cpu")
     store = tmp_path / "killed.zarr"
     args = ["make-masks", "--ensemble", ensemble, "--data", data, "--store", store, "--device", "cpu",
-            "--batch-size", "4", "--workers", "1"]
-    # SIGKILL at the 3rd image's prediction chunk: the first batch's other images wait in the pool.
-    killed(args, "open", r"killed\.zarr/prediction/c/2/", nth=1)
+            "--batch-size", "4", "--workers", "1", "--images-per-shard", "3"]
+    # SIGKILL at the 2nd shard's prediction file (images 3-5): images of the 2nd batch (4-7) are
+    # in the pool or buffered; the rerun recomputes the shards not marked complete.
+    killed(args, "open", r"killed\.zarr/prediction/c/1/", nth=1)
     flags = MaskStore.open(store, mode="r+").completed() if (store / "zarr.json").exists() else None
     assert flags is None or not flags.all()
     iumask(*args)

@@ -205,25 +205,31 @@ def test_open_wrong_format_version_or_missing_array(tmp_path):
         MaskStore.open(path2)
 
 
-def _write_half(path, rank, world):
+def _write_shards(path, rank, world):
+    """One rank's share: every world-th shard, its images through a buffered writer."""
     store = MaskStore.open(path, mode="r+")
-    fill(store, range(rank, store.num_images, world))
+    mine = [i for i in range(store.num_images) if store.shard_of(i) % world == rank]
+    with store.writes(mine) as out:
+        for i in mine:
+            out.write(i, *sample(i, store.image_shapes[i]))
 
 
-def test_two_processes_write_disjoint_images(tmp_path):
+@pytest.mark.parametrize("images_per_shard", [1, 2])
+def test_two_processes_write_disjoint_shards(tmp_path, images_per_shard):
     identity = make_identity()
     shared = tmp_path / "shared"
-    MaskStore.create(shared, identity)  # rank 0 creates, then every rank opens r+
+    MaskStore.create(shared, identity, images_per_shard=images_per_shard)  # rank 0 creates, then every rank opens r+
     ctx = mp.get_context("spawn")
-    procs = [ctx.Process(target=_write_half, args=(str(shared), rank, 2)) for rank in range(2)]
+    procs = [ctx.Process(target=_write_shards, args=(str(shared), rank, 2)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
         p.join(timeout=60)
         assert p.exitcode == 0
-    single = MaskStore.create(tmp_path / "single", identity)
+    single = MaskStore.create(tmp_path / "single", identity, images_per_shard=1)
     fill(single, range(len(SHAPES)))
     multi = MaskStore.open(shared)
+    assert multi.images_per_shard == images_per_shard
     assert multi.completed().all()
     for i in range(len(SHAPES)):
         a, b = multi.read(i), single.read(i)
@@ -245,3 +251,103 @@ def test_compression(tmp_path):
     pixels = 4 * shape[0] * shape[1]
     assert entropy_bytes / pixels < 2.0  # float16 is 2 bytes raw
     assert store.nbytes_stored() / pixels < 2.0  # all three arrays together
+
+
+# ----------------------------------------------------------------------------- shards
+
+
+def files_of(path) -> list[str]:
+    return sorted(os.path.relpath(os.path.join(root, f), path) for root, _, names in os.walk(path) for f in names)
+
+
+def test_a_sharded_store_holds_the_values_of_an_unsharded_one_in_a_file_per_shard(tmp_path):
+    identity = make_identity()
+    flat = MaskStore.create(tmp_path / "flat", identity, images_per_shard=1)
+    sharded = MaskStore.create(tmp_path / "sharded", identity, images_per_shard=4)
+    fill(flat, range(len(SHAPES)))
+    with sharded.writes(range(len(SHAPES))) as out:
+        for i in range(len(SHAPES)):
+            out.write(i, *sample(i, SHAPES[i]))
+    chunks = [f for f in files_of(tmp_path / "sharded") if "/c/" in f]
+    assert len(chunks) == 4 * 2  # 4 arrays x 2 shards (images 0-3, 4-5), where unsharded has 4 x 6
+    assert len([f for f in files_of(tmp_path / "flat") if "/c/" in f]) == 4 * 6
+    # Plain zarr reads it: the chunk is one image, the shard four.
+    import zarr
+    group = zarr.open_group(tmp_path / "sharded", mode="r")
+    assert group["entropy"].chunks == (1, 64, 64) and group["entropy"].shards == (4, 64, 64)
+    assert group.attrs["format_version"] == 3 and flat._group.attrs["format_version"] == 1
+    assert sharded.identity == flat.identity  # the content version: either is a cache hit
+    again = MaskStore.open(tmp_path / "sharded")
+    assert again.images_per_shard == 4 and again.completed().all()
+    for i in range(len(SHAPES)):
+        a, b = again.read(i), flat.read(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_unsharded_store_is_resumed_as_it_is(tmp_path):
+    """An older, unsharded store of the same inputs is resumed (and a cache hit), not replaced."""
+    path = tmp_path / "s"
+    fill(MaskStore.create(path, make_identity(), images_per_shard=1), [0, 1])
+    with MaskStore.open_or_create(path, make_identity(), images_per_shard=4) as store:
+        assert store.images_per_shard == 1 and store.completed().tolist() == [True, True] + [False] * 4
+        with store.writes([2, 3, 4, 5]) as out:
+            for i in range(2, 6):
+                out.write(i, *sample(i, SHAPES[i]))
+    assert MaskStore.open(path).completed().all()
+
+
+def test_a_shard_is_written_once_its_pending_images_are_all_there(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity(), images_per_shard=3)
+    with store.writes([0, 1, 2, 4]) as out:  # shard 0: images 0-2; shard 1: image 4 of 3-5
+        out.write(1, *sample(1, SHAPES[1]))
+        out.write(0, *sample(0, SHAPES[0]))
+        assert not MaskStore.open(tmp_path / "s").completed().any()  # buffered: nothing on disk yet
+        assert not (tmp_path / "s" / "entropy" / "c").exists()
+        out.write(2, *sample(2, SHAPES[2]))
+        assert MaskStore.open(tmp_path / "s").completed().tolist() == [True] * 3 + [False] * 3
+        out.write(4, *sample(4, SHAPES[4]))
+    assert MaskStore.open(tmp_path / "s").completed().tolist() == [True] * 3 + [False, True, False]
+
+
+def test_threads_writing_through_one_writer_give_the_serial_store(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    shapes = [(16 + i % 5, 20 + i % 3) for i in range(40)]
+    identity = make_identity(shapes=shapes)
+    serial = MaskStore.create(tmp_path / "serial", identity, images_per_shard=1)
+    fill(serial, range(len(shapes)))
+    store = MaskStore.create(tmp_path / "threads", identity, images_per_shard=6)
+    order = np.random.default_rng(0).permutation(len(shapes)).tolist()
+    with store.writes(order) as out, ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda i: out.write(i, *sample(i, shapes[i])), order))
+    assert store.completed().all()
+    for i in range(len(shapes)):
+        a, b = store.read(i), serial.read(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_an_error_keeps_the_buffered_images_and_a_rewrite_keeps_the_shards_others(tmp_path):
+    store = MaskStore.create(tmp_path / "s", make_identity(), images_per_shard=3)
+    with pytest.raises(RuntimeError, match="inference failed"):
+        with store.writes(range(6)) as out:
+            out.write(0, *sample(0, SHAPES[0]))
+            out.write(4, *sample(4, SHAPES[4]))
+            raise RuntimeError("inference failed")
+    assert store.completed().tolist() == [True, False, False, False, True, False]  # finished ones kept
+    before = store.read(0)
+    store.write(1, *sample(7, SHAPES[1]))  # one image into a shard with a finished one: it stays
+    assert store.completed().tolist() == [True, True, False, False, True, False]
+    for key, value in store.read(0).items():
+        np.testing.assert_array_equal(value, before[key])
+    np.testing.assert_array_equal(store.read(1)["prediction"], sample(7, SHAPES[1])[2])
+    with pytest.raises(ValueError, match="not all in shard 0"):
+        store.write_shard(0, {4: store.checked_arrays(4, *sample(4, SHAPES[4]))})
+
+
+def test_a_store_whose_version_and_layout_disagree_is_refused(tmp_path):
+    path = tmp_path / "s"
+    MaskStore.create(path, make_identity(), images_per_shard=1)._group.attrs["format_version"] = 3
+    with pytest.raises(IumaskError, match=r"format_version 3 but arrays sharded otherwise.*--overwrite"):
+        MaskStore.open(path)

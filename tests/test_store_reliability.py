@@ -119,9 +119,9 @@ def same_store(a: Path, b: Path, ignore=("ensemble",)) -> None:
             np.testing.assert_array_equal(x[key], y[key])
 
 
-def chunk_files(store: Path, indices) -> dict:
-    """(inode, mtime) of the entropy chunk file of each image: unchanged unless rewritten."""
-    stats = {i: os.stat(store / "entropy" / "c" / str(i) / "0" / "0") for i in indices}
+def chunk_files(store: Path, shards) -> dict:
+    """(inode, mtime) of the entropy file of each shard: unchanged unless rewritten."""
+    stats = {i: os.stat(store / "entropy" / "c" / str(i) / "0" / "0") for i in shards}
     return {i: (s.st_ino, s.st_mtime_ns) for i, s in stats.items()}
 
 
@@ -383,8 +383,9 @@ def models(tmp_path_factory):
 
 
 def masks(ensemble: Path, data: Path, store: Path, *extra) -> list:
+    """make-masks of the 8 images into 4 shards of 2 (shard s: images 2s and 2s + 1)."""
     return ["make-masks", "--ensemble", ensemble, "--data", data, "--store", store, "--device", "cpu",
-            "--batch-size", "1", *extra]
+            "--batch-size", "1", "--images-per-shard", "2", *extra]
 
 
 def last_error(capsys) -> str:
@@ -398,7 +399,7 @@ def test_second_make_masks_is_refused_while_one_runs_and_runs_once_it_was_killed
     options is refused, naming the first; after the first is SIGKILLed the second runs."""
     ensemble, data = models
     store = tmp_path / "masks.zarr"
-    holder = stopped(masks(ensemble, data, store), "open", rf"/complete/c/2{PARTIAL} ")  # writing image 3
+    holder = stopped(masks(ensemble, data, store), "open", rf"/complete/c/1{PARTIAL} ")  # finishing images 3 and 4
     try:
         capsys.readouterr()
         iumask(*masks(ensemble, data, store, "--overwrite", "--normalize"), expect=2)
@@ -440,18 +441,18 @@ def test_overwrite_with_bad_new_data_keeps_the_old_store(models, tmp_path, capsy
 
 @pytest.mark.slow
 def test_killed_overwrite_keeps_the_old_store_and_the_rerun_resumes_the_replacement(models, tmp_path):
-    """Item 4: make-masks --overwrite SIGKILLed while marking its third image complete."""
+    """Item 4: make-masks --overwrite SIGKILLed while marking its second shard complete."""
     ensemble, data = models
     store, staged = tmp_path / "masks.zarr", tmp_path / ".masks.zarr.iumask-new"
     iumask(*masks(ensemble, data, store))
     shutil.copytree(store, tmp_path / "before.zarr")
     args = masks(ensemble, data, store, "--overwrite", "--normalize")
-    killed(args, "open", rf"/complete/c/\d+{PARTIAL} ", nth=3)
+    killed(args, "open", rf"/complete/c/\d+{PARTIAL} ", nth=2)
     same_store(store, tmp_path / "before.zarr")
     assert MaskStore.open(staged).completed().tolist() == [True, True] + [False] * 6
-    done = chunk_files(staged, [0, 1])
+    done = chunk_files(staged, [0])
     iumask(*args)
-    assert chunk_files(store, [0, 1]) == done  # resumed: the two images were not computed again
+    assert chunk_files(store, [0]) == done  # resumed: the first shard's images were not computed again
     iumask(*masks(ensemble, data, tmp_path / "reference.zarr", "--normalize"))
     same_store(store, tmp_path / "reference.zarr")
     only(tmp_path, "before.zarr", "masks.zarr", "reference.zarr")
@@ -471,9 +472,9 @@ def test_kill_during_the_swap_is_completed_by_the_rerun(models, tmp_path, point)
     if point == "between-renames":
         killed(args, "os.rename", f"^{re.escape(str(staged))} ")
         same_store(aside, tmp_path / "before.zarr")
-        done = chunk_files(staged, range(8))
+        done = chunk_files(staged, range(4))
         iumask(*args)  # the old store goes back first; then the finished replacement is resumed
-        assert chunk_files(store, range(8)) == done
+        assert chunk_files(store, range(4)) == done
     else:
         killed(args, "shutil.rmtree", re.escape(str(aside)))
         iumask(*masks(ensemble, data, store, "--normalize"))  # the new store is in place: a cache hit

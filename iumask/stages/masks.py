@@ -3,7 +3,8 @@ store (docs/method.md §2, §3), from an ensemble or from one model with MC drop
 
 The store is opened, created or staged by :meth:`MaskStore.open_or_create` under its writer lock;
 an interrupted run resumes from the store's completion flags; a finished store with the same
-inputs is a cache hit; under torchrun each rank writes its share of the images.
+inputs is a cache hit; under torchrun each rank writes its share of the images (whole shards of a
+sharded store: one writer per shard file).
 """
 
 from __future__ import annotations
@@ -56,7 +57,9 @@ def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path
 
 def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
                  overwrite: bool) -> MaskStore:
-    writer = MaskStore.open_or_create(store_path, identity, overwrite=overwrite) if distributed.is_main() else None
+    writer = (MaskStore.open_or_create(store_path, identity, overwrite=overwrite,
+                                       images_per_shard=masks.images_per_shard)
+              if distributed.is_main() else None)
     try:
         path = distributed.all_gather_object(writer.path if writer else None)[0]  # rank 0's
         store = writer or MaskStore.open(path, mode="r+")
@@ -66,21 +69,23 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
             console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
         # Same-shape batches only (images without --size may differ in size): batch size 1 then.
-        # Each rank takes every world_size-th batch of the images to do; each image owns its chunks.
         step = masks.batch_size if source.size else 1
-        batches = distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+        batches = rank_batches(todo, step, store.images_per_shard)
         loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
                             num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
 
-        def finish(index: int, entropy: np.ndarray, prediction: np.ndarray, label: np.ndarray, advance) -> None:
-            # Background: IU of one image, then its arrays and completion flag.
-            store.write(index, entropy, iu_of.image(prediction, entropy, label), prediction)
-            advance()
-
         precision = Precision(masks.amp, dev)
         threads = background_threads() if masks.threads is None else masks.threads
-        with progress_bar() as progress, BackgroundPool(threads) as pool:
+        # Leaving the block drains the pool, then writes the shards still buffered.
+        with progress_bar() as progress, store.writes(i for b in batches for i in b) as out, \
+                BackgroundPool(threads) as pool:
+
+            def finish(index: int, entropy: np.ndarray, prediction: np.ndarray, label: np.ndarray, advance) -> None:
+                # Background: IU of one image, then its arrays and completion flag (once its shard is whole).
+                out.write(index, entropy, iu_of.image(prediction, entropy, label), prediction)
+                advance()
+
             task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
             advance = functools.partial(progress.update, task, advance=distributed.world_size())  # rank 0: estimate
             for batch in loader:
@@ -110,6 +115,19 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
             writer.close()
     distributed.barrier()  # rank 0 has set the final attributes and swapped the store in
     return MaskStore.open(store_path)  # fresh attributes on every rank
+
+
+def rank_batches(todo: list[int], step: int, images_per_shard: int) -> list[list[int]]:
+    """This rank's batches of the images ``todo``: batches of ``step`` images, every world_size-th
+    one. Under torchrun with a sharded store, whole shards go to each rank instead (every
+    world_size-th shard, in batches that stop at shard ends), as one shard file has one writer."""
+    if distributed.world_size() == 1 or images_per_shard == 1:  # the batches a single process makes
+        return distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+    shards: dict[int, list[int]] = {}
+    for index in todo:
+        shards.setdefault(index // images_per_shard, []).append(index)
+    return [images[i:i + step] for images in distributed.shard(list(shards.values()))
+            for i in range(0, len(images), step)]
 
 
 def store_mean_entropy(store: MaskStore) -> float:

@@ -12,6 +12,7 @@ the result; the other images are still written.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import glob
 import math
@@ -243,15 +244,18 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
     start = time.perf_counter()
 
     iu_of = InstanceUncertainty(num_classes, classes.ignore_index, options.connectivity)
+    # Store entries are buffered per shard (one write per shard file); leaving the block drains the
+    # pool, then writes what is buffered.
+    writes = store.writes(slot[i] for i in todo) if store is not None else contextlib.nullcontext()
 
-    def finish(i: int, rgb: np.ndarray, entropy: np.ndarray, prediction: np.ndarray) -> None:
+    def finish(out, i: int, rgb: np.ndarray, entropy: np.ndarray, prediction: np.ndarray) -> None:
         # Background: the image's IU, its store entry and its files.
         iu = iu_of.image(prediction, entropy)
-        if store is not None:
-            store.write(slot[i], entropy, iu, prediction)
+        if out is not None:
+            out.write(slot[i], entropy, iu, prediction)
         write_outputs(paths[i], rgb, prediction, entropy, iu, palette, top)
 
-    with progress_bar() as progress, BackgroundPool(background_threads()) as pool:
+    with progress_bar() as progress, writes as out, BackgroundPool(background_threads()) as pool:
         task = progress.add_task("predict", total=len(found), completed=result.existing + len(result.failed),
                                  info="")
         for items in loader:
@@ -267,7 +271,7 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
                 maps = pixel_maps(probs)
                 entropy, prediction = to_host(maps.entropy), to_host(maps.prediction).astype(label_dtype)
                 for k, item in enumerate(group):
-                    pool.submit(finish, item["index"], item["rgb"], entropy[k], prediction[k])
+                    pool.submit(finish, out, item["index"], item["rgb"], entropy[k], prediction[k])
                     result.done += 1
             progress.update(task, advance=len(items))
     result.seconds = time.perf_counter() - start
