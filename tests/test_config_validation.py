@@ -50,7 +50,7 @@ def test_every_option_rejects_a_value_of_the_wrong_kind_naming_the_option(cls, n
 @pytest.mark.parametrize("table, key, bad", [
     ("train", "epochs", "3"), ("train", "weight_decay", "x"), ("augment", "scale", [1, "a"]),
     ("augment", "flip", "yes"), ("masks", "normalize", "yes"), ("masks", "batch_size", 1.5),
-    ("evaluation", "pavpu_window", "x"), ("evaluation", "temperature_split", 3),
+    ("evaluation", "pavpu_window", "x"), ("evaluation", "temperature_split", 3), ("masks", "images_per_shard", 0),
 ])
 def test_a_spec_reports_what_the_configuration_object_reports(tmp_path, table, key, bad):
     """The spec's message is the configuration object's, with the file and the table in front."""

@@ -37,6 +37,7 @@ checkpoint_every = 1
 [masks]
 encoders = ["mobilenet_v2"]
 seed = 50
+images_per_shard = 2
 
 [[arms]]
 name = "regular"

@@ -41,7 +41,7 @@ ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivit
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "arch", "seeds", "masks", "evaluation",
             "evaluations", "arms", "reference", "rare_classes", "device")
 MASK_KEYS = ("encoders", "arch", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
-             "batch_size", "num_workers", "amp", "train")
+             "batch_size", "num_workers", "amp", "images_per_shard", "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -255,7 +255,8 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
     mask_values = top.get("masks", {})
     mask_table = _Table(path, "masks", mask_values, MASK_KEYS)
     mask_options = {k: mask_values[k] for k in ("source", "passes", "instances_from", "connectivity", "normalize",
-                                                 "batch_size", "num_workers", "amp") if k in mask_values}
+                                                 "batch_size", "num_workers", "amp", "images_per_shard")
+                    if k in mask_values}
     masks = mask_table.build(MaskConfig, **mask_options)
     mask_path = _resolve(base, mask_values.get("path"))
     if mask_path is not None and not mask_path.exists():
