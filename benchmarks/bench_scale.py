@@ -9,6 +9,9 @@ a plain line per tenth of its images) and reports:
   the 10 % line and the end;
 * the cache-hit rerun of make-masks (same inputs: nothing recomputed), seconds;
 * evaluate's start-up and images/s the same way (evaluate has no cache: it always scores);
+* train-weighted's check of the store before it trains (open the store, read the dataset's
+  headers, its fingerprint, the identity and the completion flags:
+  :func:`iumask.stages.train.checked_mask_store`), seconds, in a fresh process;
 * the store's file count and bytes on disk;
 * peak RSS of the make-masks process.
 
@@ -45,6 +48,12 @@ REPORT = ("import json, resource, subprocess, sys, time\n"
           "code = child.wait()\n"
           "print(json.dumps({'code': code, 'seconds': time.perf_counter() - start, 'lines': lines,\n"
           "                  'max_rss_kb': resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss}))\n")
+STORE_CHECK = ("import json, sys, time\n"
+               "from iumask.config import DataConfig\n"
+               "from iumask.stages.train import checked_mask_store\n"
+               "start = time.perf_counter()\n"
+               "checked_mask_store(DataConfig(sys.argv[1]), sys.argv[2])\n"
+               "print(json.dumps({'seconds': time.perf_counter() - start}))\n")
 TENTH = re.compile(r"^.+: (\d+)/(\d+) \((\d+) %\), ")  # a loop's line per tenth of its images
 
 
@@ -90,6 +99,8 @@ def measure(n: int, work: Path, model: Path, device: str) -> dict:
     first = timed(masks)
     startup, steady = startup_and_rate(first, n)
     rerun = timed(masks[:-1])  # no --overwrite: the same inputs, a cache hit
+    check = subprocess.run([sys.executable, "-c", STORE_CHECK, str(data), str(store)], capture_output=True,
+                           text=True, check=True)
     files, size = files_and_bytes(store)
     results = work / f"results-{n}.json"
     evaluate = ["evaluate", "--model", str(model), "--data", str(data), "--split", "train", "--output", str(results),
@@ -97,7 +108,8 @@ def measure(n: int, work: Path, model: Path, device: str) -> dict:
     eval_first = timed(evaluate)
     eval_startup, eval_rate = startup_and_rate(eval_first, n)
     return {"n": n, "masks_seconds": first["seconds"], "startup_s": startup, "images_per_s": steady,
-            "masks_rerun_s": rerun["seconds"], "store_files": files, "store_mb": size / 2**20,
+            "masks_rerun_s": rerun["seconds"], "store_check_s": json.loads(check.stdout)["seconds"],
+            "store_files": files, "store_mb": size / 2**20,
             "peak_rss_mb": first["max_rss_kb"] / 1024, "evaluate_s": eval_first["seconds"],
             "evaluate_startup_s": eval_startup, "evaluate_images_per_s": eval_rate}
 
@@ -131,10 +143,10 @@ def main() -> int:
         print("  " + json.dumps({k: round(v, 3) if isinstance(v, float) else v for k, v in rows[-1].items()}),
               flush=True)
 
-    header = ("images", "make-masks s", "start-up s", "images/s", "cache-hit rerun s", "store files", "store MB",
-              "peak RSS MB", "evaluate s", "evaluate start-up s", "evaluate images/s")
-    keys = ("n", "masks_seconds", "startup_s", "images_per_s", "masks_rerun_s", "store_files", "store_mb",
-            "peak_rss_mb", "evaluate_s", "evaluate_startup_s", "evaluate_images_per_s")
+    header = ("images", "make-masks s", "start-up s", "images/s", "cache-hit rerun s", "train-weighted check s",
+              "store files", "store MB", "peak RSS MB", "evaluate s", "evaluate start-up s", "evaluate images/s")
+    keys = ("n", "masks_seconds", "startup_s", "images_per_s", "masks_rerun_s", "store_check_s", "store_files",
+            "store_mb", "peak_rss_mb", "evaluate_s", "evaluate_startup_s", "evaluate_images_per_s")
     print("\n| " + " | ".join(header) + " |\n|" + "--:|" * len(header))
     for row in rows:
         print("| " + " | ".join(f"{row[k]:.2f}" if isinstance(row[k], float) else str(row[k]) for k in keys) + " |")
@@ -142,7 +154,8 @@ def main() -> int:
         a, b = rows[0], rows[-1]
         print(f"\nfrom {a['n']} to {b['n']} images ({b['n'] / a['n']:.0f}x):")
         for key, label in (("masks_seconds", "make-masks seconds"), ("startup_s", "make-masks start-up"),
-                           ("masks_rerun_s", "make-masks cache-hit rerun"), ("store_files", "store files"),
+                           ("masks_rerun_s", "make-masks cache-hit rerun"),
+                           ("store_check_s", "train-weighted store check"), ("store_files", "store files"),
                            ("peak_rss_mb", "peak RSS"), ("evaluate_startup_s", "evaluate start-up")):
             print(f"  {label:28s} x{b[key] / a[key]:.2f}" if a[key] else f"  {label:28s} (0 at {a['n']})")
     return 0

@@ -248,9 +248,20 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
     loss.check_iu_weighting()
     if tensorboard:
         require_tensorboard()
+    store, size = checked_mask_store(data, store_path)
+    return _train_members("weighted", True, data.with_size(size), model, train, loss, augment, Path(out),
+                          device, overwrite, masks=Path(store_path),
+                          extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard,
+                          connectivity=store.identity["options"].get("connectivity", 8))
+
+
+def checked_mask_store(data: DataConfig, store_path: Path) -> tuple[MaskStore, tuple[int, int] | None]:
+    """The finished mask store of ``data``'s training split, opened for reading, and the image size
+    it was made at (None: each image's own): train-weighted's check before any training."""
     store = MaskStore.open(store_path)
     train_folder = data.open(data.train_split)
-    size = store.identity["options"].get("image_size")
+    identity = store.identity
+    size = identity["options"].get("image_size")
     size = tuple(size) if size else None
     if data.size is not None and size != tuple(data.size):
         raise IumaskError(f"{store_path}: masks were made at size {size} (the baseline's training size), not "
@@ -264,10 +275,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
     )
     if not store.attrs.get("finished") or not store.completed().all():
         raise IumaskError(f"{store_path}: the mask store is incomplete; finish it with iumask make-masks")
-    return _train_members("weighted", True, data.with_size(size), model, train, loss, augment, Path(out),
-                          device, overwrite, masks=Path(store_path),
-                          extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard,
-                          connectivity=store.identity["options"].get("connectivity", 8))
+    return store, size
 
 
 # ----------------------------------------------------------------------------- online
