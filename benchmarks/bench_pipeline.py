@@ -5,7 +5,12 @@ Measured in one run, on the same images and models, each figure printed with its
 1. bare ensemble inference (forward passes only, images already in memory) in images/s, against
    ``make-masks`` end to end on the same images (decoding, entropy, IU, store writes), overlapped
    (loader workers + background pool) and serial (``--workers 0``, no pool): the ratio
-   make-masks / bare (goal on a GPU: >= 0.95);
+   make-masks / bare (goal on a GPU: >= 0.95); then the steady state on a dataset large enough
+   that start-up is a small share: make-masks images/s after its first tenth (a child process
+   running the CLI, timed from its plain progress lines) against bare inference on the same
+   images in the same run (goal on a CPU: >= 0.85), and the share of each part of the per-image
+   work done one after another (read + decode, inference, entropy/argmax, IU, store write), from
+   which the bottleneck on a GPU can be predicted (inference shrinks, the rest stays on the CPU);
 2. data loading images/s for 0, 1, 2, ... loader workers, on CamVid (360 x 480, when present) and on
    synthetic 2048 x 1024 images (how many workers a GPU needs);
 3. a plain cross-entropy training step against the IU-weighted step, same model and batch (goal:
@@ -125,6 +130,86 @@ def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     log(f"   overlapped / serial make-masks: {runs['serial'] / runs['overlapped']:.3f}x   "
         "(goal on a GPU: make-masks >= 0.95 of bare inference)")
     log("   (make-masks end to end: loading the models, reading every header, creating the store included)")
+
+
+def bench_steady_state(ensemble: Path, work: Path, args) -> None:
+    """Steady-state make-masks against bare inference on the same images, and the per-part shares."""
+    from bench_scale import startup_and_rate
+    from bench_scale import timed as timed_cli
+
+    from iumask.config import DataConfig
+    from iumask.data.folder import SegmentationDataset
+    from iumask.data.synthetic import generate_synthetic
+    from iumask.inference import InstanceUncertainty, load_source, pixel_maps
+    from iumask.store import MaskStore
+    from iumask.transfer import to_device, to_host
+
+    h, w = args.size
+    n = args.steady_images
+    data = generate_synthetic(work / "steady", num_train=n, num_val=1, height=h, width=w, seed=4)
+    report = timed_cli(["make-masks", "--model", str(ensemble), "--data", str(data), "--store",
+                        str(work / "steady.zarr"), "--device", args.device, "--batch-size", str(args.batch)])
+    startup, masks_rate = startup_and_rate(report, n)
+
+    device = torch.device(args.device)
+    source = load_source(ensemble, "ensemble", device)
+    folder = DataConfig(data).open("train")
+    dataset = SegmentationDataset(folder, source.size)
+    parts = dict.fromkeys(("read + decode", "inference", "entropy/argmax", "IU", "store write"), 0.0)
+    batches = []
+    for k in range(0, n, args.batch):
+        start = time.perf_counter()
+        samples = [dataset[i] for i in range(k, min(k + args.batch, n))]
+        parts["read + decode"] += time.perf_counter() - start
+        batches.append((torch.stack([s["image"] for s in samples]), [s["label"].numpy() for s in samples]))
+
+    def bare() -> None:
+        with torch.no_grad():
+            for images, _ in batches:
+                source.probs(to_device(images, device))
+        sync(device)
+
+    bare()  # warm-up
+    bare_s = timed(bare, args.repeats)
+
+    iu_of = InstanceUncertainty(folder.classes.num_classes, folder.classes.ignore_index)
+    identity = {"image_ids": folder.ids, "image_shapes": [[h, w]] * n, "class_names": list(folder.classes.names),
+                "options": {}, "member_sha256": [], "dataset_fingerprint": None}
+    store = MaskStore.create(work / "parts.zarr", identity)
+    index = 0
+    with torch.no_grad(), store.writes(range(n)) as out:
+        for images, labels in batches:
+            start = time.perf_counter()
+            probs = source.probs(to_device(images, device))
+            sync(device)
+            parts["inference"] += time.perf_counter() - start
+            start = time.perf_counter()
+            maps = pixel_maps(probs)
+            entropy, prediction = to_host(maps.entropy), to_host(maps.prediction)
+            parts["entropy/argmax"] += time.perf_counter() - start
+            for k, label in enumerate(labels):
+                start = time.perf_counter()
+                iu = iu_of.image(prediction[k], entropy[k], label)
+                parts["IU"] += time.perf_counter() - start
+                start = time.perf_counter()
+                out.write(index, entropy[k], iu, prediction[k])
+                parts["store write"] += time.perf_counter() - start
+                index += 1
+        start = time.perf_counter()
+    parts["store write"] += time.perf_counter() - start  # the last shard, written on leaving the block
+    total = sum(parts.values())
+    log(f"\n   steady state, {n} images of {h}x{w} (make-masks CLI in a child process, start-up {startup:.1f} s "
+        "excluded)")
+    log(f"   bare ensemble inference      {n / bare_s:8.2f} images/s")
+    log(f"   make-masks steady state      {masks_rate:8.2f} images/s   ratio to bare inference "
+        f"{masks_rate * bare_s / n:.3f}   (goal on a CPU: >= 0.85)")
+    log(f"   per-image work done one part after another: {1000 * total / n:.1f} ms/image")
+    for name, seconds in parts.items():
+        log(f"     {name:<16} {1000 * seconds / n:7.2f} ms/image   {100 * seconds / total:5.1f} %")
+    host = parts["read + decode"] + parts["IU"] + parts["store write"]  # on the CPU whatever the device
+    log(f"   host parts (read + decode, IU, store write): {1000 * host / n:.1f} ms/image; on a device where "
+        f"inference and entropy/argmax take less, they bound make-masks at about {n / host:.0f} images/s per "
+        "CPU core they get (loader workers and background threads run them beside the device)")
 
 
 # ----------------------------------------------------------------------------- 2. data loading
@@ -247,15 +332,18 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a reduced version: a few minutes on 2 CPU cores")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--only", type=int, nargs="*", help="run only these parts (1-5)")
+    parser.add_argument("--steady-images", type=int, help="images of the steady-state run (default 400)")
     args = parser.parse_args()
+    steady_images = args.steady_images
     if args.quick:
-        args.images, args.size, args.batch, args.repeats = 48, (96, 128), 4, 3
+        args.images, args.size, args.batch, args.repeats, args.steady_images = 48, (96, 128), 4, 3, 400
         args.encoders = ["mobilenet_v2", "resnet18"]
         args.load_images, args.big_images, args.workers, args.memory_images = 32, 6, [0, 1, 2], 24
     else:
-        args.images, args.size, args.batch, args.repeats = 96, (384, 768), 4, 3
+        args.images, args.size, args.batch, args.repeats, args.steady_images = 96, (384, 768), 4, 3, 400
         args.encoders = ["mobilenet_v2", "resnet50", "resnet101"]
         args.load_images, args.big_images, args.workers, args.memory_images = 96, 24, [0, 1, 2, 4, 8], 32
+    args.steady_images = steady_images or args.steady_images
     parts = set(args.only or range(1, 6))
     log(f"bench_pipeline: device {args.device}, torch threads {torch.get_num_threads()}, CPUs "
         f"{len(os.sched_getaffinity(0))}, {'quick' if args.quick else 'full'}")
@@ -264,6 +352,7 @@ def main() -> None:
         ensemble, data = make_ensemble(work, args) if parts & {1, 4, 5} else (None, None)
         if 1 in parts:
             bench_make_masks(ensemble, data, work, args)
+            bench_steady_state(ensemble, work, args)
         if 2 in parts:
             bench_loading(work, args)
         if 3 in parts:
