@@ -215,8 +215,7 @@ def mask_statistics(store) -> dict[str, Any]:
     max_iu = max_entropy = 0.0
     with progress_bar() as progress:
         task = progress.add_task("mask statistics", total=store.num_images, info="")
-        for i in range(store.num_images):
-            arrays = store.read(i)
+        for _, arrays in store.read_all():
             pred = arrays["prediction"].ravel()
             iu = arrays["instance_uncertainty"].ravel().astype(np.float64)
             entropy = arrays["entropy"].ravel().astype(np.float64)

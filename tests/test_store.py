@@ -351,3 +351,20 @@ def test_a_store_whose_version_and_layout_disagree_is_refused(tmp_path):
     MaskStore.create(path, make_identity(), images_per_shard=1)._group.attrs["format_version"] = 3
     with pytest.raises(IumaskError, match=r"format_version 3 but arrays sharded otherwise.*--overwrite"):
         MaskStore.open(path)
+
+
+@pytest.mark.parametrize("images_per_shard", [1, 4])
+def test_read_all_reads_what_read_reads_and_refuses_incomplete_images(tmp_path, images_per_shard):
+    store = MaskStore.create(tmp_path / "s", make_identity(), images_per_shard=images_per_shard)
+    fill(store, range(len(SHAPES)))
+    seen = []
+    for index, arrays in store.read_all():
+        seen.append(index)
+        for key, value in store.read(index).items():
+            assert arrays[key].dtype == value.dtype
+            np.testing.assert_array_equal(arrays[key], value)
+    assert seen == list(range(len(SHAPES)))
+    assert [set(arrays) for _, arrays in store.read_all(("entropy",))] == [{"entropy"}] * len(SHAPES)
+    store._group["complete"][4:6] = [True, False]  # image 5 unfinished
+    with pytest.raises(IumaskError, match=r"img_005.*not complete"):
+        list(store.read_all())

@@ -36,10 +36,10 @@ def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     folder = data.open(data.train_split)
     check_models(model_path, folder)  # members usable and of these classes, before the store is touched
-    folder.check_headers()
+    image_shapes = folder.check_headers()
     source = load_source(model_path, masks.source, dev, masks.passes)
     dataset = SegmentationDataset(folder, source.size)
-    shapes = [list(dataset.sample_shape(i)) for i in range(len(folder))]
+    shapes = [list(source.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
     identity = {
         "image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
         "options": {**masks.identity(), "image_size": list(source.size) if source.size else None,
@@ -133,7 +133,7 @@ def rank_batches(todo: list[int], step: int, images_per_shard: int) -> list[list
 def store_mean_entropy(store: MaskStore) -> float:
     """Mean stored pixel entropy over all images (float64 sums of the float16 values)."""
     total, pixels = 0.0, 0
-    for i in range(store.num_images):
-        entropy = store.read(i)["entropy"]
+    for _, arrays in store.read_all(("entropy",)):
+        entropy = arrays["entropy"]
         total, pixels = total + float(entropy.sum(dtype=np.float64)), pixels + entropy.size
     return total / max(pixels, 1)
