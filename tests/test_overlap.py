@@ -234,3 +234,16 @@ def test_workers_change_neither_the_weights_nor_the_identity(baseline, tmp_path,
     capsys.readouterr()
     iumask("train-baseline", "--data", data, "--out", other, *TRAIN)
     assert "cache hit" in capsys.readouterr().err
+
+
+def test_make_masks_batches_images_of_one_size_made_without_a_training_size(baseline, tmp_path):
+    """A model trained at the images' own size (no --size) has no size; images of one shape are
+    still batched (--batch-size), not passed one at a time. The profiler records the batch size
+    each convolution saw."""
+    ensemble, data = baseline
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, threads=0, num_workers=0),
+                   tmp_path / "m.zarr", device="cpu")
+    batches = {event.input_shapes[0][0] for event in prof.events()
+               if event.name == "aten::conv2d" and event.input_shapes and event.input_shapes[0]}
+    assert max(batches) == 4, batches  # 10 images: batches of 4, 4 and 2

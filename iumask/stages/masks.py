@@ -68,8 +68,8 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
         if not todo:
             console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
-        # Same-shape batches only (images without --size may differ in size): batch size 1 then.
-        step = masks.batch_size if source.size else 1
+        # Same-shape batches only: images without --size of several sizes go one at a time.
+        step = masks.batch_size if len({tuple(shape) for shape in identity["image_shapes"]}) <= 1 else 1
         batches = rank_batches(todo, step, store.images_per_shard)
         loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
                             num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
