@@ -46,7 +46,7 @@ from torch.utils.data import DataLoader, Sampler, Subset
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, comparable_identity, require_same_inputs
 from iumask.config import TrainConfig
-from iumask.core import mean_softmax
+from iumask.core import mean_softmax, top_class
 from iumask.core.metrics import ConfusionMatrix
 from iumask.device import Precision, usable_amp
 from iumask.errors import IumaskError
@@ -327,9 +327,9 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
             logits = [predict_logits(model, images) for model in models]
         ids = class_id_dtype(num_classes)
         for m, member_logits in zip(metrics, logits):
-            m.update(host_tensor(member_logits.argmax(1), ids), batch["label"])
+            m.update(host_tensor(top_class(member_logits), ids), batch["label"])
         if len(models) > 1:
-            metrics[-1].update(host_tensor(mean_softmax(logits).argmax(1), ids), batch["label"])
+            metrics[-1].update(host_tensor(top_class(mean_softmax(logits)), ids), batch["label"])
     for m in metrics:
         m.sync(distributed.all_reduce_sum, distributed.all_gather_object)
     scores = [m.compute() for m in metrics]

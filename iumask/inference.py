@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from iumask.artifacts import check_ensemble_members, checked_manifest, resolve_models
-from iumask.core import instance_uncertainty, instance_uncertainty_batch, mean_softmax, pixel_entropy
+from iumask.core import instance_uncertainty, instance_uncertainty_batch, mean_softmax, pixel_entropy, top_class
 from iumask.data.folder import PairedDataset, class_differences
 from iumask.errors import IumaskError
 from iumask.models import load_member, predict_logits
@@ -168,7 +168,7 @@ class PixelMaps(NamedTuple):
 def pixel_maps(probs: torch.Tensor, normalize: bool = False) -> PixelMaps:
     """Entropy (float32 whatever precision p̄ was computed in) and predicted class of every pixel."""
     probs = probs.float()
-    return PixelMaps(pixel_entropy(probs, normalize=normalize), probs.argmax(1).to(class_id_dtype(probs.shape[1])))
+    return PixelMaps(pixel_entropy(probs, normalize=normalize), top_class(probs).to(class_id_dtype(probs.shape[1])))
 
 
 @dataclass(frozen=True)

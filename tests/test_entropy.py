@@ -111,3 +111,26 @@ def test_mean_softmax_is_equal_weight_average():
     out = iumask.mean_softmax(logits)
     assert torch.allclose(out, ref, atol=1e-6)
     assert torch.allclose(out.sum(1), torch.ones(2, 4, 6), atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_top_class_is_the_first_highest_class_as_a_loop_finds_it(dtype):
+    """top_class (max(1).indices) against a per-pixel loop taking the first maximum, on random
+    scores, on scores with many ties (quantised), on uniform ones (all tied) and on 300 classes."""
+    rng = np.random.default_rng(3)
+    cases = [rng.random((2, 11, 9, 13)), np.round(rng.random((2, 5, 9, 13)) * 3) / 3, np.full((1, 7, 4, 6), 0.25),
+             rng.random((1, 300, 5, 4))]
+    for scores in cases:
+        tensor = torch.from_numpy(scores).to(dtype)
+        stored = tensor.float().numpy()  # the values in this dtype, as the loop must see them
+        b, c, h, w = stored.shape
+        expected = np.zeros((b, h, w), dtype=np.int64)
+        for i in range(b):
+            for y in range(h):
+                for x in range(w):
+                    column = stored[i, :, y, x].tolist()
+                    expected[i, y, x] = column.index(max(column))
+        got = iumask.core.top_class(tensor)
+        assert got.dtype == torch.int64
+        np.testing.assert_array_equal(got.numpy(), expected)
+        assert torch.equal(got, tensor.argmax(1))

@@ -1,6 +1,6 @@
 """The numerical core: pure functions on arrays and tensors, no file I/O."""
 
-from iumask.core.entropy import mean_softmax, pixel_entropy
+from iumask.core.entropy import mean_softmax, pixel_entropy, top_class
 from iumask.core.instances import instance_uncertainty, instance_uncertainty_batch, label_instances
 from iumask.core.loss import (
     CLASS_WEIGHTINGS,
@@ -26,5 +26,6 @@ __all__ = [
     "label_instances",
     "mean_softmax",
     "pixel_entropy",
+    "top_class",
     "uncertainty_weighted_cross_entropy",
 ]

@@ -10,6 +10,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from iumask.core.entropy import top_class
+
 
 def uncertainty_weighted_cross_entropy(
     logits: torch.Tensor,
@@ -120,7 +122,7 @@ def batch_recall_weights(logits: torch.Tensor, target: torch.Tensor, ignore_inde
         num_classes = logits.shape[1]
         valid = target != ignore_index
         truth = target[valid]
-        missed = truth[logits.argmax(1)[valid] != truth]
+        missed = truth[top_class(logits)[valid] != truth]
         ground = torch.bincount(truth, minlength=num_classes).double()
         false_neg = torch.bincount(missed, minlength=num_classes).double()
         return torch.where(ground > 0, false_neg / ground.clamp_min(1), torch.ones_like(ground)).to(logits.dtype)

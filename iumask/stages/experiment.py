@@ -25,6 +25,7 @@ from pathlib import Path
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, resolve_models
 from iumask.config import LossConfig, MaskConfig
+from iumask.core import top_class
 from iumask.data.folder import SegmentationDataset, class_differences
 from iumask.dataset_stats import cached_label_statistics
 from iumask.device import resolve_device
@@ -270,7 +271,7 @@ def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
         dataset = SegmentationDataset(train_folder, source.size)
 
         def predict(index: int, source=source, dataset=dataset):
-            return to_host(source.probs(to_device(dataset[index]["image"][None], dev)).argmax(1)[0])
+            return to_host(top_class(source.probs(to_device(dataset[index]["image"][None], dev)))[0])
 
         predictors.append((f"{folder.name} prediction", predict))
     return tuple(predictors)
