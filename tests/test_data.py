@@ -231,6 +231,36 @@ def test_fingerprint_is_cached_and_an_edit_of_the_same_size_and_mtime_is_noticed
     assert edited == FolderDataset(root, "train").fingerprint()  # what hashing every byte gives
 
 
+def test_header_shapes_are_kept_with_the_fingerprint_and_a_changed_file_is_checked_again(tmp_path, monkeypatch):
+    """check_headers of an unchanged split comes from the cache (planted shapes come back: no header
+    was read) and sits in the same record as the fingerprint; a file replaced by one of another size
+    is read and refused again; a missing file is still named."""
+    import iumask.data.folder as folder
+
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(folder, "RACY_SECONDS", 0.05)
+    root = tmp_path / "data"
+    make_folder(root)
+    time.sleep(0.1)  # past the racy window
+    shapes = FolderDataset(root, "train").check_headers()
+    fingerprint = FolderDataset(root, "train").fingerprint()
+    (record,) = (tmp_path / "cache" / "fingerprints").glob("*.json")
+    kept = json.loads(record.read_text())
+    assert kept["image_shapes"] == [list(s) for s in shapes] and kept["fingerprint"] == fingerprint
+    record.write_text(json.dumps(dict(kept, image_shapes=[[7, 9]] * len(shapes))))
+    dataset = FolderDataset(root, "train")
+    assert dataset.check_headers() == [(7, 9)] * len(shapes) and dataset.image_shape(0) == (7, 9)
+
+    label = root / "labels" / "train" / "c.png"
+    cv2.imwrite(str(label), np.zeros((5, 5), np.uint8))  # another size than its image
+    with raises_naming("c.png"):
+        FolderDataset(root, "train").check_headers()
+    dataset = FolderDataset(root, "train")
+    label.unlink()  # gone after the split was listed: the header check names it
+    with raises_naming("c.png"):
+        dataset.check_headers()
+
+
 def test_fingerprint(tmp_path):
     make_folder(tmp_path)
     first = FolderDataset(tmp_path, "train").fingerprint()

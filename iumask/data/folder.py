@@ -230,6 +230,7 @@ class PairedDataset:
         self.label_table = label_table
         self._extra_files = tuple(extra_files)
         self._definition = definition
+        self._shapes: list[tuple[int, int]] | None = None  # the images' (H, W) once check_headers ran
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -239,20 +240,36 @@ class PairedDataset:
         return read_rgb(self.image_paths[i])
 
     def image_shape(self, i: int) -> tuple[int, int]:
-        """(H, W) of image ``i`` from its header, without decoding the pixels."""
+        """(H, W) of image ``i`` from its header, without decoding the pixels (as :meth:`check_headers`
+        found it, once it ran)."""
+        if self._shapes is not None:
+            return self._shapes[i]
         return _header_shape(self.image_paths[i], "image")
 
     def check_headers(self) -> list[tuple[int, int]]:
         """Read every image's and label's header (not the pixels), so that a missing, unreadable
         or mismatched file stops a command before its first expensive step; return the images'
-        (H, W)."""
+        (H, W). The shapes of a split that passed are kept with its fingerprint (see
+        :meth:`fingerprint`): an unchanged split is checked once, later commands only stat it."""
+        try:
+            signature, recently_changed = self._metadata_signature(self._files())
+        except OSError:  # a missing file: reading the headers names it
+            signature, recently_changed = None, True
+        cached = self._cached(signature).get("image_shapes") if signature else None
+        if (isinstance(cached, list) and len(cached) == len(self)
+                and all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in cached)):
+            self._shapes = [(h, w) for h, w in cached]
+            return list(self._shapes)
         shapes = []
         for i in range(len(self)):
-            shape = self.image_shape(i)
+            shape = _header_shape(self.image_paths[i], "image")
             _check_label_shape(self.label_paths[i], _header_shape(self.label_paths[i], "label"),
                                self.image_paths[i], shape)
             shapes.append(shape)
-        return shapes
+        self._shapes = shapes
+        if not recently_changed:  # a later write in the same clock tick could keep every stat field
+            self._remember(signature, image_shapes=[list(shape) for shape in shapes])
+        return list(shapes)
 
     def check_pixels(self) -> None:
         """Decode every image and label (label values checked against the classes), so that a file
@@ -296,25 +313,42 @@ class PairedDataset:
         with a file changed in the last two seconds is not cached (file times are coarse). A cache
         that cannot be read or written only costs the hashing.
         """
-        files = sorted([*self.image_paths, *self.label_paths, *self._extra_files])
+        files = self._files()
         # Before hashing, so an edit meanwhile is seen next time.
         signature, recently_changed = self._metadata_signature(files)
-        record = default_cache_dir() / FINGERPRINT_CACHE_SUBDIR / f"{signature[:40]}.json"
-        try:
-            cached = json.loads(record.read_text(encoding="utf-8"))
-            if cached.get("signature") == signature and isinstance(cached.get("fingerprint"), str):
-                return cached["fingerprint"]
-        except (OSError, ValueError, AttributeError):
-            pass  # missing, unreadable or corrupt: hash the files
+        cached = self._cached(signature).get("fingerprint")
+        if isinstance(cached, str):
+            return cached
         digest = self._content_fingerprint(files)
-        if recently_changed:  # a later write in the same clock tick could keep every stat field
-            return digest
+        if not recently_changed:  # a later write in the same clock tick could keep every stat field
+            self._remember(signature, fingerprint=digest)
+        return digest
+
+    def _files(self) -> list[Path]:
+        """Every file of the split, in the fingerprint's order."""
+        return sorted([*self.image_paths, *self.label_paths, *self._extra_files])
+
+    @staticmethod
+    def _record(signature: str) -> Path:
+        return default_cache_dir() / FINGERPRINT_CACHE_SUBDIR / f"{signature[:40]}.json"
+
+    def _cached(self, signature: str) -> dict:
+        """What is kept for the split whose metadata has ``signature`` (empty if nothing is)."""
+        try:
+            cached = json.loads(self._record(signature).read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return {}  # missing, unreadable or corrupt: computed again
+        return cached if isinstance(cached, dict) and cached.get("signature") == signature else {}
+
+    def _remember(self, signature: str, **values) -> None:
+        """Keep ``values`` for the split whose metadata has ``signature``, beside what is kept already
+        (the fingerprint, the header shapes); a cache that cannot be written only costs the work."""
+        record = self._record(signature)
         try:
             record.parent.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(record, {"signature": signature, "fingerprint": digest})
+            write_json_atomic(record, {**self._cached(signature), "signature": signature, **values})
         except (OSError, IumaskError):
             pass
-        return digest
 
     def _metadata_signature(self, files: list[Path]) -> tuple[str, bool]:
         """The signature of the files' metadata, and whether any file changed in the last

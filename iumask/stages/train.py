@@ -267,7 +267,7 @@ def checked_mask_store(data: DataConfig, store_path: Path) -> tuple[MaskStore, t
         raise IumaskError(f"{store_path}: masks were made at size {size} (the baseline's training size), not "
                           f"{tuple(data.size)}; omit --size (offline training runs at the store's size), or "
                           "retrain the baseline with that --size and rerun make-masks")
-    shapes = [list(train_folder.image_shape(i)) if size is None else list(size) for i in range(len(train_folder))]
+    shapes = [list(size or shape) for shape in train_folder.check_headers()]
     store.check_identity(
         {"image_ids": train_folder.ids, "image_shapes": shapes, "class_names": list(train_folder.classes.names),
          "dataset_fingerprint": train_folder.fingerprint()},
