@@ -7,8 +7,9 @@ Layout (one group):
   class ids do not fit in a byte: more than 256 classes), shape (N, Hmax, Wmax), one chunk per
   image so an image is read without touching the others. An image of shape (H, W) sits in the
   top-left corner of its slot; reads crop it.
-* ``complete`` (bool, shape (N,)), one chunk per image: set only after an image's three arrays
-  are written, so an interrupted write reads as incomplete and is recomputed.
+* ``complete`` (bool, shape (N,)), one chunk per image (per shard in a sharded store): set only
+  after an image's three arrays are written, so an interrupted write reads as incomplete and is
+  recomputed.
 * Sharding (zarr v3's sharding codec, format versions 3 and 4): the chunks of
   ``images_per_shard`` consecutive images share one file per array, so a store of 100k images
   has hundreds of files, not 400k. zarr rewrites a whole shard file on every write to it, and two
@@ -143,6 +144,18 @@ def _checked_identity(identity: dict) -> dict:
     if any(len(s) != 2 or min(s) < 1 for s in shapes):
         raise ValueError("image_shapes must be [H, W] pairs of positive integers")
     return identity
+
+
+def _consistent_layout(group: zarr.Group, sharded: bool) -> bool:
+    """Whether the arrays are laid out as :meth:`MaskStore._new` makes them: image arrays in shards
+    of S images and one flag chunk per shard (sharded), or one chunk per image (unsharded)."""
+    shards = {group[name].shards for name in _ARRAYS if name != "complete"}
+    if len(shards) != 1:
+        return False
+    (shard,) = shards
+    if (shard is not None) != sharded:
+        return False
+    return group["complete"].shards is None and group["complete"].chunks == ((shard[0] if shard else 1),)
 
 
 def _is_own(name: str) -> bool:
@@ -357,8 +370,9 @@ class MaskStore:
         group.create_array("prediction", shape=(n, hmax, wmax), chunks=(1, hmax, wmax), shards=shards(hmax, wmax),
                            dtype=dtype, compressors=_BYTE_CODEC if dtype.itemsize == 1 else _FLOAT_CODEC,
                            fill_value=0)
-        # Uncompressed: each flag is a single byte on disk.
-        group.create_array("complete", shape=(n,), chunks=(1,), shards=shards(), dtype="bool", compressors=None,
+        # Uncompressed bytes, one chunk per shard (written whole with it) or per image (unsharded):
+        # a sharded store's flags are read from one small file per shard, not as N inner chunks.
+        group.create_array("complete", shape=(n,), chunks=(per_shard,), dtype="bool", compressors=None,
                            fill_value=False)
         return cls(path, group, "r+")
 
@@ -388,8 +402,7 @@ class MaskStore:
                 problem = "lacks the mask arrays"
             elif np.dtype(group["prediction"].dtype) != _PREDICTION_DTYPES[content]:
                 problem = f"has {group['prediction'].dtype} predictions, expected {_PREDICTION_DTYPES[content]}"
-            elif len({(group[name].shards or (1,))[0] for name in _ARRAYS}) > 1 or (
-                    (group["entropy"].shards is not None) != (version in _SHARDED_VERSIONS.values())):
+            elif not _consistent_layout(group, version in _SHARDED_VERSIONS.values()):
                 problem = f"has format_version {version} but arrays sharded otherwise"
             else:
                 store = cls(path, group, mode)

@@ -85,7 +85,7 @@ def test_attrs_identity_and_chunks(tmp_path):
     for name in ("entropy", "instance_uncertainty", "prediction"):
         assert store._group[name].shape == (len(SHAPES), 64, 64)
         assert store._group[name].chunks == (1, 64, 64)
-    assert store._group["complete"].chunks == (1,)
+    assert store._group["complete"].chunks == (store.images_per_shard,)  # the flags of a shard: one chunk
     with pytest.raises(ValueError, match="shape"):
         store.write(0, *sample(0, (10, 10)))
 

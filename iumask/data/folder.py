@@ -357,10 +357,13 @@ class PairedDataset:
         h = hashlib.sha256(str(self.root.resolve()).encode("utf-8") + b"\0")
         h.update(self._definition or b"\0none")
         newest = 0
+        prefix = os.path.join(str(self.root), "")
         for path in files:
-            stat = path.stat()
+            stat = os.stat(path)
             newest = max(newest, stat.st_mtime_ns, stat.st_ctime_ns)
-            h.update(f"\0{path.relative_to(self.root).as_posix()}\0{stat.st_size}:{stat.st_ino}:{stat.st_dev}:"
+            text = str(path)  # a file under root: its relative path by slicing (relative_to is slow on 100k files)
+            rel = text[len(prefix):] if text.startswith(prefix) else path.relative_to(self.root).as_posix()
+            h.update(f"\0{rel}\0{stat.st_size}:{stat.st_ino}:{stat.st_dev}:"
                      f"{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode("utf-8"))
         return h.hexdigest(), newest >= time.time_ns() - int(RACY_SECONDS * 1e9)
 
