@@ -300,14 +300,16 @@ def test_the_papers_spec_is_valid(tmp_path):
     assert not spec.arm("regular").augment.enabled and spec.arm("iu").loss.exponent == 2.0
 
 
-def test_experiment_under_torchrun(datasets, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--worker"]], ids=["plain", "worker"])
+def test_experiment_under_torchrun(datasets, tmp_path, mode):
     """Two Gloo processes: every training is data-parallel (world size 2 in the manifests), the
-    masks are shared out, and rank 0 alone evaluates and writes the report."""
+    masks are shared out, and rank 0 alone evaluates and writes the report; with --worker the job is
+    one worker (rank 0 claims each training for both ranks)."""
     from test_engine import torchrun
 
     text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
     spec = write_spec(tmp_path, datasets, text=text.replace("batch_size = 4", "batch_size = 2"))
-    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu")
+    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu", *mode)
     assert result.stdout.count("per-class IoU, mean ± std") == 1
     for member in ("ensemble/mobilenet_v2", "runs/regular/mobilenet_v2/seed-0/mobilenet_v2",
                    "runs/iu/mobilenet_v2/seed-0/mobilenet_v2"):
