@@ -193,6 +193,11 @@ class WriterLock:
                 holder = lock_holder(fd)
                 raise LockHeld(f"{what} is being written by another process ({holder}); wait for it to finish or "
                                f"stop it, or {fix}", what, holder) from None
+            except OSError as exc:  # e.g. NFS v3 without its lock daemon: ENOLCK
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                raise IumaskError(f"cannot lock {file}: the file system does not support flock ({exc.strerror}); "
+                                  "write to a local disk or a file system with locks (e.g. NFS v4)") from None
             try:
                 same = os.path.samestat(stat, os.stat(file))
             except FileNotFoundError:
@@ -248,13 +253,13 @@ def lock_holder(fd: int) -> str:
         return "unknown process"
 
 
-def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True):
+def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True, shared: bool = False):
     """:class:`WriterLock` on ``folder`` (created if needed) when ``enabled`` (e.g. on rank 0 of a
     torchrun job only: its other ranks write under rank 0's lock), else a no-op context."""
     if not enabled:
         return contextlib.nullcontext()
     check_writable(folder)
-    return WriterLock(folder, what, fix)
+    return WriterLock(folder, what, fix, shared)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

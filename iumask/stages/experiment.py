@@ -13,6 +13,15 @@ reruns as cache hits that only rebuild the report. Layout of ``DIR``:
 
 Order: the ensemble, the masks, then the runs seed by seed (so an interrupted experiment has
 whole seeds of every arm), then the evaluations (rank 0 under torchrun) and the report.
+
+Workers (``--worker``): any number of processes share ``DIR`` (a shared lock on it, which a plain
+experiment takes exclusively, so the two never mix). The ensemble and the stores are built by the
+first worker to take their locks while the others wait for them (then cache hits). Each training is
+claimed with its folder's writer lock, the one its train stage takes, and trained and evaluated
+under it; a worker skips trainings other processes hold and stops when each is done or held. The
+kernel drops a killed worker's locks, so the next worker to scan takes its training (resuming its
+checkpoint). The worker that finds none held writes the report. Under torchrun the job is one
+worker: rank 0 takes the locks and tells the other ranks what it claimed.
 """
 
 from __future__ import annotations
@@ -34,7 +43,7 @@ from iumask.errors import IumaskError
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec
-from iumask.files import LockHeld, WriterLock, check_writable, folder_writer_lock
+from iumask.files import LockHeld, check_writable, folder_writer_lock
 from iumask.inference import check_models, load_source
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity
@@ -186,27 +195,23 @@ class Experiment:
         classes = self.validate()
         # One experiment per folder, or any number of workers: a plain experiment beside workers would
         # train the models they train. Shared by the workers, exclusive otherwise.
-        with self._folder_lock(worker):
+        fix = "use another --out" if worker else "use another --out (processes share one folder with --worker)"
+        with folder_writer_lock(self.out, f"experiment folder {self.out}", fix, enabled=distributed.is_main(),
+                                shared=worker):
             summary = self._execute(classes, overwrite, worker)
         if summary is not None:
             summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         return summary
 
-    def _folder_lock(self, worker: bool):
-        if not distributed.is_main():  # the other ranks of a torchrun job work under rank 0's lock
-            return contextlib.nullcontext()
-        check_writable(self.out)
-        fix = "use another --out" if worker else "use another --out (processes share one folder with --worker)"
-        return WriterLock(self.out, f"experiment folder {self.out}", fix, shared=worker)
-
     def _execute(self, classes: list[str], overwrite: bool, worker: bool) -> dict | None:
         spec = self.spec
         common = dict(device=spec.device, overwrite=overwrite)
-        # The ensemble and the stores: built once, by the first process to take their locks; a
-        # worker that finds them taken waits, then finds a cache hit.
+        # The ensemble and the stores: built once, by the first worker to take their locks; a worker
+        # that finds them taken waits, then finds a cache hit. A plain experiment owns the folder.
+        waiting = _waiting if worker else lambda take: contextlib.nullcontext()
         if self.trains_ensemble:
             e = spec.ensemble
-            with _waiting(lambda: out_lock(self.ensemble_path.parent)):
+            with waiting(lambda: out_lock(self.ensemble_path.parent)):
                 self._rule(1, f"mask ensemble: {', '.join(e.model.encoders)}")
                 train_baseline(spec.data, e.model, replace(e.train, seed=e.seed), LossConfig(exponent=0.0),
                                spec.augment, self.ensemble_path.parent, **common)
@@ -215,7 +220,7 @@ class Experiment:
             # folder of its own yet (it is staged beside it).
             masks_lock = functools.partial(folder_writer_lock, self.out / "masks", f"mask stores of {self.out}",
                                            "use another --out")
-            with _waiting(masks_lock):
+            with waiting(masks_lock):
                 for step, (name, masks) in enumerate(self.stores().items(), int(self.trains_ensemble) + 1):
                     self._rule(step, f"make-masks {name}")
                     make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
@@ -313,12 +318,13 @@ class Experiment:
                          **common)
 
     def cost(self) -> dict:
-        """Training seconds per run by arm (its epochs' wall time from metrics.csv), and the mask
-        ensemble's (all members, trained once) for the offline IU arms that need it."""
+        """Training seconds per finished run by arm (its epochs' wall time from metrics.csv), and the
+        mask ensemble's (all members, trained once) for the offline IU arms that need it."""
         runs: dict[str, list[float]] = {}
         for arm, _, folder, encoders in self.trainings():
-            member = self.spec.model(encoders).names[0]
-            runs.setdefault(arm.name, []).append(training_seconds(folder / member))
+            if (folder / ENSEMBLE_FILE).is_file():  # --report-only: runs to come or in progress do not count
+                member = self.spec.model(encoders).names[0]
+                runs.setdefault(arm.name, []).append(training_seconds(folder / member))
         ensemble = 0.0
         if self.trains_ensemble:
             ensemble = sum(training_seconds(self.ensemble_path.parent / n) for n in self.spec.ensemble.model.names)
