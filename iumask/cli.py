@@ -532,17 +532,28 @@ def experiment(
     data: Annotated[Optional[Path], typer.Option(help="The training dataset's folder, instead of the spec's "
                                                  "[data] root (evaluations without a root of their own use "
                                                  "it too).")] = None,
+    worker: Annotated[bool, typer.Option(help="Share --out with other workers (one per GPU, a Slurm array task, "
+                                         "another machine on the same file system): take the next training no "
+                                         "other process holds, train and evaluate it, repeat until none is left; "
+                                         "the ensemble and the masks are built by the first worker while the "
+                                         "others wait, and the last worker to finish writes the report. A killed "
+                                         "worker's training is taken (and resumed) by the next worker.")] = False,
+    report_only: Annotated[bool, typer.Option(help="Write results.csv, summary.json, report.md and figures/ from "
+                                              "the runs evaluated so far, training and evaluating nothing (also "
+                                              "while workers run).")] = False,
     overwrite: Overwrite = False,
 ):
     """Compare loss settings (arms) over encoders and seeds: train every model through the ordinary
     stages (cached, resumable: rerun after a kill to continue), evaluate each on every evaluation
     split and write results.csv, summary.json, report.md (mean ± std, rarest classes with Welch and
-    paired t-tests, PAvPU and calibration) and figures/."""
+    paired t-tests, PAvPU and calibration) and figures/. Several GPUs: torchrun (one data-parallel
+    training at a time) or --worker processes (one training each)."""
     from dataclasses import replace
 
     from iumask.experiment.spec import load_spec
-    from iumask.stages.experiment import Experiment
+    from iumask.stages.experiment import Experiment, check_modes
 
+    check_modes(dry_run, worker, report_only, overwrite)
     plan = load_spec(spec, data)
     if device is not None:
         plan = replace(plan, device=device)
@@ -554,11 +565,12 @@ def experiment(
         experiment.validate(writable=False)  # the real run's checks: a plan is shown only for a spec it accepts
         print_plan(experiment.plan(), plan.training_runs, folder)
         return
-    summary = experiment.execute(overwrite=overwrite)
-    if summary is None:  # under torchrun only rank 0 evaluates and reports
+    summary = experiment.report_finished() if report_only else experiment.execute(overwrite, worker)
+    if summary is None:  # under torchrun only rank 0 reports; of several workers, the last
         return
+    took = f" ({summary['wall_time_s']:.0f} s)" if "wall_time_s" in summary else ""
     console.print(f"report: {folder / 'report.md'}, {folder / 'results.csv'}, {folder / 'summary.json'}, "
-                  f"figures in {folder / 'figures'} ({summary['wall_time_s']:.0f} s)")
+                  f"figures in {folder / 'figures'}{took}")
 
 
 @app.command("stats")

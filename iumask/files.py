@@ -144,10 +144,21 @@ def folder_lock(folder: str | os.PathLike) -> Iterator[None]:
         os.close(fd)  # releases the lock
 
 
+class LockHeld(IumaskError):
+    """:class:`WriterLock`'s error when another process holds the lock: ``what`` names the folder,
+    ``holder`` the process (PID, host, command), so that a caller may skip the folder or wait."""
+
+    def __init__(self, message: str, what: str = "", holder: str = ""):
+        super().__init__(message)
+        self.what, self.holder = what, holder
+
+
 class WriterLock:
     """An exclusive, non-blocking ``flock`` on ``directory/.iumask-writer.lock``, whose content names
     the holder (PID, host, command) for the error another writer gets: one writer per artifact
-    folder (a mask store, a train command's ``--out``, an experiment, a predict output).
+    folder (a mask store, a train command's ``--out``, an experiment, a predict output). With
+    ``shared`` a shared lock instead: any number of shared holders, but never with an exclusive one
+    (``iumask experiment --worker`` processes share a folder that a plain experiment owns alone).
 
     The OS releases it when the holder exits or is killed, so a dead holder's lock is simply taken
     (no stale lock to clean up). It excludes other processes; within one process, handles on one
@@ -156,7 +167,7 @@ class WriterLock:
     else the user can do (e.g. ``use another --store path``).
     """
 
-    def __init__(self, directory: str | os.PathLike, what: str, fix: str):
+    def __init__(self, directory: str | os.PathLike, what: str, fix: str, shared: bool = False):
         self._key: tuple[int, int] | None = None
         file = Path(directory) / LOCK_FILE
         try:
@@ -177,10 +188,16 @@ class WriterLock:
                 self._key = key
                 return
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
             except BlockingIOError:
-                raise IumaskError(f"{what} is being written by another process ({lock_holder(fd)}); wait for it "
-                                  f"to finish or stop it, or {fix}") from None
+                holder = lock_holder(fd)
+                raise LockHeld(f"{what} is being written by another process ({holder}); wait for it to finish or "
+                               f"stop it, or {fix}", what, holder) from None
+            except OSError as exc:  # e.g. NFS v3 without its lock daemon: ENOLCK
+                if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                    raise
+                raise IumaskError(f"cannot lock {file}: the file system does not support flock ({exc.strerror}); "
+                                  "write to a local disk or a file system with locks (e.g. NFS v4)") from None
             try:
                 same = os.path.samestat(stat, os.stat(file))
             except FileNotFoundError:
@@ -236,13 +253,13 @@ def lock_holder(fd: int) -> str:
         return "unknown process"
 
 
-def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True):
+def folder_writer_lock(folder: str | os.PathLike, what: str, fix: str, enabled: bool = True, shared: bool = False):
     """:class:`WriterLock` on ``folder`` (created if needed) when ``enabled`` (e.g. on rank 0 of a
     torchrun job only: its other ranks write under rank 0's lock), else a no-op context."""
     if not enabled:
         return contextlib.nullcontext()
     check_writable(folder)
-    return WriterLock(folder, what, fix)
+    return WriterLock(folder, what, fix, shared)
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> Path:

@@ -1,13 +1,20 @@
 """``iumask experiment`` end to end on tiny synthetic data: a real SIGKILL mid-way and a resume that
 gives the very results of an uninterrupted run, ``results.csv`` reproducing ``report.md`` (means,
 stds and scipy p-values recomputed here), a domain-shift evaluation, an online arm, the dry run,
-and spec errors as one line naming the file, the table and the key."""
+spec errors as one line naming the file, the table and the key; and ``--worker`` processes sharing
+one folder (issue 20 §5): three at once give the single process's results.csv with every model
+trained once, a worker skips a training whose folder lock a live process holds and leaves the report
+to the last worker, a SIGKILLed worker's training is taken by the next one, and ``--report-only``
+reports what is done."""
 
 from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -294,14 +301,16 @@ def test_the_papers_spec_is_valid(tmp_path):
     assert not spec.arm("regular").augment.enabled and spec.arm("iu").loss.exponent == 2.0
 
 
-def test_experiment_under_torchrun(datasets, tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--worker"]], ids=["plain", "worker"])
+def test_experiment_under_torchrun(datasets, tmp_path, mode):
     """Two Gloo processes: every training is data-parallel (world size 2 in the manifests), the
-    masks are shared out, and rank 0 alone evaluates and writes the report."""
+    masks are shared out, and rank 0 alone evaluates and writes the report; with --worker the job is
+    one worker (rank 0 claims each training for both ranks)."""
     from test_engine import torchrun
 
     text = SPEC.replace("seeds = [0, 1]", "seeds = [0]").replace("epochs = 2", "epochs = 1")
     spec = write_spec(tmp_path, datasets, text=text.replace("batch_size = 4", "batch_size = 2"))
-    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu")
+    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu", *mode)
     assert result.stdout.count("per-class IoU, mean ± std") == 1
     for member in ("ensemble/mobilenet_v2", "runs/regular/mobilenet_v2/seed-0/mobilenet_v2",
                    "runs/iu/mobilenet_v2/seed-0/mobilenet_v2"):
@@ -361,3 +370,135 @@ def test_data_option_replaces_the_specs_root(datasets, tmp_path, cli, capsys):
     loaded = load_spec(spec, data)
     assert loaded.data.root == Path(data).resolve()
     assert [e.data.root for e in loaded.evaluations] == [Path(data).resolve(), Path(shifted).resolve()]
+
+
+# ----------------------------------------------------------------------------- workers
+
+# Wide lines, so that a step's rule ("[3/6] regular mobilenet_v2 seed 0") is never wrapped.
+ENV = dict(os.environ, OMP_NUM_THREADS="1", COLUMNS="200")
+RULE = re.compile(r"─ \[\d+/\d+\] (.+?) ─")
+
+
+def worker(spec: Path, out: Path, log: Path, *extra) -> subprocess.Popen:
+    """``iumask experiment SPEC --out OUT --worker`` in a new process, its output into ``log``."""
+    with open(log, "w") as f:
+        return subprocess.Popen([sys.executable, "-m", "iumask", "experiment", spec, "--out", out, "--worker",
+                                 *extra], stdout=f, stderr=subprocess.STDOUT, env=ENV)
+
+
+def trained_steps(text: str) -> list[str]:
+    """The steps of one worker's output that trained (printed epochs), not found done (cache hits)."""
+    parts = RULE.split(text)  # [before, step, its output, step, its output, ...]
+    return [parts[i] for i in range(1, len(parts), 2) if "epoch " in parts[i + 1]]
+
+
+def holder(folder: Path) -> subprocess.Popen:
+    """Another live process holding ``folder``'s writer lock (as a worker training there does) until
+    its stdin closes."""
+    code = ("import sys; from iumask.files import folder_writer_lock\n"
+            f"with folder_writer_lock({str(folder)!r}, 'model folder', 'wait'):\n"
+            "    print('held', flush=True); sys.stdin.read()")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                            env=ENV)
+    assert proc.stdout.readline() == "held\n"
+    return proc
+
+
+def test_three_workers_give_one_process_results_training_each_model_once(datasets, straight, tmp_path):
+    spec = write_spec(tmp_path, datasets)
+    out = tmp_path / "out"
+    procs = [worker(spec, out, tmp_path / f"worker{i}.log", "--device", "cpu") for i in range(3)]
+    for proc in procs:
+        assert proc.wait(timeout=600) == 0
+    logs = [(tmp_path / f"worker{i}.log").read_text() for i in range(3)]
+    assert (out / "results.csv").read_text() == (straight / "results.csv").read_text()
+    # The ensemble and the four runs trained once in all, the store written once: the other workers
+    # waited for them, then found cache hits (or skipped what another worker held).
+    trained = sorted(step for log in logs for step in trained_steps(log))
+    assert trained == ["iu mobilenet_v2 seed 0", "iu mobilenet_v2 seed 1", "mask ensemble: mobilenet_v2",
+                       "regular mobilenet_v2 seed 0", "regular mobilenet_v2 seed 1"], trained
+    assert sum(log.count("make-masks: 8/8") for log in logs) == 1
+    assert any("report: " in log for log in logs)
+
+
+def test_a_held_training_is_skipped_and_a_killed_workers_training_is_taken_again(datasets, straight, tmp_path, cli,
+                                                                                 capsys):
+    spec = write_spec(tmp_path, datasets)
+    out = tmp_path / "out"
+    runs = out / "runs"
+    held = holder(runs / "regular" / "mobilenet_v2" / "seed-0")
+    try:
+        # A worker skips the held training and is SIGKILLed while training iu seed 1 (before its
+        # first checkpoint is written).
+        killed(["experiment", spec, "--out", out, "--worker"], "open",
+               r"runs/iu/mobilenet_v2/seed-1/mobilenet_v2/checkpoint")
+        assert not (runs / "regular" / "mobilenet_v2" / "seed-0" / "ensemble.json").exists()
+        assert (runs / "iu" / "mobilenet_v2" / "seed-0" / "ensemble.json").is_file()
+        assert not (runs / "iu" / "mobilenet_v2" / "seed-1" / "ensemble.json").exists()
+
+        # --report-only: the runs evaluated so far (iu seed 0, regular seed 1), training nothing.
+        capsys.readouterr()
+        cli("experiment", spec, "--out", out, "--report-only")
+        assert "report from 4 of 8 evaluations" in capsys.readouterr().err
+        assert {(r["arm"], r["seed"]) for r in read_rows(out / "results.csv")} == {("iu", "0"), ("regular", "1")}
+
+        # The next worker takes the killed worker's training (its lock died with it), skips the
+        # held one and leaves the report to the worker that will finish it.
+        (out / "report.md").unlink()
+        cli("experiment", spec, "--out", out, "--worker")
+        captured = capsys.readouterr().err  # iumask's messages and progress go to stderr
+        assert trained_steps(captured) == ["iu mobilenet_v2 seed 1"]
+        assert "1 of 4 trainings are being run by other workers" in captured
+        assert (runs / "iu" / "mobilenet_v2" / "seed-1" / "ensemble.json").is_file()
+        assert not (out / "report.md").exists()
+    finally:
+        held.stdin.close()
+        held.wait(timeout=60)
+    # The last worker trains what was held and writes the report: the single process's results.
+    cli("experiment", spec, "--out", out, "--worker")
+    assert trained_steps(capsys.readouterr().err) == ["regular mobilenet_v2 seed 0"]
+    assert (out / "results.csv").read_text() == (straight / "results.csv").read_text()
+    assert (out / "report.md").is_file()
+
+
+def test_workers_and_a_plain_experiment_exclude_each_other(datasets, tmp_path, cli, capsys):
+    """A plain experiment owns its folder: beside a worker it stops at once, naming the worker."""
+    spec = write_spec(tmp_path, datasets)
+    out = tmp_path / "out"
+    code = ("import sys; from iumask.files import WriterLock\n"
+            f"with WriterLock({str(out)!r}, 'experiment folder', 'wait', shared=True):\n"
+            "    print('held', flush=True); sys.stdin.read()")
+    out.mkdir()
+    worker_like = subprocess.Popen([sys.executable, "-c", code], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                   text=True, env=ENV)
+    try:
+        assert worker_like.stdout.readline() == "held\n"
+        capsys.readouterr()
+        cli("experiment", spec, "--out", out, expect=2)
+        err = capsys.readouterr().err.replace("\n", "")
+        assert f"experiment folder {out} is being written by another process (pid {worker_like.pid}" in err
+        assert "--worker" in err and not (out / "runs").exists()
+    finally:
+        worker_like.stdin.close()
+        worker_like.wait(timeout=60)
+
+
+def test_option_errors_and_the_plan(datasets, tmp_path, cli, capsys):
+    """Conflicting options are one line before any work (from --config too); --dry-run --worker
+    prints the plan."""
+    spec = write_spec(tmp_path, datasets)
+    out = tmp_path / "out"
+    for extra, other in ((["--worker"], "--worker"), (["--dry-run"], "--dry-run"), (["--overwrite"], "--overwrite")):
+        capsys.readouterr()
+        cli("experiment", spec, "--out", out, "--report-only", *extra, expect=2)
+        err = capsys.readouterr().err.strip()
+        assert "--report-only only writes the report" in err and f"drop {other} or --report-only" in err, err
+    config = tmp_path / "options.toml"
+    config.write_text("[experiment]\nreport-only = true\n")
+    cli("experiment", spec, "--out", out, "--worker", "--config", config, expect=2)
+    assert "drop --worker or --report-only" in capsys.readouterr().err
+    cli("experiment", spec, "--out", out, "--report-only", expect=2)
+    assert f"--report-only: no run in {out} is evaluated yet" in capsys.readouterr().err.replace("\n", "")
+    cli("experiment", spec, "--out", out, "--worker", "--dry-run")
+    assert "5 models trained in 5 training runs: 0 done, 5 to go" in capsys.readouterr().out
+    assert not out.exists()

@@ -309,18 +309,32 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
 def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, json_path: Path,
                     device: str = "auto") -> list[dict]:
     """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options."""
-    weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
-               for path in models for folder in resolve_models(path)]
-    identity = json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
-                            "split": options.split,
-                            "options": {"format": data.format,
-                                        "conditions": list(data.conditions) if data.conditions else None,
-                                        "evaluation": options.identity()}})
-    if json_path.is_file():
-        previous = read_results_file(json_path)
-        if previous.get("identity") == identity:
-            console.print(f"[green]cache hit[/green]: {json_path} holds these results")
-            return previous["results"]
+    identity = evaluation_identity(models, data, options)
+    previous = cached_results(json_path, identity)
+    if previous is not None:
+        console.print(f"[green]cache hit[/green]: {json_path} holds these results")
+        return previous
     results = evaluate(models, data, options, device)
     write_results(results, json_path, identity)
     return results
+
+
+def evaluation_identity(models: list[Path], data: DataConfig, options: EvalConfig) -> dict:
+    """What results of ``models`` on ``data`` with ``options`` depend on: the weights, the split's
+    content and the options (the models must be trained: their manifests are read)."""
+    weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
+               for path in models for folder in resolve_models(path)]
+    return json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
+                        "split": options.split,
+                        "options": {"format": data.format,
+                                    "conditions": list(data.conditions) if data.conditions else None,
+                                    "evaluation": options.identity()}})
+
+
+def cached_results(json_path: Path, identity: dict) -> list[dict] | None:
+    """The results in ``json_path`` if they were computed for ``identity``, else None."""
+    if json_path.is_file():
+        previous = read_results_file(json_path)
+        if previous.get("identity") == identity:
+            return previous["results"]
+    return None

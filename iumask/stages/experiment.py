@@ -13,17 +13,28 @@ reruns as cache hits that only rebuild the report. Layout of ``DIR``:
 
 Order: the ensemble, the masks, then the runs seed by seed (so an interrupted experiment has
 whole seeds of every arm), then the evaluations (rank 0 under torchrun) and the report.
+
+Workers (``--worker``): any number of processes share ``DIR`` (a shared lock on it, which a plain
+experiment takes exclusively, so the two never mix). The ensemble and the stores are built by the
+first worker to take their locks while the others wait for them (then cache hits). Each training is
+claimed with its folder's writer lock, the one its train stage takes, and trained and evaluated
+under it; a worker skips trainings other processes hold and stops when each is done or held. The
+kernel drops a killed worker's locks, so the next worker to scan takes its training (resuming its
+checkpoint). The worker that finds none held writes the report. Under torchrun the job is one
+worker: rank 0 takes the locks and tells the other ranks what it claimed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import functools
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, resolve_models
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE, resolve_models
 from iumask.config import LossConfig, MaskConfig
 from iumask.core import top_class
 from iumask.data.folder import SegmentationDataset, class_differences
@@ -33,12 +44,12 @@ from iumask.errors import IumaskError
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec
-from iumask.files import check_writable, folder_writer_lock
+from iumask.files import LockHeld, check_writable, folder_writer_lock
 from iumask.inference import check_models, load_source
 from iumask.progress import console
-from iumask.stages.evaluate import cached_evaluate
+from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity
 from iumask.stages.masks import make_masks
-from iumask.stages.train import train_baseline, train_online, train_weighted
+from iumask.stages.train import out_lock, train_baseline, train_online, train_weighted
 from iumask.store import MaskStore
 from iumask.training_log import METRICS_FILE
 from iumask.transfer import to_device, to_host
@@ -58,6 +69,14 @@ class Run:
     @property
     def model_path(self) -> Path:
         return self.folder / self.member
+
+
+def check_modes(dry_run: bool, worker: bool, report_only: bool, overwrite: bool) -> None:
+    """The experiment command's modes that cannot go together, refused before anything is read."""
+    if report_only and (dry_run or worker or overwrite):
+        other = "--dry-run" if dry_run else "--worker" if worker else "--overwrite"
+        raise IumaskError(f"--report-only only writes the report from the runs already evaluated (nothing is "
+                          f"trained); drop {other} or --report-only")
 
 
 def store_name(masks: MaskConfig) -> str:
@@ -168,57 +187,126 @@ class Experiment:
 
     # ------------------------------------------------------------------------- execution
 
-    def execute(self, overwrite: bool = False) -> dict | None:
-        """Train, evaluate and report; returns the summary (None on torchrun ranks other than 0)."""
+    def execute(self, overwrite: bool = False, worker: bool = False) -> dict | None:
+        """Train, evaluate and report; returns the summary (None on torchrun ranks other than 0, and
+        for a ``worker`` that leaves the report to another worker: see :meth:`_work`)."""
         spec = self.spec
         start = time.perf_counter()
         distributed.init(resolve_device(spec.device))
         classes = self.validate()
-        # One experiment per folder: a second one would train the same models at the same time.
-        with folder_writer_lock(self.out, f"experiment folder {self.out}", "use another --out",
-                                enabled=distributed.is_main()):
-            summary = self._execute(classes, overwrite)
+        # One experiment per folder, or any number of workers: a plain experiment beside workers would
+        # train the models they train. Shared by the workers, exclusive otherwise.
+        fix = "use another --out" if worker else "use another --out (processes share one folder with --worker)"
+        with folder_writer_lock(self.out, f"experiment folder {self.out}", fix, enabled=distributed.is_main(),
+                                shared=worker):
+            summary = self._execute(classes, overwrite, worker)
         if summary is not None:
             summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         return summary
 
-    def _execute(self, classes: list[str], overwrite: bool) -> dict | None:
+    def _execute(self, classes: list[str], overwrite: bool, worker: bool) -> dict | None:
         spec = self.spec
         common = dict(device=spec.device, overwrite=overwrite)
-        trainings = self.trainings()
-        total = len(trainings) + len(self.stores()) + int(self.trains_ensemble)
-        step = 0
-
-        def rule(text: str) -> None:
-            nonlocal step
-            step += 1
-            console.rule(f"[{step}/{total}] {text}")
-
+        # The ensemble and the stores: built once, by the first worker to take their locks; a worker
+        # that finds them taken waits, then finds a cache hit. A plain experiment owns the folder.
+        waiting = _waiting if worker else lambda take: contextlib.nullcontext()
         if self.trains_ensemble:
             e = spec.ensemble
-            rule(f"mask ensemble: {', '.join(e.model.encoders)}")
-            train_baseline(spec.data, e.model, replace(e.train, seed=e.seed), LossConfig(exponent=0.0),
-                           spec.augment, self.ensemble_path.parent, **common)
-        for name, masks in self.stores().items():
-            rule(f"make-masks {name}")
-            make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
-        for arm, seed, folder, encoders in trainings:
-            rule(f"{arm.name} {('online ' if arm.iu == 'online' else '') + ', '.join(encoders)} seed {seed}")
-            self._train(arm, seed, folder, encoders, common)
+            with waiting(lambda: out_lock(self.ensemble_path.parent)):
+                self._rule(1, f"mask ensemble: {', '.join(e.model.encoders)}")
+                train_baseline(spec.data, e.model, replace(e.train, seed=e.seed), LossConfig(exponent=0.0),
+                               spec.augment, self.ensemble_path.parent, **common)
+        if self.stores():
+            # One lock for every store, on the folder that holds them: a store being created has no
+            # folder of its own yet (it is staged beside it).
+            masks_lock = functools.partial(folder_writer_lock, self.out / "masks", f"mask stores of {self.out}",
+                                           "use another --out")
+            with waiting(masks_lock):
+                for step, (name, masks) in enumerate(self.stores().items(), int(self.trains_ensemble) + 1):
+                    self._rule(step, f"make-masks {name}")
+                    make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
+        if worker:
+            if not self._work(common):
+                return None
+        else:
+            for index in range(len(self.trainings())):
+                self._train(index, common)
         if not distributed.is_main():
             return None
-        rows, results = [], {}
-        for run in self.runs:
-            for evaluation in spec.evaluations:
-                options = replace(spec.eval, split=evaluation.split)
-                result = cached_evaluate([run.model_path], evaluation.data, options,
-                                         self.evaluation_path(run, evaluation), spec.device)[0]
-                results[(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)] = result
-                rows += result_rows(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split, result)
+        rows, results = self._results(self.runs, cached_evaluate)
         return self.report(rows, results, classes)
 
-    def _train(self, arm: Arm, seed: int, folder: Path, encoders: tuple[str, ...], common: dict) -> None:
+    def _rule(self, step: int, text: str) -> None:
+        total = len(self.trainings()) + len(self.stores()) + int(self.trains_ensemble)
+        console.rule(f"[{step}/{total}] {text}")
+
+    def _work(self, common: dict) -> bool:
+        """A worker's loop: claim the first training no process holds (its folder's writer lock, the
+        lock its train stage takes), train it (or find it done, or resume a killed worker's
+        checkpoint) and evaluate its runs under that lock, and again, until every training is
+        either done by this worker or held by another. Returns True when none is held by another:
+        then every run is done and this worker writes the report (of several finishing together,
+        each writes the same files). Under torchrun rank 0 claims for the job."""
+        trainings, done = self.trainings(), set()
+        while True:
+            claimed, lock, held = None, None, 0
+            if distributed.is_main():
+                for index, (_, _, folder, _) in enumerate(trainings):
+                    if index in done:
+                        continue
+                    try:
+                        claimed, lock = index, out_lock(folder)
+                        break
+                    except LockHeld:
+                        held += 1
+            claimed, held = distributed.all_gather_object((claimed, held))[0]
+            if claimed is None:
+                if held:
+                    console.print(f"{held} of {len(trainings)} trainings are being run by other workers; the last "
+                                  "worker to finish writes the report (iumask experiment --report-only writes one "
+                                  "from what is done)")
+                return not held
+            with lock or contextlib.nullcontext():
+                self._train(claimed, common)
+                if distributed.is_main():
+                    self._results([r for r in self.runs if r.folder == trainings[claimed][2]], cached_evaluate)
+            done.add(claimed)
+
+    def _results(self, runs: list[Run], results_of) -> tuple[list[dict], dict]:
+        """The rows of results.csv and the results by (arm, encoder, seed, dataset, split) of ``runs``
+        on every evaluation; ``results_of`` (as :func:`cached_evaluate`) gives an evaluation's
+        results, or None to leave it out."""
+        rows, results = [], {}
+        for run in runs:
+            for evaluation in self.spec.evaluations:
+                options = replace(self.spec.eval, split=evaluation.split)
+                found = results_of([run.model_path], evaluation.data, options, self.evaluation_path(run, evaluation),
+                                   self.spec.device)
+                if found is None:
+                    continue
+                results[(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)] = found[0]
+                rows += result_rows(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split, found[0])
+        return rows, results
+
+    def report_finished(self) -> dict:
+        """``--report-only``: the report from the evaluations already written for the models now in
+        the folder; nothing is trained or evaluated, no lock is taken (workers may be running)."""
+        classes = self.validate(writable=False)
+        rows, results = self._results(self.runs, _finished_results)
+        total = len(self.runs) * len(self.spec.evaluations)
+        if not results:
+            raise IumaskError(f"--report-only: no run in {self.out} is evaluated yet; run iumask experiment (with "
+                              "--worker to share the folder) first, or check --out")
+        console.print(f"report from {len(results)} of {total} evaluations (the others are not done yet)"
+                      if len(results) < total else f"report from all {total} evaluations")
+        return self.report(rows, results, classes)
+
+    def _train(self, index: int, common: dict) -> None:
+        """The training ``index`` of :meth:`trainings`."""
         spec = self.spec
+        arm, seed, folder, encoders = self.trainings()[index]
+        step = index + len(self.stores()) + int(self.trains_ensemble) + 1
+        self._rule(step, f"{arm.name} {('online ' if arm.iu == 'online' else '') + ', '.join(encoders)} seed {seed}")
         train = replace(arm.train, seed=seed)
         if arm.iu == "none":
             train_baseline(spec.data, spec.model(encoders), train, arm.loss, arm.augment, folder,
@@ -231,12 +319,13 @@ class Experiment:
                          **common)
 
     def cost(self) -> dict:
-        """Training seconds per run by arm (its epochs' wall time from metrics.csv), and the mask
-        ensemble's (all members, trained once) for the offline IU arms that need it."""
+        """Training seconds per finished run by arm (its epochs' wall time from metrics.csv), and the
+        mask ensemble's (all members, trained once) for the offline IU arms that need it."""
         runs: dict[str, list[float]] = {}
         for arm, _, folder, encoders in self.trainings():
-            member = self.spec.model(encoders).names[0]
-            runs.setdefault(arm.name, []).append(training_seconds(folder / member))
+            if (folder / ENSEMBLE_FILE).is_file():  # --report-only: runs to come or in progress do not count
+                member = self.spec.model(encoders).names[0]
+                runs.setdefault(arm.name, []).append(training_seconds(folder / member))
         ensemble = 0.0
         if self.trains_ensemble:
             ensemble = sum(training_seconds(self.ensemble_path.parent / n) for n in self.spec.ensemble.model.names)
@@ -254,11 +343,50 @@ class Experiment:
         summary.update(experiment=spec.name, spec=spec.raw, training_runs=spec.training_runs,
                        evaluations=[{"name": e.name, "split": e.split, "root": str(e.data.root.resolve())}
                                     for e in spec.evaluations])
-        store = next(iter(self.stores()), None)
+        store = self._finished_store()
         predictors = member_predictors(self.ensemble_path, train_folder, spec.device) if store else ()
-        write_report(self.out, summary, rows, results, stats, train_folder,
-                     MaskStore.open(self.out / "masks" / store) if store else None, predictors)
+        write_report(self.out, summary, rows, results, stats, train_folder, store, predictors)
         return summary
+
+    def _finished_store(self) -> MaskStore | None:
+        """The first mask store, for the figure of masks, once it is finished (``--report-only`` may
+        come before it is)."""
+        name = next(iter(self.stores()), None)
+        if name is None or _store_status(self.out / "masks" / name) != "done":
+            return None
+        return MaskStore.open(self.out / "masks" / name)
+
+
+# How often a worker tries again a lock that another worker holds (the mask ensemble's, the stores').
+POLL_S = 1.0
+
+
+def _waiting(take):
+    """The lock ``take()`` returns, taken on rank 0 (the other ranks get a no-op context), trying again
+    every POLL_S seconds while another process holds it (``take`` raises :class:`LockHeld`). Polling
+    rather than a blocking ``flock`` so that under torchrun the ranks meet every POLL_S seconds and
+    no collective waits longer than NCCL's timeout."""
+    waiting = False
+    while True:
+        lock = None
+        if distributed.is_main():
+            try:
+                lock = take()
+            except LockHeld as exc:
+                if not waiting:
+                    console.print(f"waiting for {exc.what}: another process is writing it ({exc.holder})")
+                    waiting = True
+        if distributed.all_gather_object(lock is not None)[0]:
+            return lock if lock is not None else contextlib.nullcontext()
+        time.sleep(POLL_S)
+
+
+def _finished_results(models: list[Path], data, options, json_path: Path, device: str) -> list[dict] | None:
+    """The results in ``json_path`` if they belong to the trained ``models`` as they are now, else None
+    (not trained, not evaluated, or evaluated before a retraining): ``--report-only``'s results."""
+    if not all((Path(m) / MANIFEST_FILE).is_file() for m in models):
+        return None
+    return cached_results(json_path, evaluation_identity(models, data, options))
 
 
 def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
