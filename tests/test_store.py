@@ -50,6 +50,15 @@ def fill(store, indices):
         store.write(i, *sample(i, store.image_shapes[i]))
 
 
+def assert_same_values(store, other):
+    """Every image of ``store`` reads as in ``other``, array for array, bit for bit."""
+    assert store.completed().all() and other.num_images == store.num_images
+    for i in range(store.num_images):
+        a, b = store.read(i), other.read(i)
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
 def test_round_trip_different_sizes(tmp_path):
     store = MaskStore.create(tmp_path / "s", make_identity())
     fill(store, range(len(SHAPES)))
@@ -230,11 +239,7 @@ def test_two_processes_write_disjoint_shards(tmp_path, images_per_shard):
     fill(single, range(len(SHAPES)))
     multi = MaskStore.open(shared)
     assert multi.images_per_shard == images_per_shard
-    assert multi.completed().all()
-    for i in range(len(SHAPES)):
-        a, b = multi.read(i), single.read(i)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    assert_same_values(multi, single)
 
 
 def test_compression(tmp_path):
@@ -278,11 +283,8 @@ def test_a_sharded_store_holds_the_values_of_an_unsharded_one_in_a_file_per_shar
     assert group.attrs["format_version"] == 3 and flat._group.attrs["format_version"] == 1
     assert sharded.identity == flat.identity  # the content version: either is a cache hit
     again = MaskStore.open(tmp_path / "sharded")
-    assert again.images_per_shard == 4 and again.completed().all()
-    for i in range(len(SHAPES)):
-        a, b = again.read(i), flat.read(i)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    assert again.images_per_shard == 4
+    assert_same_values(again, flat)
 
 
 def test_an_unsharded_store_is_resumed_as_it_is(tmp_path):
@@ -321,11 +323,7 @@ def test_threads_writing_through_one_writer_give_the_serial_store(tmp_path):
     order = np.random.default_rng(0).permutation(len(shapes)).tolist()
     with store.writes(order) as out, ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda i: out.write(i, *sample(i, shapes[i])), order))
-    assert store.completed().all()
-    for i in range(len(shapes)):
-        a, b = store.read(i), serial.read(i)
-        for key in a:
-            np.testing.assert_array_equal(a[key], b[key])
+    assert_same_values(store, serial)
 
 
 def test_an_error_keeps_the_buffered_images_and_a_rewrite_keeps_the_shards_others(tmp_path):
