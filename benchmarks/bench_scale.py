@@ -17,7 +17,7 @@ a plain line per tenth of its images) and reports:
 * peak RSS of the make-masks process.
 
 and at the end how each grows from the smallest N to the largest (work should grow linearly,
-start-up and cache hits sub-linearly, memory not at all). The default sizes take about 20 minutes
+start-up and cache hits sub-linearly, memory not at all). The default sizes take about 5 minutes
 on 2 CPU cores. The model is one untrained-quality
 member (MobileNetV2 FPN, one epoch on 16 images): its weights do not change the cost.
 
