@@ -44,7 +44,9 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-CAMVID = Path(os.environ.get("IUMASK_CAMVID", ROOT.parent / "shared" / "data" / "camvid"))
+# Where the tests look too: $IUMASK_CAMVID, where `iumask download camvid` puts it, or beside the repository.
+_CAMVID_PLACES = (os.environ.get("IUMASK_CAMVID"), ROOT / "data" / "camvid", ROOT.parent / "shared" / "data" / "camvid")
+CAMVID = next((Path(p) for p in _CAMVID_PLACES if p and (Path(p) / "trainannot").is_dir()), ROOT / "data" / "camvid")
 
 
 def log(text: str) -> None:
@@ -255,8 +257,8 @@ def bench_loss_step(args) -> None:
     images = torch.randn(args.batch, 3, h, w, device=device)
     labels = torch.randint(0, 11, (args.batch, h, w), device=device)
     iu = torch.rand(args.batch, h, w, device=device) * 2
-    losses = {"cross-entropy": (build_loss("cross-entropy", LossConfig(exponent=0.0), None, 255), None),
-              "iu-weighted": (build_loss("iu-weighted", LossConfig(exponent=2.0), None, 255), iu)}
+    losses = {"cross-entropy": (build_loss(LossConfig(exponent=0.0), None, 255, iu_weighted=False), None),
+              "iu-weighted": (build_loss(LossConfig(exponent=2.0), None, 255, iu_weighted=True), iu)}
 
     def step(name):
         fn, masks = losses[name]
