@@ -230,7 +230,6 @@ class PairedDataset:
         self.label_table = label_table
         self._extra_files = tuple(extra_files)
         self._definition = definition
-        self._shapes: list[tuple[int, int]] | None = None  # the images' (H, W) once check_headers ran
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -240,10 +239,8 @@ class PairedDataset:
         return read_rgb(self.image_paths[i])
 
     def image_shape(self, i: int) -> tuple[int, int]:
-        """(H, W) of image ``i`` from its header, without decoding the pixels (as :meth:`check_headers`
-        found it, once it ran)."""
-        if self._shapes is not None:
-            return self._shapes[i]
+        """(H, W) of image ``i`` from its header, without decoding the pixels (read now: a sample's
+        label is checked against its image as the files are at that moment)."""
         return _header_shape(self.image_paths[i], "image")
 
     def check_headers(self) -> list[tuple[int, int]]:
@@ -258,18 +255,16 @@ class PairedDataset:
         cached = self._cached(signature).get("image_shapes") if signature else None
         if (isinstance(cached, list) and len(cached) == len(self)
                 and all(isinstance(s, list) and len(s) == 2 and all(isinstance(v, int) for v in s) for s in cached)):
-            self._shapes = [(h, w) for h, w in cached]
-            return list(self._shapes)
+            return [(h, w) for h, w in cached]
         shapes = []
         for i in range(len(self)):
             shape = _header_shape(self.image_paths[i], "image")
             _check_label_shape(self.label_paths[i], _header_shape(self.label_paths[i], "label"),
                                self.image_paths[i], shape)
             shapes.append(shape)
-        self._shapes = shapes
         if not recently_changed:  # a later write in the same clock tick could keep every stat field
             self._remember(signature, image_shapes=[list(shape) for shape in shapes])
-        return list(shapes)
+        return shapes
 
     def check_pixels(self) -> None:
         """Decode every image and label (label values checked against the classes), so that a file
