@@ -72,6 +72,7 @@ _CONTENT_VERSIONS = {**{v: v for v in _PREDICTION_DTYPES}, **{s: v for v, s in _
 # shard in flight), and at most MAX_IMAGES_PER_SHARD images (what a kill can cost to recompute).
 SHARD_BYTES = 64 << 20
 MAX_IMAGES_PER_SHARD = 1024
+MAX_BUFFERED_SHARDS = 2  # shards a ShardWriter keeps in memory at once
 IDENTITY_KEYS = (
     "format_version",
     "image_ids",
@@ -624,7 +625,10 @@ class ShardWriter:
     image until every image of ``pending`` in its shard has come, then writes the shard at once
     (:meth:`MaskStore.write_shard`; in an unsharded store, each image at once). Leaving the
     ``with`` block writes what is buffered (after an error too, so finished images are kept; a
-    kill loses at most the shards in flight, which a rerun recomputes). The process must own
+    kill loses at most the shards in flight, which a rerun recomputes). At most
+    :data:`MAX_BUFFERED_SHARDS` shards wait in memory: when images come in another order than the
+    shards' (predict batches by image shape) or one never comes (an unreadable image), the shard
+    waiting longest is written as it is, its finished images kept when the rest arrives. The process must own
     every shard it writes: no other process may write images of those shards meanwhile."""
 
     def __init__(self, store: MaskStore, pending: Iterable[int]):
@@ -638,16 +642,20 @@ class ShardWriter:
     def write(self, index: int, entropy, instance_uncertainty, prediction) -> None:
         values = self.store.checked_arrays(index, entropy, instance_uncertainty, prediction)
         shard = self.store.shard_of(index)
+        ready = []
         with self._lock:
             images = self._buffered.setdefault(shard, {})
             images[index] = values
             waiting = self._waiting.get(shard, set())
             waiting.discard(index)
-            if waiting:
-                return
-            del self._buffered[shard]
-            self._waiting.pop(shard, None)
-        self.store.write_shard(shard, images)
+            if not waiting:
+                ready.append((shard, self._buffered.pop(shard)))
+                self._waiting.pop(shard, None)
+            while len(self._buffered) > MAX_BUFFERED_SHARDS:  # the oldest, partly: memory stays bounded
+                oldest = next(iter(self._buffered))
+                ready.append((oldest, self._buffered.pop(oldest)))
+        for number, shard_images in ready:
+            self.store.write_shard(number, shard_images)
 
     def flush(self) -> None:
         """Write every buffered image (shards still waiting for others are written as they are)."""

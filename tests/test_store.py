@@ -366,3 +366,24 @@ def test_read_all_reads_what_read_reads_and_refuses_incomplete_images(tmp_path, 
     store._group["complete"][4:6] = [True, False]  # image 5 unfinished
     with pytest.raises(IumaskError, match=r"img_005.*not complete"):
         list(store.read_all())
+
+
+def test_a_writer_keeps_at_most_two_shards_in_memory_whatever_the_order(tmp_path):
+    """Images that come shard after shard out of order (predict batches by shape) or never (an
+    unreadable image): the writer writes its oldest shard as it is beyond two, and the shard's
+    finished images are kept when the rest comes."""
+    from iumask.store import MAX_BUFFERED_SHARDS
+
+    shapes = [(16 + i % 2 * 8, 24 - i % 2 * 8) for i in range(30)]
+    identity = make_identity(shapes=shapes)
+    serial = MaskStore.create(tmp_path / "serial", identity, images_per_shard=1)
+    fill(serial, range(len(shapes)))
+    store = MaskStore.create(tmp_path / "s", identity, images_per_shard=3)
+    order = [i for i in range(30) if i % 3 == 0] + [i for i in range(30) if i % 3 != 0 and i != 29]
+    with store.writes(range(30)) as out:  # image 29 never comes
+        for i in order:
+            out.write(i, *sample(i, shapes[i]))
+            assert len(out._buffered) <= MAX_BUFFERED_SHARDS
+    assert store.completed().tolist() == [True] * 29 + [False]
+    store.write(29, *sample(29, shapes[29]))
+    assert_same_values(store, serial)
