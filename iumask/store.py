@@ -83,7 +83,8 @@ IDENTITY_KEYS = (
     "dataset_fingerprint",
 )
 _FLOAT_ARRAYS = ("entropy", "instance_uncertainty")
-_ARRAYS = (*_FLOAT_ARRAYS, "prediction", "complete")
+_IMAGE_ARRAYS = (*_FLOAT_ARRAYS, "prediction")  # per image, (N, Hmax, Wmax)
+_ARRAYS = (*_IMAGE_ARRAYS, "complete")
 # zarr writes metadata atomically through "zarr.<uuid hex>.partial", which a kill leaves behind.
 _ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
 _STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumask-new / -old
@@ -150,7 +151,7 @@ def _checked_identity(identity: dict) -> dict:
 def _consistent_layout(group: zarr.Group, sharded: bool) -> bool:
     """Whether the arrays are laid out as :meth:`MaskStore._new` makes them: image arrays in shards
     of S images and one flag chunk per shard (sharded), or one chunk per image (unsharded)."""
-    shards = {group[name].shards for name in _ARRAYS if name != "complete"}
+    shards = {group[name].shards for name in _IMAGE_ARRAYS}
     if len(shards) != 1:
         return False
     (shard,) = shards
@@ -531,7 +532,7 @@ class MaskStore:
             keep[written] = False
             if flags[written].any():  # rewriting finished images: invalid until all three arrays are written
                 complete[start:stop] = keep
-            for k, name in enumerate((*_FLOAT_ARRAYS, "prediction")):
+            for k, name in enumerate(_IMAGE_ARRAYS):
                 array = self._arrays[name]
                 # Whole-shard writes replace the file without reading it, unless finished images stay.
                 block = array[start:stop] if keep.any() else np.zeros((stop - start, *array.shape[1:]), array.dtype)
@@ -584,7 +585,7 @@ class MaskStore:
         out["prediction"] = np.asarray(self._arrays["prediction"][index, :h, :w], dtype=self.prediction_dtype)
         return out
 
-    def read_all(self, names: tuple[str, ...] = (*_FLOAT_ARRAYS, "prediction")) -> Iterator[tuple[int, dict]]:
+    def read_all(self, names: tuple[str, ...] = _IMAGE_ARRAYS) -> Iterator[tuple[int, dict]]:
         """``(index, arrays)`` for every image in order, the arrays ``names`` as :meth:`read` gives
         them, read many images at a time (whole shards, about :data:`SHARD_BYTES` of arrays per
         read): one file read per shard and array instead of one per image."""
@@ -628,8 +629,9 @@ class ShardWriter:
     kill loses at most the shards in flight, which a rerun recomputes). At most
     :data:`MAX_BUFFERED_SHARDS` shards wait in memory: when images come in another order than the
     shards' (predict batches by image shape) or one never comes (an unreadable image), the shard
-    waiting longest is written as it is, its finished images kept when the rest arrives. The process must own
-    every shard it writes: no other process may write images of those shards meanwhile."""
+    waiting longest is written as it is, its finished images kept when the rest arrives. The
+    process must own every shard it writes: no other process may write images of those shards
+    meanwhile."""
 
     def __init__(self, store: MaskStore, pending: Iterable[int]):
         self.store = store
@@ -668,13 +670,12 @@ class ShardWriter:
         return self
 
     def __exit__(self, kind, exc, traceback) -> None:
-        if kind is None:
-            self.flush()
-            return
         try:
             self.flush()
-        except Exception:  # noqa: BLE001 - the error that ended the block is the one to report
-            pass
+        except Exception:
+            if kind is None:
+                raise
+            # else the error that ended the block is the one to report
 
 
 class StoreMaskReader:
