@@ -136,7 +136,7 @@ def test_metrics_memory_does_not_grow():
         for k, v in vars(m).items():
             if isinstance(v, (torch.Tensor, np.ndarray)):
                 out[k] = tuple(v.shape)
-            elif isinstance(v, (list, tuple, dict, set)) and k != "image_miou":  # one float per image, by design
+            elif isinstance(v, (list, tuple, dict, set)) and k != "image_counts":  # per-image counts, by design
                 out[k] = len(v)
         return out
 
@@ -449,9 +449,9 @@ def test_calibration_memory_flat_and_summable():
     m = iumask.SegmentationMetrics(num_classes, ignore_index=ignore)
 
     def footprint():
-        state = {k: v for a in m.accumulators for k, v in vars(a).items() if not k.startswith("_")}
+        state = {k: v for a in m.accumulators.values() for k, v in vars(a).items() if not k.startswith("_")}
         return {k: (tuple(v.shape), v.dtype) for k, v in state.items() if isinstance(v, torch.Tensor)} | {
-            k: len(v) for k, v in state.items() if isinstance(v, (list, tuple, dict, set)) and k != "image_miou"}
+            k: len(v) for k, v in state.items() if isinstance(v, (list, tuple, dict, set)) and k != "image_counts"}
 
     m.update(preds[0], targets[0], probs=probs[0])
     before = footprint()

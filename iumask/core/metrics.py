@@ -4,10 +4,11 @@ calibration metrics ECE (from per-bin sums), Brier score and NLL (from running s
 metrics that see small and rare objects and selective prediction (docs/method.md §8): mean class
 accuracy, per-image mIoU and its worst 10 %, instance recall per class and size, and AURC, AUGRC and
 risk at 80 % coverage from a fine confidence histogram. Streaming: memory does not grow with the
-number of pixels (one float per image for the per-image mIoU)."""
+number of pixels (per image, three counts per class: intersection, union and labelled pixels)."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import numpy as np
@@ -16,10 +17,11 @@ import torch.nn.functional as F
 
 from iumask.core.instances import label_instances
 
-# Instance sizes by area relative to the image: COCO's 32² and 96² pixels of a 640x480 image.
+# Instance sizes by absolute area in pixels at the scoring resolution, as COCO's: small < 32²,
+# medium < 96², large from 96².
 INSTANCE_SIZES = ("small", "medium", "large")
-SMALL_INSTANCE_AREA = 32 * 32 / (640 * 480)
-LARGE_INSTANCE_AREA = 96 * 96 / (640 * 480)
+SMALL_INSTANCE_AREA = 32 * 32
+LARGE_INSTANCE_AREA = 96 * 96
 # Selective risk: pixels binned by confidence on u = log(1 − confidence) / log(1e-7) ∈ [0, 1]
 # (fine near confidence 1, where a trained model puts most pixels; confidence exactly 1 and
 # above 1 − 1e-7 share the last bin).
@@ -33,7 +35,8 @@ def instance_recall_counts(pred: np.ndarray, target: np.ndarray, num_classes: in
                            connectivity: int = 8) -> tuple[np.ndarray, np.ndarray]:
     """Ground-truth instances of one image (connected components of each class of ``target``, as
     the method's instances) that are found, i.e. at least half of their pixels predicted as their
-    class: ``(found, total)``, each ``(C, 3)`` counts by class and size (small, medium, large)."""
+    class: ``(found, total)``, each ``(C, 3)`` counts by class and size (small, medium, large: area in
+    pixels below SMALL_INSTANCE_AREA, below LARGE_INSTANCE_AREA, or from it)."""
     found = np.zeros((num_classes, len(INSTANCE_SIZES)), np.int64)
     total = np.zeros_like(found)
     instances, instance_class = label_instances(target, num_classes, connectivity, ignore_index)
@@ -43,33 +46,57 @@ def instance_recall_counts(pred: np.ndarray, target: np.ndarray, num_classes: in
     flat = instances.ravel()
     area = np.bincount(flat, minlength=count + 1)[1:]
     hits = np.bincount(flat[(pred == target).ravel()], minlength=count + 1)[1:]
-    size = np.digitize(area / target.size, [SMALL_INSTANCE_AREA, LARGE_INSTANCE_AREA])
+    size = np.digitize(area, [SMALL_INSTANCE_AREA, LARGE_INSTANCE_AREA])
     classes = instance_class[1:]
     np.add.at(total, (classes, size), 1)
     np.add.at(found, (classes, size), (2 * hits >= area).astype(np.int64))
     return found, total
 
 
-def per_image_miou(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255) -> float:
-    """One image's mIoU over the classes present in its label or its prediction (valid pixels
-    only); NaN for an image without valid pixels."""
+IMAGE_COUNTS = ("intersection", "union", "label_pixels")
+
+
+def image_class_counts(pred: np.ndarray, target: np.ndarray, num_classes: int,
+                       ignore_index: int = 255) -> np.ndarray:
+    """One image's ``(3, C)`` int64 counts over its valid pixels (IMAGE_COUNTS): per class the
+    intersection (TP), the union (TP + FP + FN) and the labelled pixels (TP + FN). Summed over
+    images they give the dataset-level IoU of :func:`iou_from_confusion`."""
     valid = target != ignore_index
-    if not valid.any():
-        return math.nan
-    cm = np.bincount(target[valid].astype(np.int64) * num_classes + pred[valid], minlength=num_classes ** 2)
-    cm = cm.reshape(num_classes, num_classes)
+    cm = np.bincount(target[valid].astype(np.int64) * num_classes + pred[valid].astype(np.int64),
+                     minlength=num_classes ** 2).reshape(num_classes, num_classes)
     tp = np.diag(cm)
-    union = cm.sum(0) + cm.sum(1) - tp
-    present = union > 0
-    return float((tp[present] / union[present]).mean())
+    labelled = cm.sum(1)
+    return np.stack([tp, labelled + cm.sum(0) - tp, labelled]).astype(np.int64)
 
 
-def worst_mean(values: list[float], fraction: float = WORST_FRACTION) -> float:
-    """Mean of the lowest ``ceil(fraction · n)`` values (NaN without values)."""
-    values = sorted(v for v in values if not math.isnan(v))
+def image_miou(intersection, union, label_pixels, classes: str = "label") -> np.ndarray:
+    """Per-image mIoU from ``(images, C)`` counts (:func:`image_class_counts`): the mean IoU over the
+    classes present in the image's label (``classes="label"``, Wang et al.'s fine-grained mIoU) or
+    in its label or its prediction (``"label_or_prediction"``); NaN for an image without valid pixels."""
+    if classes not in ("label", "label_or_prediction"):
+        raise ValueError(f"classes must be 'label' or 'label_or_prediction', got {classes!r}")
+    intersection, union, label_pixels = (np.atleast_2d(np.asarray(a, np.float64))
+                                         for a in (intersection, union, label_pixels))
+    present = (label_pixels if classes == "label" else union) > 0
+    with np.errstate(divide="ignore", invalid="ignore"):
+        iou = np.where(present, intersection / np.maximum(union, 1), 0.0)
+        return np.where(label_pixels.sum(1) > 0, iou.sum(1) / present.sum(1), math.nan)
+
+
+def per_image_miou(pred: np.ndarray, target: np.ndarray, num_classes: int, ignore_index: int = 255,
+                   classes: str = "label") -> float:
+    """One image's mIoU (:func:`image_miou`: by default over the classes present in its label,
+    valid pixels only); NaN for an image without valid pixels."""
+    return float(image_miou(*image_class_counts(pred, target, num_classes, ignore_index)[:, None], classes)[0])
+
+
+def worst_mean(values, fraction: float = WORST_FRACTION) -> float:
+    """Mean of the lowest ``k = max(1, floor(fraction · n))`` of the n non-NaN values (Wang et al.'s
+    worst-k images; NaN without values)."""
+    values = sorted(float(v) for v in values if not math.isnan(v))
     if not values:
         return math.nan
-    return float(np.mean(values[:math.ceil(fraction * len(values))]))
+    return float(np.mean(values[:max(1, math.floor(fraction * len(values)))]))
 
 
 def risk_bin(confidence: torch.Tensor, bins: int = RISK_BINS) -> torch.Tensor:
@@ -81,13 +108,16 @@ def risk_bin(confidence: torch.Tensor, bins: int = RISK_BINS) -> torch.Tensor:
 def selective_risk(counts, errors, coverage: float = COVERAGE) -> dict:
     """AURC, AUGRC and the risk at ``coverage`` (torch-uncertainty's definitions: pixels sorted by
     confidence, most confident first; risk(k) = errors among the first k / k, generalized risk =
-    errors among the first k / n; the areas over coverage k/n) from a confidence histogram:
-    ``counts`` and ``errors`` per bin, bins in increasing confidence.
+    errors among the first k / n; the areas over coverage k/n; the risk at coverage c is risk(k)
+    of the most confident k = ceil(c · n) pixels) from a confidence histogram: ``counts`` and
+    ``errors`` per bin, bins in increasing confidence.
 
     The order of pixels inside a bin is unknown, so the errors are taken as spread evenly through
-    it (the expected value for a random order of the bin's pixels). ``*_bound`` are bounds on the
-    difference to the exact value of any order (errors first or last in every bin), plus 2/n for
-    the difference between the sum over pixels and the integral."""
+    it (the expected value for a random order of the bin's pixels). ``*_bound`` are upper bounds on
+    the difference to the exact value of any order (errors first or last in every bin), plus 2/n
+    for the difference between the sum over pixels and the integral; since the exact value lies in
+    the metric's range (AURC and risk in [0, 1], AUGRC in [0, 1/2]), a bound is at most the
+    largest distance from the estimate to an end of that range."""
     n_b = np.asarray(counts, np.float64)[::-1]  # most confident first
     e_b = np.asarray(errors, np.float64)[::-1]
     keep = n_b > 0
@@ -115,10 +145,12 @@ def selective_risk(counts, errors, coverage: float = COVERAGE) -> dict:
     augrc_bound = spread.sum() / n ** 2 + 2 / n
     k = math.ceil(coverage * n)
     b = int(np.searchsorted(k1, k))
-    at_k = e0[b] + slope[b] * (k - k0[b])
-    return {"aurc": float(aurc), "augrc": float(augrc), "risk_at_80_coverage": float(at_k / k),
-            "aurc_bound": float(aurc_bound), "augrc_bound": float(augrc_bound),
-            "risk_at_80_coverage_bound": float(e_b[b] * (n_b[b] - e_b[b]) / n_b[b] / k + 1 / k)}
+    risk = (e0[b] + slope[b] * (k - k0[b])) / k
+    risk_bound = e_b[b] * (n_b[b] - e_b[b]) / n_b[b] / k + 1 / k
+    clamp = lambda bound, value, top: float(min(bound, max(value, top - value)))  # noqa: E731
+    return {"aurc": float(aurc), "augrc": float(augrc), "risk_at_80_coverage": float(risk),
+            "aurc_bound": clamp(aurc_bound, aurc, 1.0), "augrc_bound": clamp(augrc_bound, augrc, 0.5),
+            "risk_at_80_coverage_bound": clamp(risk_bound, risk, 1.0)}
 
 
 def _as_tensor(x) -> torch.Tensor:
@@ -399,22 +431,40 @@ class InstanceRecall(Accumulator):
 
 
 class PerImageIoU(Accumulator):
-    """Mean over images of each image's mIoU (:func:`per_image_miou`) and the mean of the worst 10 %."""
+    """Per-image counts (:func:`image_class_counts`) of every image, kept in image order
+    (:meth:`counts`), and from them the mean over images of each image's mIoU and the mean of the
+    worst 10 % (:func:`image_miou`, :func:`worst_mean`): over the classes of the label (Wang et al.,
+    ``per_image_miou``, ``worst_10pct_miou``) and over those of the label or the prediction
+    (``*_label_or_prediction``)."""
 
     def __init__(self, num_classes: int, ignore_index: int = 255):
         super().__init__()
         self.num_classes, self.ignore_index = num_classes, ignore_index
-        self.add_state("image_miou", [], "cat")  # one mIoU per image with valid pixels
+        self.add_state("image_counts", [], "cat")  # (image id or None, (3, C) counts) per image
 
-    def update_image(self, pred: np.ndarray, target: np.ndarray) -> None:
-        miou = per_image_miou(pred, target, self.num_classes, self.ignore_index)
-        if not math.isnan(miou):
-            self.image_miou.append(miou)
+    def update_image(self, pred: np.ndarray, target: np.ndarray, image_id: int | None = None) -> None:
+        self.image_counts.append((image_id, image_class_counts(pred, target, self.num_classes, self.ignore_index)))
+
+    def counts(self) -> dict[str, np.ndarray]:
+        """``{"intersection", "union", "label_pixels"}``, each ``(images, C)`` int64, and ``"image_ids"``
+        (-1 where none was given): sorted by image id when every image has one (the order of the
+        images after :meth:`sync` over processes that shared them), else in the order added."""
+        entries = self.image_counts
+        if entries and all(i is not None for i, _ in entries):
+            entries = sorted(entries, key=lambda entry: entry[0])
+        stacked = np.stack([c for _, c in entries]) if entries else np.zeros((0, 3, self.num_classes), np.int64)
+        return {**{name: stacked[:, k] for k, name in enumerate(IMAGE_COUNTS)},
+                "image_ids": np.array([-1 if i is None else i for i, _ in entries], np.int64)}
 
     def compute(self) -> dict:
-        images = self.image_miou
-        return {"per_image_miou": float(np.mean(images)) if images else math.nan,
-                "worst_10pct_miou": worst_mean(images), "images_scored": len(images)}
+        counts = self.counts()
+        out = {}
+        for classes, suffix in (("label", ""), ("label_or_prediction", "_label_or_prediction")):
+            miou = image_miou(*(counts[name] for name in IMAGE_COUNTS), classes)
+            miou = miou[~np.isnan(miou)]
+            out[f"per_image_miou{suffix}"] = float(miou.mean()) if miou.size else math.nan
+            out[f"worst_10pct_miou{suffix}"] = worst_mean(miou)
+        return {**out, "images_scored": int((counts["label_pixels"].sum(1) > 0).sum())}
 
 
 class SegmentationMetrics:
@@ -470,10 +520,13 @@ class SegmentationMetrics:
         self.instance_recall = InstanceRecall(num_classes, ignore_index, instance_connectivity)
         self.per_image = PerImageIoU(num_classes, ignore_index)
 
+    ACCUMULATORS = ("confusion_matrix", "mean_entropy", "pavpu", "calibration", "selective_risk",
+                    "instance_recall", "per_image")
+
     @property
-    def accumulators(self) -> list[Accumulator]:
-        return [a for a in (self.confusion_matrix, self.mean_entropy, self.pavpu, self.calibration,
-                            self.selective_risk, self.instance_recall, self.per_image) if a is not None]
+    def accumulators(self) -> dict[str, Accumulator]:
+        """The accumulators present, by attribute name (PAvPU only with a threshold)."""
+        return {name: getattr(self, name) for name in self.ACCUMULATORS if getattr(self, name) is not None}
 
     @property
     def confusion(self) -> torch.Tensor:
@@ -481,23 +534,37 @@ class SegmentationMetrics:
         return self.confusion_matrix.confusion
 
     def reset(self) -> None:
-        for accumulator in self.accumulators:
+        for accumulator in self.accumulators.values():
             accumulator.reset()
 
     def merge(self, other: "SegmentationMetrics") -> None:
-        for mine, theirs in zip(self.accumulators, other.accumulators):
-            mine.merge(theirs)
+        """Add ``other``'s state, accumulator by accumulator of the same name. One that only ``other``
+        has (PAvPU, given a threshold there only) is taken over as a copy: it holds all the data
+        that was scored with it."""
+        for name, theirs in other.accumulators.items():
+            mine = getattr(self, name)
+            if mine is None:
+                setattr(self, name, copy.deepcopy(theirs))
+            else:
+                mine.merge(theirs)
 
     def sync(self, all_reduce_sum, all_gather_object) -> None:
         """Every state reduced over processes (see :meth:`Accumulator.sync`)."""
-        for accumulator in self.accumulators:
+        for accumulator in self.accumulators.values():
             accumulator.sync(all_reduce_sum, all_gather_object)
 
-    def update(self, pred, target, entropy=None, probs=None) -> None:
+    def image_counts(self) -> dict[str, np.ndarray]:
+        """Per scored image, in image order: intersection, union and labelled pixels per class
+        (``(images, C)`` int64 each) and the image ids (:meth:`PerImageIoU.counts`)."""
+        return self.per_image.counts()
+
+    def update(self, pred, target, entropy=None, probs=None, image_ids=None) -> None:
         """Add a batch: ``pred`` and ``target`` ``(B, H, W)`` (or ``(H, W)``) class indices,
         ``entropy`` the matching pixel uncertainty (needed for PAvPU), ``probs`` the class
         probabilities ``(B, C, H, W)`` (or ``(C, H, W)``; needed for ECE, Brier and NLL; the ECE
-        takes its top label from ``probs``, like torchmetrics, not from ``pred``)."""
+        takes its top label from ``probs``, like torchmetrics, not from ``pred``); ``image_ids``
+        the images' indices in the split (B ints, or one for one image), the order of
+        :meth:`image_counts`."""
         pred, target = _as_tensor(pred).long().cpu(), _as_tensor(target).long().cpu()
         if pred.ndim == 2 and pred.shape == target.shape:
             pred, target = pred[None], target[None]
@@ -512,9 +579,13 @@ class SegmentationMetrics:
                 raise ValueError(f"probs must be floating point probabilities, got {probs.dtype}")
         self.confusion_matrix.update(pred, target)  # first: it checks the class ids
         valid = target != self.ignore_index
-        for p, t in zip(pred.numpy(), target.numpy()):
+        if image_ids is None:
+            image_ids = [None] * len(pred)
+        elif isinstance(image_ids, int):
+            image_ids = [image_ids]
+        for p, t, i in zip(pred.numpy(), target.numpy(), [None if i is None else int(i) for i in image_ids]):
             self.instance_recall.update_image(p, t)
-            self.per_image.update_image(p, t)
+            self.per_image.update_image(p, t, i)
         if entropy is not None:
             entropy = _as_tensor(entropy).float().cpu()
             self.mean_entropy.update(entropy)
@@ -530,7 +601,7 @@ class SegmentationMetrics:
         PAvPU (NaN without a threshold), ECE, Brier, NLL, instance recall, per-image and worst-10 %
         mIoU, AURC, AUGRC and risk at 80 % coverage (NaN where undefined)."""
         out = {}
-        for accumulator in self.accumulators:
+        for accumulator in self.accumulators.values():
             out.update(accumulator.compute())
         if self.pavpu is None:
             out.update(pavpu_from_counts([0, 0, 0, 0]), pavpu_threshold=None)
