@@ -27,6 +27,7 @@ from iumask.config import TrainConfig as TrainOptions
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import Precision
 from iumask.engine import EpochBatchSampler, resolve_amp, steps_per_epoch
+from iumask.stages.evaluate import read_image_counts
 from iumask.store import MaskStore
 
 pytestmark = pytest.mark.slow
@@ -351,6 +352,11 @@ def test_evaluate_with_two_processes_equals_one_process(data, baseline, tmp_path
                 "pavpu_counts", "instance_counts", "worst_10pct_miou", "temperature"):
         assert one[key] == two[key], key  # 8 images on both: no image left out or counted twice
     assert one["calibration_bins"]["pixels"] == two["calibration_bins"]["pixels"]
+    # the per-image counts, gathered from both ranks, in the split's image order as one process's
+    [counts_one], [counts_two] = (read_image_counts(tmp_path / runner / "results.json") for runner in ("one", "two"))
+    for name in ("intersection", "union", "label_pixels", "images"):
+        np.testing.assert_array_equal(counts_one[name], counts_two[name])
+    assert counts_one["images"].tolist() == sorted(counts_one["images"].tolist())  # the synthetic ids sort
     for key in ("mean_entropy", "ece", "brier", "nll", "per_image_miou", "aurc", "augrc", "risk_at_80_coverage",
                 "ece_scaled", "nll_scaled"):
         assert two[key] == pytest.approx(one[key], rel=1e-12, abs=1e-15), key

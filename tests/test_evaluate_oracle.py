@@ -484,3 +484,101 @@ def test_metrics_patch_accuracy_counts_valid_pixels_only(metric_data):
     ref = reference_metrics([p], [t], [ents[0]], num_classes, ignore, 4, None, 1.0)
     assert ref["pavpu_counts"]["n_ic"] == ref["pavpu_counts"]["n_iu"] == 0
     assert m.compute()["pavpu_counts"] == ref["pavpu_counts"]
+
+
+# --------------------------------------------------------------------------------------------
+# temperature scaling and the per-image counts
+# --------------------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_evaluate_temperature_scaled_calibration_is_of_the_scaled_probabilities(data, ensemble, members):
+    """``--temperature-scale``: ECE, NLL and Brier after T are those of softmax(log p̄ / T), scaled
+    here in float64 and scored by torchmetrics (ECE) and numpy; they differ from the unscaled ones."""
+    from torchmetrics.functional.classification import multiclass_calibration_error
+
+    models, manifest = members
+    inputs, targets = val_split(data, manifest)
+    (result,) = evaluate([ensemble / "ensemble.json"], data, "val", pavpu_threshold=0.5, temperature_split="val")
+    t = result["temperature"]
+    assert not math.isclose(t, 1.0, rel_tol=1e-2)
+    p = np.concatenate([probs_resize(models, x)[0].reshape(NUM_CLASSES, -1) for x in inputs], axis=1).T
+    y = np.concatenate([target.ravel() for target in targets]).astype(np.int64)
+    valid = y != IGNORE
+    p, y = p[valid], y[valid]
+    assert result["temperature_pixels"] == result["temperature_split_pixels"] == y.size  # < 2 M: all of them
+    logp = np.log(np.maximum(p, 1e-12)) / t
+    q = np.exp(logp - logp.max(1, keepdims=True))
+    q /= q.sum(1, keepdims=True)
+    rows = np.arange(y.size)
+    for probs, suffix in ((p, ""), (q, "_scaled")):
+        nll = -np.log(np.maximum(probs[rows, y], 1e-12)).mean()
+        onehot = np.eye(NUM_CLASSES)[y]
+        brier = ((probs - onehot) ** 2).sum(1).mean()
+        ece = float(multiclass_calibration_error(torch.from_numpy(probs).float(), torch.from_numpy(y), NUM_CLASSES,
+                                                 n_bins=15, norm="l1"))
+        assert result[f"nll{suffix}"] == pytest.approx(nll, rel=1e-4), suffix
+        assert result[f"brier{suffix}"] == pytest.approx(brier, rel=1e-4), suffix
+        assert result[f"ece{suffix}"] == pytest.approx(ece, rel=1e-3, abs=1e-5), suffix
+    for key in ("ece", "nll", "brier"):  # a temperature ≠ 1 changes every one of them
+        assert abs(result[f"{key}_scaled"] - result[key]) > 1e-4, key
+
+
+@pytest.mark.slow
+def test_evaluate_writes_per_image_counts_beside_the_results(data, ensemble, members, tmp_path, capsys):
+    """The images file: per image (in the split's order) intersection, union and labelled pixels per
+    class, equal to counts made here from the members' own predictions, summing to the results'
+    IoU exactly; one set per entry in results order after a merge; and a results file whose images
+    file is missing, replaced, or that an earlier version wrote is evaluated again."""
+    models, manifest = members
+    inputs, targets = val_split(data, manifest)
+    preds = [probs_resize(models, x)[0].argmax(0) for x in inputs]
+    ambiguous = ambiguous_pixels([probs_resize(models, x)[0] for x in inputs])
+    results_file = tmp_path / "evaluation.json"
+    options = EvalConfig("val", pavpu_threshold=0.5)
+
+    def cached() -> tuple[dict, bool]:
+        capsys.readouterr()
+        (result,) = evaluate_stage.cached_evaluate([ensemble / "ensemble.json"], DataConfig(data), options,
+                                                   results_file, "cpu")
+        return result, "cache hit" in capsys.readouterr().err
+
+    result, hit = cached()
+    assert not hit and json.loads(json.dumps(result)) == json.loads(results_file.read_text())["results"][0]
+    (counts,) = evaluate_stage.read_image_counts(results_file)
+    assert counts["images"].tolist() == ids_of(data, "val")
+    assert counts["intersection"].shape == counts["union"].shape == (3, NUM_CLASSES)
+    assert counts["intersection"].dtype == counts["union"].dtype == np.int64
+    if ambiguous == 0:
+        for i, (pred, target) in enumerate(zip(preds, targets)):
+            valid = target != IGNORE
+            for c in range(NUM_CLASSES):
+                t, p = (target == c) & valid, (pred == c) & valid
+                assert counts["intersection"][i, c] == (t & p).sum() and counts["union"][i, c] == (t | p).sum()
+                assert counts["label_pixels"][i, c] == t.sum()
+    union = counts["union"].sum(0)
+    iou = [None if u == 0 else i / u for i, u in zip(counts["intersection"].sum(0).tolist(), union.tolist())]
+    assert iou == result["iou"]  # exactly
+
+    assert cached()[1]  # a cache hit with its images file
+    images = evaluate_stage.images_path(results_file)
+    images.unlink()
+    assert not cached()[1] and images.is_file()  # missing: evaluated again, and the file is back
+    images.write_bytes(images.read_bytes() + b"\0")
+    assert evaluate_stage.read_image_counts(results_file) is None and not cached()[1]  # not the JSON's file
+    old = json.loads(results_file.read_text())  # as the previous version wrote it
+    del old["images"], old["identity"]["metrics_version"]
+    results_file.write_text(json.dumps(old))
+    images.unlink()
+    assert evaluate_stage.read_image_counts(results_file) is None and not cached()[1]
+
+    # a merge keeps one set of counts per entry, in the results' order
+    member = evaluate([ensemble / MEMBERS[0]], data, "val", pavpu_threshold=0.5)
+    merged, kept, replaced = evaluate_stage.merge_results(results_file, member)
+    assert (kept, replaced) == (1, 0)
+    evaluate_stage.write_results(merged, results_file)
+    stored = json.loads(results_file.read_text())["results"]
+    both = evaluate_stage.read_image_counts(results_file)
+    assert [r["model"] for r in stored] == [result["model"], member[0]["model"]]
+    assert np.array_equal(both[0]["union"], counts["union"])
+    assert np.array_equal(both[1]["union"], member[0].image_counts["union"])
+    assert not np.array_equal(both[0]["intersection"], both[1]["intersection"])  # two models, two sets

@@ -1,6 +1,6 @@
 """Stage 4, evaluate: per-class IoU, mIoU, pixel accuracy, PAvPU and calibration (ECE, Brier, NLL)
 of models or ensembles on a split (docs/method.md §8), and the results files (JSON + CSV, merged
-across runs).
+across runs, and beside them the per-image counts: :func:`read_image_counts`).
 
 The PAvPU threshold defaults to the evaluated model's training-set mean pixel entropy, computed
 once and cached in its manifest with the weights it belongs to (:mod:`iumask.artifacts`).
@@ -9,10 +9,13 @@ once and cached in its manifest with the weights it belongs to (:mod:`iumask.art
 from __future__ import annotations
 
 import csv
+import hashlib
+import io
 import json
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
@@ -27,7 +30,7 @@ from iumask.artifacts import (
 )
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics
-from iumask.core.metrics import fit_temperature, scale_temperature
+from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
 from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_device, usable_amp
@@ -45,7 +48,22 @@ RESULT_KEY = ("path", "data", "split", "resolution", "inference")
 # Scalar metrics added after the first results files (NaN in the CSV for entries merged from those).
 NEWER_METRICS = ("mean_accuracy", "per_image_miou", "worst_10pct_miou", "instance_recall", "instance_recall_small",
                  "instance_recall_medium", "instance_recall_large", "aurc", "augrc", "risk_at_80_coverage",
-                 "temperature", "ece_scaled", "brier_scaled", "nll_scaled")
+                 "temperature", "ece_scaled", "brier_scaled", "nll_scaled", "per_image_miou_label_or_prediction",
+                 "worst_10pct_miou_label_or_prediction", "temperature_pixels", "temperature_split_pixels")
+# What the metrics mean, in the evaluation identity: 2 = per-image mIoU over the label's classes, the
+# worst max(1, floor(n/10)) images, COCO's absolute instance sizes, per-image counts in an images
+# file. Results of another version (or none: before) are evaluated again, not cache hits.
+METRICS_VERSION = 2
+
+
+class EvaluationResult(dict):
+    """One results entry (a dict, as results.json holds it) that also carries its per-image counts
+    (``image_counts``: :func:`read_image_counts`' arrays, or None) from :func:`evaluate` to
+    :func:`write_results`, which puts them in the images file, never into the JSON."""
+
+    def __init__(self, entry: dict, image_counts: dict[str, np.ndarray] | None = None):
+        super().__init__(entry)
+        self.image_counts = image_counts
 
 
 @torch.no_grad()
@@ -79,7 +97,7 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
             entropy, prediction = host_tensor(maps.entropy), host_tensor(maps.prediction)
             sums.append((b, float(entropy.double().sum()), entropy.numel()))
             if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
-                metrics.update(prediction, batch["label"], entropy, probs)
+                metrics.update(prediction, batch["label"], entropy, probs, image_ids=batch["index"].tolist())
             if scaled is not None:
                 scaled[0].update(prediction, batch["label"], None, scale_temperature(probs, scaled[1]))
             if on_batch is not None:
@@ -96,24 +114,27 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
     return total / max(pixels, 1)
 
 
-# Temperature scaling is fitted on at most this many valid pixels (a fixed random sample).
+# Temperature scaling is fitted on at most this many valid pixels (a fixed random sample): all of
+# CamVid's val split (17 M pixels × 11 classes) would need gigabytes in float64.
 TEMPERATURE_PIXELS = 2_000_000
 
 
 def split_temperature(source: UncertaintySource, folder, eval_size, options: EvalConfig, device: torch.device,
-                      name: str) -> float:
+                      name: str) -> tuple[float, int, int]:
     """The temperature that minimises the NLL of the model's probabilities on ``folder`` (a fixed
-    random sample of at most TEMPERATURE_PIXELS valid pixels, spread evenly over the images)."""
+    random sample of at most TEMPERATURE_PIXELS valid pixels, spread evenly over the images), the
+    number of pixels it was fitted on and the number of valid pixels of ``folder``."""
     dataset = SegmentationDataset(folder, eval_size)
     per_image = max(1, TEMPERATURE_PIXELS // max(len(dataset), 1))
     generator = torch.Generator().manual_seed(0)
-    chosen_logp, chosen_labels = [], []
+    chosen_logp, chosen_labels, available = [], [], [0]
 
     def keep(probs: torch.Tensor, labels: torch.Tensor) -> None:
         logp = torch.log(probs.float().clamp_min(1e-12)).movedim(1, -1).cpu()
         for image_logp, image_labels in zip(logp, labels):
             valid = image_labels != folder.classes.ignore_index
             z, y = image_logp[valid], image_labels[valid]
+            available[0] += len(y)
             pick = torch.randperm(len(y), generator=generator)[:per_image]
             chosen_logp.append(z[pick])
             chosen_labels.append(y[pick])
@@ -123,7 +144,8 @@ def split_temperature(source: UncertaintySource, folder, eval_size, options: Eva
     if not chosen_labels or sum(len(y) for y in chosen_labels) == 0:
         raise IumaskError(f"{folder.root} ({folder.split}): no labelled pixel to fit a temperature on; choose "
                           "another --temperature-split")
-    return fit_temperature(torch.cat(chosen_logp), torch.cat(chosen_labels))
+    labels = torch.cat(chosen_labels)
+    return fit_temperature(torch.cat(chosen_logp), labels), len(labels), available[0]
 
 
 def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device,
@@ -161,7 +183,8 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
              device: str = "auto", before_work: Callable[[], None] | None = None,
              across_ranks: bool = False) -> list[dict]:
     """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
-    ``options.split``.
+    ``options.split``. Each result is an :class:`EvaluationResult`: it also carries its per-image
+    counts, which :func:`write_results` puts in the images file.
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
     (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
@@ -199,7 +222,7 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         eval_size = source.size if options.resolution == "train" else None
         scaled, extra = None, {}
         if temperature_folder is not None:
-            temperature = split_temperature(source, temperature_folder, eval_size, options, dev, name)
+            temperature, used, available = split_temperature(source, temperature_folder, eval_size, options, dev, name)
             scaled = (SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index), temperature)
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
                       inference=options.inference, workers=options.num_workers, amp=options.amp, scaled=scaled,
@@ -207,18 +230,23 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         if scaled is not None:
             after = scaled[0].compute()
             extra = {"temperature": scaled[1], "temperature_split": options.temperature_split,
+                     "temperature_pixels": used, "temperature_split_pixels": available,
                      **{f"{k}_scaled": after[k] for k in ("ece", "brier", "nll")}}
         if int(metrics.confusion.sum()) == 0:
             warn(f"{folder.root} ({options.split}): every label pixel is the ignore label "
                  f"{folder.classes.ignore_index}, so IoU, accuracy, PAvPU and calibration are undefined (NaN); "
                  "check the labels or the --split")
         size = source.size
-        results.append({"model": name, "path": model_key(model_path), "split": options.split,
-                        "data": str(data.root.resolve()), "classes": list(folder.classes.names),
-                        "image_size": list(size) if size else None, "resolution": options.resolution,
-                        "inference": options.inference if size and options.resolution == "native" else None,
-                        **metrics.compute(), **extra})
-    return nan_to_none(results)  # the results file's form: null (None) for undefined values
+        counts = metrics.image_counts()
+        image_counts = {**{k: counts[k] for k in IMAGE_COUNTS},
+                        "images": np.array([folder.ids[i] for i in counts["image_ids"]], dtype=str)}
+        results.append(EvaluationResult(nan_to_none({  # the results file's form: null (None) for undefined values
+            "model": name, "path": model_key(model_path), "split": options.split,
+            "data": str(data.root.resolve()), "classes": list(folder.classes.names),
+            "image_size": list(size) if size else None, "resolution": options.resolution,
+            "inference": options.inference if size and options.resolution == "native" else None,
+            **metrics.compute(), **extra}), image_counts))
+    return results
 
 
 def check_pavpu_window(window: int, shapes: list[tuple[int, int]], folder) -> None:
@@ -256,7 +284,9 @@ def merge_results(json_path: Path, results: list[dict],
     classes = results[0]["classes"] if results else classes
     previous = read_results_file(json_path)
     new_keys = {tuple(r.get(k) for k in RESULT_KEY) for r in results}
-    kept = [r for r in previous["results"] if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
+    counts = read_image_counts(json_path) or [None] * len(previous["results"])
+    kept = [EvaluationResult(r, c) for r, c in zip(previous["results"], counts)
+            if tuple(r.get(k) for k in RESULT_KEY) not in new_keys]
     if kept and classes is not None and any(r.get("classes") != classes for r in kept):
         raise IumaskError(f"{json_path}: holds results over other classes; choose another --output to keep both")
     return kept + results, len(kept), len(previous["results"]) - len(kept)
@@ -283,10 +313,28 @@ def read_results_file(json_path: Path) -> dict:
     return previous
 
 
+def images_path(json_path: Path) -> Path:
+    """The images file beside a results file: ``results.json`` → ``results.images.npz``."""
+    return json_path.with_suffix(".images.npz")
+
+
 def write_results(results: list[dict], json_path: Path, identity: dict | None = None) -> Path:
-    """Results as JSON and, beside it, a CSV with one row per model (both written atomically)."""
+    """Results as JSON and, beside it, a CSV with one row per model (both written atomically) and,
+    when every entry has its per-image counts (:class:`EvaluationResult`), the images file
+    (:func:`images_path`, written first; the JSON records its SHA-256, so a file that does not
+    belong to the JSON is never read as its counts)."""
     json_path.parent.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(json_path, {"identity": identity, "results": results})
+    counts = [getattr(r, "image_counts", None) for r in results]
+    images = None
+    if results and all(c is not None for c in counts):
+        arrays = {f"{name}_{i}": c[name] for i, c in enumerate(counts) for name in (*IMAGE_COUNTS, "images")}
+        buffer = io.BytesIO()
+        np.savez_compressed(buffer, models=np.int64(len(counts)), **arrays)
+        data = buffer.getvalue()
+        with atomic_write(images_path(json_path)) as tmp:
+            tmp.write_bytes(data)
+        images = {"file": images_path(json_path).name, "sha256": hashlib.sha256(data).hexdigest()}
+    write_json_atomic(json_path, {"identity": identity, "results": results, "images": images})
     csv_path = json_path.with_suffix(".csv")
     classes = results[0]["classes"] if results else []
     # ``label`` is distinct per row; model path, data, split, resolution and inference make it unique.
@@ -306,9 +354,32 @@ def write_results(results: list[dict], json_path: Path, identity: dict | None = 
     return csv_path
 
 
+def read_image_counts(json_path: Path) -> list[dict[str, np.ndarray]] | None:
+    """The per-image counts of the results in ``json_path``, one dict per entry of its "results" list
+    in that order: ``"intersection"``, ``"union"`` and ``"label_pixels"`` (int64, (images, classes):
+    per class TP, TP + FP + FN and TP + FN over the image's valid pixels at the scoring resolution;
+    summed over images they give the results' dataset-level IoU) and ``"images"`` (the images' names,
+    in the split's order). None when the file has no images file, or one that is missing or not the
+    one the JSON was written with."""
+    json_path = Path(json_path)
+    try:
+        recorded = json.loads(json_path.read_text()).get("images")
+        if not isinstance(recorded, dict):
+            return None
+        data = images_path(json_path).read_bytes()
+    except (OSError, ValueError, AttributeError):  # no file, not JSON, or not a results file
+        return None
+    if hashlib.sha256(data).hexdigest() != recorded.get("sha256"):
+        return None
+    with np.load(io.BytesIO(data), allow_pickle=False) as stored:
+        return [{name: stored[f"{name}_{i}"] for name in (*IMAGE_COUNTS, "images")}
+                for i in range(int(stored["models"]))]
+
+
 def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, json_path: Path,
                     device: str = "auto") -> list[dict]:
-    """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options."""
+    """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options
+    (and its images file, :func:`read_image_counts`)."""
     identity = evaluation_identity(models, data, options)
     previous = cached_results(json_path, identity)
     if previous is not None:
@@ -325,16 +396,19 @@ def evaluation_identity(models: list[Path], data: DataConfig, options: EvalConfi
     weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
                for path in models for folder in resolve_models(path)]
     return json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
-                        "split": options.split,
+                        "split": options.split, "metrics_version": METRICS_VERSION,
                         "options": {"format": data.format,
                                     "conditions": list(data.conditions) if data.conditions else None,
                                     "evaluation": options.identity()}})
 
 
 def cached_results(json_path: Path, identity: dict) -> list[dict] | None:
-    """The results in ``json_path`` if they were computed for ``identity``, else None."""
+    """The results in ``json_path`` if they were computed for ``identity`` and their images file is
+    there and theirs (:func:`read_image_counts`), else None."""
     if json_path.is_file():
         previous = read_results_file(json_path)
         if previous.get("identity") == identity:
-            return previous["results"]
+            counts = read_image_counts(json_path)
+            if counts is not None and len(counts) == len(previous["results"]):
+                return previous["results"]
     return None
