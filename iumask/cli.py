@@ -563,6 +563,7 @@ def experiment(
         from iumask.tables import print_plan
 
         experiment.validate(writable=False)  # the real run's checks: a plan is shown only for a spec it accepts
+        experiment.claim_folder(record=False)
         print_plan(experiment.plan(), plan.training_runs, folder)
         return
     summary = experiment.report_finished() if report_only else experiment.execute(overwrite, worker)

@@ -13,6 +13,7 @@ cache. Tables of them are in :mod:`iumask.tables`, pictures in
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -177,7 +178,7 @@ def cached_label_statistics(
     if not refresh:
         try:
             cached = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(cached, dict) and cached.get("key") == key and isinstance(cached.get("stats"), dict):
+            if is_statistics_record(cached, key, dataset.classes):
                 return cached["stats"]
         except (OSError, ValueError):
             pass  # missing, unreadable or corrupt: recompute
@@ -190,6 +191,64 @@ def cached_label_statistics(
         console.print(f"[yellow]warning:[/yellow] cannot cache label statistics in {path.parent} "
                       f"({detail}); set {CACHE_ENV} to a writable folder", highlight=False)
     return stats
+
+
+def is_statistics_record(record: Any, key: dict, classes) -> bool:
+    """Whether ``record`` is exactly what :func:`cached_label_statistics` writes for ``key`` and
+    ``classes`` (a :class:`~iumask.data.folder.ClassInfo`): every field present, of its type and
+    length, nothing else. Anything else (an empty ``stats``, a count that is a string, a list one
+    class short) is a cache miss, recomputed, never a crash in a caller."""
+    if not (isinstance(record, dict) and set(record) == {"key", "stats"} and record["key"] == key):
+        return False
+    stats = record["stats"]
+    num_classes = classes.num_classes
+    scalars = ("num_images", "total_pixels", "ignored_pixels", "labelled_pixels")
+    if not (isinstance(stats, dict) and set(stats) == _STATS_FIELDS
+            and stats["format_version"] == STATS_FORMAT_VERSION and stats["num_classes"] == num_classes
+            and stats["class_names"] == list(classes.names) and stats["ignore_index"] == classes.ignore_index
+            and stats["connectivity"] == key["connectivity"] and stats["size"] == key["size"]
+            and all(_is_count(stats[name]) for name in scalars)
+            and stats["labelled_pixels"] + stats["ignored_pixels"] == stats["total_pixels"]
+            and _counts(stats["instance_size_bins"], None)):
+        return False
+    per_class = stats["per_class"]
+    if not (isinstance(per_class, dict) and set(per_class) == _PER_CLASS_FIELDS):
+        return False
+    bins = len(stats["instance_size_bins"])
+    return (all(_counts(per_class[name], num_classes) for name in _PER_CLASS_COUNTS)
+            and _numbers(per_class["fraction"], num_classes, optional=False)
+            and all(_numbers(per_class[name], num_classes, optional=True) for name in _PER_CLASS_SIZES)
+            and _counts(per_class["instance_size_histogram"], num_classes, nested=bins))
+
+
+_PER_CLASS_COUNTS = ("pixels", "images", "pixels_in_images_containing", "total_pixels_in_images_containing",
+                     "instances")
+_PER_CLASS_SIZES = ("instance_size_mean", "instance_size_median", "instance_size_min", "instance_size_max")
+_PER_CLASS_FIELDS = {*_PER_CLASS_COUNTS, *_PER_CLASS_SIZES, "fraction", "instance_size_histogram"}
+_STATS_FIELDS = {"format_version", "num_images", "num_classes", "class_names", "ignore_index", "connectivity",
+                 "size", "total_pixels", "ignored_pixels", "labelled_pixels", "instance_size_bins", "per_class"}
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _counts(values: Any, length: int | None, nested: int | None = None) -> bool:
+    """A list of ``length`` (any, if None) counts, or with ``nested`` of lists of ``nested`` counts."""
+    if not isinstance(values, list) or (length is not None and len(values) != length):
+        return False
+    if nested is not None:
+        return all(_counts(row, nested) for row in values)
+    return all(_is_count(v) for v in values)
+
+
+def _numbers(values: Any, length: int, optional: bool) -> bool:
+    """A list of ``length`` finite numbers (or None where ``optional``)."""
+    def ok(v):
+        if v is None:
+            return optional
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    return isinstance(values, list) and len(values) == length and all(ok(v) for v in values)
 
 
 # --------------------------------------------------------------------------------------------

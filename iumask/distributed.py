@@ -14,12 +14,14 @@ writes its own images' chunks of the mask store.
 from __future__ import annotations
 
 import atexit
+import datetime
 import os
 from typing import Any, Callable, TypeVar
 
 import torch
 import torch.distributed as dist
 
+from iumask.errors import IumaskError
 from iumask.progress import console
 
 T = TypeVar("T")
@@ -65,11 +67,31 @@ def init(device: torch.device) -> torch.device:
     if not is_distributed():
         if device.type == "cuda":
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=collective_timeout())
         atexit.register(_shutdown)
         if not is_main():
             console.quiet = True  # one set of progress bars and messages: rank 0's
     return device
+
+
+# How long a collective waits for the other ranks before the job fails (torch's default when unset:
+# 10 minutes for NCCL, 30 for Gloo). Every long step iumask runs is shared by all ranks, so the
+# default suffices; raise it for a file system where rank 0's writes are slow.
+TIMEOUT_ENV = "IUMASK_COLLECTIVE_TIMEOUT_S"
+
+
+def collective_timeout() -> datetime.timedelta | None:
+    """The process group's timeout from ``$IUMASK_COLLECTIVE_TIMEOUT_S`` (seconds), or None for torch's."""
+    text = os.environ.get(TIMEOUT_ENV)
+    if not text:
+        return None
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise IumaskError(f"{TIMEOUT_ENV}={text!r}: give the collectives' timeout in seconds (> 0), or unset it")
+    return datetime.timedelta(seconds=seconds)
 
 
 def _shutdown() -> None:

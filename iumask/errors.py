@@ -6,6 +6,8 @@ involved and say how to fix the problem, so they read well without a traceback.
 
 from __future__ import annotations
 
+import os
+
 
 class IumaskError(Exception):
     """A problem with the user's input or artifacts (not a bug in iumask).
@@ -18,8 +20,22 @@ class IumaskError(Exception):
 
     def __init__(self, *args):
         if len(args) == 1 and isinstance(args[0], str):
-            args = (_worker_message(type(self), args[0]),)
+            args = (printable(_worker_message(type(self), args[0])),)
         super().__init__(*args)
+
+
+def printable(text: str | os.PathLike) -> str:
+    """``text`` (a path, or a message naming one) as a string any terminal, log or JSON file takes:
+    the bytes of a file name that are not UTF-8 (which Linux allows, e.g. ``train_\\xff06.png``;
+    Python holds them as lone surrogates) are shown as ``\\xff``, everything else is kept."""
+    text = os.fspath(text)
+    if isinstance(text, bytes):
+        return text.decode("utf-8", "backslashreplace")
+    try:
+        raw = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no file name decodes to (not one byte's): shown as \udxxx
+        raw = text.encode("utf-8", "backslashreplace")
+    return raw.decode("utf-8", "backslashreplace")
 
 
 def _worker_message(kind: type, text: str) -> str:

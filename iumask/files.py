@@ -6,7 +6,8 @@ synthetic dataset, the statistics cache) goes through :func:`atomic_write`: the 
 to a temporary file beside the target with a name of its own (``<name>.<random>.tmp``, so two
 writers of one file never share one) and renamed over it, so a crash never leaves half a file; a
 failed write (full disk, read-only folder) removes the temporary file and raises
-:class:`IumaskError` naming the path. Files get the permissions the user's umask gives new files
+:class:`IumaskError` naming the path. A target the user made read-only (no write bit) is refused,
+not replaced (:func:`refuse_read_only`). Files get the permissions the user's umask gives new files
 (some writers, e.g. safetensors, create private 0600 files). Two kinds of files are written by
 libraries instead: the mask store's chunks (zarr; an image counts only once its completion flag is
 set, :mod:`iumask.store`) and TensorBoard's event files.
@@ -32,6 +33,7 @@ import socket
 import sys
 import tempfile
 from pathlib import Path
+from stat import S_IMODE, S_ISREG
 from typing import Iterator
 
 from iumask.errors import IumaskError
@@ -76,6 +78,7 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; rename it over ``path`` on
     success, remove it on any failure (the old ``path``, if any, is left as it was)."""
     path = Path(path)
+    refuse_read_only(path)
     tmp = None
     try:
         # A unique name (``<name>.<random>.tmp``), so concurrent writers of one file never write
@@ -94,6 +97,20 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if cause is not None:
             raise IumaskError(describe_os_error(cause, path)) from exc
         raise
+
+
+def refuse_read_only(path: str | os.PathLike) -> None:
+    """Refuse to replace a file the user made read-only (no write permission bit, e.g. ``chmod
+    444``, or one this process may not write): a rename over it would succeed and give it the
+    umask's mode, undoing what the ``chmod`` meant. The bits are read rather than tried, since root
+    writes any file. A missing file (or one that cannot be stat'ed: the write says why) passes."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return
+    if S_ISREG(mode) and (not mode & 0o222 or not os.access(path, os.W_OK)):
+        raise IumaskError(f"{path}: the file is read-only (mode {S_IMODE(mode):04o}), so iumask does not "
+                          f"replace it; make it writable (chmod u+w {shlex.quote(str(path))}) or write elsewhere")
 
 
 def temporary_target(name: str) -> str | None:

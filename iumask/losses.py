@@ -36,3 +36,17 @@ def build_loss(config: LossConfig, class_weight_values: list[float] | None, igno
         return segmentation_loss(logits, label, config.loss, config, ignore_index, weights,
                                  iu if iu_weighted else None, exponent)
     return loss
+
+
+def ohem_note(config: LossConfig, sample: tuple[int, int]) -> str | None:
+    """The warning when OHEM cannot select: with ``--ohem-min-kept`` at least the pixels of a
+    training sample of ``sample`` (H, W), the (min_kept · B)-th smallest probability is the batch's
+    largest, so every valid pixel but the most confident is kept, whatever the threshold, and the
+    loss is plain cross-entropy; None when the loss is not OHEM or the minimum is below that."""
+    pixels = int(sample[0]) * int(sample[1])
+    if config.loss != "ohem" or config.ohem_min_kept < pixels:
+        return None
+    return (f"--ohem-min-kept {config.ohem_min_kept} is at least the {pixels} pixels of a training sample "
+            f"({sample[1]}x{sample[0]}, WxH): OHEM keeps every pixel and trains as plain cross-entropy; "
+            f"pass a smaller --ohem-min-kept (e.g. {max(1, pixels // 16)}, 1/16 of a sample, as mmsegmentation's "
+            "100000 is for 512x1024 crops)")

@@ -502,3 +502,112 @@ def test_option_errors_and_the_plan(datasets, tmp_path, cli, capsys):
     cli("experiment", spec, "--out", out, "--worker", "--dry-run")
     assert "5 models trained in 5 training runs: 0 done, 5 to go" in capsys.readouterr().out
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- one spec per folder (issue 26 §1)
+
+ONE_ARM = (SPEC.replace("epochs = 2", "epochs = 1")
+           .replace('[[arms]]\nname = "iu"\niu = "offline"\nexponent = 2.0\n', "")
+           .replace('\n[[evaluations]]\nname = "shifted"\nroot = "{shifted}"\nsplit = "val"\n', ""))
+
+
+def test_a_folder_belongs_to_one_spec(datasets, tmp_path, cli, capsys):
+    """The first process records its spec in the folder; a worker, a plain run, a dry run or a report
+    of a spec whose options differ is refused in one line naming the keys, before any training; more
+    seeds and another arm are the same spec grown."""
+    spec = write_spec(tmp_path / "a", datasets, text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [0]"))
+    out = tmp_path / "out"
+    cli("experiment", spec, "--out", out)
+    record = json.loads((out / "experiment.json").read_text())
+    assert record["identity"]["arms"]["regular"]["train"]["epochs"] == 1
+    weights_file = out / "runs" / "regular" / "mobilenet_v2" / "seed-0" / "mobilenet_v2" / "model.safetensors"
+    weights = weights_file.read_bytes()
+    other = write_spec(tmp_path / "b", datasets,
+                       text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [0, 1]").replace("epochs = 1", "epochs = 2"))
+    for mode in (["--worker"], [], ["--dry-run"], ["--report-only"]):
+        capsys.readouterr()
+        cli("experiment", other, "--out", out, *mode, expect=2)
+        err = capsys.readouterr().err.replace("\n", "")
+        assert f"{out} holds the models of another spec ({spec})" in err, (mode, err)
+        assert "arms.regular.train.epochs (1 → 2)" in err and "use another --out" in err
+        assert not (out / "runs" / "regular" / "mobilenet_v2" / "seed-1").exists(), mode
+    assert weights_file.read_bytes() == weights
+    # Grown, not changed: another seed and another arm are accepted (the finished run a cache hit).
+    grown = write_spec(tmp_path / "c", datasets, '\n[[arms]]\nname = "focal"\nloss = "focal"\n', ONE_ARM)
+    capsys.readouterr()
+    cli("experiment", grown, "--out", out, "--dry-run")
+    assert "4 models trained in 4 training runs: 1 done, 3 to go" in capsys.readouterr().out
+    assert json.loads((out / "experiment.json").read_text()) == record  # the first spec's record stays
+
+
+def test_two_workers_of_two_specs_starting_together_one_is_refused(datasets, tmp_path):
+    """Two workers started at once on a new folder with specs that differ: exactly one records its
+    spec, the other stops in one line before training anything."""
+    out = tmp_path / "out"
+    specs = [write_spec(tmp_path / name, datasets, text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [0]")
+                        .replace("epochs = 1", f"epochs = {epochs}")) for name, epochs in (("a", 1), ("b", 2))]
+    procs = [worker(spec, out, tmp_path / f"w{i}.log", "--device", "cpu") for i, spec in enumerate(specs)]
+    codes = [proc.wait(timeout=600) for proc in procs]
+    logs = [(tmp_path / f"w{i}.log").read_text().replace("\n", "") for i in range(2)]
+    assert sorted(codes) == [0, 2], (codes, logs)
+    refused = codes.index(2)
+    assert "holds the models of another spec" in logs[refused] and not trained_steps(logs[refused])
+    recorded = json.loads((out / "experiment.json").read_text())
+    assert recorded["spec"] == str(specs[1 - refused])
+
+
+def test_report_leaves_out_a_model_of_other_options(datasets, tmp_path, cli, capsys):
+    """A folder from before spec records (or whose record was deleted) that holds a run trained with
+    other options: the report, --report-only included, leaves it out and says so, instead of
+    reporting it as this spec's."""
+    out = tmp_path / "out"
+    two_epochs = write_spec(tmp_path / "b", datasets, text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [1]")
+                            .replace("epochs = 1", "epochs = 2"))
+    cli("experiment", two_epochs, "--out", out)  # seed 1 trained and evaluated with 2 epochs
+    (out / "experiment.json").unlink()
+    spec = write_spec(tmp_path / "a", datasets, text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [0]"))
+    cli("experiment", spec, "--out", out)
+    grown = write_spec(tmp_path / "c", datasets, text=ONE_ARM)  # seeds 0 and 1, 1 epoch
+    capsys.readouterr()
+    cli("experiment", grown, "--out", out, "--report-only")
+    err = capsys.readouterr().err.replace("\n", "")
+    assert "left out of the report" in err and "seed-1" in err and "train_options.epochs (2 → 1)" in err
+    assert {(r["arm"], r["seed"]) for r in read_rows(out / "results.csv")} == {("regular", "0")}
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["groups"][0]["seeds"]["regular"] == [0]
+
+
+def test_training_cost_counts_finished_runs_only(datasets, tmp_path, cli):
+    """--report-only part-way: a run killed after some epochs (its metrics.csv there, no ensemble.json)
+    adds nothing to the training cost; the finished run's epoch seconds are the cost."""
+    from iumask.stages.experiment import training_seconds
+
+    out = tmp_path / "out"
+    spec = write_spec(tmp_path / "a", datasets, text=ONE_ARM.replace("seeds = [0, 1]", "seeds = [0]"))
+    cli("experiment", spec, "--out", out)
+    finished = out / "runs" / "regular" / "mobilenet_v2" / "seed-0" / "mobilenet_v2"
+    partial = out / "runs" / "regular" / "mobilenet_v2" / "seed-1" / "mobilenet_v2"
+    partial.mkdir(parents=True)
+    (partial / "metrics.csv").write_text((finished / "metrics.csv").read_text())  # what a killed run leaves
+    cli("experiment", write_spec(tmp_path / "c", datasets, text=ONE_ARM), "--out", out, "--report-only")
+    cost = json.loads((out / "summary.json").read_text())["cost"]
+    assert cost["runs"] == {"regular": [pytest.approx(training_seconds(finished))]}
+    assert training_seconds(finished) > 0
+
+
+def test_torchrun_worker_outlives_a_collective_timeout_shorter_than_an_evaluation(make_synthetic, tmp_path):
+    """Under torchrun with --worker every rank evaluates its share of the images (as evaluate under
+    torchrun does) instead of waiting in a collective while rank 0 evaluates alone: with a process
+    group timeout of 4 s and an evaluation that takes one process well over that (sliding windows
+    over 24 images of 256x256), the job finishes and reports."""
+    from test_engine import torchrun
+
+    data = make_synthetic("slow-evaluation", num_train=4, num_val=24, height=256, width=256)
+    text = (ONE_ARM.replace("seeds = [0, 1]", "seeds = [0]").replace("batch_size = 4", "batch_size = 2")
+            .replace("[[evaluations]]", '[evaluation]\ninference = "slide"\n\n[[evaluations]]'))
+    spec = write_spec(tmp_path, (data, data), text=text)
+    result = torchrun("experiment", spec, "--out", tmp_path / "out", "--device", "cpu", "--worker",
+                      env={"IUMASK_COLLECTIVE_TIMEOUT_S": "4"})
+    assert "per-class IoU, mean ± std" in result.stdout
+    rows = read_rows(tmp_path / "out" / "results.csv")
+    assert {(r["arm"], r["seed"]) for r in rows} == {("regular", "0")}

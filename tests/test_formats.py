@@ -414,3 +414,42 @@ def test_a_format_registered_after_import_is_usable_by_name(tmp_path):
         del DATASET_FORMATS["my-folder"]
     with pytest.raises(IumaskError, match="--format must be one of auto, folder"):
         DataConfig(root, format="my-folder")
+
+
+def test_the_fingerprint_depends_on_the_mapping_not_only_on_the_files(camvid_dir, tmp_path, monkeypatch):
+    """The same CamVid files read with another label mapping (another table, or classes) get another
+    fingerprint, also when the first reading's fingerprint is cached: the cache record's signature
+    covers the definition, so the second reading is not a hit on the first's record."""
+    import shutil
+
+    from iumask.data.folder import ClassInfo, LabelTable, PairedDataset
+    from iumask.data.formats import CAMVID_LABELS
+
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr("iumask.data.folder.RACY_SECONDS", 0.0)  # files copied just now are cached too
+    root = tmp_path / "camvid"
+    names = [p.name for p in sorted((camvid_dir / "train").glob("*.png"))[:2]]
+    for folder in ("train", "trainannot"):
+        (root / folder).mkdir(parents=True)
+        for name in names:
+            shutil.copyfile(camvid_dir / folder / name, root / folder / name)
+    camvid = open_dataset(root, "train", "camvid")
+    cached = camvid.fingerprint()  # computed and kept in the cache
+    assert list((tmp_path / "cache" / "fingerprints").glob("*.json"))
+    swapped = CAMVID_LABELS.table.copy()
+    swapped[[0, 1]] = swapped[[1, 0]]  # sky and building exchanged
+
+    def reading(table: LabelTable, classes: ClassInfo) -> PairedDataset:
+        definition = json.dumps({"table": table.name, "classes": classes.to_dict()}).encode()
+        return PairedDataset(root, "train", classes, camvid.ids, camvid.image_paths, camvid.label_paths, table,
+                             definition=definition)
+
+    other_table = reading(LabelTable("swapped", swapped, "0..11"), camvid.classes)
+    other_classes = reading(CAMVID_LABELS, ClassInfo(tuple(reversed(camvid.classes.names))))
+    same = reading(CAMVID_LABELS, camvid.classes)
+    fingerprints = {cached, other_table.fingerprint(), other_classes.fingerprint(), same.fingerprint()}
+    assert len(fingerprints) == 4
+    assert open_dataset(root, "train", "camvid").fingerprint() == cached
+    # Computed afresh (no cache), each reading's fingerprint is the one it got beside the others'.
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache2"))
+    assert other_table.fingerprint() in fingerprints and other_table.fingerprint() != cached

@@ -7,6 +7,7 @@ to plain cross-entropy; region losses refuse an IU weight."""
 from __future__ import annotations
 
 import json
+import warnings
 
 import numpy as np
 import pytest
@@ -18,6 +19,7 @@ from testdata import CAMVID_CLASSES, CAMVID_VOID, camvid_labels, downsample
 
 from iumask.config import LossConfig
 from iumask.core import LOSS_METHODS, class_weights, instance_uncertainty, pixel_entropy, segmentation_loss
+from iumask.core.loss import ohem_selection
 from iumask.errors import IumaskError
 
 
@@ -240,3 +242,130 @@ def test_run_refuses_a_region_loss_with_iu_before_training(data, tmp_path, capsy
     iumask("run", "--data", data, "--out", tmp_path / "run", *TRAIN, "--loss", "dice", expect=2)
     assert "a region loss takes no per-pixel weight" in capsys.readouterr().err.replace("\n", " ")
     assert not (tmp_path / "run" / "baseline").exists()
+
+
+# ----------------------------------------------------------------------------- pinned behaviour (issue 26 §3)
+
+
+def mmseg_ohem_weights(logits: np.ndarray, target: np.ndarray, ignore: int, thresh: float,
+                       min_kept: int) -> np.ndarray:
+    """mmsegmentation's ``OHEMPixelSampler.sample`` with ``thresh``, transcribed in numpy: the batch
+    keeps ``min_kept`` per image (``batch_kept = min_kept * B``); the cut is
+    ``max(sorted valid probabilities[min(batch_kept, n - 1)], thresh)`` and a valid pixel is kept
+    when its true-class probability is strictly below it."""
+    batch_kept = min_kept * target.shape[0]
+    valid = target != ignore
+    z = logits - logits.max(1, keepdims=True)
+    prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    seg_prob = np.take_along_axis(prob, np.where(valid, target, 0)[:, None], 1)[:, 0]
+    sort_prob = np.sort(seg_prob[valid])
+    min_threshold = sort_prob[min(batch_kept, sort_prob.size - 1)] if sort_prob.size else 0.0
+    threshold = max(min_threshold, thresh)
+    weight = np.zeros(target.shape)
+    weight[valid] = (seg_prob[valid] < threshold).astype(float)
+    return weight
+
+
+def test_ohem_minimum_is_per_image_times_batch_and_decides_on_a_confident_batch():
+    """Every valid pixel is confident (true-class probability > 0.8 > the 0.7 threshold), so the
+    threshold keeps none and the minimum decides: exactly min_kept · B pixels (strict comparison,
+    distinct probabilities), chosen over the whole batch (here all from the least confident image),
+    as mmsegmentation keeps them. Wrong code fails: a minimum not times B keeps 10, ``<=`` keeps 31,
+    a per-image minimum keeps 10 in each image, min() for max() keeps none."""
+    rng = np.random.default_rng(26)
+    batch, classes, size, ignore, min_kept = 3, 4, 8, 255, 10
+    target = rng.integers(0, classes, (batch, size, size))
+    target[:, 0, :2] = ignore
+    margin = rng.uniform(5.0, 9.0, target.shape)
+    margin[0] -= 2.5  # image 0 is the least confident
+    logits = np.zeros((batch, classes, size, size))
+    np.put_along_axis(logits, np.where(target == ignore, 0, target)[:, None], margin[:, None], 1)
+    t_logits, t_target = torch.from_numpy(logits), torch.from_numpy(target)
+    valid, _, prob, ce, _ = direct_terms_for(t_logits, t_target, ignore)
+    assert prob[valid].min() > 0.8 and np.unique(prob[valid]).size == valid.sum()
+
+    expected = mmseg_ohem_weights(logits, target, ignore, 0.7, min_kept)
+    got = ohem_selection(t_logits, t_target, ignore, 0.7, min_kept).numpy()
+    np.testing.assert_array_equal(got, expected)
+    assert got.sum() == min_kept * batch == 30
+    assert got[0].sum() == 30 and got[1:].sum() == 0
+    options = LossConfig(loss="ohem", ohem_threshold=0.7, ohem_min_kept=min_kept)
+    loss = segmentation_loss(t_logits, t_target, "ohem", options, ignore)
+    assert float(loss) == pytest.approx(mean_over_valid(ce * expected, valid), rel=1e-12)
+
+
+def direct_terms_for(logits, target, ignore):
+    """:func:`direct_terms` for any ignore label."""
+    z = logits.numpy()
+    log_p = z - z.max(1, keepdims=True)
+    log_p = log_p - np.log(np.exp(log_p).sum(1, keepdims=True))
+    t = target.numpy()
+    valid = t != ignore
+    log_py = np.take_along_axis(log_p, np.where(valid, t, 0)[:, None], 1)[:, 0]
+    return valid, t, np.exp(log_py), -log_py, log_p
+
+
+def test_ohem_with_a_minimum_of_a_whole_sample_is_plain_cross_entropy_and_says_so():
+    """With --ohem-min-kept at least a sample's pixels, the weights are bitwise plain CE's (the
+    threshold above every probability), which the note says before training; a smaller minimum,
+    or another loss, gets no note."""
+    from iumask.losses import ohem_note
+
+    logits = torch.randn(2, 5, 12, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 0.1
+    target = torch.randint(0, 5, (2, 12, 16), generator=torch.Generator().manual_seed(1))
+    options = LossConfig(loss="ohem", ohem_min_kept=12 * 16)
+    assert torch.equal(segmentation_loss(logits, target, "ohem", options, 255),
+                       segmentation_loss(logits, target, "cross-entropy", options, 255))
+    note = ohem_note(options, (12, 16))
+    assert note == ("--ohem-min-kept 192 is at least the 192 pixels of a training sample (16x12, WxH): OHEM keeps "
+                    "every pixel and trains as plain cross-entropy; pass a smaller --ohem-min-kept (e.g. 12, 1/16 of "
+                    "a sample, as mmsegmentation's 100000 is for 512x1024 crops)")
+    assert ohem_note(LossConfig(loss="ohem", ohem_min_kept=191), (12, 16)) is None
+    assert ohem_note(LossConfig(loss="ohem"), (315, 316)) is not None  # the default, under 316 x 316
+    assert ohem_note(LossConfig(loss="ohem"), (317, 316)) is None
+    assert ohem_note(LossConfig(loss="focal", ohem_min_kept=10**9), (12, 16)) is None
+
+
+def test_effective_number_weights_sum_to_c_when_classes_are_absent():
+    """Absent classes weigh 0 and the present ones share the sum C (not the number of present
+    classes), in the ratios of (1 − β)/(1 − β^n)."""
+    counts = np.array([1000, 0, 5_000_000, 0, 30])
+    beta = 0.9999
+    weights = class_weights(counts, "effective-number", beta=beta, warn=lambda message: None)
+    assert weights.sum() == pytest.approx(5, rel=1e-12)
+    assert weights[1] == weights[3] == 0
+    raw = np.array([(1 - beta) / (1 - beta ** n) for n in counts[[0, 2, 4]]])
+    np.testing.assert_allclose(weights[[0, 2, 4]], raw * 5 / raw.sum(), rtol=1e-9)
+
+
+def test_class_weights_report_an_absent_class_through_the_callback_only():
+    told = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a Python warning would fail here
+        class_weights([10, 0, 30], "effective-number", warn=told.append)
+    assert told == ["classes [1] never occur in the training labels; their class weight is 0"]
+
+
+@pytest.mark.slow
+@pytest.mark.usefixtures("one_thread")
+def test_cli_warnings_are_one_line_each_and_no_python_warning_escapes(make_synthetic, tmp_path, capfd):
+    """A class absent from the training labels under effective-number weights gave a raw Python
+    UserWarning (file, line number, source line); OHEM whose minimum covers a whole 32x32 sample
+    said nothing. Each is now one ``warning:`` line, before training."""
+    root = make_synthetic("absent-class")
+    classes = json.loads((root / "classes.json").read_text())
+    classes["names"].append("unused")
+    if "colors" in classes:
+        classes["colors"].append([1, 2, 3])
+    (root / "classes.json").write_text(json.dumps(classes))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        iumask("train-baseline", "--data", root, "--out", tmp_path / "out", *TRAIN,
+               "--class-weights", "effective-number", "--loss", "ohem")
+    assert not [w for w in caught if "iumask" in str(w.filename)], [str(w.message) for w in caught]
+    err = capfd.readouterr().err
+    assert "UserWarning" not in err and "warnings.warn" not in err, err
+    absent = [line for line in err.splitlines() if "never occur" in line]
+    assert absent == ["warning: classes [10] never occur in the training labels; their class weight is 0"], err
+    ohem = [line for line in err.splitlines() if "--ohem-min-kept" in line]
+    assert len(ohem) == 1 and ohem[0].startswith("warning: --ohem-min-kept 100000 is at least the 1024 pixels"), err

@@ -312,6 +312,50 @@ def test_mask_gallery_png(synthetic, tmp_path):
     assert small.shape[1] == 6 + 4 * (50 + 6) and small.shape[0] > 6 * 40
 
 
+def _malformed(record: dict) -> list[tuple[str, dict]]:
+    """Records of the right key (the cache file's own name) that are not what the code wrote."""
+    def edited(change) -> dict:
+        copy = json.loads(json.dumps(record))
+        change(copy)
+        return copy
+    per_class = lambda r: r["stats"]["per_class"]  # noqa: E731
+    return [
+        ("empty stats", edited(lambda r: r.update(stats={}))),
+        ("stats a list", edited(lambda r: r.update(stats=[]))),
+        ("pixels a string", edited(lambda r: per_class(r).update(pixels="12"))),
+        ("pixels one class short", edited(lambda r: per_class(r)["pixels"].pop())),
+        ("a count a float", edited(lambda r: per_class(r)["images"].__setitem__(0, 1.5))),
+        ("total_pixels_in_images_containing missing", edited(lambda r: per_class(r).pop(
+            "total_pixels_in_images_containing"))),
+        ("per_class null", edited(lambda r: r["stats"].update(per_class=None))),
+        ("histogram rows short", edited(lambda r: per_class(r)["instance_size_histogram"][0].pop())),
+        ("num_images a string", edited(lambda r: r["stats"].update(num_images="4"))),
+        ("a size mean a string", edited(lambda r: per_class(r)["instance_size_mean"].__setitem__(0, "x"))),
+        ("class names of other classes", edited(lambda r: r["stats"]["class_names"].reverse())),
+        ("an extra field", edited(lambda r: r.update(extra=1))),
+    ]
+
+
+def test_a_cache_record_not_as_written_is_a_miss(synthetic, tmp_path, monkeypatch, capsys):
+    """A record with the right key but a wrong shape (an empty ``stats``, a field of the wrong type or
+    length) was returned as it was and crashed ``iumask stats`` (and class weights in training) with a
+    traceback; now it is recomputed and rewritten."""
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    iumask("stats", "--data", synthetic, "--out", tmp_path / "first")
+    expected = json.loads((tmp_path / "first" / "stats.json").read_text())["labels"]
+    (entry,) = (tmp_path / "cache" / CACHE_SUBDIR).glob("*.json")
+    good = json.loads(entry.read_text())
+    assert good["stats"] == expected
+    for what, record in _malformed(good):
+        entry.write_text(json.dumps(record))
+        capsys.readouterr()
+        iumask("stats", "--data", synthetic, "--out", tmp_path / "again")
+        assert "Traceback" not in capsys.readouterr().err, what
+        assert json.loads((tmp_path / "again" / "stats.json").read_text())["labels"] == expected, what
+        assert json.loads(entry.read_text()) == good, what  # rewritten as the code writes it
+    assert stats_module.is_statistics_record(good, good["key"], FolderDataset(synthetic, "train").classes)
+
+
 # --------------------------------------------------------------------------------------------
 # CLI
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 
 import numpy as np
 import pytest
@@ -387,3 +388,67 @@ def test_a_writer_keeps_at_most_two_shards_in_memory_whatever_the_order(tmp_path
     assert store.completed().tolist() == [True] * 29 + [False]
     store.write(29, *sample(29, shapes[29]))
     assert_same_values(store, serial)
+
+
+def counted_shard_writes(store) -> list[tuple[int, list[int]]]:
+    """Record each whole-shard write of ``store`` (shard, its images) while it still writes."""
+    calls = []
+    write_shard = store.write_shard
+
+    def counting(number, images):
+        calls.append((number, sorted(images)))
+        return write_shard(number, images)
+
+    store.write_shard = counting
+    return calls
+
+
+def test_interleaved_shards_are_each_written_once(tmp_path):
+    """Images of two shards arriving interleaved: each shard is written once, whole, when its last
+    image comes (not per image, not twice), and the store holds every image."""
+    store = MaskStore.create(tmp_path / "s", make_identity(), images_per_shard=3)
+    calls = counted_shard_writes(store)
+    with store.writes(range(6)) as out:
+        for i in (0, 3, 1, 4, 5, 2):
+            out.write(i, *sample(i, SHAPES[i]))
+        assert calls == [(1, [3, 4, 5]), (0, [0, 1, 2])]
+    assert calls == [(1, [3, 4, 5]), (0, [0, 1, 2])]  # the flush on leaving writes nothing again
+    assert store.completed().all()
+    for i in range(6):
+        np.testing.assert_array_equal(store.read(i)["prediction"], sample(i, SHAPES[i])[2])
+
+
+class _WaitingAfterDiscard(set):
+    """A shard's pending set whose ``discard`` then waits (up to ``timeout``) for a second thread to
+    discard too: without the writer's lock both threads would then find the shard complete."""
+
+    def __init__(self, values, barrier):
+        super().__init__(values)
+        self.barrier = barrier
+
+    def discard(self, value):
+        super().discard(value)
+        try:
+            self.barrier.wait()
+        except threading.BrokenBarrierError:  # the lock kept the other thread out: go on alone
+            pass
+
+
+def test_the_writers_lock_keeps_two_threads_from_finishing_one_shard_twice(tmp_path):
+    """The race forced, not left to the GIL: two threads write the last two images of one shard and
+    each waits inside the critical section for the other. The lock lets one in at a time (the first
+    one's wait times out), so the shard is written once, with both images."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = MaskStore.create(tmp_path / "s", make_identity(), images_per_shard=3)
+    calls = counted_shard_writes(store)
+    with store.writes(range(3)) as out:
+        out.write(0, *sample(0, SHAPES[0]))
+        barrier = threading.Barrier(2, timeout=1.0)
+        out._waiting = {shard: _WaitingAfterDiscard(images, barrier) for shard, images in out._waiting.items()}
+        with ThreadPoolExecutor(2) as pool:
+            done = [pool.submit(out.write, i, *sample(i, SHAPES[i])) for i in (1, 2)]
+            for future in done:
+                future.result()  # an error in a thread (e.g. a shard popped twice) fails here
+    assert calls == [(0, [0, 1, 2])]
+    assert store.completed().tolist() == [True, True, True, False, False, False]

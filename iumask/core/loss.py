@@ -139,6 +139,7 @@ def class_weights(
     method: str,
     pixels_in_images_containing=None,
     beta: float = DEFAULT_EFFECTIVE_NUMBER_BETA,
+    warn: Callable[[str], None] | None = None,
 ) -> np.ndarray:
     """Per-class loss weights from training-label counts (docs/method.md §7).
 
@@ -156,7 +157,9 @@ def class_weights(
         beta: β of ``"effective-number"``, in [0, 1): 0 gives all-equal weights, β → 1 inverse
             class frequency.
 
-    Classes that never occur get weight 0 (they carry no loss anyway) and a warning.
+    Classes that never occur get weight 0 (they carry no loss anyway) and a warning: one line
+    through ``warn`` (the CLI's, :func:`iumask.progress.warn`), or a Python ``UserWarning`` for
+    library callers that pass none.
     """
     counts = np.asarray(pixel_counts, dtype=np.float64)
     if method not in CLASS_WEIGHTINGS:
@@ -165,8 +168,12 @@ def class_weights(
         return np.ones_like(counts)
     present = counts > 0
     if not present.all():
-        warnings.warn(f"classes {np.flatnonzero(~present).tolist()} never occur in the training labels; "
-                      "their class weight is 0", stacklevel=2)
+        message = (f"classes {np.flatnonzero(~present).tolist()} never occur in the training labels; "
+                   "their class weight is 0")
+        if warn is not None:
+            warn(message)
+        else:
+            warnings.warn(message, stacklevel=2)
     weights = np.zeros_like(counts)
     if method == "inverse":
         weights[present] = counts.sum() / (len(counts) * counts[present])

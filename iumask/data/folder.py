@@ -349,7 +349,8 @@ class PairedDataset:
         """The signature of the files' metadata, and whether any file changed in the last
         :data:`RACY_SECONDS` (file times are coarse: a second write in the same clock tick could
         leave every field as it was, so such a split is hashed but not cached, as git does)."""
-        h = hashlib.sha256(str(self.root.resolve()).encode("utf-8") + b"\0")
+        # Paths as the file system's bytes (os.fsencode): a name that is not UTF-8 is hashed as it is.
+        h = hashlib.sha256(os.fsencode(self.root.resolve()) + b"\0")
         h.update(self._definition or b"\0none")
         newest = 0
         prefix = os.path.join(str(self.root), "")
@@ -358,8 +359,8 @@ class PairedDataset:
             newest = max(newest, stat.st_mtime_ns, stat.st_ctime_ns)
             text = str(path)  # a file under root: its relative path by slicing (relative_to is slow on 100k files)
             rel = text[len(prefix):] if text.startswith(prefix) else path.relative_to(self.root).as_posix()
-            h.update(f"\0{rel}\0{stat.st_size}:{stat.st_ino}:{stat.st_dev}:"
-                     f"{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode("utf-8"))
+            h.update(b"\0" + os.fsencode(rel) + f"\0{stat.st_size}:{stat.st_ino}:{stat.st_dev}:"
+                     f"{stat.st_mtime_ns}:{stat.st_ctime_ns}".encode())
         return h.hexdigest(), newest >= time.time_ns() - int(RACY_SECONDS * 1e9)
 
     def _content_fingerprint(self, files: list[Path]) -> str:
@@ -370,7 +371,7 @@ class PairedDataset:
             h.update(len(name).to_bytes(8, "little") + name)
             h.update(len(self._definition).to_bytes(8, "little") + self._definition)
         for path in files:
-            rel = path.relative_to(self.root).as_posix().encode("utf-8")
+            rel = os.fsencode(path.relative_to(self.root).as_posix())  # any bytes a file name may hold
             # Length-prefix each name and content so that no two file sets hash the same stream.
             h.update(len(rel).to_bytes(8, "little") + rel)
             h.update(path.stat().st_size.to_bytes(8, "little"))
@@ -425,13 +426,31 @@ def read_rgb(path: Path) -> np.ndarray:
     a missing, truncated or undecodable file raises :class:`DataError` naming it."""
     path = Path(path)
     buf = _read_bytes(path)
+    if not buf:  # OpenCV raises on an empty buffer
+        _empty_file(path, "image")
     if path.suffix.lower() in (".jpg", ".jpeg") and not _jpeg_complete(buf):
         # Some OpenCV builds (cv2.imread) decode a truncated JPEG silently with grey rows; refuse it.
         raise DataError(f"{path}: JPEG file is truncated; re-copy or re-export the image")
-    bgr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), _CV2_READ_FLAGS)
+    try:
+        bgr = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), _CV2_READ_FLAGS)
+    except cv2.error:
+        bgr = None
     if bgr is None:
         raise DataError(f"{path}: cannot decode the image (corrupt or not a PNG/JPEG); replace the file")
     return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _empty_file(path: Path, what: str) -> NoReturn:
+    """The one message for an empty (0-byte) image or label, whichever reader finds it first
+    (header check, decoding, check-data, training, predict)."""
+    raise DataError(f"{path}: the {what} file is empty (0 bytes); re-copy or re-export it")
+
+
+def _is_empty(path: Path) -> bool:
+    try:
+        return os.stat(path).st_size == 0
+    except OSError:
+        return False  # missing or unreadable: the reader says so
 
 
 def image_header_shape(path: Path) -> tuple[int, int]:
@@ -440,6 +459,8 @@ def image_header_shape(path: Path) -> tuple[int, int]:
 
 
 def _header_shape(path: Path, what: str) -> tuple[int, int]:
+    if _is_empty(path):
+        _empty_file(path, what)
     try:
         with Image.open(path) as im:
             w, h = im.size
@@ -470,6 +491,8 @@ def _jpeg_complete(buf: bytes) -> bool:
 
 def _decode_label(path: Path) -> np.ndarray:
     # PIL rather than OpenCV: OpenCV expands palette ("P") PNGs to colours, PIL keeps the indices.
+    if _is_empty(path):
+        _empty_file(path, "label")
     try:
         with Image.open(path) as im:
             mode = im.mode

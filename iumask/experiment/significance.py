@@ -79,8 +79,10 @@ def compare(reference: dict[int, float], other: dict[int, float]) -> dict:
     if len(seeds) >= 2:
         paired = float(stats.ttest_rel([other[s] for s in seeds], [reference[s] for s in seeds]).pvalue)
     diff = float(np.mean(b) - np.mean(a)) if a and b else math.nan
+    # The spread the paired test sees (sample std of the per-seed differences): what the power uses.
+    paired_sd = float(np.std([other[s] - reference[s] for s in seeds], ddof=1)) if len(seeds) >= 2 else math.nan
     return {"difference": diff, "welch_p": welch, "paired_p": paired, "n_reference": len(a), "n": len(b),
-            "pairs": len(seeds)}
+            "pairs": len(seeds), "paired_sd": paired_sd}
 
 
 def _rare_miou(rows: list[dict], arm: str, rare: list[str], scope: dict) -> dict[int, float]:
@@ -112,6 +114,73 @@ def add_holm(comparisons: dict[str, dict[str, dict]]) -> None:
             family = [arm for arm in arms if item in comparisons[arm]]
             for arm, value in zip(family, holm([comparisons[arm][item][test] for arm in family])):
                 comparisons[arm][item][f"{test}_holm"] = value
+
+
+# ----------------------------------------------------------------------------- power
+
+POWER = 0.8
+ALPHA = 0.05
+MAX_SEEDS = 50  # "seeds needed" beyond this is reported as more than MAX_SEEDS
+
+
+def paired_power(effect: float, n: int, alpha: float) -> float:
+    """Power of the two-sided paired t-test over ``n`` pairs at level ``alpha`` for a standardized
+    effect ``effect`` = Δ / sd of the differences (Cohen's d_z): the probability that the
+    noncentral t (df n − 1, noncentrality d_z·√n) falls beyond either critical value."""
+    from scipy import stats
+
+    df = n - 1
+    critical = stats.t.ppf(1 - alpha / 2, df)
+    shift = abs(effect) * math.sqrt(n)  # symmetric: the far tail of -shift is the near tail of +shift
+    far = float(stats.nct.sf(critical, df, -shift))
+    # The far tail is below 1e-10 wherever scipy's series loses it to NaN (large shifts).
+    return float(stats.nct.sf(critical, df, shift)) + (0.0 if math.isnan(far) else far)
+
+
+def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = POWER) -> float:
+    """The smallest |Δ| the two-sided paired t-test over ``n`` pairs detects with ``power`` at level
+    ``alpha``, when the per-pair differences have standard deviation ``sd`` (NaN for n < 2 or an
+    undefined sd)."""
+    from scipy import optimize
+
+    if n < 2 or not math.isfinite(sd) or not 0 < alpha < 1:
+        return math.nan
+    if sd == 0:
+        return 0.0
+    high = 1.0
+    while paired_power(high, n, alpha) < power:
+        high *= 2
+    effect = optimize.brentq(lambda d: paired_power(d, n, alpha) - power, 0.0, high, xtol=1e-10)
+    return float(effect * sd)
+
+
+def seeds_needed(difference: float, sd: float, alpha: float, power: float = POWER,
+                 most: int = MAX_SEEDS) -> int | None:
+    """The fewest seeds (pairs, from 2) at which the two-sided paired t-test at ``alpha`` detects a true
+    difference ``difference`` with ``power``, if the differences keep standard deviation ``sd``;
+    None when more than ``most`` would be needed (or Δ is 0 or undefined)."""
+    if not (math.isfinite(difference) and math.isfinite(sd)) or difference == 0:
+        return None
+    if sd == 0:
+        return 2
+    effect = abs(difference) / sd
+    return next((n for n in range(2, most + 1) if paired_power(effect, n, alpha) >= power), None)
+
+
+def add_power(comparisons: dict[str, dict[str, dict]], alpha: float = ALPHA, power: float = POWER) -> None:
+    """Add ``mde`` (minimum detectable effect), ``seeds_needed`` and ``alpha_holm`` to each
+    ``comparisons[arm][item]``: at Holm's strictest level α/m, m the tests of the item's family (the
+    level the family's smallest p-value must pass), from the observed sd of the paired differences."""
+    arms = list(comparisons)
+    for item in {item for arm in arms for item in comparisons[arm]}:
+        family = [arm for arm in arms if item in comparisons[arm]]
+        tested = sum(not math.isnan(comparisons[arm][item]["paired_p"]) for arm in family)
+        level = alpha / max(tested, 1)
+        for arm in family:
+            c = comparisons[arm][item]
+            c["alpha_holm"] = level
+            c["mde"] = minimum_detectable_effect(c["paired_sd"], c["pairs"], level, power)
+            c["seeds_needed"] = seeds_needed(c["difference"], c["paired_sd"], level, power)
 
 
 def rarest_classes(pixels: dict[str, int], k: int) -> list[dict]:
@@ -152,6 +221,7 @@ def summarize(rows: list[dict], arms: list[str], reference: str, classes: list[s
                                              _values(rows, arm=arm, **where, **scope))
                 comparisons[arm] = compared
             add_holm(comparisons)
+            add_power(comparisons)
             seeds = {arm: sorted(_values(rows, arm=arm, metric="miou", **scope)) for arm in arms}
             groups.append({**scope, "seeds": seeds, "metrics": table, "comparisons": comparisons})
     return {"arms": arms, "reference": reference, "classes": classes, "rare_classes": rare, "groups": groups}
@@ -247,4 +317,32 @@ def uncertainty_table(group: dict, arms: list[str]) -> tuple[list[str], list[lis
     """The paper's Table 3 and calibration: one row per arm."""
     header = ["arm", *(LABELS[k] for k in UNCERTAINTY_METRICS)]
     rows = [[arm, *(fmt_mean_std(group["metrics"][k][arm]) for k in UNCERTAINTY_METRICS)] for arm in arms]
+    return header, rows
+
+
+def fmt_interval(interval: list[float] | None, digits: int = 3) -> str:
+    if not interval or any(v is None or math.isnan(v) for v in interval):
+        return "—"
+    return f"[{interval[0]:+.{digits}f}, {interval[1]:+.{digits}f}]"
+
+
+def detect_table(group: dict, arms: list[str], reference: str) -> tuple[list[str], list[list[str]]]:
+    """What the study can resolve: per compared metric and arm, Δ with its Holm-adjusted paired p,
+    the minimum detectable effect and the seeds that would detect Δ (80 % power at Holm's α/m), and
+    for mIoU and rare-class mIoU the bootstrap intervals of Δ (test images; seeds and test images)."""
+    header = ["metric", "arm", "Δ", "paired p (Holm)", "MDE (80 % power)", "seeds to detect Δ",
+              "95 % CI, test images", "95 % CI, seeds and test images"]
+    rows = []
+    for key in ("miou", *OVERVIEW_TESTED):
+        for arm in arms:
+            c = group["comparisons"].get(arm, {}).get(key)
+            if arm == reference or c is None:
+                continue
+            needed = c.get("seeds_needed")
+            mde = c.get("mde", math.nan)
+            boot = c.get("bootstrap") or {}
+            rows.append([LABELS[key], arm, fmt_signed(c["difference"]), fmt_p(c.get("paired_p_holm", math.nan)),
+                         "n/a" if mde is None or math.isnan(mde) else f"{mde:.3f}",
+                         f"more than {MAX_SEEDS}" if needed is None else str(needed),
+                         fmt_interval(boot.get("images")), fmt_interval(boot.get("seeds_and_images"))])
     return header, rows

@@ -12,7 +12,7 @@ from __future__ import annotations
 import difflib
 import re
 import tomllib
-from dataclasses import dataclass, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,7 +39,7 @@ LOSS_KEYS = ("loss", "class_weights", "focal_gamma", "ohem_threshold", "ohem_min
 ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivity", "normalize", "train",
             "augment", "online_encoders")
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "arch", "seeds", "masks", "evaluation",
-            "evaluations", "arms", "reference", "rare_classes", "device")
+            "evaluations", "arms", "reference", "rare_classes", "device", "bootstrap_resamples", "bootstrap_seed")
 MASK_KEYS = ("encoders", "arch", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
              "batch_size", "num_workers", "amp", "images_per_shard", "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
@@ -58,6 +58,15 @@ class Arm:
     train: TrainConfig = TrainConfig()
     augment: AugmentConfig = AugmentConfig()
     online_encoders: tuple[str, ...] = ()  # online: the members trained jointly
+
+
+    def identity(self) -> dict:
+        """What this arm's models depend on beyond the experiment's data and model: the loss, the IU
+        masks it uses and its training and augmentation options (the seed excluded: it is the run's)."""
+        return json_normal({"iu": self.iu, "loss": self.loss.identity(),
+                            "masks": self.masks.identity() if self.iu != "none" else None,
+                            "train": {k: v for k, v in self.train.identity().items() if k != "seed"},
+                            "augment": asdict(self.augment), "online_encoders": list(self.online_encoders)})
 
 
 @dataclass(frozen=True)
@@ -101,9 +110,30 @@ class ExperimentSpec:
     rare_classes: int
     device: str
     raw: dict  # the spec as read (JSON-normal), recorded in summary.json
+    bootstrap_resamples: int = 10_000  # the report's bootstrap intervals (iumask.experiment.bootstrap)
+    bootstrap_seed: int = 0
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
+
+    def identity(self) -> dict:
+        """What the models and results of an experiment folder depend on, recorded in the folder by the
+        first process (see :func:`spec_differences`): the data, the model, the mask ensemble and its
+        masks, the evaluation options, and per arm and per evaluation their options. Not the name,
+        the seeds, the encoders, which arms there are, the reference, the report's options or the
+        device: adding seeds, encoders or arms to a spec keeps its finished runs."""
+        e = self.ensemble
+        ensemble = {"path": None if e.path is None else str(e.path.resolve()), "seed": e.seed,
+                    "masks": e.masks.identity(),
+                    "train": {k: v for k, v in e.train.identity().items() if k != "seed"},
+                    "encoders": None if e.model is None else list(e.model.encoders),
+                    "architecture": None if e.model is None else e.model.architecture}
+        return json_normal({
+            "data": self.data.identity(), "architecture": self.architecture, "encoder_weights": self.encoder_weights,
+            "ensemble": ensemble if any(a.iu == "offline" for a in self.arms) else None,
+            "evaluation": self.eval.identity(),
+            "evaluations": {f"{v.name}-{v.split}": v.data.identity() for v in self.evaluations},
+            "arms": {a.name: a.identity() for a in self.arms}})
 
     def model(self, encoders: tuple[str, ...]) -> ModelConfig:
         return ModelConfig(encoders, self.encoder_weights, self.architecture)
@@ -118,6 +148,35 @@ class ExperimentSpec:
         if self.ensemble.model is not None and any(a.iu == "offline" for a in self.arms):
             runs += len(self.ensemble.model.encoders)
         return runs
+
+
+# Entries of the spec identity that a spec may add or drop: its arms and its evaluations.
+OPEN_ENTRIES = ("arms", "evaluations")
+
+
+def spec_differences(recorded: dict, current: dict) -> list[str]:
+    """The keys (dotted) where two :meth:`ExperimentSpec.identity` records differ, with both values;
+    an arm or evaluation that only one of them has is no difference (seeds, arms and evaluations
+    can be added to a spec)."""
+    def flat(value, prefix: str = "") -> dict:
+        if isinstance(value, dict) and value:
+            out = {}
+            for key, inner in value.items():
+                out.update(flat(inner, f"{prefix}{key}."))
+            return out
+        return {prefix[:-1]: value}
+
+    differences = []
+    for key in sorted(set(recorded) | set(current)):
+        old, new = recorded.get(key), current.get(key)
+        if key in OPEN_ENTRIES and isinstance(old, dict) and isinstance(new, dict):
+            shared = set(old) & set(new)
+            old, new = {k: old[k] for k in shared}, {k: new[k] for k in shared}
+        old_flat, new_flat = flat(old, f"{key}."), flat(new, f"{key}.")
+        for name in sorted(set(old_flat) | set(new_flat)):
+            if old_flat.get(name, "absent") != new_flat.get(name, "absent"):
+                differences.append(f"{name} ({old_flat.get(name, 'absent')!r} → {new_flat.get(name, 'absent')!r})")
+    return differences
 
 
 # ----------------------------------------------------------------------------- reading
@@ -302,12 +361,17 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
 
     rare = top.build(checked_integer, top.get("rare_classes", 5), 1, "rare_classes",
                      "the number of rarest classes to test (>= 1)")
+    resamples = top.build(checked_integer, top.get("bootstrap_resamples", 10_000), 100, "bootstrap_resamples",
+                          "the bootstrap's resamples (an integer >= 100; 10000 by default)")
+    bootstrap_seed = top.build(checked_integer, top.get("bootstrap_seed", 0), 0, "bootstrap_seed",
+                               "the bootstrap's random seed (an integer >= 0)")
     name = top.get("name", path.stem)
     return ExperimentSpec(
         path=path, name=str(name), data=data, train=train, augment=augment, encoders=model.encoders,
         encoder_weights=model.encoder_weights, architecture=model.architecture,
         seeds=tuple(seeds), arms=tuple(arms), ensemble=ensemble, evaluations=tuple(evaluations), eval=eval_config,
-        reference=reference, rare_classes=rare, device=str(top.get("device", "auto")), raw=json_normal(raw))
+        reference=reference, rare_classes=rare, device=str(top.get("device", "auto")), raw=json_normal(raw),
+        bootstrap_resamples=resamples, bootstrap_seed=bootstrap_seed)
 
 
 def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskConfig, ensemble: MaskEnsemble,

@@ -19,7 +19,7 @@ from rich.markup import escape
 
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import DATASET_FORMATS, dataset_splits, detect_format, open_dataset
-from iumask.errors import DataError
+from iumask.errors import DataError, printable
 from iumask.progress import progress_bar
 
 
@@ -97,7 +97,7 @@ def print_check(root: Path, checks: list[FormatCheck]) -> None:
     out = Console(highlight=False, soft_wrap=True)
     for check in checks:
         verdict = "usable" if check.problem is None else "not usable"
-        out.print(f"{escape(str(root))}: {check.format} layout ({escape(DATASET_FORMATS[check.format].layout)}): "
+        out.print(f"{escape(printable(root))}: {check.format} layout ({escape(DATASET_FORMATS[check.format].layout)}): "
                   f"{verdict}")
         if not check.splits:
             out.print(f"  {escape(check.problem)}")

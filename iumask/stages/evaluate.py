@@ -35,7 +35,7 @@ from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError
-from iumask.files import atomic_write, describe_os_error, nan_to_none, read_json, write_json_atomic
+from iumask.files import atomic_write, describe_os_error, nan_to_none, read_json, refuse_read_only, write_json_atomic
 from iumask.inference import UncertaintySource, check_models, load_source, pixel_maps
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
@@ -278,7 +278,9 @@ def merge_results(json_path: Path, results: list[dict],
     """``results`` merged into those already in ``json_path`` (if any): returns the merged list,
     the number of earlier entries kept and replaced. Refuses a file that is not an iumask results
     file or holds results over other classes than ``results`` (or ``classes``: a check before any
-    evaluation), since one CSV header serves all rows."""
+    evaluation), since one CSV header serves all rows, and a read-only file or CSV beside it."""
+    for path in (json_path, json_path.with_suffix(".csv")):
+        refuse_read_only(path)
     if not json_path.exists():
         return results, 0, 0
     classes = results[0]["classes"] if results else classes

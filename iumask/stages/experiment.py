@@ -29,6 +29,9 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
+import json
+import os
+import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -43,8 +46,8 @@ from iumask.device import resolve_device
 from iumask.errors import IumaskError
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
-from iumask.experiment.spec import Arm, ExperimentSpec
-from iumask.files import LockHeld, check_writable, folder_writer_lock
+from iumask.experiment.spec import Arm, ExperimentSpec, spec_differences
+from iumask.files import LockHeld, check_writable, folder_writer_lock, read_json
 from iumask.inference import check_models, load_source
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity
@@ -69,6 +72,11 @@ class Run:
     @property
     def model_path(self) -> Path:
         return self.folder / self.member
+
+
+# The folder's spec record: the identity of the spec whose models the folder holds (issue 26).
+SPEC_RECORD = "experiment.json"
+SPEC_RECORD_VERSION = 1
 
 
 def check_modes(dry_run: bool, worker: bool, report_only: bool, overwrite: bool) -> None:
@@ -162,6 +170,49 @@ class Experiment:
             check_writable(self.out)
         return classes
 
+    # ------------------------------------------------------------------------- the folder's spec
+
+    def claim_folder(self, record: bool = True) -> None:
+        """Make sure ``out`` holds the models of this spec only: the first process records the spec's
+        identity in ``out/experiment.json`` (created once, atomically, so of two workers starting
+        together one records and the other compares); any later process whose spec differs in an
+        option its models or results depend on is refused, naming the keys, before it trains
+        anything. Seeds, encoders, arms and evaluations may be added. ``record`` False (``--dry-run``,
+        ``--report-only``) only compares."""
+        path = self.out / SPEC_RECORD
+        current = {"format_version": SPEC_RECORD_VERSION, "spec": str(self.spec.path), "identity": self.spec.identity()}
+        if not path.exists() and record:
+            _create_json_once(path, current)
+        if not path.exists():
+            return
+        recorded = read_json(path, "experiment spec record")
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("identity"), dict):
+            raise IumaskError(f"{path}: not an iumask experiment record (it says which spec the folder's models "
+                              "were made with); use another --out, or delete it if you know the folder holds only "
+                              "this spec's models")
+        differences = spec_differences(recorded["identity"], current["identity"])
+        if differences:
+            shown = "; ".join(differences[:4]) + (f"; and {len(differences) - 4} more" if len(differences) > 4 else "")
+            raise IumaskError(f"{self.out} holds the models of another spec ({recorded.get('spec')}), which differs "
+                              f"in {shown}: use another --out for this spec, or run the spec the folder was made with")
+
+    def model_differences(self, run: Run) -> list[str]:
+        """How the model of ``run`` now in the folder differs from what the spec trains there (its
+        manifest's data, architecture, encoder, training options and loss), e.g. a model another
+        spec's worker trained; empty when it matches or is not trained."""
+        manifest_path = run.model_path / MANIFEST_FILE
+        if not manifest_path.is_file():
+            return []
+        manifest = read_json(manifest_path, "model manifest")
+        train = {k: v for k, v in replace(run.arm.train, seed=0).identity().items() if k != "seed"}
+        found_train = {k: v for k, v in (manifest.get("train_options") or {}).items() if k != "seed"}
+        expected = {"data": self.spec.data.identity(), "architecture": self.spec.architecture, "train_options": train,
+                    "loss": run.arm.loss.identity()}
+        found = {"data": manifest.get("data"), "architecture": manifest.get("architecture"),
+                 "train_options": found_train,
+                 "loss": {k: (manifest.get("loss") or {}).get(k, "absent") for k in run.arm.loss.identity()}}
+        return spec_differences(json.loads(json.dumps(found)), json.loads(json.dumps(expected)))
+
     # ------------------------------------------------------------------------- plan
 
     def plan(self) -> list[tuple[str, str, str]]:
@@ -194,6 +245,8 @@ class Experiment:
         start = time.perf_counter()
         distributed.init(resolve_device(spec.device))
         classes = self.validate()
+        if distributed.is_main():
+            self.claim_folder()
         # One experiment per folder, or any number of workers: a plain experiment beside workers would
         # train the models they train. Shared by the workers, exclusive otherwise.
         fix = "use another --out" if worker else "use another --out (processes share one folder with --worker)"
@@ -278,6 +331,11 @@ class Experiment:
         results, or None to leave it out."""
         rows, results = [], {}
         for run in runs:
+            differences = self.model_differences(run)
+            if differences:
+                console.print(f"left out of the report: {run.model_path} was not trained with this spec's options "
+                              f"({'; '.join(differences[:3])})")
+                continue
             for evaluation in self.spec.evaluations:
                 options = replace(self.spec.eval, split=evaluation.split)
                 found = results_of([run.model_path], evaluation.data, options, self.evaluation_path(run, evaluation),
@@ -292,6 +350,7 @@ class Experiment:
         """``--report-only``: the report from the evaluations already written for the models now in
         the folder; nothing is trained or evaluated, no lock is taken (workers may be running)."""
         classes = self.validate(writable=False)
+        self.claim_folder(record=False)
         rows, results = self._results(self.runs, _finished_results)
         total = len(self.runs) * len(self.spec.evaluations)
         if not results:
@@ -355,6 +414,23 @@ class Experiment:
         if name is None or _store_status(self.out / "masks" / name) != "done":
             return None
         return MaskStore.open(self.out / "masks" / name)
+
+
+def _create_json_once(path: Path, data: dict) -> bool:
+    """Write ``data`` to ``path`` as JSON unless ``path`` exists, atomically (a hard link of a whole
+    temporary file: of two processes, exactly one creates it). Returns whether this one did."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2)
+            f.write("\n")
+        os.link(name, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(name)
 
 
 # How often a worker tries again a lock that another worker holds (the mask ensemble's, the stores').

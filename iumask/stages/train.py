@@ -55,7 +55,7 @@ from iumask.errors import IumaskError
 from iumask.figures import training_curves_png
 from iumask.files import folder_writer_lock, json_digest, read_json
 from iumask.inference import InstanceUncertainty, pixel_maps
-from iumask.losses import LossFn, build_loss
+from iumask.losses import LossFn, build_loss, ohem_note
 from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, warn
@@ -100,6 +100,10 @@ class TrainingInputs:
         val_folder.check_pixels()
         if data.size is None and not (augment.enabled and augment.crop):
             require_one_shape(train_folder, shapes, size_fix)
+        sample = augment.crop if augment.enabled and augment.crop else data.size or shapes[0]
+        note = ohem_note(loss, sample)
+        if note is not None and distributed.is_main():
+            warn(note)
         self.fingerprint = train_folder.fingerprint()
         weights = class_weight_values(train_folder, loss, self.fingerprint)
         self.loss = {**loss.identity(), "class_weight_values": None if weights is None else weights.tolist()}
@@ -142,7 +146,7 @@ def class_weight_values(folder: PairedDataset, loss: LossConfig, fingerprint: st
     stats = cached_label_statistics(folder, fingerprint=fingerprint)["per_class"]
     # Eigen & Fergus: all pixels of the images that contain c (as in CamVid's published weights).
     return class_weights(stats["pixels"], loss.class_weights, stats["total_pixels_in_images_containing"],
-                         loss.effective_number_beta)
+                         loss.effective_number_beta, warn=warn)
 
 
 def _start(model: ModelConfig, train: TrainConfig, device: str,
