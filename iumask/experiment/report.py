@@ -77,9 +77,10 @@ def report_markdown(summary: dict, figures: dict[str, str]) -> str:
                 f"Mean ± std over seeds; Δ is the difference to {reference} with the paired t-test's p-value "
                 "over seeds, Holm-adjusted over the arms compared (one family per column). rare-class mIoU: "
                 f"mean IoU of the {len(rare)} rarest training classes; worst-10 % mIoU: mean of the per-image "
-                "mIoU of the worst tenth of images; instance recall small: share of small ground-truth "
-                "instances (under 32² pixels of a 640x480 image, relative to the image) with at least half "
-                "their pixels found; AURC: area under the risk-coverage curve of the pixels' confidence. "
+                "mIoU (over the classes in the image's label, Wang et al.) of the worst max(1, ⌊n/10⌋) images; "
+                "instance recall small: share of small ground-truth instances (under 32² pixels at the "
+                "resolution the labels are scored at, COCO's bin) with at least half their pixels found; "
+                "AURC: area under the risk-coverage curve of the pixels' confidence. "
                 "Training minutes: the run's epochs (for offline IU arms plus the mask ensemble, trained "
                 "once and shared by all of them).", "",
                 _markdown(*overview_table(group, arms, summary.get("cost"))), ""]

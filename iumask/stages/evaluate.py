@@ -379,16 +379,23 @@ def read_image_counts(json_path: Path) -> list[dict[str, np.ndarray]] | None:
 
 
 def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, json_path: Path,
-                    device: str = "auto") -> list[dict]:
+                    device: str = "auto", across_ranks: bool = False) -> list[dict]:
     """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options
-    (and its images file, :func:`read_image_counts`)."""
+    (and its images file, :func:`read_image_counts`).
+
+    ``across_ranks``: under torchrun every rank calls this and shares the images (rank 0's view of the
+    cache decides for all, rank 0 writes), so no rank waits in a collective while another evaluates
+    alone, however long the evaluation takes."""
     identity = evaluation_identity(models, data, options)
-    previous = cached_results(json_path, identity)
+    previous = cached_results(json_path, identity) if distributed.is_main() else None
+    if across_ranks and distributed.is_distributed():
+        previous = distributed.all_gather_object(previous)[0]
     if previous is not None:
         console.print(f"[green]cache hit[/green]: {json_path} holds these results")
         return previous
-    results = evaluate(models, data, options, device)
-    write_results(results, json_path, identity)
+    results = evaluate(models, data, options, device, across_ranks=across_ranks)
+    if distributed.is_main():
+        write_results(results, json_path, identity)
     return results
 
 

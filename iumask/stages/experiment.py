@@ -44,13 +44,14 @@ from iumask.data.folder import SegmentationDataset, class_differences
 from iumask.dataset_stats import cached_label_statistics
 from iumask.device import resolve_device
 from iumask.errors import IumaskError
+from iumask.experiment.bootstrap import add_bootstrap
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec, spec_differences
 from iumask.files import LockHeld, check_writable, folder_writer_lock, read_json
 from iumask.inference import check_models, load_source
 from iumask.progress import console
-from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity
+from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
 from iumask.stages.masks import make_masks
 from iumask.stages.train import out_lock, train_baseline, train_online, train_weighted
 from iumask.store import MaskStore
@@ -284,9 +285,9 @@ class Experiment:
         else:
             for index in range(len(self.trainings())):
                 self._train(index, common)
+        rows, results = self._results(self.runs, evaluate_on_every_rank)
         if not distributed.is_main():
             return None
-        rows, results = self._results(self.runs, cached_evaluate)
         return self.report(rows, results, classes)
 
     def _rule(self, step: int, text: str) -> None:
@@ -321,8 +322,8 @@ class Experiment:
                 return not held
             with lock or contextlib.nullcontext():
                 self._train(claimed, common)
-                if distributed.is_main():
-                    self._results([r for r in self.runs if r.folder == trainings[claimed][2]], cached_evaluate)
+                # Every rank evaluates its share: none waits in a collective while rank 0 evaluates.
+                self._results([r for r in self.runs if r.folder == trainings[claimed][2]], evaluate_on_every_rank)
             done.add(claimed)
 
     def _results(self, runs: list[Run], results_of) -> tuple[list[dict], dict]:
@@ -398,6 +399,7 @@ class Experiment:
         pixels = dict(zip(classes, stats["per_class"]["pixels"]))
         rare = rarest_classes(pixels, min(spec.rare_classes, len(classes)))
         summary = summarize(rows, [a.name for a in spec.arms], spec.reference, classes, rare)
+        add_bootstrap(summary, self.image_counts(results), spec.bootstrap_resamples, spec.bootstrap_seed)
         summary.update(cost=self.cost())
         summary.update(experiment=spec.name, spec=spec.raw, training_runs=spec.training_runs,
                        evaluations=[{"name": e.name, "split": e.split, "root": str(e.data.root.resolve())}
@@ -407,6 +409,18 @@ class Experiment:
         write_report(self.out, summary, rows, results, stats, train_folder, store, predictors)
         return summary
 
+    def image_counts(self, results: dict) -> dict:
+        """The per-image counts (:func:`read_image_counts`) of the evaluations in ``results``, by the
+        same (arm, encoder, seed, dataset, split) keys; an evaluation without them is left out."""
+        counts = {}
+        for run in self.runs:
+            for evaluation in self.spec.evaluations:
+                key = (run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)
+                found = read_image_counts(self.evaluation_path(run, evaluation)) if key in results else None
+                if found:
+                    counts[key] = found[0]
+        return counts
+
     def _finished_store(self) -> MaskStore | None:
         """The first mask store, for the figure of masks, once it is finished (``--report-only`` may
         come before it is)."""
@@ -414,6 +428,10 @@ class Experiment:
         if name is None or _store_status(self.out / "masks" / name) != "done":
             return None
         return MaskStore.open(self.out / "masks" / name)
+
+
+# An evaluation under torchrun: the ranks share its images (alone: the plain evaluation).
+evaluate_on_every_rank = functools.partial(cached_evaluate, across_ranks=True)
 
 
 def _create_json_once(path: Path, data: dict) -> bool:
