@@ -27,6 +27,7 @@ whose figures are CPU figures (labelled so), not evidence about any GPU.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import re
@@ -239,7 +240,8 @@ class Checker:
         histories = [json.loads((f / "mobilenet_v2" / "manifest.json").read_text())["history"] for f in (straight, out)]
         loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(*histories))
         limit = max(RESUME_NOISE_FACTOR * noise, RESUME_FLOOR)
-        text = (f"amp {amp}, killed after step {self.checkpoint_every}: max |weights resumed - uninterrupted| "
+        where = "" if self.cuda else " (off on a CPU)"
+        text = (f"amp {amp}{where}, killed after step {self.checkpoint_every}: max |weights resumed - uninterrupted| "
                 f"{resume:.3g}, between two uninterrupted runs {noise:.3g} (limit {limit:.3g}); "
                 f"max |epoch loss diff| {loss_diff:.3g}; {'bitwise equal' if resume == 0 else 'not bitwise equal'}")
         return ("PASS" if resume <= limit else "FAIL"), text
@@ -305,17 +307,20 @@ class Checker:
 
         seen: dict[str, list[tuple[bool, bool]]] = {}
         originals = {module: module.DataLoader for module in (engine, masks_stage)}
-        try:
-            for module, loader in originals.items():
-                module.DataLoader = recording_loader(loader, seen, module.__name__.rsplit(".", 1)[-1])
-            make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4), self.work / "pinned.zarr",
-                       device=self.device)
-            train_baseline(DataConfig(data), ModelConfig(("mobilenet_v2",)),
-                           TrainConfig(epochs=1, batch_size=4, lr=1e-3), LossConfig(exponent=0.0),
-                           AugmentConfig(enabled=False), self.work / "pinned-train", device=self.device)
-        finally:
-            for module, loader in originals.items():
-                module.DataLoader = loader
+        # The stages' own progress lines go to the log, not between the CHECK lines.
+        with open(self.logs / "pinned-memory.log", "w") as sink, contextlib.redirect_stdout(sink), \
+                contextlib.redirect_stderr(sink):
+            try:
+                for module, loader in originals.items():
+                    module.DataLoader = recording_loader(loader, seen, module.__name__.rsplit(".", 1)[-1])
+                make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4), self.work / "pinned.zarr",
+                           device=self.device)
+                train_baseline(DataConfig(data), ModelConfig(("mobilenet_v2",)),
+                               TrainConfig(epochs=1, batch_size=4, lr=1e-3), LossConfig(exponent=0.0),
+                               AugmentConfig(enabled=False), self.work / "pinned-train", device=self.device)
+            finally:
+                for module, loader in originals.items():
+                    module.DataLoader = loader
         parts = []
         ok = True
         for where in ("masks", "engine"):
