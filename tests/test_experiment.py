@@ -173,6 +173,37 @@ def test_results_csv_reproduces_the_report(straight):
     assert summary["training_runs"] == 5 and summary["reference"] == "regular"
 
 
+def test_report_says_what_the_seeds_can_detect(straight):
+    """The "What these seeds can detect" table of a small experiment, recomputed: the MDE from the
+    per-seed mIoU differences of results.csv with statsmodels' power, Δ of the bootstrap from the
+    evaluations' per-image counts equal to the results' Δ, and the report's cells as summary.json."""
+    power = pytest.importorskip("statsmodels.stats.power").TTestPower()
+    rows = read_rows(straight / "results.csv")
+    summary = json.loads((straight / "summary.json").read_text())
+    report = (straight / "report.md").read_text()
+    for group, section in zip(summary["groups"], report.split("\n## ")[1:]):
+        dataset = group["dataset"]
+        ref, iu = (values(rows, arm=arm, dataset=dataset, metric="miou") for arm in ("regular", "iu"))
+        differences = [iu[s] - ref[s] for s in (0, 1)]
+        c = group["comparisons"]["iu"]["miou"]
+        assert c["paired_sd"] == pytest.approx(np.std(differences, ddof=1), rel=1e-9)
+        # one arm compared: Holm's α/m is 0.05; the power at the MDE is 80 % (far tail below 1e-6)
+        assert c["alpha_holm"] == 0.05
+        assert power.power(c["mde"] / c["paired_sd"], 2, 0.025, alternative="larger") == pytest.approx(0.8, abs=1e-6)
+        boot = c["bootstrap"]
+        assert boot["difference"] == pytest.approx(np.mean(differences), abs=1e-12)
+        assert boot["resamples"] == 10000 and boot["pairs"] == 2
+        for interval in (boot["images"], boot["seeds_and_images"]):
+            assert interval[0] <= interval[1]
+        table = section.split("### What these seeds can detect")[1].split("###")[0]
+        line = next(x for x in table.splitlines() if x.startswith("| mIoU | iu |"))
+        needed = str(c["seeds_needed"]) if c["seeds_needed"] is not None else (
+            f"more than {c['seeds_needed_beyond']}" if c["seeds_needed_beyond"] else "n/a")
+        interval = "[{:+.3f}, {:+.3f}]"
+        assert line == (f"| mIoU | iu | {c['difference']:+.3f} | {c['paired_p_holm']:.3f} | {c['mde']:.3f} | {needed} "
+                        f"| {interval.format(*boot['images'])} | {interval.format(*boot['seeds_and_images'])} |"), line
+
+
 def test_each_seed_trains_its_own_model(straight):
     """Every run is trained with its own seed (recorded in its manifest's train_options), so the two
     seeds of an arm give two different models: an experiment whose seeds all trained one model would

@@ -57,10 +57,13 @@ def test_seeds_needed_is_the_first_n_with_80_percent_power(difference, sd, alpha
 
 
 def test_seeds_needed_beyond_fifty_and_undefined_cases():
-    assert seeds_needed(0.001, 0.05, 0.05 / 8) is None  # d_z = 0.02: thousands of seeds
-    assert seeds_needed(0.0, 0.01, 0.05) is None and seeds_needed(math.nan, 0.01, 0.05) is None
+    assert seeds_needed(0.001, 0.05, 0.05 / 8) == math.inf  # d_z = 0.02: thousands of seeds
+    assert seeds_needed(0.0, 0.01, 0.05) == math.inf  # no difference: no number of seeds detects it
+    assert math.isnan(seeds_needed(math.nan, 0.01, 0.05))
+    assert math.isnan(seeds_needed(0.01, 0.0, 0.05))  # no spread: the t-test is undefined
     assert math.isnan(minimum_detectable_effect(math.nan, 3, 0.05))
     assert math.isnan(minimum_detectable_effect(0.01, 1, 0.05))
+    assert math.isnan(minimum_detectable_effect(0.0, 5, 0.05))
 
 
 def test_add_power_uses_the_observed_paired_sd_at_holms_strictest_level():
@@ -82,6 +85,8 @@ def test_add_power_uses_the_observed_paired_sd_at_holms_strictest_level():
         assert one_sided_power(c["mde"] / sd, 5, 0.05 / 3) == pytest.approx(0.8, abs=1e-6)
         assert c["seeds_needed"] == seeds_needed(c["difference"], sd, 0.05 / 3)
     assert math.isnan(comparisons["one-seed"]["miou"]["mde"])
+    assert comparisons["one-seed"]["miou"]["seeds_needed"] is None
+    assert comparisons["one-seed"]["miou"]["seeds_needed_beyond"] is None
 
 
 # ----------------------------------------------------------------------------- bootstrap

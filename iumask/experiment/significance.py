@@ -143,10 +143,8 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = PO
     undefined sd)."""
     from scipy import optimize
 
-    if n < 2 or not math.isfinite(sd) or not 0 < alpha < 1:
-        return math.nan
-    if sd == 0:
-        return 0.0
+    if n < 2 or not math.isfinite(sd) or sd <= 0 or not 0 < alpha < 1:
+        return math.nan  # no spread at all: the t-test itself is undefined
     high = 1.0
     while paired_power(high, n, alpha) < power:
         high *= 2
@@ -155,16 +153,15 @@ def minimum_detectable_effect(sd: float, n: int, alpha: float, power: float = PO
 
 
 def seeds_needed(difference: float, sd: float, alpha: float, power: float = POWER,
-                 most: int = MAX_SEEDS) -> int | None:
+                 most: int = MAX_SEEDS) -> float:
     """The fewest seeds (pairs, from 2) at which the two-sided paired t-test at ``alpha`` detects a true
     difference ``difference`` with ``power``, if the differences keep standard deviation ``sd``;
-    None when more than ``most`` would be needed (or Δ is 0 or undefined)."""
-    if not (math.isfinite(difference) and math.isfinite(sd)) or difference == 0:
-        return None
-    if sd == 0:
-        return 2
+    ``math.inf`` when more than ``most`` would be needed (Δ = 0 included); NaN when undefined (Δ or sd
+    undefined, or no spread at all, where the t-test is undefined)."""
+    if not (math.isfinite(difference) and math.isfinite(sd)) or sd <= 0:
+        return math.nan
     effect = abs(difference) / sd
-    return next((n for n in range(2, most + 1) if paired_power(effect, n, alpha) >= power), None)
+    return next((n for n in range(2, most + 1) if paired_power(effect, n, alpha) >= power), math.inf)
 
 
 def add_power(comparisons: dict[str, dict[str, dict]], alpha: float = ALPHA, power: float = POWER) -> None:
@@ -180,7 +177,10 @@ def add_power(comparisons: dict[str, dict[str, dict]], alpha: float = ALPHA, pow
             c = comparisons[arm][item]
             c["alpha_holm"] = level
             c["mde"] = minimum_detectable_effect(c["paired_sd"], c["pairs"], level, power)
-            c["seeds_needed"] = seeds_needed(c["difference"], c["paired_sd"], level, power)
+            needed = seeds_needed(c["difference"], c["paired_sd"], level, power)
+            # JSON: a number of seeds, or null with seeds_needed_beyond (more than MAX_SEEDS) or not (undefined)
+            c["seeds_needed"] = int(needed) if math.isfinite(needed) else None
+            c["seeds_needed_beyond"] = MAX_SEEDS if needed == math.inf else None
 
 
 def rarest_classes(pixels: dict[str, int], k: int) -> list[dict]:
@@ -338,11 +338,11 @@ def detect_table(group: dict, arms: list[str], reference: str) -> tuple[list[str
             c = group["comparisons"].get(arm, {}).get(key)
             if arm == reference or c is None:
                 continue
-            needed = c.get("seeds_needed")
+            needed, beyond = c.get("seeds_needed"), c.get("seeds_needed_beyond")
             mde = c.get("mde", math.nan)
             boot = c.get("bootstrap") or {}
             rows.append([LABELS[key], arm, fmt_signed(c["difference"]), fmt_p(c.get("paired_p_holm", math.nan)),
                          "n/a" if mde is None or math.isnan(mde) else f"{mde:.3f}",
-                         f"more than {MAX_SEEDS}" if needed is None else str(needed),
+                         str(needed) if needed is not None else f"more than {beyond}" if beyond else "n/a",
                          fmt_interval(boot.get("images")), fmt_interval(boot.get("seeds_and_images"))])
     return header, rows
