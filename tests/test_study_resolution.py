@@ -224,3 +224,75 @@ def test_add_bootstrap_fills_the_summary_and_notes_missing_counts(camvid_runs):
     add_bootstrap(summary, counts, resamples=200, seed=0)
     assert "bootstrap" not in summary["groups"][0]["comparisons"]["other"]["miou"]
     assert "no per-image counts" in summary["groups"][0]["bootstrap_note"]
+
+
+def test_bootstrap_edge_cases_by_hand():
+    """Hand cases: a resample where no selected class has union pixels is NaN (not 0); with one class
+    defined the mIoU is that class's IoU; only the seeds both arms have are paired; the confidence
+    level is the one asked for; no common seed gives NaN intervals."""
+    from iumask.experiment.bootstrap import percentile_interval
+
+    inter = np.array([[2, 0, 0], [1, 0, 3]])
+    union = np.array([[4, 0, 0], [2, 0, 6]])
+    draws = np.array([[2.0, 0.0], [1.0, 1.0], [0.0, 2.0]])
+    # draw 0: image 0 twice: class 0 IoU 4/8, class 2 undefined; draw 2: image 1 twice
+    got = resampled_miou(inter, union, draws, [0])
+    assert got.tolist() == [0.5, 0.5, 0.5]
+    got = resampled_miou(inter, union, draws, [2])
+    assert math.isnan(got[0]) and got[1] == 0.5 and got[2] == 0.5
+    assert np.isnan(resampled_miou(inter, union, draws, [1])).all()
+    assert resampled_miou(inter, union, draws)[1] == pytest.approx((3 / 6 + 3 / 6) / 2)
+    values = np.linspace(0.0, 1.0, 101)
+    assert percentile_interval(values, 0.9) == pytest.approx([0.05, 0.95])
+    assert percentile_interval(np.array([0.3]), 0.95) == [0.3, 0.3]
+    assert all(math.isnan(v) for v in percentile_interval(np.array([np.nan])))
+    ref = {0: np.array([0.1, 0.2]), 1: np.array([0.3, 0.3])}
+    other = {1: np.array([0.5, 0.6]), 2: np.array([0.9, 0.9])}
+    out = paired_intervals(ref, other, {0: 0.1, 1: 0.3}, {1: 0.55, 2: 0.9}, confidence=0.5)
+    assert out["pairs"] == 1 and out["difference"] == pytest.approx(0.25) and out["confidence"] == 0.5
+    assert out["images"] == pytest.approx([0.2 + 0.25 * 0.1, 0.2 + 0.75 * 0.1])
+    none = paired_intervals(ref, {5: np.array([0.1, 0.1])}, {0: 0.1, 1: 0.3}, {5: 0.1})
+    assert none["pairs"] == 0 and math.isnan(none["difference"])
+    assert all(math.isnan(v) for v in none["images"] + none["seeds_and_images"])
+
+
+def test_add_bootstrap_per_group_rare_columns_seed_and_names(camvid_runs):
+    """Two groups (two datasets): the first lacks a run's counts, the second is complete, so the note
+    is the first's only; the rare-class intervals come from the rare columns' resamples; another
+    bootstrap seed gives other intervals; runs scored on other images get a note, no interval."""
+    n = len(camvid_runs[("regular", 0)][0])
+    names = np.array([f"image{i}" for i in range(n)])
+    counts = {}
+    for dataset in ("a", "b"):
+        for (arm, s), (i, u) in camvid_runs.items():
+            counts[(arm, "enc", s, dataset, "test")] = {"intersection": i, "union": u, "images": names}
+    del counts[("regular", "enc", 2, "a", "test")]
+
+    def summary_of():
+        group = {"split": "test", "encoder": "enc", "seeds": {"regular": [0, 1, 2], "other": [0, 1, 2]}}
+        return {"classes": [f"c{k}" for k in range(11)], "reference": "regular",
+                "rare_classes": [{"class": "c2"}, {"class": "c9"}],
+                "groups": [dict(group, dataset=d, comparisons={"other": {"miou": {}, "rare_miou": {}}})
+                           for d in ("a", "b")]}
+
+    summary = summary_of()
+    add_bootstrap(summary, counts, resamples=300, seed=4)
+    first, second = summary["groups"]
+    assert "no per-image counts" in first["bootstrap_note"] and "bootstrap_note" not in second
+    draws = image_draws(n, 300, seed=4)
+    resampled = {arm: {s: resampled_miou(*camvid_runs[(arm, s)], draws, [2, 9]) for s in range(3)}
+                 for arm in ("regular", "other")}
+    full = {arm: {s: dataset_miou(*camvid_runs[(arm, s)], [2, 9]) for s in range(3)} for arm in ("regular", "other")}
+    expected = paired_intervals(resampled["regular"], resampled["other"], full["regular"], full["other"], seed=4)
+    got = second["comparisons"]["other"]["rare_miou"]["bootstrap"]
+    assert got["images"] == pytest.approx(expected["images"], rel=1e-12)
+    assert got["seeds_and_images"] == pytest.approx(expected["seeds_and_images"], rel=1e-12)
+    other_seed = summary_of()
+    add_bootstrap(other_seed, counts, resamples=300, seed=5)
+    assert other_seed["groups"][1]["comparisons"]["other"]["miou"]["bootstrap"]["images"] != \
+        second["comparisons"]["other"]["miou"]["bootstrap"]["images"]
+    counts[("other", "enc", 1, "b", "test")] = dict(counts[("other", "enc", 1, "b", "test")], images=names[::-1])
+    renamed = summary_of()
+    add_bootstrap(renamed, counts, resamples=300, seed=4)
+    assert renamed["groups"][1]["bootstrap_note"] == "the runs were scored on different test images"
+    assert "bootstrap" not in renamed["groups"][1]["comparisons"]["other"]["miou"]
