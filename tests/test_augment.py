@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from iumask.data.augment import DEFAULT_AUGMENTATION, JointAugment
-from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.errors import IumaskError
 
