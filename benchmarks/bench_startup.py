@@ -15,11 +15,12 @@ time can exceed its wall time).
 
 ``--compare DIR`` runs the same commands with another source checkout of iumask first on
 ``PYTHONPATH`` (e.g. a ``git worktree`` of an earlier commit), printed beside this one's: a
-before/after in one run.
+before/after in one run. ``--also "ARGS"`` times another iumask command line the same way (e.g.
+make-masks' cache hit on a store that ``bench_scale.py --work DIR`` made).
 
 Usage::
 
-    python benchmarks/bench_startup.py [--camvid DIR] [--repeat 7] [--compare DIR]
+    python benchmarks/bench_startup.py [--camvid DIR] [--repeat 7] [--compare DIR] [--also "ARGS" ...]
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import resource
+import shlex
 import shutil
 import statistics
 import subprocess
@@ -76,6 +78,9 @@ def main() -> int:
     parser.add_argument("--repeat", type=int, default=7, help="timed runs of each command (median)")
     parser.add_argument("--compare", type=Path, default=None,
                         help="another iumask source checkout, run the same way (first on PYTHONPATH)")
+    parser.add_argument("--also", action="append", default=[], metavar="ARGS",
+                        help="another iumask command line to time the same way, e.g. a make-masks cache hit on "
+                             "a store bench_scale.py --work DIR made (repeatable)")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="iumask-startup-"))
@@ -95,6 +100,8 @@ def main() -> int:
                      ("iumask check-data CamVid --quick", ["check-data", str(args.camvid), "--quick"], "total")]
     else:
         print("CamVid not found: check-data not measured (give --camvid DIR)")
+    commands += [(f"iumask {' '.join(shlex.split(line)[:1])} ({i})", shlex.split(line), "")
+                 for i, line in enumerate(args.also, 1)]
     versions = [("this checkout", base_env)]
     if args.compare is not None:
         versions.append((f"--compare {args.compare}", dict(base_env, PYTHONPATH=str(args.compare.resolve()))))
@@ -102,6 +109,8 @@ def main() -> int:
     print(f"bench_startup: {sys.executable} (Python {sys.version.split()[0]}), {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; median of {args.repeat} runs after a warm-up")
     print(f"iumask command: {' '.join(iumask)}" + (f"; CamVid: {args.camvid}" if args.camvid else ""))
+    for i, line in enumerate(args.also, 1):
+        print(f"({i}): iumask {line}")
     header = f"  {'command':34s} {'wall s':>7s} {'CPU s':>7s} {'wall/python':>12s} {'wall/torch':>11s}"
     print("\n" + header)
     medians = {}
