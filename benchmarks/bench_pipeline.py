@@ -92,7 +92,7 @@ def make_ensemble(work: Path, args) -> tuple[Path, Path]:
 
 def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     from iumask.config import DataConfig, MaskConfig
-    from iumask.data.folder import SegmentationDataset
+    from iumask.data.dataset import SegmentationDataset
     from iumask.inference import load_source
     from iumask.stages.masks import make_masks
     from iumask.transfer import to_device
@@ -140,7 +140,7 @@ def bench_steady_state(ensemble: Path, work: Path, args) -> None:
     from bench_scale import timed as timed_cli
 
     from iumask.config import DataConfig
-    from iumask.data.folder import SegmentationDataset
+    from iumask.data.dataset import SegmentationDataset
     from iumask.data.synthetic import generate_synthetic
     from iumask.inference import InstanceUncertainty, load_source, pixel_maps
     from iumask.store import MaskStore
@@ -220,7 +220,7 @@ def bench_steady_state(ensemble: Path, work: Path, args) -> None:
 def bench_loading(work: Path, args) -> None:
     from torch.utils.data import DataLoader
 
-    from iumask.data.folder import SegmentationDataset
+    from iumask.data.dataset import SegmentationDataset
     from iumask.data.formats import open_dataset
     from iumask.data.synthetic import generate_synthetic
 

@@ -271,7 +271,7 @@ class Checker:
         import torch
 
         from iumask.config import DataConfig
-        from iumask.data.folder import SegmentationDataset
+        from iumask.data.dataset import SegmentationDataset
         from iumask.inference import load_source
         from iumask.transfer import to_device
 

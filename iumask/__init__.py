@@ -8,10 +8,25 @@ The numerical core is importable from here for use in your own training loops::
     entropy = iumask.pixel_entropy(probs)
     iu = iumask.instance_uncertainty_batch(probs.argmax(1), entropy, num_classes)
     loss = iumask.uncertainty_weighted_cross_entropy(logits, target, iu, exponent=2.0)
+
+Its names are imported on first use, so ``import iumask`` (and the CLI's start) does not import torch.
 """
 
+from __future__ import annotations
+
+from typing import Any
+
 from iumask import core
-from iumask.core import *  # noqa: F403  (the public API is the core's)
 
 __version__ = "0.1.0"
 __all__ = core.__all__
+
+
+def __getattr__(name: str) -> Any:
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(core, name)
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -22,7 +22,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from iumask import distributed
+from iumask.architectures import DEFAULT_ENCODERS
 from iumask.config import (
     RUN_ENCODERS,
     Amp,
@@ -50,7 +50,6 @@ from iumask.core import LOSS_METHODS
 from iumask.download import DATASETS
 from iumask.errors import IumaskError
 from iumask.files import check_writable, describe_os_error, folder_lock
-from iumask.models import DEFAULT_ENCODERS
 from iumask.progress import console
 from iumask.tables import print_results
 
@@ -401,6 +400,7 @@ def evaluate(
 ):
     """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
     ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
+    from iumask import distributed
     from iumask.stages.evaluate import evaluate as stage
     from iumask.stages.evaluate import merge_results, write_results
 

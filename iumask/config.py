@@ -30,19 +30,12 @@ from enum import Enum
 from pathlib import Path
 from typing import Any
 
+from iumask.architectures import ARCHITECTURE, ARCHITECTURES, DEFAULT_ENCODERS, architecture_name
 from iumask.core.loss import CLASS_WEIGHTINGS, DEFAULT_EFFECTIVE_NUMBER_BETA, LOSS_METHODS, LossMethod
 from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
 from iumask.errors import IumaskError
-from iumask.models import (
-    ARCHITECTURE,
-    ARCHITECTURES,
-    DEFAULT_ENCODERS,
-    architecture_name,
-    check_architecture,
-    check_encoder,
-)
 
 FORMAT_VERSION = 1  # of member manifests and results files
 
@@ -273,6 +266,8 @@ class ModelConfig:
     architecture: str = ARCHITECTURE  # smp's class name (--arch unet gives "Unet")
 
     def __post_init__(self) -> None:
+        from iumask.models import check_architecture, check_encoder  # smp's registries: torch is imported here
+
         encoders = (self.encoders,) if isinstance(self.encoders, str) else tuple(self.encoders or ())
         if not encoders:
             raise IumaskError("--encoder: give at least one encoder")

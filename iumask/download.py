@@ -24,24 +24,24 @@ import contextlib
 import errno
 import fcntl
 import hashlib
-import http.client
 import os
 import re
 import shutil
-import tarfile
 import time
-import urllib.error
-import urllib.request
 from collections.abc import Iterator, Mapping
 from functools import lru_cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
+from typing import TYPE_CHECKING
 
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
 from iumask.errors import IumaskError
 from iumask.files import check_writable, describe_os_error, file_sha256
 from iumask.progress import console
+
+if TYPE_CHECKING:
+    import tarfile
 
 DATASETS = ("camvid", "cityscapes", "acdc")
 
@@ -270,6 +270,8 @@ class _Stream:
         self.length = _content_length(response)
 
     def read(self, size: int = -1) -> bytes:
+        import http.client
+
         try:
             data = self.response.read(size)
         except (OSError, http.client.HTTPException) as exc:
@@ -282,6 +284,8 @@ class _Stream:
 
 
 def _reason(exc: BaseException) -> str:
+    import http.client
+
     if isinstance(exc, http.client.IncompleteRead):
         return "connection closed early"
     text = str(exc) or type(exc).__name__
@@ -291,6 +295,11 @@ def _reason(exc: BaseException) -> str:
 def _fetch(url: str, staging: Path, sums: Mapping[str, str], out: Path) -> None:
     """Stream the archive at ``url`` and write the files in ``sums`` (found under ``<top>/CamVid/``)
     into ``staging``, each checked against its SHA-256 as it is written."""
+    import http.client  # the network and archive modules: imported when a download starts, not by the CLI's start
+    import tarfile
+    import urllib.error
+    import urllib.request
+
     manual = manual_camvid(out)
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "iumask"}),

@@ -16,25 +16,12 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
+from iumask.architectures import ARCHITECTURE, ARCHITECTURES, DEFAULT_ENCODERS, architecture_name
 from iumask.artifacts import MANIFEST_FILE, WEIGHTS_FILE, checked_manifest
 from iumask.errors import IumaskError
 from iumask.files import atomic_write, file_sha256, write_json_atomic
 
-DEFAULT_ENCODERS = ("mobilenet_v2", "resnet50", "resnet101")
-ARCHITECTURE = "DeepLabV3Plus"  # the paper's, and the default
 OUTPUT_STRIDE = 16  # DeepLabV3+'s encoder output stride (as the authors)
-# segmentation-models-pytorch's architectures: --arch name -> the class name manifests record.
-ARCHITECTURES = {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}
-
-
-def architecture_name(arch: str) -> str:
-    """The class name of ``arch`` (``unet``, ``Unet``, ``deeplabv3plus`` ...), as manifests record it."""
-    by_lower = {name.lower(): name for name in ARCHITECTURES.values()}
-    found = ARCHITECTURES.get(str(arch).lower()) or by_lower.get(str(arch).lower())
-    if found is None:
-        raise IumaskError(f"--arch {arch!r}: unknown architecture; choose one of segmentation-models-pytorch's: "
-                          f"{', '.join(ARCHITECTURES)}")
-    return found
 
 
 def check_architecture(architecture: str, encoder: str) -> None:

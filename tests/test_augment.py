@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from iumask.data.augment import DEFAULT_AUGMENTATION, JointAugment
-from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.errors import IumaskError
 
@@ -152,7 +153,6 @@ def test_flip_only_is_exact_mirror(scene):
 
 def test_everything_off_is_identity(scene):
     aug = JointAugment(scale=(1.0, 1.0), crop=None, flip=False, jitter=0.0)
-    assert aug.is_identity
     for seed in range(5):
         out = run(aug, scene, seed)
         assert set(out) == set(scene)

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 from assertions import raises_naming
 
-from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset, load_classes
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import ClassInfo, FolderDataset, load_classes
 from iumask.data.synthetic import SYNTHETIC_CLASSES, generate_synthetic
 from iumask.errors import DataError, IumaskError
 

@@ -12,7 +12,8 @@ from assertions import raises_naming
 from PIL import Image
 from testdata import camvid_root
 
-from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import FolderDataset
 from iumask.data.formats import (
     ACDC_CLASSES,
     CITYSCAPES_CLASSES,

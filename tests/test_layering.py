@@ -1,10 +1,15 @@
 """The package's import structure: layers that import only downwards, no cycles, and no private name
 (``_x``) imported from another module. Parses the source (every import, module level or not), so it
-runs in milliseconds and fails on the commit that breaks the rule."""
+runs in milliseconds and fails on the commit that breaks the rule. Last, the CLI's start: commands
+that need no model (help, version, a typo, check-data, download) run in a child process that must
+not import torch, segmentation-models-pytorch or timm."""
 
 from __future__ import annotations
 
 import ast
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -25,9 +30,9 @@ LAYERS = [
      "iumask.tables"],
     ["iumask.store", "iumask.dataset_stats", "iumask.models", "iumask.distributed", "iumask.device",
      "iumask.data.synthetic"],
-    ["iumask.data.formats"],
+    ["iumask.data.formats", "iumask.data.dataset"],
     ["iumask.data.augment", "iumask.data.folder", "iumask.download"],
-    ["iumask.artifacts", "iumask.progress", "iumask.transfer", "iumask.overlap"],
+    ["iumask.artifacts", "iumask.architectures", "iumask.progress", "iumask.transfer", "iumask.overlap"],
     ["iumask.files"],
     ["iumask.core.metrics", "iumask.core.loss"],
     ["iumask.core.instances", "iumask.core.entropy"],
@@ -135,3 +140,76 @@ def test_one_place_computes_entropy_and_iu_from_probabilities():
                 if name in MAP_FUNCTIONS:
                     callers.setdefault(module, []).append(f"{name} (line {node.lineno})")
     assert not callers, f"entropy/IU computed outside iumask.inference: {callers}"
+
+
+# ----------------------------------------------------------------------------- start-up
+
+# What importing costs seconds; a command that builds or loads no model imports none of them.
+HEAVY = ("torch", "segmentation_models_pytorch", "timm")
+# Runs ``iumask ARGS`` as the console script does, then reports the heavy modules it imported (on
+# stderr, last line) and exits with the command's code.
+RUN_CLI = f"""
+import json, sys
+from iumask.cli import main
+sys.argv = ["iumask", *sys.argv[1:]]
+code = 0
+try:
+    main()
+except SystemExit as exc:
+    code = exc.code if isinstance(exc.code, int) else (exc.code is not None)
+print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)
+sys.exit(code)
+"""
+
+
+def _child(code: str, *args: str) -> tuple[int, str, list[str]]:
+    """(exit code, stdout, heavy modules imported) of ``python -c code args`` in a fresh interpreter."""
+    done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300)
+    lines = done.stderr.strip().splitlines()
+    assert lines, f"no report from the child process; stderr empty, stdout: {done.stdout[-2000:]}"
+    return done.returncode, done.stdout, json.loads(lines[-1])
+
+
+def test_importing_the_cli_imports_no_heavy_library():
+    code, _, heavy = _child(f"import json, sys, iumask.cli\n"
+                            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)")
+    assert code == 0 and heavy == [], f"import iumask.cli imports {heavy}"
+
+
+@pytest.mark.parametrize("args, expect, shows", [
+    (["--help"], 0, "train-baseline"),
+    (["--version"], 0, "iumask "),
+    (["trian-baseline"], 2, ""),  # a typo: the usage error, nothing else
+    (["train-baseline", "--help"], 0, "--arch"),
+    (["download", "cityscapes", "--out", "{tmp}/cityscapes"], 0, "cityscapes"),
+])
+def test_commands_without_a_model_import_no_heavy_library(args, expect, shows, tmp_path):
+    code, stdout, heavy = _child(RUN_CLI, *(a.format(tmp=tmp_path) for a in args))
+    assert code == expect and shows in stdout, (code, stdout[-2000:])
+    assert heavy == [], f"iumask {' '.join(args)} imports {heavy}"
+
+
+def test_check_data_imports_no_heavy_library(make_synthetic):
+    data = make_synthetic("startup")
+    for quick in ([], ["--quick"]):
+        code, stdout, heavy = _child(RUN_CLI, "check-data", str(data), *quick)
+        assert code == 0 and "ok" in stdout, stdout[-2000:]
+        assert heavy == [], f"iumask check-data {' '.join(quick)} imports {heavy}"
+
+
+def test_import_iumask_keeps_the_core_api():
+    """The core's names are imported on first use, from ``iumask`` and ``iumask.core`` alike."""
+    code, _, heavy = _child(f"import json, sys, iumask\n"
+                            f"print(json.dumps([m for m in {HEAVY!r} if m in sys.modules]), file=sys.stderr)")
+    assert code == 0 and heavy == []
+    import iumask
+    import iumask.core
+    from iumask.core.entropy import pixel_entropy
+
+    assert iumask.pixel_entropy is pixel_entropy is iumask.core.pixel_entropy
+    assert set(iumask.__all__) <= set(dir(iumask)) and iumask.__all__ == iumask.core.__all__
+    namespace: dict = {}
+    exec("from iumask import *", namespace)
+    assert {name for name in namespace if not name.startswith("__")} == set(iumask.__all__)
+    with pytest.raises(AttributeError):
+        iumask.no_such_name  # noqa: B018

@@ -12,7 +12,8 @@ from cli_runner import TINY_TRAIN as TRAIN
 from cli_runner import iumask
 
 from iumask.core import instance_uncertainty, pixel_entropy
-from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.models import load_member, predict_logits
 from iumask.store import MaskStore

@@ -83,3 +83,13 @@ def test_saved_member_round_trips(tmp_path):
     model.eval()
     with torch.no_grad():
         torch.testing.assert_close(loaded(x), model(x))
+
+
+def test_architecture_names_are_the_installed_smp_registry():
+    """iumask.architectures lists smp's architectures without importing it (for the CLI's start):
+    the list must be the installed segmentation-models-pytorch's."""
+    import segmentation_models_pytorch as smp
+
+    from iumask.architectures import ARCHITECTURES
+
+    assert ARCHITECTURES == {name: cls.__name__ for name, cls in smp.MODEL_ARCHITECTURES_MAPPING.items()}

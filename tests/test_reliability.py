@@ -29,7 +29,8 @@ from test_store_reliability import stopped
 from iumask.config import MaskConfig
 from iumask.core import pixel_entropy
 from iumask.data.augment import JointAugment
-from iumask.data.folder import FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.files import file_sha256
 from iumask.models import build_model, load_member, save_member

@@ -28,7 +28,8 @@ from cli_runner import iumask
 
 from iumask.artifacts import resolve_models
 from iumask.core import instance_uncertainty, label_instances, pixel_entropy
-from iumask.data.folder import ClassInfo, FolderDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import ClassInfo, FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.dataset_stats import label_statistics, mask_statistics
 from iumask.errors import IumaskError

@@ -1,16 +1,20 @@
-"""Uncertainty-weighted cross-entropy (docs/method.md §4) and class-weight baselines (§7)."""
+"""Uncertainty-weighted cross-entropy (docs/method.md §4) and class-weight baselines (§7).
+
+torch is imported inside the functions that compute a loss, so the registry of loss methods
+(:data:`LOSS_METHODS`: names, summaries, parameters) and :func:`class_weights` are read without it:
+the CLI lists the methods in its ``--help`` without importing torch.
+"""
 
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
-import torch
-import torch.nn.functional as F
 
-from iumask.core.entropy import top_class
+if TYPE_CHECKING:
+    import torch
 
 
 def uncertainty_weighted_cross_entropy(
@@ -38,6 +42,8 @@ def uncertainty_weighted_cross_entropy(
     scale stays that of the unweighted loss. A batch with no valid pixel gives 0 (with zero
     gradient) where ``F.cross_entropy`` gives NaN, so one fully-ignored crop can't poison training.
     """
+    import torch.nn.functional as F
+
     _check_shapes(logits, target)
     per_pixel = F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
     return weighted_pixel_mean(per_pixel, target, ignore_index, class_weights, iu, exponent)
@@ -64,6 +70,8 @@ def weighted_pixel_mean(
     class weight of each pixel's label, the IU factor and a method's own per-pixel weight ``s``
     (e.g. OHEM's 0/1 selection), averaged over the valid (not ignored) pixels; 0 for a batch
     without valid pixels. Every weight is a constant (no gradient flows into it)."""
+    import torch
+
     valid = target != ignore_index
     weights = valid.to(per_pixel.dtype)
     if class_weights is not None:
@@ -86,6 +94,9 @@ def focal_loss_map(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     """Softmax focal loss per pixel (Lin et al. 2017, over the C classes, not one-vs-rest sigmoids):
     ``−(1 − p_y)^γ · log p_y``, 0 at ignored pixels; γ = 0 is cross-entropy. Its class α is the
     class weighting, applied by :func:`weighted_pixel_mean`."""
+    import torch
+    import torch.nn.functional as F
+
     _check_shapes(logits, target)
     valid = target != ignore_index
     log_p = F.log_softmax(logits, dim=1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
@@ -99,6 +110,9 @@ def ohem_selection(logits: torch.Tensor, target: torch.Tensor, ignore_index: int
     valid pixels whose softmax probability of their true class is below ``max(threshold, the
     (min_kept · B)-th smallest such probability)``, i.e. the hard pixels, at least ``min_kept`` per
     image where there are that many; 0 elsewhere. No gradient."""
+    import torch
+    import torch.nn.functional as F
+
     with torch.no_grad():
         valid = target != ignore_index
         prob = F.softmax(logits, dim=1).gather(1, torch.where(valid, target, 0)[:, None])[:, 0]
@@ -118,6 +132,10 @@ def batch_recall_weights(logits: torch.Tensor, target: torch.Tensor, ignore_inde
     prediction, i.e. false negatives / ground-truth pixels of c in this batch, over valid pixels only
     (the reference code counts the ignore label as a class); 1 for a class absent from the batch
     (it carries no loss there). Returns ``(C,)``; no gradient."""
+    import torch
+
+    from iumask.core.entropy import top_class
+
     with torch.no_grad():
         num_classes = logits.shape[1]
         valid = target != ignore_index
@@ -228,6 +246,8 @@ def register_loss_method(method: LossMethod) -> LossMethod:
 
 
 def _cross_entropy_map(logits, target, ignore_index):
+    import torch.nn.functional as F
+
     return F.cross_entropy(logits, target, ignore_index=ignore_index, reduction="none")
 
 
@@ -245,11 +265,18 @@ register_loss_method(LossMethod(
         _cross_entropy_map(logits, target, ignore_index),
         ohem_selection(logits, target, ignore_index, options.ohem_threshold, options.ohem_min_kept)),
     parameters=("ohem_threshold", "ohem_min_kept")))
+
+
+def _recall_pixel(logits, target, ignore_index, options):
+    import torch
+
+    weights = batch_recall_weights(logits, target, ignore_index)[torch.where(target != ignore_index, target, 0)]
+    return _cross_entropy_map(logits, target, ignore_index), weights
+
+
 register_loss_method(LossMethod(
     "recall", "cross-entropy weighted by 1 − the batch's recall of each class (Tian et al. 2022)",
-    pixel=lambda logits, target, ignore_index, options: (
-        _cross_entropy_map(logits, target, ignore_index),
-        batch_recall_weights(logits, target, ignore_index)[torch.where(target != ignore_index, target, 0)])))
+    pixel=_recall_pixel))
 
 
 def _smp_region_loss(kind: str) -> Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]:

@@ -100,11 +100,6 @@ class JointAugment:
             "ignore_index": self.ignore_index,
         }
 
-    @property
-    def is_identity(self) -> bool:
-        """Whether every step is disabled (the transform then returns the sample unchanged)."""
-        return self.scale == (1.0, 1.0) and self.crop is None and not self.flip and self.jitter == 0.0
-
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, JointAugment):
             return NotImplemented

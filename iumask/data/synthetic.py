@@ -36,7 +36,7 @@ import numpy as np
 
 from iumask.data.folder import CLASSES_FILE, ClassInfo
 from iumask.errors import IumaskError
-from iumask.files import temporary_target, write_bytes_atomic
+from iumask.files import file_sha256, temporary_target, write_bytes_atomic
 
 SKY, BUILDING, ROAD, SIDEWALK, VEGETATION, POLE, SIGN, PERSON, BICYCLE, CAR = range(10)
 IGNORE = 255
@@ -359,8 +359,9 @@ def _write_manifest(root: Path, manifest: dict[str, Any]) -> None:
 
 
 def _file_sha256(path: Path) -> str | None:
+    """The file's SHA-256 (:func:`iumask.files.file_sha256`), or None if it cannot be read."""
     try:
-        return hashlib.sha256(path.read_bytes()).hexdigest()
+        return file_sha256(path)
     except OSError:
         return None
 

@@ -31,7 +31,7 @@ from iumask.artifacts import (
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics
 from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
-from iumask.data.folder import SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_device, usable_amp
 from iumask.errors import IumaskError

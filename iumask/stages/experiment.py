@@ -40,7 +40,8 @@ from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE, resolve_models
 from iumask.config import LossConfig, MaskConfig
 from iumask.core import top_class
-from iumask.data.folder import SegmentationDataset, class_differences
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import class_differences
 from iumask.dataset_stats import cached_label_statistics
 from iumask.device import resolve_device
 from iumask.errors import IumaskError

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader
 
 from iumask import distributed
 from iumask.config import DataConfig, MaskConfig
-from iumask.data.folder import SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
 from iumask.device import Precision, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error

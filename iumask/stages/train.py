@@ -39,7 +39,8 @@ from iumask.config import (
     artifact_identity,
 )
 from iumask.core import class_weights, mean_softmax
-from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset, SegmentationDataset
+from iumask.data.dataset import SegmentationDataset
+from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset
 from iumask.dataset_stats import cached_label_statistics
 from iumask.device import Precision, resolve_device
 from iumask.engine import (

@@ -1,0 +1,146 @@
+"""How long the ``iumask`` command takes to start: commands that need no model (``--help``,
+``--version``, a mistyped command, ``download``, ``check-data``) beside bare Python start-up
+(``python -c pass``) and ``python -c "import torch"``, in one run on the same machine.
+
+Each command runs in a fresh child process (the console script ``iumask`` beside this Python, or
+``python -m iumask``), its output discarded; the figure is the median wall time of ``--repeat``
+runs after one warm-up run (which fills the page cache and iumask's cache of dataset
+fingerprints and headers, in a temporary ``$IUMASK_CACHE``), of its wall time and of its CPU time
+(user + system, all its threads). Goals (issue 28): ``--help`` and ``--version`` within 0.3 s of
+bare Python start-up, ``check-data`` on CamVid under 1 s. PASS/FAIL judges the CPU time (for
+``--help``, the CPU time over ``python -c pass``'s): on a machine where other processes run, a
+child waits for a core and its wall time says more about the load than about iumask; on an idle
+machine the two agree for these single-threaded commands (check-data decodes in threads: its CPU
+time can exceed its wall time).
+
+``--compare DIR`` runs the same commands with another source checkout of iumask first on
+``PYTHONPATH`` (e.g. a ``git worktree`` of an earlier commit), printed beside this one's: a
+before/after in one run. ``--also "ARGS"`` times another iumask command line the same way (e.g.
+make-masks' cache hit on a store that ``bench_scale.py --work DIR`` made).
+
+Usage::
+
+    python benchmarks/bench_startup.py [--camvid DIR] [--repeat 7] [--compare DIR] [--also "ARGS" ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import resource
+import shlex
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+# Goals: seconds above bare Python start-up (--help, --version) or in all (check-data).
+ABOVE_PYTHON_GOAL = 0.3
+CHECK_DATA_GOAL = 1.0
+
+
+def camvid_default() -> Path | None:
+    """``$IUMASK_CAMVID``, ``data/camvid`` of the repository, or ``../shared/data/camvid`` beside it."""
+    candidates = [os.environ.get("IUMASK_CAMVID"), REPOSITORY / "data" / "camvid",
+                  REPOSITORY.parent / "shared" / "data" / "camvid"]
+    return next((Path(c) for c in candidates if c and (Path(c) / "trainannot").is_dir()), None)
+
+
+def iumask_command() -> list[str]:
+    """The console script installed beside this Python, else ``python -m iumask``."""
+    script = Path(sys.executable).parent / "iumask"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "iumask"]
+
+
+def median_seconds(argv: list[str], env: dict[str, str], repeat: int) -> tuple[float, float, int]:
+    """Median wall seconds and median CPU seconds (user + system, of the child and its threads) of
+    ``repeat`` runs after one warm-up, and the exit code."""
+    walls, cpus, code = [], [], 0
+    for run in range(repeat + 1):
+        before, start = resource.getrusage(resource.RUSAGE_CHILDREN), time.perf_counter()
+        code = subprocess.run(argv, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).returncode
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_CHILDREN)
+        if run:  # the first run warms the page cache and iumask's cache
+            walls.append(wall)
+            cpus.append(after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime)
+    return statistics.median(walls), statistics.median(cpus), code
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--camvid", type=Path, default=camvid_default(),
+                        help="CamVid folder for check-data (default: $IUMASK_CAMVID, data/camvid or "
+                             "../shared/data/camvid)")
+    parser.add_argument("--repeat", type=int, default=7, help="timed runs of each command (median)")
+    parser.add_argument("--compare", type=Path, default=None,
+                        help="another iumask source checkout, run the same way (first on PYTHONPATH)")
+    parser.add_argument("--also", action="append", default=[], metavar="ARGS",
+                        help="another iumask command line to time the same way, e.g. a make-masks cache hit on "
+                             "a store bench_scale.py --work DIR made (repeatable)")
+    args = parser.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="iumask-startup-"))
+    base_env = dict(os.environ, IUMASK_CACHE=str(work / "cache"))
+    base_env.pop("PYTHONPATH", None)
+    iumask = iumask_command()
+    baselines = [("python -c pass", [sys.executable, "-c", "pass"]),
+                 ('python -c "import torch"', [sys.executable, "-c", "import torch"])]
+    commands: list[tuple[str, list[str], str]] = [  # (label, arguments, goal: "python", "total" or none)
+        ("iumask --help", ["--help"], "python"),
+        ("iumask --version", ["--version"], "python"),
+        ("iumask trian-baseline (a typo)", ["trian-baseline"], ""),
+        ("iumask download cityscapes", ["download", "cityscapes", "--out", str(work / "cityscapes")], ""),
+    ]
+    if args.camvid is not None:
+        commands += [("iumask check-data CamVid", ["check-data", str(args.camvid)], "total"),
+                     ("iumask check-data CamVid --quick", ["check-data", str(args.camvid), "--quick"], "total")]
+    else:
+        print("CamVid not found: check-data not measured (give --camvid DIR)")
+    commands += [(f"iumask {' '.join(shlex.split(line)[:1])} ({i})", shlex.split(line), "")
+                 for i, line in enumerate(args.also, 1)]
+    versions = [("this checkout", base_env)]
+    if args.compare is not None:
+        versions.append((f"--compare {args.compare}", dict(base_env, PYTHONPATH=str(args.compare.resolve()))))
+
+    print(f"bench_startup: {sys.executable} (Python {sys.version.split()[0]}), {os.cpu_count()} CPUs, load average "
+          f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; median of {args.repeat} runs after a warm-up")
+    print(f"iumask command: {' '.join(iumask)}" + (f"; CamVid: {args.camvid}" if args.camvid else ""))
+    for i, line in enumerate(args.also, 1):
+        print(f"({i}): iumask {line}")
+    header = f"  {'command':34s} {'wall s':>7s} {'CPU s':>7s} {'wall/python':>12s} {'wall/torch':>11s}"
+    print("\n" + header)
+    medians = {}
+    for label, argv in baselines:
+        medians[label] = median_seconds(argv, base_env, args.repeat)
+        print(f"  {label:34s} {medians[label][0]:7.3f} {medians[label][1]:7.3f}", flush=True)
+    (python, python_cpu, _), (torch, _, _) = (medians[label] for label, _ in baselines)
+
+    verdicts = {}
+    for name, env in versions:
+        print(f"\n{name}\n{header}")
+        for label, arguments, goal in commands:
+            wall, cpu, code = median_seconds([*iumask, *arguments], env, args.repeat)
+            line = f"  {label:34s} {wall:7.3f} {cpu:7.3f} {wall / python:11.1f}x {wall / torch:10.2f}x"
+            if goal == "python":
+                ok = cpu - python_cpu <= ABOVE_PYTHON_GOAL
+                line += (f"  CPU +{cpu - python_cpu:.3f} s over python's "
+                         f"[{'PASS' if ok else 'FAIL'} <= {ABOVE_PYTHON_GOAL} s]")
+                verdicts.setdefault(name, []).append(ok)
+            elif goal == "total":
+                ok = cpu < CHECK_DATA_GOAL
+                line += f"  CPU [{'PASS' if ok else 'FAIL'} < {CHECK_DATA_GOAL} s]"
+                verdicts.setdefault(name, []).append(ok)
+            if code != (2 if "typo" in label else 0):
+                line += f"  (exit {code})"
+            print(line, flush=True)
+    shutil.rmtree(work, ignore_errors=True)
+    print("\n" + "; ".join(f"{name}: {'PASS' if all(ok) else 'FAIL'}" for name, ok in verdicts.items()))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
