@@ -25,7 +25,7 @@ from iumask.core import SegmentationMetrics
 from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
 from iumask.data.folder import SegmentationDataset
 from iumask.data.formats import open_dataset
-from iumask.device import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import atomic_write, describe_os_error, nan_to_none, refuse_read_only, write_json_atomic
 from iumask.inference import Model, UncertaintySource, as_model, pixel_maps
@@ -70,7 +70,7 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
     ``across_ranks`` (under torchrun): each rank predicts every world_size-th batch (the batches of
     one process), the metrics are reduced over the ranks and the mean entropy is summed in batch
     order, so every rank ends with the single-process numbers."""
-    precision = Precision(usable_amp(amp, device), device)
+    precision = Precision.resolve(amp, device)
     step = 4 if dataset.uniform_shape() else 1
     batches = [list(range(i, min(i + step, len(dataset)))) for i in range(0, len(dataset), step)]
     order = list(range(len(batches)))
@@ -188,6 +188,7 @@ def evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig =
     """
     dev = distributed.init(resolve_device(device)) if across_ranks else resolve_device(device)
     across_ranks = across_ranks and distributed.is_distributed()
+    options = resolve_amp(options, dev)  # the results record the precision actually used
     folder = data.open(options.split)
     shapes = folder.check_headers()
     temperature_folder = None
@@ -379,6 +380,7 @@ def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalC
     cache decides for all, rank 0 writes), so no rank waits in a collective while another evaluates
     alone, however long the evaluation takes."""
     models = [as_model(model) for model in models]
+    options = resolve_amp(options, resolve_device(device))  # the identity records the precision actually used
     identity = evaluation_identity(models, data, options)
     previous = cached_results(json_path, identity) if distributed.is_main() else None
     if across_ranks and distributed.is_distributed():

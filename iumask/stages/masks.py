@@ -18,14 +18,18 @@ from torch.utils.data import DataLoader
 from iumask import distributed
 from iumask.config import DataConfig, MaskConfig
 from iumask.data.folder import SegmentationDataset
-from iumask.device import Precision, resolve_device
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error
 from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar
-from iumask.store import MaskStore
+from iumask.store import MaskStore, refuse_mislabelled_precision
 from iumask.transfer import to_device, to_host
+
+# What to do about a store that records an autocast mode this device cannot run (docs/store.md).
+PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the precision used), or on a CUDA device "
+                 "to reuse it")
 
 
 def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
@@ -39,6 +43,10 @@ def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_p
     model = as_model(model)
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
     image_shapes = folder.check_headers()
+    resolved = resolve_amp(masks, dev)  # the identity records the precision actually used
+    if not overwrite:
+        refuse_mislabelled_precision(store_path, masks.amp, resolved.amp, PRECISION_FIX)
+    masks = resolved
     source = model.source(masks.source, dev, masks.passes)
     dataset = SegmentationDataset(folder, source.size)
     shapes = [list(source.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
@@ -76,8 +84,7 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
                             num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
-
-        precision = Precision(masks.amp, dev)
+        precision = Precision.resolve(masks.amp, dev)
         threads = background_threads() if masks.threads is None else masks.threads
         # Leaving the block drains the pool, then writes the shards still buffered.
         with progress_bar() as progress, store.writes(i for b in batches for i in b) as out, \

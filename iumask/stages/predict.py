@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from iumask.config import PredictConfig
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
-from iumask.device import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
 from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error
 from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar, warn
-from iumask.store import MaskStore
+from iumask.store import MaskStore, refuse_mislabelled_precision
 from iumask.transfer import to_device, to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -44,6 +44,9 @@ STORE_NAME = "arrays.zarr"
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
 HEAT_COLORMAP = "magma"
 _MAGIC = "*?["
+# What to do about an arrays store that records an autocast mode this device cannot run (docs/store.md).
+PRECISION_FIX = ("rerun with --overwrite to predict every image again (recorded as the precision used), or on a "
+                 "CUDA device to reuse it")
 
 
 @dataclass
@@ -177,6 +180,10 @@ def predict(model: Model | Path, inputs: Path | str, out: Path, options: Predict
     dev = resolve_device(device)
     model = as_model(model)
     classes = model.classes
+    resolved = resolve_amp(options, dev)  # the arrays' identity records the precision actually used
+    if options.save_arrays and not options.overwrite:
+        refuse_mislabelled_precision(out / STORE_NAME, options.amp, resolved.amp, PRECISION_FIX)
+    options = resolved
     check_writable(out)  # after the model checks: a bad --model leaves no empty output folder
     with WriterLock(out, f"prediction folder {out}", "use another --out"):
         result = PredictResult(out)
@@ -240,7 +247,7 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
                         collate_fn=_as_list)
     num_classes, top = classes.num_classes, math.log(max(classes.num_classes, 2))
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
-    palette, precision = classes.palette(), Precision(usable_amp(options.amp, dev), dev)  # fp16 on a CPU: off
+    palette, precision = classes.palette(), Precision.resolve(options.amp, dev)
     start = time.perf_counter()
 
     iu_of = InstanceUncertainty(num_classes, classes.ignore_index, options.connectivity)
