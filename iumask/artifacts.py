@@ -22,10 +22,10 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 from iumask.errors import IumaskError
-from iumask.files import file_sha256, read_json, write_json_atomic
+from iumask.files import file_sha256, file_stamp, read_json, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -68,28 +68,51 @@ def checked_manifest(folder: Path) -> dict:
     manifest = read_json(folder / MANIFEST_FILE, "model manifest")
     if not manifest.get("complete"):
         raise IumaskError(f"{folder}: training of this model did not finish; rerun its train command to resume")
+    check_weights(folder, manifest)
+    return manifest
+
+
+def check_weights(folder: Path, manifest: dict) -> None:
+    """Refuse weights in ``folder`` that are not the ones ``manifest`` recorded (:func:`weights_problem`;
+    the SHA-256 of an unchanged file is computed once per process)."""
     problem = weights_problem(folder, manifest)
     if problem:
-        raise IumaskError(f"{folder / WEIGHTS_FILE}: {problem}; rerun the train command that made it with the "
-                          "same options (it retrains this member)")
-    return manifest
+        raise IumaskError(f"{Path(folder) / WEIGHTS_FILE}: {problem}; rerun the train command that made it with "
+                          "the same options (it retrains this member)")
 
 
 def resolve_models(path: Path) -> list[Path]:
     """A model folder, a member manifest, or an ensemble manifest → member folders."""
+    return resolve_model_files(path).folders
+
+
+class ModelFiles(NamedTuple):
+    """What a model path names: for an ensemble its manifest's path, content and
+    :func:`~iumask.files.file_stamp` (taken before it was read), None for one member; the member folders."""
+
+    ensemble_path: Path | None
+    ensemble: dict | None
+    ensemble_stamp: tuple | None
+    folders: list[Path]
+
+
+def resolve_model_files(path: Path) -> ModelFiles:
+    """A model folder, a member manifest, or an ensemble manifest → :class:`ModelFiles` (the
+    ensemble manifest read once)."""
     path = Path(path)
     if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
         path = path / ENSEMBLE_FILE
     if path.is_file() and path.name == MANIFEST_FILE:
-        return [path.parent]
+        return ModelFiles(None, None, None, [path.parent])
     if path.is_dir() and (path / MANIFEST_FILE).is_file():
-        return [path]
+        return ModelFiles(None, None, None, [path])
     if path.is_file():
+        stamp = file_stamp(path)
         ensemble = read_json(path, "ensemble manifest")
         if "members" not in ensemble:
             raise IumaskError(f"{path}: not an ensemble manifest (no 'members'); give an ensemble.json or a "
                               "model folder")
-        return [(path.parent / m).resolve() for m in ensemble["members"]]
+        return ModelFiles(path, ensemble, stamp, [(path.parent / m).resolve() for m in ensemble["members"]])
     if not path.exists():
         raise IumaskError(f"{path}: no model here (no such file or folder); train one first (iumask "
                           "train-baseline --out FOLDER) or give a model folder, its manifest.json or an ensemble.json")
@@ -195,16 +218,11 @@ def write_ensemble(out: Path, manifest: dict) -> Path:
     return path
 
 
-def check_ensemble_members(model_path: Path, manifests: list[dict]) -> None:
-    """Refuse an ensemble whose members' weights are no longer the ones it was written with: a
-    retrain with --overwrite that was interrupted after replacing some members, or a member
-    copied in from another run. (Ensembles written before iumask recorded ``member_sha256`` pass.)"""
-    path = Path(model_path)
-    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
-        path = path / ENSEMBLE_FILE
-    if not path.is_file() or path.name == MANIFEST_FILE:
-        return  # one member, not an ensemble
-    ensemble = read_json(path, "ensemble manifest")
+def check_ensemble_members(path: Path, ensemble: dict, manifests: list[dict]) -> None:
+    """Refuse an ensemble (``ensemble``, the content of the ensemble manifest at ``path``) whose
+    members' weights are no longer the ones it was written with: a retrain with --overwrite that was
+    interrupted after replacing some members, or a member copied in from another run. (Ensembles
+    written before iumask recorded ``member_sha256`` pass.)"""
     recorded = ensemble.get("member_sha256")
     if recorded is None:
         return
@@ -216,22 +234,18 @@ def check_ensemble_members(model_path: Path, manifests: list[dict]) -> None:
                           "made it to finish the ensemble")
 
 
-def threshold_record(model_path: Path) -> Path:
-    """The manifest that caches a model's PAvPU threshold: its ensemble.json or member manifest.json."""
-    path = Path(model_path)
-    if path.is_dir() and (path / ENSEMBLE_FILE).is_file():
-        return path / ENSEMBLE_FILE
-    return path if path.is_file() else path / MANIFEST_FILE
-
-
-def cached_threshold(model_path: Path, weights: list[str]) -> float | None:
-    manifest = read_json(threshold_record(model_path), "model manifest")
-    if manifest.get(THRESHOLD_KEYS[0]) is not None and manifest.get(THRESHOLD_KEYS[1]) == weights:
-        return float(manifest[THRESHOLD_KEYS[0]])
+def cached_threshold(record: dict, weights: list[str]) -> float | None:
+    """The PAvPU threshold cached in ``record`` (a model's ensemble.json or member manifest.json, as
+    read) if it was computed with exactly these members' ``weights``, else None."""
+    if record.get(THRESHOLD_KEYS[0]) is not None and record.get(THRESHOLD_KEYS[1]) == weights:
+        return float(record[THRESHOLD_KEYS[0]])
     return None
 
 
-def cache_threshold(model_path: Path, weights: list[str], value: float) -> None:
-    record = threshold_record(model_path)
-    manifest = read_json(record, "model manifest")
-    write_json_atomic(record, dict(manifest, **dict(zip(THRESHOLD_KEYS, (value, weights)))))
+def cache_threshold(path: Path, record: dict, stamp: tuple | None, weights: list[str], value: float) -> None:
+    """Cache a PAvPU threshold in the manifest at ``path``. ``record`` is its content as read when its
+    file had ``stamp`` (:func:`iumask.files.file_stamp`, taken before reading; None: unknown); a file
+    changed since is read again, so what another process wrote there is kept."""
+    if file_stamp(path) != stamp:
+        record = read_json(path, "model manifest")
+    write_json_atomic(path, dict(record, **dict(zip(THRESHOLD_KEYS, (value, weights)))))

@@ -2,11 +2,16 @@
 inference share (so inference never imports the training engine).
 
 * :func:`resolve_device`: ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, checked before any work.
-* :func:`usable_amp` and :class:`Precision`: ``off``, ``bf16`` autocast (CUDA and CPU) or ``fp16``
-  autocast (CUDA, with a gradient scaler); fp16 on a CPU is switched off with a warning.
+* :meth:`Precision.resolve`, the one constructor every stage (make-masks, predict, evaluate,
+  training) uses: ``off``, ``bf16`` autocast (CUDA and CPU) or ``fp16`` autocast (CUDA, with a
+  gradient scaler), as it really runs on the device (:func:`usable_amp`: fp16 on a CPU falls back
+  to float32 with a one-line warning). Its ``amp`` is the mode actually used, which identities
+  record: :func:`resolve_amp` puts it into a stage's options before their identity is built.
 """
 
 from __future__ import annotations
+
+import dataclasses
 
 import torch
 
@@ -51,17 +56,34 @@ def usable_amp(amp: str, device: torch.device) -> str:
 
 
 class Precision:
-    """Autocast and gradient scaling for one AMP mode (see :func:`usable_amp`): fp16 with gradient
-    scaling on CUDA, bf16 without."""
+    """Autocast and gradient scaling for one AMP mode that runs on ``device``: fp16 with gradient
+    scaling on CUDA, bf16 without. Build it with :meth:`resolve` (the mode as it really runs);
+    ``amp`` is that mode, ``off`` when nothing is autocast."""
 
     def __init__(self, amp: str, device: torch.device):
         self.device_type = torch.device(device).type
         self.enabled = amp == "bf16" or (amp == "fp16" and self.device_type == "cuda")
+        self.amp = amp if self.enabled else "off"
         self.dtype = torch.float16 if amp == "fp16" else torch.bfloat16
         self.scaled = self.enabled and self.dtype == torch.float16
+
+    @classmethod
+    def resolve(cls, amp: str, device: torch.device) -> "Precision":
+        """The precision ``--amp amp`` really runs at on ``device`` (:func:`usable_amp`: fp16 on a CPU
+        is float32, said in one warning line; a GPU without bfloat16 refuses bf16). Its ``amp`` is
+        what a model's, store's or evaluation's identity records."""
+        return cls(usable_amp(amp, device), device)
 
     def autocast(self):
         return torch.autocast(device_type=self.device_type, dtype=self.dtype, enabled=self.enabled)
 
     def scaler(self) -> torch.amp.GradScaler:
         return torch.amp.GradScaler(self.device_type, enabled=self.scaled)
+
+
+def resolve_amp(options, device: torch.device):
+    """``options`` (a configuration dataclass with an ``amp`` field: training, masks, evaluation,
+    predict) with the autocast mode that really runs on ``device`` (:meth:`Precision.resolve`),
+    which the identities built from it then record."""
+    amp = Precision.resolve(options.amp, device).amp
+    return options if amp == options.amp else dataclasses.replace(options, amp=amp)

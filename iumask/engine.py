@@ -25,14 +25,13 @@ trained with a given loss (docs/method.md §4, §9).
   after every epoch and once at a resume, so a log written from them (``metrics.csv``) always
   matches the checkpointed state: rows written before a kill are rewritten, never duplicated.
 * **Precision.** ``amp``: ``off``, ``bf16`` autocast (CUDA and CPU) or ``fp16`` autocast (CUDA,
-  with a gradient scaler); fp16 on a CPU is switched off with a warning (:func:`usable_amp`) and
-  the manifest records ``off``.
+  with a gradient scaler); fp16 on a CPU is switched off with a warning
+  (:meth:`iumask.device.Precision.resolve`) and the manifest records ``off``.
 """
 
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -48,7 +47,7 @@ from iumask.artifacts import CHECKPOINT_FILE, comparable_identity, require_same_
 from iumask.config import TrainConfig
 from iumask.core import mean_softmax, top_class
 from iumask.core.metrics import ConfusionMatrix
-from iumask.device import Precision, usable_amp
+from iumask.device import Precision
 from iumask.errors import IumaskError
 from iumask.files import atomic_write
 from iumask.models import predict_logits
@@ -145,14 +144,7 @@ def poly_schedule(optimizer, total_steps: int, power: float):
     )
 
 
-# ----------------------------------------------------------------------------- precision
-
-
-def resolve_amp(options: TrainConfig, device: torch.device) -> TrainConfig:
-    """``options`` with the mixed precision that will really be used on ``device``
-    (:func:`usable_amp`)."""
-    amp = usable_amp(options.amp, device)
-    return options if amp == options.amp else dataclasses.replace(options, amp=amp)
+# ----------------------------------------------------------------------------- determinism
 
 
 @contextlib.contextmanager
@@ -499,7 +491,7 @@ def train_model(
 def _train_model_in(folder: Path, model: torch.nn.Module, encoder: str, train_set, val_set, loss_fn,
                     options: TrainConfig, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
                     label: str, on_epoch: EpochCallback | None) -> list[dict]:
-    precision = Precision(options.amp, device)
+    precision = Precision.resolve(options.amp, device)
     total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
     member = make_member(label, model, encoder, options, device, total_steps, precision)
 

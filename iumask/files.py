@@ -326,9 +326,15 @@ def read_json(path: str | os.PathLike, what: str) -> dict:
 _SHA256_CACHE: dict[tuple, str] = {}
 
 
-def file_sha256(path: str | os.PathLike) -> str:
+def file_stamp(path: str | os.PathLike) -> tuple:
+    """(real path, inode, size, modification time in ns): changes whenever the file is rewritten
+    or replaced (an atomic write is a new inode), without reading it."""
     stat = os.stat(path)
-    key = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    key = file_stamp(path)
     if key not in _SHA256_CACHE:
         with open(path, "rb") as f:
             _SHA256_CACHE[key] = hashlib.file_digest(f, "sha256").hexdigest()

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save
 
 from iumask.architectures import ARCHITECTURE, ARCHITECTURES, DEFAULT_ENCODERS, architecture_name
-from iumask.artifacts import MANIFEST_FILE, WEIGHTS_FILE, checked_manifest
+from iumask.artifacts import MANIFEST_FILE, WEIGHTS_FILE, check_weights, checked_manifest
 from iumask.errors import IumaskError
 from iumask.files import atomic_write, file_sha256, write_json_atomic
 
@@ -124,8 +124,16 @@ def save_member(folder: Path, model: torch.nn.Module, manifest: dict) -> None:
 def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch.nn.Module, dict]:
     """Rebuild a member from its manifest and load its weights (no code runs from the file), after
     checking that they are the weights the manifest recorded."""
+    manifest = checked_manifest(Path(folder))
+    return load_weights(folder, manifest, device), manifest
+
+
+def load_weights(folder: Path, manifest: dict, device: torch.device | str = "cpu") -> torch.nn.Module:
+    """The member described by ``manifest`` (already read and checked: :func:`checked_manifest`)
+    with the weights in ``folder``, in eval mode; the weights are checked again against the SHA-256
+    the manifest recorded (a stat when the file is unchanged: its digest is computed once)."""
     folder = Path(folder)
-    manifest = checked_manifest(folder)
+    check_weights(folder, manifest)
     weights = folder / WEIGHTS_FILE
     recorded = manifest.get("architecture", ARCHITECTURE)  # manifests before --arch: DeepLabV3Plus too
     try:
@@ -140,7 +148,7 @@ def load_member(folder: Path, device: torch.device | str = "cpu") -> tuple[torch
     except Exception as exc:
         raise IumaskError(f"{weights}: cannot load weights ({exc.__class__.__name__}); rerun the train command "
                           "that made it with the same options (it retrains this member)") from exc
-    return model.to(device).eval(), manifest
+    return model.to(device).eval()
 
 
 def pad_to_stride(images: torch.Tensor, stride: int = OUTPUT_STRIDE) -> tuple[torch.Tensor, tuple[int, int]]:

@@ -621,6 +621,27 @@ class MaskStore:
         return f"MaskStore({str(self.path)!r}, {self.num_images} images, mode={self._mode!r})"
 
 
+def refuse_mislabelled_precision(path, requested: str, used: str, fix: str) -> None:
+    """Refuse the store at ``path`` when its identity records the autocast mode ``requested`` that
+    this run cannot use (it computes at ``used``: fp16 asked on a CPU runs float32). Earlier iumask
+    versions, whose identities recorded the precision asked for, wrote such stores with ``amp: fp16`` though
+    their masks were float32; a store recording fp16 may also hold real fp16 masks made on a GPU,
+    and nothing in it tells which, so it is neither reused nor relabelled (docs/store.md)."""
+    path = Path(path)
+    if requested == used or not path.is_dir():
+        return
+    try:
+        recorded = MaskStore.open(path).identity["options"].get("amp")
+    except IumaskError:
+        return  # not a readable store: opening it for writing says what is wrong
+    if recorded == requested:
+        runs = "float32" if used == "off" else used
+        raise StoreMismatchError(
+            f"mask store {path} records amp {requested}, which runs as {runs} on this device, and earlier iumask "
+            f"versions recorded {requested} for stores they computed in float32 on a CPU, so whether it holds "
+            f"{requested} or float32 masks is unknown; {fix}")
+
+
 class ShardWriter:
     """Writes of one process into a store, shard by shard: :meth:`write` (thread-safe) keeps an
     image until every image of ``pending`` in its shard has come, then writes the shard at once

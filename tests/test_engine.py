@@ -25,8 +25,8 @@ from safetensors.torch import load_file
 from iumask import engine
 from iumask.config import TrainConfig as TrainOptions
 from iumask.data.synthetic import generate_synthetic
-from iumask.device import Precision
-from iumask.engine import EpochBatchSampler, resolve_amp, steps_per_epoch
+from iumask.device import Precision, resolve_amp
+from iumask.engine import EpochBatchSampler, steps_per_epoch
 from iumask.stages.evaluate import read_image_counts
 from iumask.store import MaskStore
 

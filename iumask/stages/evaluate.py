@@ -20,23 +20,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from iumask import distributed
-from iumask.artifacts import (
-    MANIFEST_FILE,
-    cache_threshold,
-    cached_threshold,
-    model_key,
-    resolve_models,
-    threshold_record,
-)
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics
 from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.formats import open_dataset
-from iumask.device import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
-from iumask.files import atomic_write, describe_os_error, nan_to_none, read_json, refuse_read_only, write_json_atomic
-from iumask.inference import UncertaintySource, check_models, load_source, pixel_maps
+from iumask.files import atomic_write, describe_os_error, nan_to_none, refuse_read_only, write_json_atomic
+from iumask.inference import Model, UncertaintySource, as_model, pixel_maps
 from iumask.overlap import resolve_workers
 from iumask.progress import console, progress_bar, warn
 from iumask.tables import result_labels
@@ -78,7 +70,7 @@ def predict_split(source: UncertaintySource, dataset: SegmentationDataset, devic
     ``across_ranks`` (under torchrun): each rank predicts every world_size-th batch (the batches of
     one process), the metrics are reduced over the ranks and the mean entropy is summed in batch
     order, so every rank ends with the single-process numbers."""
-    precision = Precision(usable_amp(amp, device), device)
+    precision = Precision.resolve(amp, device)
     step = 4 if dataset.uniform_shape() else 1
     batches = [list(range(i, min(i + step, len(dataset)))) for i in range(0, len(dataset), step)]
     order = list(range(len(batches)))
@@ -148,22 +140,20 @@ def split_temperature(source: UncertaintySource, folder, eval_size, options: Eva
     return fit_temperature(torch.cat(chosen_logp), labels), len(labels), available[0]
 
 
-def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torch.device,
+def train_mean_entropy(model: Model, source: UncertaintySource, device: torch.device,
                        workers: int | str = 0, across_ranks: bool = False) -> float:
     """The model's training-set mean pixel entropy (the default PAvPU threshold), cached in its
     manifest (member manifest.json or ensemble.json) with the weights it belongs to, once computed.
     A manifest that cannot be written (read-only folder) only loses the cache: a warning.
     ``across_ranks``: the ranks share the work (:func:`predict_split`) and rank 0 writes the cache."""
-    weights = [m["weights_sha256"] for m in source.manifests]
-    cached = cached_threshold(model_path, weights)
+    cached = model.cached_threshold()
     if across_ranks:  # every rank takes rank 0's answer, read before rank 0 may write the cache
         cached = distributed.all_gather_object(cached)[0]
     if cached is not None:
         return cached
-    record = threshold_record(model_path)
-    train = read_json(record, "model manifest").get("train_data") or source.manifests[0].get("train_data")
+    train = model.record.get("train_data") or model.manifests[0].get("train_data")
     if not train or not Path(train["root"]).is_dir():
-        raise IumaskError(f"{record}: the model's training data is not available to compute the PAvPU "
+        raise IumaskError(f"{model.record_path}: the model's training data is not available to compute the PAvPU "
                           "threshold; pass --pavpu-threshold")
     dataset = SegmentationDataset(
         open_dataset(train["root"], train["split"], train.get("format", "auto"), train.get("conditions")), source.size)
@@ -172,19 +162,20 @@ def train_mean_entropy(model_path: Path, source: UncertaintySource, device: torc
     if not distributed.is_main():
         return mean
     try:
-        cache_threshold(model_path, weights, mean)
+        model.cache_threshold(mean)
     except IumaskError as exc:
         # e.g. a model on a read-only mount: the results are complete, only the cache is lost
         warn(f"PAvPU threshold not cached ({str(exc).split(';')[0]}); it is computed again next time")
     return mean
 
 
-def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = EvalConfig(),
+def evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig = EvalConfig(),
              device: str = "auto", before_work: Callable[[], None] | None = None,
              across_ranks: bool = False) -> list[dict]:
     """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
     ``options.split``. Each result is an :class:`EvaluationResult`: it also carries its per-image
-    counts, which :func:`write_results` puts in the images file.
+    counts, which :func:`write_results` puts in the images file. ``models``: :class:`Model`
+    objects (paths are resolved into them first).
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
     (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
@@ -197,24 +188,26 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
     """
     dev = distributed.init(resolve_device(device)) if across_ranks else resolve_device(device)
     across_ranks = across_ranks and distributed.is_distributed()
+    options = resolve_amp(options, dev)  # the results record the precision actually used
     folder = data.open(options.split)
     shapes = folder.check_headers()
     temperature_folder = None
     if options.temperature_split is not None:
         temperature_folder = data.open(options.temperature_split)
         temperature_folder.check_headers()
-    for model_path in model_paths:  # every model usable before the first is evaluated
-        manifests = check_models(model_path, folder)
-        size = manifests[0].get("image_size") if options.resolution == "train" else None
+    models = [as_model(model) for model in models]  # every model usable before the first is evaluated
+    for model in models:
+        model.check_classes(folder)
+        size = model.size if options.resolution == "train" else None
         check_pavpu_window(options.pavpu_window, [tuple(size)] * len(shapes) if size else shapes, folder)
     if before_work is not None and distributed.is_main():
         before_work()
     results = []
-    for model_path in model_paths:
-        source = load_source(model_path, "ensemble", dev)
+    for model in models:
+        source = model.source("ensemble", dev)
         threshold = options.pavpu_threshold
         if threshold is None:
-            threshold = train_mean_entropy(model_path, source, dev, options.num_workers, across_ranks)
+            threshold = train_mean_entropy(model, source, dev, options.num_workers, across_ranks)
         metrics = SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index,
                                       pavpu_window=options.pavpu_window, pavpu_threshold=threshold,
                                       pavpu_stride=options.pavpu_stride)
@@ -241,7 +234,7 @@ def evaluate(model_paths: list[Path], data: DataConfig, options: EvalConfig = Ev
         image_counts = {**{k: counts[k] for k in IMAGE_COUNTS},
                         "images": np.array([folder.ids[i] for i in counts["image_ids"]], dtype=str)}
         results.append(EvaluationResult(nan_to_none({  # the results file's form: null (None) for undefined values
-            "model": name, "path": model_key(model_path), "split": options.split,
+            "model": name, "path": model.key, "split": options.split,
             "data": str(data.root.resolve()), "classes": list(folder.classes.names),
             "image_size": list(size) if size else None, "resolution": options.resolution,
             "inference": options.inference if size and options.resolution == "native" else None,
@@ -378,7 +371,7 @@ def read_image_counts(json_path: Path) -> list[dict[str, np.ndarray]] | None:
                 for i in range(int(stored["models"]))]
 
 
-def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, json_path: Path,
+def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig, json_path: Path,
                     device: str = "auto", across_ranks: bool = False) -> list[dict]:
     """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options
     (and its images file, :func:`read_image_counts`).
@@ -386,6 +379,8 @@ def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, j
     ``across_ranks``: under torchrun every rank calls this and shares the images (rank 0's view of the
     cache decides for all, rank 0 writes), so no rank waits in a collective while another evaluates
     alone, however long the evaluation takes."""
+    models = [as_model(model) for model in models]
+    options = resolve_amp(options, resolve_device(device))  # the identity records the precision actually used
     identity = evaluation_identity(models, data, options)
     previous = cached_results(json_path, identity) if distributed.is_main() else None
     if across_ranks and distributed.is_distributed():
@@ -399,11 +394,10 @@ def cached_evaluate(models: list[Path], data: DataConfig, options: EvalConfig, j
     return results
 
 
-def evaluation_identity(models: list[Path], data: DataConfig, options: EvalConfig) -> dict:
+def evaluation_identity(models: list[Model | Path], data: DataConfig, options: EvalConfig) -> dict:
     """What results of ``models`` on ``data`` with ``options`` depend on: the weights, the split's
-    content and the options (the models must be trained: their manifests are read)."""
-    weights = [read_json(folder / MANIFEST_FILE, "model manifest")["weights_sha256"]
-               for path in models for folder in resolve_models(path)]
+    content and the options (not where the models are: a model moved elsewhere keeps its results)."""
+    weights = [digest for model in models for digest in as_model(model).weights_sha256]
     return json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
                         "split": options.split, "metrics_version": METRICS_VERSION,
                         "options": {"format": data.format,

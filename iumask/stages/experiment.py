@@ -37,7 +37,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE, resolve_models
+from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE
 from iumask.config import LossConfig, MaskConfig
 from iumask.core import top_class
 from iumask.data.dataset import SegmentationDataset
@@ -50,7 +50,7 @@ from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec, spec_differences
 from iumask.files import LockHeld, check_writable, folder_writer_lock, read_json
-from iumask.inference import check_models, load_source
+from iumask.inference import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
 from iumask.stages.masks import make_masks
@@ -167,7 +167,7 @@ class Experiment:
                     "on data with the same class names (in the same order)")
             folder.check_headers()
         if spec.ensemble.path is not None and self.needs_masks:
-            check_models(spec.ensemble.path, train_folder)
+            Model.resolve(spec.ensemble.path).check_classes(train_folder)
         if writable:
             check_writable(self.out)
         return classes
@@ -481,7 +481,11 @@ def _finished_results(models: list[Path], data, options, json_path: Path, device
     (not trained, not evaluated, or evaluated before a retraining): ``--report-only``'s results."""
     if not all((Path(m) / MANIFEST_FILE).is_file() for m in models):
         return None
-    return cached_results(json_path, evaluation_identity(models, data, options))
+    try:
+        resolved = [Model.resolve(m) for m in models]
+    except IumaskError:  # e.g. weights that no longer match their manifest: not the model that was evaluated
+        return None
+    return cached_results(json_path, evaluation_identity(resolved, data, options))
 
 
 def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
@@ -489,14 +493,14 @@ def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
     prediction at the store's image size."""
     dev = resolve_device(device)
     predictors = []
-    for folder in resolve_models(ensemble_path):
-        source = load_source(folder, "ensemble", dev)
+    for member in Model.resolve(ensemble_path).member_models():
+        source = member.source("ensemble", dev)
         dataset = SegmentationDataset(train_folder, source.size)
 
         def predict(index: int, source=source, dataset=dataset):
             return to_host(top_class(source.probs(to_device(dataset[index]["image"][None], dev)))[0])
 
-        predictors.append((f"{folder.name} prediction", predict))
+        predictors.append((f"{member.members[0].folder.name} prediction", predict))
     return tuple(predictors)
 
 

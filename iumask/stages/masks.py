@@ -18,44 +18,54 @@ from torch.utils.data import DataLoader
 from iumask import distributed
 from iumask.config import DataConfig, MaskConfig
 from iumask.data.dataset import SegmentationDataset
-from iumask.device import Precision, resolve_device
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error
-from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
+from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar
-from iumask.store import MaskStore
+from iumask.store import MaskStore, refuse_mislabelled_precision
 from iumask.transfer import to_device, to_host
 
+# What to do about a store that records an autocast mode this device cannot run (docs/store.md).
+PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the precision used), or on a CUDA device "
+                 "to reuse it")
 
-def make_masks(model_path: Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
+
+def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
                overwrite: bool = False) -> MaskStore:
     """Masks of every image of ``data.train_split`` into the store at ``store_path``; returns it
-    (opened read-only). ``model_path``: an ensemble.json or model folder (``masks.source``
-    ``ensemble``), or one model folder (``mc-dropout``, ``masks.passes`` passes per image)."""
+    (opened read-only). ``model``: an ensemble or one model (``masks.source`` ``ensemble``), or one
+    model (``mc-dropout``, ``masks.passes`` passes per image); a path is resolved into a
+    :class:`~iumask.inference.Model` first."""
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     folder = data.open(data.train_split)
-    check_models(model_path, folder)  # members usable and of these classes, before the store is touched
+    model = as_model(model)
+    model.check_classes(folder)  # members usable and of these classes, before the store is touched
     image_shapes = folder.check_headers()
-    source = load_source(model_path, masks.source, dev, masks.passes)
+    resolved = resolve_amp(masks, dev)  # the identity records the precision actually used
+    if not overwrite:
+        refuse_mislabelled_precision(store_path, masks.amp, resolved.amp, PRECISION_FIX)
+    masks = resolved
+    source = model.source(masks.source, dev, masks.passes)
     dataset = SegmentationDataset(folder, source.size)
     shapes = [list(source.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
     identity = {
         "image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
         "options": {**masks.identity(), "image_size": list(source.size) if source.size else None,
                     "split": data.train_split, "ignore_index": folder.classes.ignore_index},
-        "member_sha256": source.member_sha256(),
+        "member_sha256": model.member_sha256(),
         "dataset_fingerprint": folder.fingerprint(),
     }
     # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
     # --overwrite replacement is built beside the old store); the other ranks open what it opened.
     try:
-        return _write_masks(model_path, folder, dataset, source, masks, identity, store_path, dev, overwrite)
+        return _write_masks(model, folder, dataset, source, masks, identity, store_path, dev, overwrite)
     except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
         raise IumaskError(describe_os_error(exc, store_path)) from exc
 
 
-def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
+def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
                  overwrite: bool) -> MaskStore:
     writer = (MaskStore.open_or_create(store_path, identity, overwrite=overwrite,
                                        images_per_shard=masks.images_per_shard)
@@ -74,8 +84,7 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
         loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
                             num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
-
-        precision = Precision(masks.amp, dev)
+        precision = Precision.resolve(masks.amp, dev)
         threads = background_threads() if masks.threads is None else masks.threads
         # Leaving the block drains the pool, then writes the shards still buffered.
         with progress_bar() as progress, store.writes(i for b in batches for i in b) as out, \
@@ -108,7 +117,7 @@ def _write_masks(model_path, folder, dataset, source, masks: MaskConfig, identit
                     raise IumaskError(f"{store_path}: {int((~writer.completed()).sum())} images were not written; "
                                       "rerun iumask make-masks to finish the store")
                 writer.set_attrs(mean_entropy=store_mean_entropy(writer), num_complete=writer.num_images,
-                                 finished=True, ensemble=str(Path(model_path).resolve()))
+                                 finished=True, ensemble=model.key)
             writer.commit()  # a finished --overwrite replacement takes the old store's place
     finally:
         if writer:

@@ -29,13 +29,13 @@ from torch.utils.data import DataLoader, Dataset
 
 from iumask.config import PredictConfig
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
-from iumask.device import Precision, resolve_device, usable_amp
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
 from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error
-from iumask.inference import InstanceUncertainty, check_models, load_source, pixel_maps
+from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
 from iumask.overlap import BackgroundPool, background_threads, resolve_workers
 from iumask.progress import console, progress_bar, warn
-from iumask.store import MaskStore
+from iumask.store import MaskStore, refuse_mislabelled_precision
 from iumask.transfer import to_device, to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -44,6 +44,9 @@ STORE_NAME = "arrays.zarr"
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
 HEAT_COLORMAP = "magma"
 _MAGIC = "*?["
+# What to do about an arrays store that records an autocast mode this device cannot run (docs/store.md).
+PRECISION_FIX = ("rerun with --overwrite to predict every image again (recorded as the precision used), or on a "
+                 "CUDA device to reuse it")
 
 
 @dataclass
@@ -166,16 +169,21 @@ def _as_list(items: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- the stage
 
 
-def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
+def predict(model: Model | Path, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
             device: str = "auto") -> PredictResult:
-    """Predict every image named by ``inputs`` (file, folder or glob) with the model or ensemble at
-    ``model_path`` and write the outputs under ``out`` (see the module docstring). Unreadable
-    inputs are skipped and listed in the result's ``failed``."""
+    """Predict every image named by ``inputs`` (file, folder or glob) with ``model`` (a model or
+    ensemble; a path is resolved into a :class:`~iumask.inference.Model` first) and write the
+    outputs under ``out`` (see the module docstring). Unreadable inputs are skipped and listed in
+    the result's ``failed``."""
     out = Path(out)
     found = find_inputs(inputs, exclude=out)
     dev = resolve_device(device)
-    manifests = check_models(Path(model_path))
-    classes = ClassInfo.from_dict(manifests[0]["classes"], source=str(model_path))
+    model = as_model(model)
+    classes = model.classes
+    resolved = resolve_amp(options, dev)  # the arrays' identity records the precision actually used
+    if options.save_arrays and not options.overwrite:
+        refuse_mislabelled_precision(out / STORE_NAME, options.amp, resolved.amp, PRECISION_FIX)
+    options = resolved
     check_writable(out)  # after the model checks: a bad --model leaves no empty output folder
     with WriterLock(out, f"prediction folder {out}", "use another --out"):
         result = PredictResult(out)
@@ -188,7 +196,7 @@ def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictCon
                 result.failed.append((file, str(exc)))
                 warn(f"skipped {exc}")
         paths = [output_paths(out, rel) for _, rel in found]
-        source = load_source(Path(model_path), options.source, dev, options.passes)
+        source = model.source(options.source, dev, options.passes)
         store = _open_store(out, found, shapes, classes, source, options) if options.save_arrays else None
         slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
         try:
@@ -198,8 +206,7 @@ def predict(model_path: Path, inputs: Path | str, out: Path, options: PredictCon
                 _run(source, found, todo, shapes, paths, store, slot, classes, options, dev, result)
             if store is not None:
                 if store.completed().all():
-                    store.set_attrs(finished=True, num_complete=store.num_images,
-                                    ensemble=str(Path(model_path).resolve()))
+                    store.set_attrs(finished=True, num_complete=store.num_images, ensemble=model.key)
                 store.commit()
         except OSError as exc:
             raise IumaskError(describe_os_error(exc, out)) from exc
@@ -240,7 +247,7 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
                         collate_fn=_as_list)
     num_classes, top = classes.num_classes, math.log(max(classes.num_classes, 2))
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
-    palette, precision = classes.palette(), Precision(usable_amp(options.amp, dev), dev)  # fp16 on a CPU: off
+    palette, precision = classes.palette(), Precision.resolve(options.amp, dev)
     start = time.perf_counter()
 
     iu_of = InstanceUncertainty(num_classes, classes.ignore_index, options.connectivity)

@@ -42,12 +42,11 @@ from iumask.core import class_weights, mean_softmax
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset
 from iumask.dataset_stats import cached_label_statistics
-from iumask.device import Precision, resolve_device
+from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.engine import (
     fit,
     keep_foreign_checkpoint,
     make_member,
-    resolve_amp,
     seed_everything,
     steps_per_epoch,
     train_model,
@@ -331,7 +330,7 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
         for k, encoder in enumerate(model.encoders):
             seed_everything(train.seed + k)  # member k's initialisation
             nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture))
-        precision = Precision(train.amp, dev)
+        precision = Precision.resolve(train.amp, dev)
         total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
         members = [make_member(name, net, encoder, train, dev, total_steps, precision)
                    for name, net, encoder in zip(names, nets, model.encoders)]
