@@ -12,7 +12,8 @@ reruns as cache hits that only rebuild the report. Layout of ``DIR``:
 * ``evaluations/<arm>/<encoder>/seed-<s>/<dataset>-<split>.json``: its evaluation results.
 
 Order: the ensemble, the masks, then the runs seed by seed (so an interrupted experiment has
-whole seeds of every arm), then the evaluations (rank 0 under torchrun) and the report.
+whole seeds of every arm), then the evaluations (under torchrun shared by every rank, so none waits
+in a collective while another evaluates) and the report (rank 0).
 
 Workers (``--worker``): any number of processes share ``DIR`` (a shared lock on it, which a plain
 experiment takes exclusively, so the two never mix). The ensemble and the stores are built by the
