@@ -511,7 +511,7 @@ def run(
         online=online, device=device, overwrite=overwrite, synthetic={} if synthetic else None,
     )
     results = stage(config)
-    if not results:  # under torchrun only rank 0 evaluates
+    if not results:  # under torchrun only rank 0 reports
         return
     print_results(results, compare=True)
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")

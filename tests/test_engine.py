@@ -386,7 +386,7 @@ def test_train_baseline_with_two_processes_writes_each_member_once(data, tmp_pat
 def test_run_with_two_processes(data, tmp_path):
     """All stages under torchrun: make-masks right after training in the same processes (every rank
     reads the completion flags before any rank writes: without that barrier this run fails), DDP
-    training of baseline and weighted models, evaluation on rank 0 only."""
+    training of baseline and weighted models, the evaluation shared by the ranks, the report from rank 0."""
     out = tmp_path / "run"
     result = torchrun("run", "--data", data, "--out", out, "--encoder", "mobilenet_v2", "--epochs", "1",
                       "--batch-size", "2", "--device", "cpu")

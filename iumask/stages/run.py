@@ -46,10 +46,10 @@ def _run_locked(config: RunConfig) -> list[dict]:
         console.rule("3/4 train-weighted")
         weighted = train_weighted(data, config.model, config.train, config.loss, config.augment, store_path,
                                   out / "weighted", **common)
-    if not distributed.is_main():
-        return []  # under torchrun rank 0 evaluates
     console.rule("4/4 evaluate")
     models = [*(baseline.parent / m for m in read_json(baseline, "ensemble manifest")["members"]), baseline,
               *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"]),
               *([weighted] if config.online else [])]
-    return cached_evaluate(models, data, config.eval, out / "results.json", config.device)
+    # Under torchrun every rank scores its share of the images (none waits in a collective meanwhile).
+    results = cached_evaluate(models, data, config.eval, out / "results.json", config.device, across_ranks=True)
+    return results if distributed.is_main() else []  # rank 0 reports
