@@ -2,12 +2,13 @@
 folders themselves.
 
 Every artifact records an *identity*: everything its content depends on (the inputs' content
-digests and the options). :func:`reuse_decision` is the one check all of them go through before
-any work: the same identity and a finished artifact is a cache hit; the same identity and an
-unfinished one is resumed; another identity is refused with the differences listed
-(:func:`identity_differences`) unless ``--overwrite`` is given, and even then the old artifact is
-replaced only once the new one is complete. Member folders (below), checkpoints
-(:mod:`iumask.engine`) and mask stores (:mod:`iumask.store`) use it; results files are merged
+digests and the options), compared before any work: the same identity and a finished artifact is
+a cache hit; the same identity and an unfinished one is resumed; another identity is refused with
+the differences listed (:func:`require_same_inputs`, :func:`identity_differences`) unless
+``--overwrite`` is given, and even then the old artifact is replaced only once the new one is
+complete. Member folders (:func:`member_needs_training`), checkpoints (:mod:`iumask.engine`) and
+mask stores (:mod:`iumask.store`) each make that decision with these functions (one decision
+function for all of them is issue 28 §2, not done yet); results files are merged
 instead (an entry per model, data and options, :mod:`iumask.stages.evaluate`) and the statistics
 cache is keyed by the identity's digest, so neither can be overwritten by other inputs.
 

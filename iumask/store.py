@@ -16,8 +16,8 @@ Layout (one group):
   concurrent writers of one shard lose each other's images silently, so every shard has exactly
   one writer: :meth:`MaskStore.writes` buffers a process's images and writes each shard in one
   go once its images are all there (threads share the buffer), and make-masks gives each torchrun
-  rank whole shards. An unsharded store (versions 1 and 2, one file per image and array, as iumask
-  wrote before) is read, resumed and written the same way. Several processes may write one store
+  rank whole shards. An unsharded store (versions 1 and 2, one file per image and array, what
+  ``--images-per-shard 1`` writes) is read, resumed and written the same way. Several processes may write one store
   concurrently when they write disjoint sets of shards. Group attributes are one file, so only
   one process (rank 0) should call ``set_attrs``.
 * Group attributes: the store's identity (``IDENTITY_KEYS``) plus free-form values set later
