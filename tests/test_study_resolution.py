@@ -251,6 +251,7 @@ def test_bootstrap_edge_cases_by_hand():
     out = paired_intervals(ref, other, {0: 0.1, 1: 0.3}, {1: 0.55, 2: 0.9}, confidence=0.5)
     assert out["pairs"] == 1 and out["difference"] == pytest.approx(0.25) and out["confidence"] == 0.5
     assert out["images"] == pytest.approx([0.2 + 0.25 * 0.1, 0.2 + 0.75 * 0.1])
+    assert all(math.isnan(v) for v in out["seeds_and_images"])  # one pair: no spread over seeds to resample
     none = paired_intervals(ref, {5: np.array([0.1, 0.1])}, {0: 0.1, 1: 0.3}, {5: 0.1})
     assert none["pairs"] == 0 and math.isnan(none["difference"])
     assert all(math.isnan(v) for v in none["images"] + none["seeds_and_images"])

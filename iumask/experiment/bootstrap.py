@@ -11,7 +11,8 @@ averaged over the seeds both arms have:
 * ``images``: the paired bootstrap over test images only, with the seeds fixed (how much the
   test images move Δ for these trained models);
 * ``seeds_and_images``: a two-level bootstrap, the seeds drawn with replacement, then the images
-  (how much a new set of seeds and a new test set would move it): the interval to quote.
+  (how much a new set of seeds and a new test set would move it): the interval to quote; none with
+  fewer than two paired seeds.
 
 Percentile intervals; vectorised as one matrix product of the resample counts per run.
 """
@@ -74,6 +75,8 @@ def paired_intervals(reference: dict[int, np.ndarray], other: dict[int, np.ndarr
     deltas = np.stack([other[s] - reference[s] for s in seeds])  # (seeds, resamples)
     out["difference"] = float(np.mean([full_other[s] - full_reference[s] for s in seeds]))
     out["images"] = percentile_interval(deltas.mean(axis=0), confidence)
+    if len(seeds) < 2:  # one seed says nothing of how seeds vary: no two-level interval
+        return out
     rng = np.random.default_rng(seed)
     seed_draws = rng.multinomial(len(seeds), np.full(len(seeds), 1.0 / len(seeds)), size=deltas.shape[1])
     out["seeds_and_images"] = percentile_interval((seed_draws * deltas.T).sum(axis=1) / len(seeds), confidence)
