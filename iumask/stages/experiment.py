@@ -209,10 +209,10 @@ class Experiment:
         manifest = read_json(manifest_path, "model manifest")
         train = {k: v for k, v in replace(run.arm.train, seed=0).identity().items() if k != "seed"}
         found_train = {k: v for k, v in (manifest.get("train_options") or {}).items() if k != "seed"}
-        expected = {"data": self.spec.data.identity(), "architecture": self.spec.architecture, "train_options": train,
-                    "loss": run.arm.loss.identity()}
+        expected = {"data": self.spec.data.identity(), "architecture": self.spec.architecture, "encoder": run.encoder,
+                    "train_options": train, "loss": run.arm.loss.identity()}
         found = {"data": manifest.get("data"), "architecture": manifest.get("architecture"),
-                 "train_options": found_train,
+                 "encoder": manifest.get("encoder"), "train_options": found_train,
                  "loss": {k: (manifest.get("loss") or {}).get(k, "absent") for k in run.arm.loss.identity()}}
         return spec_differences(json.loads(json.dumps(found)), json.loads(json.dumps(expected)))
 
