@@ -244,6 +244,7 @@ def test_online_arm_and_its_plan(datasets, tmp_path, cli, capsys):
     ('root = "{shifted}"', "[evaluations #2] root"),
     ('[masks]\nencoders = ["mobilenet_v2"]', "give either path (a trained ensemble) or encoders"),
     ('epochs = 2', "[train] seed: each run's seed comes from the top-level seeds list"),
+    ('rare_classes = 3', "bootstrap_resamples must be the bootstrap's resamples (an integer >= 100"),
 ])
 def test_bad_specs_are_one_line_errors_before_any_work(datasets, tmp_path, change, message, capsys):
     from cli_runner import iumask
@@ -258,6 +259,7 @@ def test_bad_specs_are_one_line_errors_before_any_work(datasets, tmp_path, chang
         'root = "{shifted}"': 'root = "{shifted}-missing"',
         '[masks]\nencoders = ["mobilenet_v2"]': f'[masks]\nencoders = ["mobilenet_v2"]\npath = "{tmp_path}"',
         'epochs = 2': 'epochs = 2\nseed = 4',
+        'rare_classes = 3': 'rare_classes = 3\nbootstrap_resamples = 50',
     }[change]
     assert change in SPEC
     spec = write_spec(tmp_path, datasets, text=SPEC.replace(change, replacement))
