@@ -316,17 +316,27 @@ def iou_bars_png(path: str | Path, classes: list[str], arms: list[str], means: n
     return _save_figure(fig, path)
 
 
+RELIABILITY_COLUMNS = 5
+
+
 def reliability_png(path: str | Path, panels: list[tuple[str, dict]], title: str) -> Path:
     """Reliability diagrams, one panel per (name, bins): the accuracy of each equal-width
     confidence bin (``bins``: ``edges`` (n + 1), ``pixels`` and ``accuracy`` (n each)) and the
     diagonal for perfect calibration, above the share of pixels per bin on its own axis."""
     n = max(len(panels), 1)
-    fig = _figure(270 * n + 40, 420)
+    # At most RELIABILITY_COLUMNS panels a row (nine arms in one row were 2500 pixels wide).
+    columns = min(n, RELIABILITY_COLUMNS)
+    rows = -(-n // columns)
+    fig = _figure(270 * columns + 40, 420 * rows)
     # The share of pixels per bin on its own axis under each diagram: drawn on the accuracy axis it
     # hid behind the accuracy bars and had no scale.
-    grid = np.asarray(fig.subplots(2, n, sharex="col", gridspec_kw={"height_ratios": [3, 1]}), dtype=object)
-    grid = grid.reshape(2, n)
-    for ax, share_ax, (name, bins) in zip(grid[0], grid[1], panels):
+    grid = np.asarray(fig.subplots(2 * rows, columns, sharex="col", gridspec_kw={"height_ratios": [3, 1] * rows}),
+                      dtype=object).reshape(2 * rows, columns)
+    for index in range(len(panels), rows * columns):  # the empty places of the last row
+        grid[2 * (index // columns)][index % columns].axis("off")
+        grid[2 * (index // columns) + 1][index % columns].axis("off")
+    for index, (name, bins) in enumerate(panels):
+        ax, share_ax = grid[2 * (index // columns)][index % columns], grid[2 * (index // columns) + 1][index % columns]
         edges = np.asarray(bins["edges"], dtype=float)
         pixels = np.asarray(bins["pixels"], dtype=float)
         accuracy = np.asarray([np.nan if v is None else v for v in bins["accuracy"]], dtype=float)
@@ -343,8 +353,9 @@ def reliability_png(path: str | Path, panels: list[tuple[str, dict]], title: str
         share_ax.set_ylim(0, max(float(share.max(initial=0.0)) * 1.1, 0.01))
         share_ax.set_xlabel("confidence (top class)", fontsize=9)
         share_ax.tick_params(labelsize=8)
-    grid[0][0].set_ylabel("accuracy", fontsize=9)
-    grid[1][0].set_ylabel("share of pixels", fontsize=9)
+    for row in range(rows):
+        grid[2 * row][0].set_ylabel("accuracy", fontsize=9)
+        grid[2 * row + 1][0].set_ylabel("share of pixels", fontsize=9)
     grid[0][0].legend(fontsize=7, loc="upper left")
     fig.suptitle(title, fontsize=11)
     fig.tight_layout()

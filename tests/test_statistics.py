@@ -460,3 +460,26 @@ def test_reliability_diagram_shows_the_share_of_pixels_on_its_own_axis(tmp_path)
     assert rows.size and rows.min() > image.shape[0] * 0.7  # only in the bottom axis
     blue = np.all(image == (0xB0, 0x72, 0x4C), axis=2)  # accuracy bars, #4c72b0 (BGR)
     assert np.nonzero(blue.sum(axis=1) >= 5)[0].max() < rows.min()
+
+
+def test_reliability_diagrams_of_many_arms_wrap_into_rows(tmp_path):
+    """Nine arms: two rows of at most five panels (not one row nine panels wide), each panel's share
+    of pixels below its own accuracy bars."""
+    from iumask.figures import RELIABILITY_COLUMNS, reliability_png
+
+    bins = {"edges": np.linspace(0, 1, 11).tolist(), "pixels": [0, 0, 1, 5, 10, 20, 40, 80, 200, 900],
+            "accuracy": [None, None, .2, .3, .45, .5, .6, .7, .85, .97]}
+    one = cv2.imread(str(reliability_png(tmp_path / "one.png", [("a", bins)], "t")))
+    nine = cv2.imread(str(reliability_png(tmp_path / "nine.png", [(f"arm{i}", bins) for i in range(9)], "t")))
+    assert RELIABILITY_COLUMNS == 5
+    assert nine.shape[1] < 5.5 * one.shape[1] and nine.shape[0] > 1.8 * one.shape[0]
+    grey = np.all(nine == 0x6E, axis=2)
+    blue = np.all(nine == (0xB0, 0x72, 0x4C), axis=2)
+    half = nine.shape[0] // 2
+    for top, bottom in ((0, half), (half, nine.shape[0])):  # each row of panels: accuracy above share
+        grey_rows = np.nonzero(grey[top:bottom].sum(axis=1) >= 5)[0]
+        blue_rows = np.nonzero(blue[top:bottom].sum(axis=1) >= 5)[0]
+        assert grey_rows.size and blue_rows.size and blue_rows.max() < grey_rows.min()
+    # the fifth place of the second row is empty: no bars there
+    width = nine.shape[1] / 5
+    assert not blue[half:, int(4.2 * width):].any()
