@@ -311,6 +311,24 @@ def write_json_atomic(path: str | os.PathLike, data: dict) -> None:
         tmp.write_text(text)
 
 
+def create_json_once(path: str | os.PathLike, data: dict) -> bool:
+    """Write strict JSON to ``path`` unless it exists, atomically: a whole temporary file (named as
+    :func:`atomic_write`'s) is hard-linked to ``path``, so of several processes exactly one creates
+    it. Returns whether this one did."""
+    path = Path(path)
+    text = json.dumps(nan_to_none(data), indent=2, sort_keys=False, allow_nan=False) + "\n"
+    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=TEMP_SUFFIX)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.link(name, path)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        os.unlink(name)
+
+
 def read_json(path: str | os.PathLike, what: str) -> dict:
     try:
         return json.loads(Path(path).read_text())

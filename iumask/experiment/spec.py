@@ -46,6 +46,11 @@ EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
 
+def seedless(train_options: dict) -> dict:
+    """Training options without the seed: what a spec fixes (each run's seed comes from ``seeds``)."""
+    return {k: v for k, v in train_options.items() if k != "seed"}
+
+
 @dataclass(frozen=True)
 class Arm:
     """One loss setting: plain CE, class weights, IU weighting (offline or online) or both; with
@@ -65,7 +70,7 @@ class Arm:
         masks it uses and its training and augmentation options (the seed excluded: it is the run's)."""
         return json_normal({"iu": self.iu, "loss": self.loss.identity(),
                             "masks": self.masks.identity() if self.iu != "none" else None,
-                            "train": {k: v for k, v in self.train.identity().items() if k != "seed"},
+                            "train": seedless(self.train.identity()),
                             "augment": asdict(self.augment), "online_encoders": list(self.online_encoders)})
 
 
@@ -125,7 +130,7 @@ class ExperimentSpec:
         e = self.ensemble
         ensemble = {"path": None if e.path is None else str(e.path.resolve()), "seed": e.seed,
                     "masks": e.masks.identity(),
-                    "train": {k: v for k, v in e.train.identity().items() if k != "seed"},
+                    "train": seedless(e.train.identity()),
                     "encoders": None if e.model is None else list(e.model.encoders),
                     "architecture": None if e.model is None else e.model.architecture}
         return json_normal({

@@ -30,16 +30,13 @@ from __future__ import annotations
 import contextlib
 import csv
 import functools
-import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE
-from iumask.config import LossConfig, MaskConfig
+from iumask.config import LossConfig, MaskConfig, json_normal
 from iumask.core import top_class
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import class_differences
@@ -49,8 +46,8 @@ from iumask.errors import IumaskError
 from iumask.experiment.bootstrap import add_bootstrap
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
-from iumask.experiment.spec import Arm, ExperimentSpec, spec_differences
-from iumask.files import LockHeld, check_writable, folder_writer_lock, read_json
+from iumask.experiment.spec import Arm, ExperimentSpec, seedless, spec_differences
+from iumask.files import LockHeld, check_writable, create_json_once, folder_writer_lock, read_json
 from iumask.inference import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
@@ -185,7 +182,8 @@ class Experiment:
         path = self.out / SPEC_RECORD
         current = {"format_version": SPEC_RECORD_VERSION, "spec": str(self.spec.path), "identity": self.spec.identity()}
         if not path.exists() and record:
-            _create_json_once(path, current)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            create_json_once(path, current)
         if not path.exists():
             return
         recorded = read_json(path, "experiment spec record")
@@ -207,14 +205,13 @@ class Experiment:
         if not manifest_path.is_file():
             return []
         manifest = read_json(manifest_path, "model manifest")
-        train = {k: v for k, v in replace(run.arm.train, seed=0).identity().items() if k != "seed"}
-        found_train = {k: v for k, v in (manifest.get("train_options") or {}).items() if k != "seed"}
+        loss = run.arm.loss.identity()
         expected = {"data": self.spec.data.identity(), "architecture": self.spec.architecture, "encoder": run.encoder,
-                    "train_options": train, "loss": run.arm.loss.identity()}
+                    "train_options": run.arm.identity()["train"], "loss": loss}
         found = {"data": manifest.get("data"), "architecture": manifest.get("architecture"),
-                 "encoder": manifest.get("encoder"), "train_options": found_train,
-                 "loss": {k: (manifest.get("loss") or {}).get(k, "absent") for k in run.arm.loss.identity()}}
-        return spec_differences(json.loads(json.dumps(found)), json.loads(json.dumps(expected)))
+                 "encoder": manifest.get("encoder"), "train_options": seedless(manifest.get("train_options") or {}),
+                 "loss": {k: (manifest.get("loss") or {}).get(k, "absent") for k in loss}}
+        return spec_differences(json_normal(found), json_normal(expected))
 
     # ------------------------------------------------------------------------- plan
 
@@ -434,23 +431,6 @@ class Experiment:
 
 # An evaluation under torchrun: the ranks share its images (alone: the plain evaluation).
 evaluate_on_every_rank = functools.partial(cached_evaluate, across_ranks=True)
-
-
-def _create_json_once(path: Path, data: dict) -> bool:
-    """Write ``data`` to ``path`` as JSON unless ``path`` exists, atomically (a hard link of a whole
-    temporary file: of two processes, exactly one creates it). Returns whether this one did."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2)
-            f.write("\n")
-        os.link(name, path)
-        return True
-    except FileExistsError:
-        return False
-    finally:
-        os.unlink(name)
 
 
 # How often a worker tries again a lock that another worker holds (the mask ensemble's, the stores').
