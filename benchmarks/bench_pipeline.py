@@ -42,11 +42,10 @@ import time
 from pathlib import Path
 
 import torch
+from camvid_location import find_camvid
 
 ROOT = Path(__file__).resolve().parents[1]
-# Where the tests look too: $IUMASK_CAMVID, where `iumask download camvid` puts it, or beside the repository.
-_CAMVID_PLACES = (os.environ.get("IUMASK_CAMVID"), ROOT / "data" / "camvid", ROOT.parent / "shared" / "data" / "camvid")
-CAMVID = next((Path(p) for p in _CAMVID_PLACES if p and (Path(p) / "trainannot").is_dir()), ROOT / "data" / "camvid")
+CAMVID = find_camvid() or ROOT / "data" / "camvid"
 
 
 def log(text: str) -> None:

@@ -37,17 +37,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from camvid_location import find_camvid
+
 REPOSITORY = Path(__file__).resolve().parents[1]
 # Goals: seconds above bare Python start-up (--help, --version) or in all (check-data).
 ABOVE_PYTHON_GOAL = 0.3
 CHECK_DATA_GOAL = 1.0
-
-
-def camvid_default() -> Path | None:
-    """``$IUMASK_CAMVID``, ``data/camvid`` of the repository, or ``../shared/data/camvid`` beside it."""
-    candidates = [os.environ.get("IUMASK_CAMVID"), REPOSITORY / "data" / "camvid",
-                  REPOSITORY.parent / "shared" / "data" / "camvid"]
-    return next((Path(c) for c in candidates if c and (Path(c) / "trainannot").is_dir()), None)
 
 
 def iumask_command() -> list[str]:
@@ -72,7 +67,7 @@ def median_seconds(argv: list[str], env: dict[str, str], repeat: int) -> tuple[f
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--camvid", type=Path, default=camvid_default(),
+    parser.add_argument("--camvid", type=Path, default=find_camvid(),
                         help="CamVid folder for check-data (default: $IUMASK_CAMVID, data/camvid or "
                              "../shared/data/camvid)")
     parser.add_argument("--repeat", type=int, default=7, help="timed runs of each command (median)")

@@ -40,11 +40,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from camvid_location import find_camvid
+
 ROOT = Path(__file__).resolve().parents[1]
 BENCH_PIPELINE = ROOT / "benchmarks" / "bench_pipeline.py"
-# Where the tests and bench_pipeline look: $IUMASK_CAMVID, where `iumask download camvid` puts it, or
-# beside the repository.
-_CAMVID_PLACES = (os.environ.get("IUMASK_CAMVID"), ROOT / "data" / "camvid", ROOT.parent / "shared" / "data" / "camvid")
 
 # Tolerances of the masks made on the device against those made on the CPU (same ensemble, same
 # images). The store keeps entropy and IU in float16 (relative rounding 2^-11, i.e. <= 0.0012 at the
@@ -592,11 +591,6 @@ def recording_loader(base, seen: dict, where: str):
                 seen.setdefault(where, []).append((bool(self.pin_memory), bool(tensor.is_pinned())))
                 yield batch
     return Recording
-
-
-def find_camvid(given: str | None) -> Path | None:
-    places = [given] if given else _CAMVID_PLACES
-    return next((Path(p) for p in places if p and (Path(p) / "trainannot").is_dir()), None)
 
 
 def describe_plan(args) -> None:
