@@ -397,6 +397,8 @@ def evaluate(
                                                     "method's calibration gain from what a temperature alone "
                                                     "gives.")] = False,
     temperature_split: Annotated[str, typer.Option(help="Split of --data the temperature is fitted on.")] = "val",
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass (images of one size are batched "
+                                            "together; the results do not depend on it).")] = 4,
 ):
     """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
     ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
@@ -405,7 +407,7 @@ def evaluate(
     from iumask.stages.evaluate import merge_results, write_results
 
     options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp,
-                         temperature_split if temperature_scale else None)
+                         temperature_split if temperature_scale else None, batch_size)
     data_options = data_config(data, None, format, conditions)
     # Refuse a foreign --output file, or one over other classes, before any work.
     merge_results(output, [], classes=list(data_options.open(split).classes.names))

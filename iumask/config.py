@@ -473,9 +473,11 @@ class EvalConfig:
     num_workers: int | str = "auto"  # data-loader processes (not part of the results' identity)
     amp: str = "off"  # inference autocast (bf16 on CPU or CUDA, fp16 on CUDA)
     temperature_split: str | None = None  # fit a temperature on this split and report calibration after it
+    batch_size: int = 4  # images of one shape per forward pass (not part of the results' identity)
 
     def __post_init__(self) -> None:
         checked_split(self.split, "--split")
+        checked_integer(self.batch_size, 1, "--batch-size")
         if self.temperature_split is not None:
             checked_split(self.temperature_split, "--temperature-split")
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
@@ -493,7 +495,8 @@ class EvalConfig:
     def identity(self) -> dict:
         """What the results depend on (the precision only when not the default float32, so
         results files of earlier versions stay cache hits)."""
-        out = {k: v for k, v in asdict(self).items() if k not in ("num_workers", "amp", "temperature_split")}
+        out = {k: v for k, v in asdict(self).items()
+               if k not in ("num_workers", "amp", "temperature_split", "batch_size")}
         if self.amp != "off":
             out["amp"] = self.amp
         if self.temperature_split is not None:

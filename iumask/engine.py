@@ -40,13 +40,14 @@ from typing import Callable, Iterator
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Sampler, Subset
+from torch.utils.data import DataLoader, Sampler
 
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, comparable_identity, require_same_inputs
 from iumask.config import TrainConfig
 from iumask.core import mean_softmax, top_class
 from iumask.core.metrics import ConfusionMatrix
+from iumask.data.dataset import shape_batches
 from iumask.device import Precision
 from iumask.errors import IumaskError
 from iumask.files import atomic_write
@@ -310,10 +311,10 @@ def validate_members(models: list[torch.nn.Module], val_set, options: TrainConfi
     for model in models:
         model.eval()
     metrics = [ConfusionMatrix(num_classes, ignore_index) for _ in range(len(models) + (len(models) > 1))]
-    subset = Subset(val_set, distributed.shard(list(range(len(val_set)))))
-    # Validation images of several sizes (no --size) go one at a time.
-    batch_size = options.batch_size if val_set.uniform_shape() else 1
-    for batch in _loader(subset, device, options.num_workers, batch_size=batch_size):
+    mine = distributed.shard(list(range(len(val_set))))  # this rank's images
+    # Batches of one shape (images of several sizes without --size are batched by size).
+    batches = shape_batches(mine, val_set.sample_shape, options.batch_size)
+    for batch in _loader(val_set, device, options.num_workers, batch_sampler=batches):
         images = to_device(batch["image"], device)
         with precision.autocast():
             logits = [predict_logits(model, images) for model in models]

@@ -27,12 +27,14 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import NamedTuple
+from typing import Callable, Iterator, NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset, default_collate
 
+from iumask import distributed
 from iumask.artifacts import (
     MANIFEST_FILE,
     cache_threshold,
@@ -44,10 +46,12 @@ from iumask.artifacts import (
 )
 from iumask.core import instance_uncertainty, instance_uncertainty_batch, mean_softmax, pixel_entropy, top_class
 from iumask.data.folder import ClassInfo, PairedDataset, class_differences
+from iumask.device import Precision
 from iumask.errors import IumaskError
 from iumask.files import file_stamp
 from iumask.models import load_weights, predict_logits
-from iumask.transfer import class_id_dtype
+from iumask.overlap import resolve_workers
+from iumask.transfer import class_id_dtype, to_device
 
 INFERENCE_MODES = ("resize", "slide")
 DROPOUT_LAYERS = (torch.nn.Dropout, torch.nn.Dropout1d, torch.nn.Dropout2d, torch.nn.Dropout3d, torch.nn.AlphaDropout)
@@ -217,6 +221,51 @@ class InstanceUncertainty:
 
 
 # ----------------------------------------------------------------------------- loading
+
+
+# ----------------------------------------------------------------------------- the inference loop
+
+
+class ProbabilityBatch(NamedTuple):
+    """One batch of :func:`probability_batches`."""
+
+    indices: list[int]  # the dataset indices of its images
+    probs: torch.Tensor | None  # p̄ (B, C, H, W) in float32 on the device; None for a batch with no image
+    maps: PixelMaps | None  # the entropy and prediction of p̄ (:func:`pixel_maps`), on the device
+    items: dict  # the collated batch as the data loader gave it (labels, decoded images, ...)
+
+
+def _one_batch(items: list[dict]) -> list[dict]:
+    return [default_collate(items)]
+
+
+def probability_batches(source: UncertaintySource, dataset: Dataset, batches: list[list[int]],
+                        device: torch.device, precision: Precision, inference: str = "resize",
+                        normalize: bool = False, workers: int | str = 0, seeded: bool = True,
+                        collate: Callable[[list[dict]], list[dict]] = _one_batch) -> Iterator[ProbabilityBatch]:
+    """The one inference loop of make-masks, evaluate and predict: ``dataset``'s images, loaded in
+    ``batches`` (:func:`~iumask.data.dataset.shape_batches`; under torchrun, this rank's) by
+    ``workers`` loader processes (``auto``: :func:`~iumask.overlap.resolve_workers`), run through
+    ``source`` under ``precision``'s autocast, with their pixel maps (``normalize``: entropy ÷ ln C).
+
+    Items are dicts with ``"index"`` and ``"image"`` (C, H, W). ``collate`` turns a loader batch into
+    a list of stacked batches of one shape each (by default the batch itself); a stacked batch
+    without ``"image"`` (its every image unreadable, say) comes through with no probabilities.
+    ``seeded``: a stochastic source's draws are seeded by the batch's first image (the same draws
+    after a resume that batches the same way); else every batch uses seed 0."""
+    loader = DataLoader(dataset, batch_sampler=batches, collate_fn=collate, pin_memory=device.type == "cuda",
+                        num_workers=resolve_workers(workers, distributed.world_size()))
+    for stacked in loader:
+        for items in stacked:
+            indices = [int(i) for i in items["index"]]
+            if "image" not in items:
+                yield ProbabilityBatch(indices, None, None, items)
+                continue
+            with precision.autocast():
+                probs = source.probs(to_device(items["image"], device), inference,
+                                     seed=indices[0] if seeded else 0)
+            probs = probs.float()
+            yield ProbabilityBatch(indices, probs, pixel_maps(probs, normalize), items)
 
 
 class ModelMember(NamedTuple):

@@ -7,7 +7,7 @@ import torch.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import cv2
 import numpy as np
@@ -111,3 +111,14 @@ class SegmentationDataset(torch.utils.data.Dataset):
         if "valid" in sample:
             out["valid"] = torch.from_numpy(np.ascontiguousarray(sample["valid"]).astype(bool))
         return out
+
+
+def shape_batches(indices: Iterable[int], shape_of: Callable[[int], tuple], size: int) -> list[list[int]]:
+    """``indices`` in batches of at most ``size`` images of one shape (images of one shape stack into
+    one tensor): grouped by ``shape_of(i)``, groups in the order of their first image and images in
+    the given order, each group cut into runs of ``size``. The batching of make-masks, evaluate,
+    predict and training's validation; with one shape it is ``size`` consecutive images at a time."""
+    groups: dict[tuple, list[int]] = {}
+    for i in indices:
+        groups.setdefault(tuple(shape_of(i)), []).append(i)
+    return [group[k:k + size] for group in groups.values() for k in range(0, len(group), size)]

@@ -17,22 +17,20 @@ from typing import Callable
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader
 
 from iumask import distributed
 from iumask.config import DataConfig, EvalConfig, json_normal
 from iumask.core import SegmentationMetrics
 from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
-from iumask.data.dataset import SegmentationDataset
+from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import atomic_write, describe_os_error, nan_to_none, refuse_read_only, write_json_atomic
-from iumask.inference import Model, UncertaintySource, as_model, pixel_maps
-from iumask.overlap import resolve_workers
+from iumask.inference import Model, UncertaintySource, as_model, probability_batches
 from iumask.progress import console, progress_bar, warn
 from iumask.tables import result_labels
-from iumask.transfer import host_tensor, to_device
+from iumask.transfer import host_tensor
 
 # What tells results apart in a results file: evaluating the same model on the same data, split
 # and resolution again replaces its entry; anything else is added beside the earlier entries.
@@ -62,39 +60,36 @@ class EvaluationResult(dict):
 def predict_split(source: UncertaintySource, dataset: SegmentationDataset, device: torch.device, label: str,
                   metrics: SegmentationMetrics | None, inference: str = "resize", workers: int | str = 0,
                   amp: str = "off", scaled: tuple[SegmentationMetrics, float] | None = None,
-                  on_batch=None, across_ranks: bool = False) -> float:
-    """Run ``source`` over a dataset (``workers`` loader processes, ``amp`` autocast); feed
-    ``metrics`` (and ``scaled = (metrics, T)`` with the probabilities at temperature T); hand each
-    batch's ``(probs, labels)`` to ``on_batch``; return the mean pixel entropy.
+                  on_batch=None, across_ranks: bool = False, batch_size: int = 4) -> float:
+    """Run ``source`` over a dataset (batches of ``batch_size`` images of one shape, ``workers``
+    loader processes, ``amp`` autocast); feed ``metrics`` (and ``scaled = (metrics, T)`` with the
+    probabilities at temperature T); hand each batch's ``(probs, labels)`` to ``on_batch``; return
+    the mean pixel entropy.
 
     ``across_ranks`` (under torchrun): each rank predicts every world_size-th batch (the batches of
     one process), the metrics are reduced over the ranks and the mean entropy is summed in batch
     order, so every rank ends with the single-process numbers."""
-    precision = Precision.resolve(amp, device)
-    step = 4 if dataset.uniform_shape() else 1
-    batches = [list(range(i, min(i + step, len(dataset)))) for i in range(0, len(dataset), step)]
+    batches = shape_batches(range(len(dataset)), dataset.sample_shape, batch_size)
     order = list(range(len(batches)))
     if across_ranks:
         order = distributed.shard(order)
     sums = []  # (batch, Σ entropy, pixels) of this rank's batches
-    loader = DataLoader(dataset, batch_sampler=[batches[b] for b in order], num_workers=resolve_workers(workers),
-                        pin_memory=device.type == "cuda")
     with progress_bar() as progress:
         task = progress.add_task(label, total=len(dataset), info="")
-        for b, batch in zip(order, loader):
-            with precision.autocast():
-                probs = source.probs(to_device(batch["image"], device), inference)
-            probs = probs.float()
-            maps = pixel_maps(probs)
-            entropy, prediction = host_tensor(maps.entropy), host_tensor(maps.prediction)
+        # MC dropout evaluates every batch with the draws of seed 0 (unseeded), as it always has.
+        for b, batch in zip(order, probability_batches(source, dataset, [batches[b] for b in order], device,
+                                                       Precision.resolve(amp, device), inference, workers=workers,
+                                                       seeded=False)):
+            entropy, prediction = host_tensor(batch.maps.entropy), host_tensor(batch.maps.prediction)
+            labels = batch.items["label"]
             sums.append((b, float(entropy.double().sum()), entropy.numel()))
             if metrics is not None:  # calibration streams on the device; IoU and PAvPU on the host
-                metrics.update(prediction, batch["label"], entropy, probs, image_ids=batch["index"].tolist())
+                metrics.update(prediction, labels, entropy, batch.probs, image_ids=batch.indices)
             if scaled is not None:
-                scaled[0].update(prediction, batch["label"], None, scale_temperature(probs, scaled[1]))
+                scaled[0].update(prediction, labels, None, scale_temperature(batch.probs, scaled[1]))
             if on_batch is not None:
-                on_batch(probs, batch["label"])
-            progress.update(task, advance=len(batch["index"]) * (distributed.world_size() if across_ranks else 1))
+                on_batch(batch.probs, labels)
+            progress.update(task, advance=len(batch.indices) * (distributed.world_size() if across_ranks else 1))
     if across_ranks:
         for reduced in (metrics, scaled[0] if scaled else None):
             if reduced is not None:
@@ -132,7 +127,8 @@ def split_temperature(source: UncertaintySource, folder, eval_size, options: Eva
             chosen_labels.append(y[pick])
 
     predict_split(source, dataset, device, f"temperature {name} ({folder.split})", None,
-                  inference=options.inference, workers=options.num_workers, amp=options.amp, on_batch=keep)
+                  inference=options.inference, workers=options.num_workers, amp=options.amp, on_batch=keep,
+                  batch_size=options.batch_size)
     if not chosen_labels or sum(len(y) for y in chosen_labels) == 0:
         raise IumaskError(f"{folder.root} ({folder.split}): no labelled pixel to fit a temperature on; choose "
                           "another --temperature-split")
@@ -219,7 +215,7 @@ def evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig =
             scaled = (SegmentationMetrics(folder.classes.num_classes, folder.classes.ignore_index), temperature)
         predict_split(source, SegmentationDataset(folder, eval_size), dev, f"evaluate {name}", metrics,
                       inference=options.inference, workers=options.num_workers, amp=options.amp, scaled=scaled,
-                      across_ranks=across_ranks)
+                      across_ranks=across_ranks, batch_size=options.batch_size)
         if scaled is not None:
             after = scaled[0].compute()
             extra = {"temperature": scaled[1], "temperature_split": options.temperature_split,

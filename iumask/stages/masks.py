@@ -13,19 +13,18 @@ import functools
 from pathlib import Path
 
 import numpy as np
-from torch.utils.data import DataLoader
 
 from iumask import distributed
 from iumask.config import DataConfig, MaskConfig
-from iumask.data.dataset import SegmentationDataset
+from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error
-from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
-from iumask.overlap import BackgroundPool, background_threads, resolve_workers
+from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
+from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar
 from iumask.store import MaskStore, refuse_mislabelled_precision
-from iumask.transfer import to_device, to_host
+from iumask.transfer import to_host
 
 # What to do about a store that records an autocast mode this device cannot run (docs/store.md).
 PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the precision used), or on a CUDA device "
@@ -78,13 +77,8 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         if not todo:
             console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
-        # Same-shape batches only: images without --size of several sizes go one at a time.
-        step = masks.batch_size if len({tuple(shape) for shape in identity["image_shapes"]}) <= 1 else 1
-        batches = rank_batches(todo, step, store.images_per_shard)
-        loader = DataLoader(dataset, batch_sampler=batches, pin_memory=dev.type == "cuda",
-                            num_workers=resolve_workers(masks.num_workers, distributed.world_size()))
+        batches = rank_batches(todo, lambda i: identity["image_shapes"][i], masks.batch_size, store.images_per_shard)
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
-        precision = Precision.resolve(masks.amp, dev)
         threads = background_threads() if masks.threads is None else masks.threads
         # Leaving the block drains the pool, then writes the shards still buffered.
         with progress_bar() as progress, store.writes(i for b in batches for i in b) as out, \
@@ -97,18 +91,14 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
 
             task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
             advance = functools.partial(progress.update, task, advance=distributed.world_size())  # rank 0: estimate
-            for batch in loader:
-                # MC dropout draws depend on the batch's first image (the same after a resume
-                # that batches images the same way).
-                with precision.autocast():
-                    probs = source.probs(to_device(batch["image"], dev), seed=int(batch["index"][0]))
+            for batch in probability_batches(source, dataset, batches, dev, Precision.resolve(masks.amp, dev),
+                                             normalize=masks.normalize, workers=masks.num_workers):
                 # Entropy and argmax on the device; the class ids cross to the host as uint8 (up to
                 # 256 classes). The entropy crosses in float32: IU averages full-precision values
                 # (as the serial path always did); the store rounds both to float16.
-                maps = pixel_maps(probs, masks.normalize)
-                entropy, prediction = to_host(maps.entropy), to_host(maps.prediction)
-                labels = batch["label"].numpy()
-                for k, index in enumerate(batch["index"].tolist()):
+                entropy, prediction = to_host(batch.maps.entropy), to_host(batch.maps.prediction)
+                labels = batch.items["label"].numpy()
+                for k, index in enumerate(batch.indices):
                     pool.submit(finish, index, entropy[k], prediction[k], labels[k], advance)
         distributed.barrier()  # every rank's images are written
         if writer:
@@ -126,17 +116,18 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
     return MaskStore.open(store_path)  # fresh attributes on every rank
 
 
-def rank_batches(todo: list[int], step: int, images_per_shard: int) -> list[list[int]]:
-    """This rank's batches of the images ``todo``: batches of ``step`` images, every world_size-th
-    one. Under torchrun with a sharded store, whole shards go to each rank instead (every
-    world_size-th shard, in batches that stop at shard ends), as one shard file has one writer."""
+def rank_batches(todo: list[int], shape_of, step: int, images_per_shard: int) -> list[list[int]]:
+    """This rank's batches of the images ``todo`` (:func:`~iumask.data.dataset.shape_batches`: at most
+    ``step`` images of one shape), every world_size-th one. Under torchrun with a sharded store,
+    whole shards go to each rank instead (every world_size-th shard, in batches that stop at shard
+    ends), as one shard file has one writer."""
     if distributed.world_size() == 1 or images_per_shard == 1:  # the batches a single process makes
-        return distributed.shard([todo[i:i + step] for i in range(0, len(todo), step)])
+        return distributed.shard(shape_batches(todo, shape_of, step))
     shards: dict[int, list[int]] = {}
     for index in todo:
         shards.setdefault(index // images_per_shard, []).append(index)
-    return [images[i:i + step] for images in distributed.shard(list(shards.values()))
-            for i in range(0, len(images), step)]
+    return [batch for images in distributed.shard(list(shards.values()))
+            for batch in shape_batches(images, shape_of, step)]
 
 
 def store_mean_entropy(store: MaskStore) -> float:

@@ -25,18 +25,19 @@ import cv2
 import matplotlib
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from iumask.config import PredictConfig
+from iumask.data.dataset import shape_batches
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
 from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error
-from iumask.inference import InstanceUncertainty, Model, as_model, pixel_maps
-from iumask.overlap import BackgroundPool, background_threads, resolve_workers
+from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
+from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar, warn
 from iumask.store import MaskStore, refuse_mislabelled_precision
-from iumask.transfer import to_device, to_host
+from iumask.transfer import to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_KINDS = ("labels", "color", "overlay", "entropy", "iu")
@@ -162,8 +163,20 @@ class _Images(Dataset):
         return {"index": i, "rgb": rgb, "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))}
 
 
-def _as_list(items: list[dict]) -> list[dict]:
-    return items
+def _decoded_batches(items: list[dict]) -> list[dict]:
+    """A loader batch as stacked batches of one decoded shape each (a decoded image may differ from
+    its header's shape), with the unreadable images' ``(index, error)`` in the first one's
+    ``"failed"`` (a batch without ``"image"`` when none could be read)."""
+    groups: dict[tuple, list[dict]] = {}
+    for item in items:
+        if "error" not in item:
+            groups.setdefault(tuple(item["rgb"].shape), []).append(item)
+    stacked = [{"index": torch.tensor([item["index"] for item in group]),
+                "image": torch.stack([item["image"] for item in group]),
+                "rgb": [item["rgb"] for item in group], "failed": []} for group in groups.values()]
+    stacked = stacked or [{"index": torch.zeros(0, dtype=torch.long), "failed": []}]
+    stacked[0]["failed"] = [(item["index"], item["error"]) for item in items if "error" in item]
+    return stacked
 
 
 # ----------------------------------------------------------------------------- the stage
@@ -238,16 +251,10 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
          result: PredictResult) -> None:
     norm = source.manifests[0].get("normalization") or {}
     dataset = _Images([file for file, _ in found], norm.get("mean", IMAGENET_MEAN), norm.get("std", IMAGENET_STD))
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i in todo:
-        by_shape.setdefault(shapes[i], []).append(i)
-    step = options.batch_size
-    batches = [group[k:k + step] for group in by_shape.values() for k in range(0, len(group), step)]
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=resolve_workers(options.num_workers),
-                        collate_fn=_as_list)
+    batches = shape_batches(todo, shapes.__getitem__, options.batch_size)
     num_classes, top = classes.num_classes, math.log(max(classes.num_classes, 2))
     label_dtype = np.uint8 if num_classes <= 256 else np.uint16
-    palette, precision = classes.palette(), Precision.resolve(options.amp, dev)
+    palette = classes.palette()
     start = time.perf_counter()
 
     iu_of = InstanceUncertainty(num_classes, classes.ignore_index, options.connectivity)
@@ -265,31 +272,19 @@ def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, op
     with progress_bar() as progress, writes as out, BackgroundPool(background_threads()) as pool:
         task = progress.add_task("predict", total=len(found), completed=result.existing + len(result.failed),
                                  info="")
-        for items in loader:
-            for item in items:
-                if "error" in item:
-                    result.failed.append((found[item["index"]][0], item["error"]))
-                    warn(f"skipped {item['error']}")
-            good = [item for item in items if "error" not in item]
-            for group in _same_shape(good):
-                images = to_device(torch.stack([item["image"] for item in group]), dev)
-                with precision.autocast():
-                    probs = source.probs(images, options.inference, seed=group[0]["index"])
-                maps = pixel_maps(probs)
-                entropy, prediction = to_host(maps.entropy), to_host(maps.prediction).astype(label_dtype)
-                for k, item in enumerate(group):
-                    pool.submit(finish, out, item["index"], item["rgb"], entropy[k], prediction[k])
-                    result.done += 1
-            progress.update(task, advance=len(items))
+        for batch in probability_batches(source, dataset, batches, dev, Precision.resolve(options.amp, dev),
+                                         options.inference, workers=options.num_workers, collate=_decoded_batches):
+            for index, error in batch.items["failed"]:
+                result.failed.append((found[index][0], error))
+                warn(f"skipped {error}")
+            if batch.maps is not None:
+                entropy = to_host(batch.maps.entropy)
+                prediction = to_host(batch.maps.prediction).astype(label_dtype)
+                for k, (index, rgb) in enumerate(zip(batch.indices, batch.items["rgb"])):
+                    pool.submit(finish, out, index, rgb, entropy[k], prediction[k])
+                result.done += len(batch.indices)
+            progress.update(task, advance=len(batch.indices) + len(batch.items["failed"]))
     result.seconds = time.perf_counter() - start
-
-
-def _same_shape(items: list[dict]) -> list[list[dict]]:
-    """Items grouped by image shape (a decoded image may differ from its header's shape)."""
-    groups: dict[tuple, list[dict]] = {}
-    for item in items:
-        groups.setdefault(tuple(item["rgb"].shape), []).append(item)
-    return list(groups.values())
 
 
 def print_summary(result: PredictResult) -> None:
