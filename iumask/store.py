@@ -45,6 +45,7 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -93,7 +94,24 @@ _STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumas
 # 1.3-1.7 bytes/pixel). Shuffle is a no-op for 1-byte predictions, so they use noshuffle.
 _FLOAT_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
-_RECREATE_FIX = "rerun iumask make-masks with --overwrite (or use another --store path)"
+
+
+@dataclass(frozen=True)
+class StoreAdvice:
+    """What the store's messages tell the user to do, in the options of the command that writes or
+    reads it: make-masks and the readers of its stores name ``--store`` (the default); predict
+    ``--save-arrays`` writes one inside ``--out``, as ``run`` and ``experiment`` do."""
+
+    other_path: str = "use another --store path"  # a path the store cannot be written to
+    overwrite: str = "pass --overwrite to recompute it"  # a store made from other inputs is there
+    remake: str = "rerun iumask make-masks with --overwrite (or use another --store path)"  # unreadable
+    missing: str = "run iumask make-masks first or fix the --store path"  # nothing there
+
+
+MAKE_MASKS_ADVICE = StoreAdvice()
+# A store that a command keeps inside its --out folder (run, experiment).
+OUT_FOLDER_ADVICE = StoreAdvice(other_path="use another --out folder", remake="rerun with --overwrite (or use "
+                                "another --out folder)", missing="rerun the command that makes it")
 
 
 def format_version(num_classes: int) -> int:
@@ -192,7 +210,7 @@ def _remove_own(path: Path) -> None:
     shutil.rmtree(path)
 
 
-def _recover_swap(path: Path) -> None:
+def _recover_swap(path: Path, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> None:
     """Clean up after a replacement of ``path`` killed inside :meth:`MaskStore.commit`: if the old
     store is set aside and the new one not yet in place, the old one goes back (the commit did not
     happen; a rerun resumes the finished replacement from its staging folder); if the new one is in
@@ -200,7 +218,7 @@ def _recover_swap(path: Path) -> None:
     aside = _sibling(path, _ASIDE)
     if not aside.is_dir():
         return
-    lock = _store_lock(aside, path)  # a live process in the middle of the swap holds it
+    lock = _store_lock(aside, path, advice)  # a live process in the middle of the swap holds it
     try:
         if path.exists() or path.is_symlink():
             _remove_own(aside)
@@ -210,9 +228,9 @@ def _recover_swap(path: Path) -> None:
         lock.close()
 
 
-def _store_lock(directory: Path, store: Path) -> WriterLock:
+def _store_lock(directory: Path, store: Path, advice: StoreAdvice) -> WriterLock:
     """The writer lock of the store ``store`` (held in ``directory``: the store or a sibling)."""
-    return WriterLock(directory, f"mask store {store}", "use another --store path")
+    return WriterLock(directory, f"mask store {store}", advice.other_path)
 
 
 class MaskStore:
@@ -229,6 +247,7 @@ class MaskStore:
         self._shard_locks_lock = threading.Lock()
         self._locks: list[WriterLock] = []
         self._replaces: tuple[Path, WriterLock] | None = None  # (old store, its lock) that commit() replaces
+        self.advice = MAKE_MASKS_ADVICE  # what its messages tell the user to do
 
     def _bind(self, path: Path, group: zarr.Group | None = None) -> None:
         """Point at the store in ``path`` (after it was renamed there)."""
@@ -241,57 +260,58 @@ class MaskStore:
 
     # ------------------------------------------------------------------ construction
     @classmethod
-    def create(cls, path, identity: dict, overwrite: bool = False, images_per_shard: int | None = None) -> "MaskStore":
+    def create(cls, path, identity: dict, overwrite: bool = False, images_per_shard: int | None = None,
+               advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
         """Create an empty store (all images incomplete); ``format_version`` is added here. An existing
         store is replaced only with ``overwrite``. ``images_per_shard``: 1 for one file per image and
         array (unsharded), None for :func:`default_images_per_shard`. Holds the writer lock until
-        :meth:`close`."""
+        :meth:`close`. ``advice``: what its messages tell the user (the calling command's options)."""
         path = Path(path)
         identity = _checked_identity(identity)
         if (path.exists() or path.is_symlink()) and not overwrite:
-            raise IumaskError(f"mask store {path} already exists; pass --overwrite to replace it or use another "
-                              "--store path")
-        store = cls._writer(path, identity, overwrite=True, resume=False, images_per_shard=images_per_shard)
+            raise IumaskError(f"mask store {path} already exists; {advice.overwrite} or {advice.other_path}")
+        store = cls._writer(path, identity, overwrite=True, resume=False, images_per_shard=images_per_shard,
+                            advice=advice)
         store.commit()  # an empty store is finished: it replaces the old one at once
         return store
 
     @classmethod
     def open_or_create(cls, path, identity: dict, overwrite: bool = False,
-                       images_per_shard: int | None = None) -> "MaskStore":
+                       images_per_shard: int | None = None, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
         """The writer's store, holding the writer lock until :meth:`close`: the store at ``path`` if it
         was made from the same identity (to resume), else a new one (replacing a store needs
         ``overwrite``). A replacement is built beside the old store, which stays in place until
         :meth:`commit` swaps them; ``path`` of the returned store is then that staging folder, and a
         rerun resumes the replacement made from the same identity. ``images_per_shard`` (see
-        :meth:`create`) applies to a new store; a resumed one keeps its own."""
+        :meth:`create`) applies to a new store; a resumed one keeps its own. ``advice``: see :meth:`create`."""
         return cls._writer(Path(path), _checked_identity(identity), overwrite, resume=True,
-                           images_per_shard=images_per_shard)
+                           images_per_shard=images_per_shard, advice=advice)
 
     @classmethod
     def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool,
-                images_per_shard: int | None) -> "MaskStore":
+                images_per_shard: int | None, advice: StoreAdvice) -> "MaskStore":
         """The locked store to write (see :meth:`open_or_create`); ``resume=False`` always starts afresh."""
-        _recover_swap(path)
+        _recover_swap(path, advice)
         lock = store = None
         try:
             replaces = False
             if path.is_dir():
-                lock = _store_lock(path, path)
+                lock = _store_lock(path, path, advice)
                 replaces = (path / "zarr.json").exists()
                 if replaces and not overwrite:
-                    store = cls.open(path, mode="r+")
+                    store = cls.open(path, mode="r+", advice=advice)
                     store.check_identity(identity)
                     store._locks = [lock]
                     return store
                 if path.is_symlink():
                     raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
-                                      "or use another --store path")
+                                      f"or {advice.other_path}")
                 if not _looks_like_store(path):
                     raise IumaskError(f"{path} is not a mask store (it holds other files), so --overwrite will not "
-                                      "delete it; use another --store path")
+                                      f"delete it; {advice.other_path}")
             elif path.exists() or path.is_symlink():
-                raise IumaskError(f"{path} is not a directory; remove it yourself or use another --store path")
-            store = cls._staged(_sibling(path, _STAGED), path, identity, resume, images_per_shard)
+                raise IumaskError(f"{path} is not a directory; remove it yourself or {advice.other_path}")
+            store = cls._staged(_sibling(path, _STAGED), path, identity, resume, images_per_shard, advice)
             if replaces:
                 store._replaces = (path, lock)
             else:  # nothing there, or debris of a store killed while being created: the new store goes in now
@@ -317,11 +337,11 @@ class MaskStore:
 
     @classmethod
     def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool,
-                images_per_shard: int | None) -> "MaskStore":
+                images_per_shard: int | None, advice: StoreAdvice) -> "MaskStore":
         """The locked store in the staging folder: the one there if made from ``identity`` and
         ``resume``, else a new one."""
         staged.mkdir(parents=True, exist_ok=True)
-        lock = _store_lock(staged, target)
+        lock = _store_lock(staged, target, advice)
         try:
             if not _only_own(staged):
                 raise IumaskError(f"{staged} holds files iumask did not write (iumask builds {target} there); "
@@ -329,7 +349,7 @@ class MaskStore:
             store = None
             if resume and (staged / "zarr.json").exists():
                 try:
-                    store = cls.open(staged, mode="r+")
+                    store = cls.open(staged, mode="r+", advice=advice)
                     store.check_identity(identity)
                 except IumaskError:
                     store = None  # another run's or a broken store: start over
@@ -340,6 +360,7 @@ class MaskStore:
                     elif entry.name != LOCK_FILE:
                         os.unlink(entry.path)
                 store = cls._new(staged, identity, images_per_shard)
+                store.advice = advice
             store._locks = [lock]
             return store
         except BaseException:
@@ -379,14 +400,14 @@ class MaskStore:
         return cls(path, group, "r+")
 
     @classmethod
-    def open(cls, path, mode: str = "r") -> "MaskStore":
+    def open(cls, path, mode: str = "r", advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
         """Open an existing store for reading (``"r"``) or resuming (``"r+"``), without the writer
-        lock (for readers, and the ranks of a job whose rank 0 holds it)."""
+        lock (for readers, and the ranks of a job whose rank 0 holds it). ``advice``: see :meth:`create`."""
         if mode not in ("r", "r+"):
             raise ValueError(f"mode must be 'r' or 'r+', not {mode!r}")
         path = Path(path)
         if not path.is_dir():
-            raise IumaskError(f"mask store {path} does not exist; run iumask make-masks first or fix the --store path")
+            raise IumaskError(f"mask store {path} does not exist; {advice.missing}")
         try:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
             attrs = dict(group.attrs)
@@ -408,13 +429,14 @@ class MaskStore:
                 problem = f"has format_version {version} but arrays sharded otherwise"
             else:
                 store = cls(path, group, mode)
+                store.advice = advice
                 if any(a.shape[0] != len(store.image_ids) for a in store._arrays.values()):
                     problem = "has arrays that do not match its image list"
         except Exception as exc:  # corrupt JSON, not a zarr group, unreadable files, ...
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             problem = f"is unreadable or not a mask store ({type(exc).__name__}: {reason})"
         if problem:
-            raise IumaskError(f"mask store {path} {problem}; {_RECREATE_FIX}")
+            raise IumaskError(f"mask store {path} {problem}; {advice.remake}")
         return store
 
     def commit(self) -> None:
@@ -476,9 +498,10 @@ class MaskStore:
             raise ValueError(f"identity attributes cannot be changed: {', '.join(sorted(clash))}")
         self._group.attrs.update(_to_json(values))
 
-    def check_identity(self, expected: dict,
-                       fix: str = "pass --overwrite to recompute it or use another --store path") -> None:
-        """Raise StoreMismatchError if any key in ``expected`` differs from the stored value."""
+    def check_identity(self, expected: dict, fix: str | None = None) -> None:
+        """Raise StoreMismatchError if any key in ``expected`` differs from the stored value (``fix``:
+        what to do, by default the store's advice to overwrite it or use another path)."""
+        fix = fix or f"{self.advice.overwrite} or {self.advice.other_path}"
         expected = _to_json(dict(expected))
         stored = {key: value for key, value in _content_identity(self.attrs).items() if key in expected}
         require_same_inputs(stored, expected, f"mask store {self.path}", fix, StoreMismatchError)
@@ -488,7 +511,7 @@ class MaskStore:
             return self._index[image_id]
         except KeyError:
             raise IumaskError(
-                f"image {image_id!r} is not in mask store {self.path}; {_RECREATE_FIX} for this dataset"
+                f"image {image_id!r} is not in mask store {self.path}; {self.advice.remake} for this dataset"
             ) from None
 
     # ------------------------------------------------------------------ data

@@ -192,3 +192,22 @@ def test_find_inputs_folder_glob_and_file(tmp_path, cli):
         find_inputs(tmp_path / "a")
     with pytest.raises(Exception, match="no such file or folder"):
         find_inputs(tmp_path / "missing")
+
+
+def test_predict_store_messages_name_predicts_own_options(model_dir, tmp_path, capsys):
+    """predict --save-arrays writes its store inside --out, and its --overwrite predicts every image
+    again: the store's refusals say so, not make-masks' --store."""
+    image = tmp_path / "in" / "a.png"
+    image.parent.mkdir()
+    cv2.imwrite(str(image), np.full((40, 56, 3), 120, np.uint8))
+    out = tmp_path / "out"
+    args = ["predict", "--model", model_dir, "--input", image.parent, "--out", out, "--device", "cpu", "--save-arrays"]
+    iumask(*args, "--connectivity", "8")
+    capsys.readouterr()
+    iumask(*args, "--connectivity", "4", expect=2)  # a store of other options is there
+    err = " ".join(capsys.readouterr().err.split())
+    assert "--overwrite to predict every image again or use another --out folder" in err and "--store" not in err
+    (out / "arrays.zarr" / "zarr.json").write_text("{not json")
+    iumask(*args, "--connectivity", "4", expect=2)  # an unreadable store
+    err = " ".join(capsys.readouterr().err.split())
+    assert "rerun iumask predict with --save-arrays --overwrite" in err and "--store" not in err

@@ -589,3 +589,55 @@ def test_overwrite_with_two_torchrun_processes(models, tmp_path):
     iumask(*masks(ensemble, data, tmp_path / "reference.zarr", "--normalize"))
     same_store(store, tmp_path / "reference.zarr")
     only(tmp_path, "masks.zarr", "reference.zarr")
+
+
+@pytest.mark.parametrize("advice_name, says, never", [("MAKE_MASKS_ADVICE", "use another --store path", "--out"),
+                                                      ("OUT_FOLDER_ADVICE", "use another --out folder", "--store")])
+def test_a_store_path_taken_by_a_file_is_refused_in_the_callers_words(tiny_baseline, tmp_path, advice_name, says,
+                                                                      never):
+    """make-masks names its --store; run and experiment keep the store in their --out folder and say so."""
+    import iumask.store
+    from iumask.config import DataConfig, MaskConfig
+    from iumask.stages.masks import make_masks
+
+    data, baseline = tiny_baseline(tmp_path)
+    taken = tmp_path / "masks.zarr"
+    taken.write_text("a user's file")
+    with pytest.raises(IumaskError) as caught:
+        make_masks(baseline / "ensemble.json", DataConfig(data), MaskConfig(num_workers=0), taken, device="cpu",
+                   advice=getattr(iumask.store, advice_name))
+    assert says in str(caught.value) and never not in str(caught.value)
+    assert taken.read_text() == "a user's file"
+
+
+def test_a_store_written_from_python_trains_a_weighted_model(tiny_baseline, tmp_path):
+    """docs/store.md's recipe: masks of one's own, written with MaskStore.create and write, are read
+    by train-weighted like a store make-masks wrote (and one of other data is refused)."""
+    from cli_runner import TINY_TRAIN
+
+    from iumask.data.formats import open_dataset
+    from iumask.files import json_digest
+
+    data, _ = tiny_baseline(tmp_path)
+    folder = open_dataset(data, "train")
+    shapes = [list(shape) for shape in folder.check_headers()]
+    identity = {"image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
+                "options": {"source": "my own uncertainty"}, "member_sha256": {},
+                "dataset_fingerprint": folder.fingerprint()}
+    rng = np.random.default_rng(0)
+    store = MaskStore.create(tmp_path / "own.zarr", identity)
+    for i, (h, w) in enumerate(shapes):
+        iu = rng.random((h, w)).astype(np.float32)
+        store.write(i, iu, iu, folder.read_label(i))
+    store.set_attrs(finished=True)
+    store.close()
+    out = tmp_path / "weighted"
+    iumask("train-weighted", "--data", data, "--store", tmp_path / "own.zarr", "--out", out, *TINY_TRAIN)
+    manifest = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["stage"] == "weighted"
+    assert manifest["mask_store_sha256"] == json_digest(MaskStore.open(tmp_path / "own.zarr").identity)
+    other = tmp_path / "other.zarr"
+    store = MaskStore.create(other, {**identity, "dataset_fingerprint": "another dataset"})
+    store.close()
+    iumask("train-weighted", "--data", data, "--store", other, "--out", tmp_path / "refused", *TINY_TRAIN, expect=2)
+    assert not (tmp_path / "refused" / "mobilenet_v2" / "manifest.json").exists()

@@ -53,7 +53,7 @@ from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
 from iumask.stages.masks import make_masks
 from iumask.stages.train import out_lock, train_baseline, train_online, train_weighted
-from iumask.store import MaskStore
+from iumask.store import OUT_FOLDER_ADVICE, MaskStore
 from iumask.training_log import METRICS_FILE
 from iumask.transfer import to_device, to_host
 
@@ -277,7 +277,8 @@ class Experiment:
             with waiting(masks_lock):
                 for step, (name, masks) in enumerate(self.stores().items(), int(self.trains_ensemble) + 1):
                     self._rule(step, f"make-masks {name}")
-                    make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name, **common)
+                    make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name,
+                               advice=OUT_FOLDER_ADVICE, **common)
         if worker:
             if not self._work(common):
                 return None

@@ -23,7 +23,7 @@ from iumask.files import describe_os_error
 from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar
-from iumask.store import MaskStore, refuse_mislabelled_precision
+from iumask.store import MAKE_MASKS_ADVICE, MaskStore, StoreAdvice, refuse_mislabelled_precision
 from iumask.transfer import to_host
 
 # What to do about a store that records an autocast mode this device cannot run (docs/store.md).
@@ -32,11 +32,12 @@ PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the pr
 
 
 def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
-               overwrite: bool = False) -> MaskStore:
+               overwrite: bool = False, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> MaskStore:
     """Masks of every image of ``data.train_split`` into the store at ``store_path``; returns it
     (opened read-only). ``model``: an ensemble or one model (``masks.source`` ``ensemble``), or one
     model (``mc-dropout``, ``masks.passes`` passes per image); a path is resolved into a
-    :class:`~iumask.inference.Model` first."""
+    :class:`~iumask.inference.Model` first. ``advice``: what the store's messages tell the user to do
+    (:class:`~iumask.store.StoreAdvice`; ``run`` and ``experiment`` keep the store in their ``--out``)."""
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     folder = data.open(data.train_split)
     model = as_model(model)
@@ -59,19 +60,19 @@ def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_p
     # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
     # --overwrite replacement is built beside the old store); the other ranks open what it opened.
     try:
-        return _write_masks(model, folder, dataset, source, masks, identity, store_path, dev, overwrite)
+        return _write_masks(model, folder, dataset, source, masks, identity, store_path, dev, overwrite, advice)
     except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
         raise IumaskError(describe_os_error(exc, store_path)) from exc
 
 
 def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
-                 overwrite: bool) -> MaskStore:
+                 overwrite: bool, advice: StoreAdvice) -> MaskStore:
     writer = (MaskStore.open_or_create(store_path, identity, overwrite=overwrite,
-                                       images_per_shard=masks.images_per_shard)
+                                       images_per_shard=masks.images_per_shard, advice=advice)
               if distributed.is_main() else None)
     try:
         path = distributed.all_gather_object(writer.path if writer else None)[0]  # rank 0's
-        store = writer or MaskStore.open(path, mode="r+")
+        store = writer or MaskStore.open(path, mode="r+", advice=advice)
         todo = [i for i, done in enumerate(store.completed()) if not done]
         distributed.barrier()  # every rank has read the completion flags before any rank writes
         if not todo:
@@ -105,7 +106,7 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
             if not writer.attrs.get("finished"):
                 if not writer.completed().all():
                     raise IumaskError(f"{store_path}: {int((~writer.completed()).sum())} images were not written; "
-                                      "rerun iumask make-masks to finish the store")
+                                      "rerun the command to finish the store")
                 writer.set_attrs(mean_entropy=store_mean_entropy(writer), num_complete=writer.num_images,
                                  finished=True, ensemble=model.key)
             writer.commit()  # a finished --overwrite replacement takes the old store's place
@@ -113,7 +114,7 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         if writer:
             writer.close()
     distributed.barrier()  # rank 0 has set the final attributes and swapped the store in
-    return MaskStore.open(store_path)  # fresh attributes on every rank
+    return MaskStore.open(store_path, advice=advice)  # fresh attributes on every rank
 
 
 def rank_batches(todo: list[int], shape_of, step: int, images_per_shard: int) -> list[list[int]]:

@@ -36,7 +36,7 @@ from iumask.files import WriterLock, atomic_write, check_writable, describe_os_e
 from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar, warn
-from iumask.store import MaskStore, refuse_mislabelled_precision
+from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
 from iumask.transfer import to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -46,6 +46,11 @@ OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
 HEAT_COLORMAP = "magma"
 _MAGIC = "*?["
 # What to do about an arrays store that records an autocast mode this device cannot run (docs/store.md).
+# predict --save-arrays keeps its store in --out, and its --overwrite predicts every image again.
+STORE_ADVICE = StoreAdvice(other_path="use another --out folder",
+                           overwrite="pass --overwrite to predict every image again",
+                           remake="rerun iumask predict with --save-arrays --overwrite (or use another --out folder)",
+                           missing="run iumask predict with --save-arrays first")
 PRECISION_FIX = ("rerun with --overwrite to predict every image again (recorded as the precision used), or on a "
                  "CUDA device to reuse it")
 
@@ -244,7 +249,7 @@ def _open_store(out: Path, found, shapes, classes: ClassInfo, source, options: P
         "dataset_fingerprint": None,  # unlabeled inputs: the image ids and shapes identify them
     }
     out.mkdir(parents=True, exist_ok=True)
-    return MaskStore.open_or_create(out / STORE_NAME, identity, overwrite=options.overwrite)
+    return MaskStore.open_or_create(out / STORE_NAME, identity, overwrite=options.overwrite, advice=STORE_ADVICE)
 
 
 def _run(source, found, todo, shapes, paths, store, slot, classes: ClassInfo, options: PredictConfig, dev,

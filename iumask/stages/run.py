@@ -12,6 +12,7 @@ from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
+from iumask.store import OUT_FOLDER_ADVICE
 
 
 def run(config: RunConfig) -> list[dict]:
@@ -42,7 +43,7 @@ def _run_locked(config: RunConfig) -> list[dict]:
     else:
         console.rule("2/4 make-masks")
         store_path = out / "masks.zarr"
-        make_masks(baseline, data, config.masks, store_path, **common)
+        make_masks(baseline, data, config.masks, store_path, advice=OUT_FOLDER_ADVICE, **common)
         console.rule("3/4 train-weighted")
         weighted = train_weighted(data, config.model, config.train, config.loss, config.augment, store_path,
                                   out / "weighted", **common)
