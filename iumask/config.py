@@ -427,11 +427,9 @@ class MaskConfig:
     passes: int = 8  # MC dropout: stochastic forward passes per image
     batch_size: int = 4
     # How the work is spread and stored (not part of the masks' identity): data-loader processes
-    # ("auto" or a number), background threads for IU and writes (None: 1 or 2 by CPUs; 0:
-    # serial), images per shard file of a new store (None: about 64 MB of arrays, at most 1024
-    # images; 1: a file per image, unsharded).
+    # ("auto" or a number), images per shard file of a new store (None: about 64 MB of arrays, at
+    # most 1024 images; 1: a file per image, unsharded). Background threads: $IUMASK_BACKGROUND_THREADS.
     num_workers: int | str = "auto"
-    threads: int | None = None
     amp: str = "off"  # inference autocast: bf16 (CPU or CUDA) or fp16 (CUDA); changes the masks slightly
     images_per_shard: int | None = None
 
@@ -444,8 +442,6 @@ class MaskConfig:
         checked_flag(self.normalize, "--normalize")
         for name, low in (("passes", 2), ("batch_size", 1)):
             checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
-        if self.threads is not None:
-            checked_integer(self.threads, 0, "threads", "an integer >= 0 or None")
         if self.images_per_shard is not None:
             checked_integer(self.images_per_shard, 1, "--images-per-shard")
 

@@ -19,6 +19,8 @@ import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Callable
 
+from iumask.errors import IumaskError
+
 AUTO = "auto"
 MAX_AUTO_WORKERS = 8
 
@@ -41,9 +43,20 @@ def resolve_workers(workers: int | str, world_size: int = 1) -> int:
     return max(0, min(MAX_AUTO_WORKERS, available_cpus() // max(local, 1) - 2))
 
 
+THREADS_VARIABLE = "IUMASK_BACKGROUND_THREADS"
+
+
 def background_threads() -> int:
-    """Threads of the background pool: 2 where there are CPUs to spare, else 1."""
-    return 2 if available_cpus() >= 4 else 1
+    """Threads of the background pool of make-masks, predict and online training (IU and store
+    writes beside the model): ``$IUMASK_BACKGROUND_THREADS`` if set (0: none, every task runs in
+    the main thread, e.g. to debug or to profile), else 2 where there are CPUs to spare, else 1."""
+    value = os.environ.get(THREADS_VARIABLE, "").strip()
+    if not value:
+        return 2 if available_cpus() >= 4 else 1
+    if not value.isdigit():
+        raise IumaskError(f"${THREADS_VARIABLE} must be an integer >= 0 (threads of the background pool), "
+                          f"got {value!r}; set it to a number or unset it")
+    return int(value)
 
 
 class BackgroundPool:

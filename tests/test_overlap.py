@@ -140,23 +140,26 @@ def assert_same_store(a: Path, b: Path) -> None:
             assert np.array_equal(x[name], y[name]), (i, name)
 
 
-def test_overlapped_make_masks_writes_the_serial_store(baseline, tmp_path):
+def test_overlapped_make_masks_writes_the_serial_store(baseline, tmp_path, monkeypatch):
     ensemble, data = baseline
     options = DataConfig(data)
     # Serial into a file per image; background threads into shards of 3 images (written when
     # whole, by whichever thread finishes a shard's last image): the same values.
-    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=0, num_workers=0, images_per_shard=1),
+    monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
+    make_masks(ensemble, options, MaskConfig(batch_size=3, num_workers=0, images_per_shard=1),
                tmp_path / "serial.zarr", device="cpu")
-    make_masks(ensemble, options, MaskConfig(batch_size=3, threads=3, num_workers=2, images_per_shard=3),
+    monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "3")
+    make_masks(ensemble, options, MaskConfig(batch_size=3, num_workers=2, images_per_shard=3),
                tmp_path / "overlap.zarr", device="cpu")
     assert (MaskStore.open(tmp_path / "serial.zarr").images_per_shard,
             MaskStore.open(tmp_path / "overlap.zarr").images_per_shard) == (1, 3)
     assert_same_store(tmp_path / "serial.zarr", tmp_path / "overlap.zarr")
 
 
-def test_make_masks_killed_with_images_in_the_pool_resumes_to_the_serial_store(baseline, tmp_path):
+def test_make_masks_killed_with_images_in_the_pool_resumes_to_the_serial_store(baseline, tmp_path, monkeypatch):
     ensemble, data = baseline
-    make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, threads=0, num_workers=0),
+    monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
+    make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
                tmp_path / "serial.zarr", device="cpu")
     store = tmp_path / "killed.zarr"
     args = ["make-masks", "--ensemble", ensemble, "--data", data, "--store", store, "--device", "cpu",
@@ -236,14 +239,33 @@ def test_workers_change_neither_the_weights_nor_the_identity(baseline, tmp_path,
     assert "cache hit" in capsys.readouterr().err
 
 
-def test_make_masks_batches_images_of_one_size_made_without_a_training_size(baseline, tmp_path):
+def test_make_masks_batches_images_of_one_size_made_without_a_training_size(baseline, tmp_path, monkeypatch):
     """A model trained at the images' own size (no --size) has no size; images of one shape are
     still batched (--batch-size), not passed one at a time. The profiler records the batch size
     each convolution saw."""
     ensemble, data = baseline
+    monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, threads=0, num_workers=0),
+        make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
                    tmp_path / "m.zarr", device="cpu")
     batches = {event.input_shapes[0][0] for event in prof.events()
                if event.name == "aten::conv2d" and event.input_shapes and event.input_shapes[0]}
     assert max(batches) == 4, batches  # 10 images: batches of 4, 4 and 2
+
+
+def test_background_threads_follow_the_environment_variable(monkeypatch):
+    from iumask.errors import IumaskError
+    from iumask.overlap import background_threads
+
+    monkeypatch.setattr("iumask.overlap.available_cpus", lambda: 8)
+    monkeypatch.delenv("IUMASK_BACKGROUND_THREADS", raising=False)
+    assert background_threads() == 2
+    monkeypatch.setattr("iumask.overlap.available_cpus", lambda: 2)
+    assert background_threads() == 1
+    for value, expected in (("0", 0), (" 5 ", 5)):
+        monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", value)
+        assert background_threads() == expected
+    for bad in ("-1", "two", "1.5"):
+        monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", bad)
+        with pytest.raises(IumaskError, match="IUMASK_BACKGROUND_THREADS must be an integer >= 0"):
+            background_threads()

@@ -80,10 +80,9 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
         batches = rank_batches(todo, lambda i: identity["image_shapes"][i], masks.batch_size, store.images_per_shard)
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
-        threads = background_threads() if masks.threads is None else masks.threads
         # Leaving the block drains the pool, then writes the shards still buffered.
         with progress_bar() as progress, store.writes(i for b in batches for i in b) as out, \
-                BackgroundPool(threads) as pool:
+                BackgroundPool(background_threads()) as pool:
 
             def finish(index: int, entropy: np.ndarray, prediction: np.ndarray, label: np.ndarray, advance) -> None:
                 # Background: IU of one image, then its arrays and completion flag (once its shard is whole).

@@ -438,7 +438,7 @@ class OnlineStep:
         self.members, self.precision, self.masks, self.loss_fn = members, precision, masks, loss_fn
         self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
         # The batch's images get their instances in parallel (the result does not depend on it).
-        self.pool = BackgroundPool(background_threads() if masks.threads is None else masks.threads)
+        self.pool = BackgroundPool(background_threads())
         # Cumulative over the run (saved in the checkpoint, so a resumed run keeps counting).
         self.timing = {"forward_backward_s": 0.0, "masks_s": 0.0, "steps": 0}
 
