@@ -2,15 +2,16 @@
 folders themselves.
 
 Every artifact records an *identity*: everything its content depends on (the inputs' content
-digests and the options), compared before any work: the same identity and a finished artifact is
-a cache hit; the same identity and an unfinished one is resumed; another identity is refused with
-the differences listed (:func:`require_same_inputs`, :func:`identity_differences`) unless
-``--overwrite`` is given, and even then the old artifact is replaced only once the new one is
-complete. Member folders (:func:`member_needs_training`), checkpoints (:mod:`iumask.engine`) and
-mask stores (:mod:`iumask.store`) each make that decision with these functions (one decision
-function for all of them is issue 28 §2, not done yet); results files are merged
-instead (an entry per model, data and options, :mod:`iumask.stages.evaluate`) and the statistics
-cache is keyed by the identity's digest, so neither can be overwritten by other inputs.
+digests and the options), compared before any work in one normal form (:func:`comparable_identity`).
+One decision, :func:`reuse_decision`, says what to do with what is there (:class:`Reuse`): nothing
+there: build it; the same identity and a finished artifact: a cache hit; the same identity and an
+unfinished one: resume it; another identity: refused with the differences listed
+(:func:`require_same_inputs`) unless ``--overwrite`` is given, and even then the old artifact is
+replaced only once the new one is complete. Member folders (:func:`member_reuse`), checkpoints
+(:meth:`iumask.engine.Checkpoint.resume`) and mask stores (:meth:`iumask.store.MaskStore.open_or_create`)
+decide with it; results files are merged instead (an entry per model, data and options,
+:mod:`iumask.stages.evaluate`) and the statistics cache is keyed by the identity's digest, so
+neither can be overwritten by other inputs.
 
 A member is a folder holding ``model.safetensors`` and ``manifest.json`` (architecture, encoder,
 classes, normalisation, image size, the inputs it was trained from, history, and the weights'
@@ -22,11 +23,12 @@ from __future__ import annotations
 
 import json
 import os
+from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
 
 from iumask.errors import IumaskError
-from iumask.files import file_sha256, file_stamp, read_json, write_json_atomic
+from iumask.files import file_sha256, file_stamp, json_normal, read_json, write_json_atomic
 
 WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
@@ -126,8 +128,10 @@ RETIRED_TRAIN_OPTIONS = ("num_workers",)
 
 
 def comparable_identity(stored: dict) -> dict:
-    """A stored identity without the training options that no longer count (an artifact made
-    with ``--workers 0`` by an earlier version stays a cache hit and resumes)."""
+    """An identity in the one form identities are compared in: as stored in JSON
+    (:func:`~iumask.files.json_normal`), without the training options that no longer count (an
+    artifact made with ``--workers 0`` by an earlier version stays a cache hit and resumes)."""
+    stored = json_normal(stored)
     options = stored.get("train_options")
     if not isinstance(options, dict) or not any(k in options for k in RETIRED_TRAIN_OPTIONS):
         return stored
@@ -155,6 +159,36 @@ def require_same_inputs(stored: dict, given: dict, what: str, fix: str,
         raise error(f"{what} was made from other inputs ({'; '.join(differences)}); {fix}")
 
 
+def same_identity(stored: dict, given: dict) -> bool:
+    """Whether a recorded identity is this run's (compared in :func:`comparable_identity`'s form)."""
+    return comparable_identity(stored) == comparable_identity(given)
+
+
+class Reuse(Enum):
+    """What to do with the artifact that is there (:func:`reuse_decision`)."""
+
+    HIT = "hit"  # finished, made from these inputs: used as it is
+    RESUME = "resume"  # unfinished, made from these inputs: continued where it stopped
+    FRESH = "fresh"  # nothing usable there: built
+    REPLACE = "replace"  # made from other inputs, --overwrite: built anew; the old one stays until then
+
+
+def reuse_decision(stored: dict | None, given: dict, finished: bool, overwrite: bool, what: str, fix: str,
+                   error: type[IumaskError] = IumaskError) -> Reuse:
+    """The one reuse decision of every artifact. ``stored``: the identity it records (None: nothing
+    there); ``finished``: whether it is complete. The same inputs: a cache hit when finished, else
+    resumed, with or without ``overwrite`` (which replaces artifacts of *other* inputs only); other
+    inputs: replaced with ``overwrite``, else the one refusal (:func:`require_same_inputs`:
+    ``<what> was made from other inputs (...); <fix>``)."""
+    if stored is None:
+        return Reuse.FRESH
+    if same_identity(stored, given):
+        return Reuse.HIT if finished else Reuse.RESUME
+    if not overwrite:
+        require_same_inputs(stored, given, what, fix, error)
+    return Reuse.REPLACE
+
+
 def _describe(key: str, stored: Any, given: Any, missing: object) -> list[str]:
     """Short human descriptions of how ``stored`` and ``given`` differ (empty if equal)."""
     if stored == given:
@@ -175,28 +209,25 @@ def _describe(key: str, stored: Any, given: Any, missing: object) -> list[str]:
     return [f"{key} differs"]
 
 
-def member_needs_training(folder: Path, identity: dict, overwrite: bool, warn) -> bool:
-    """True when the member in ``folder`` must be (re)trained; False on a cache hit (same identity,
-    finished, weights matching their SHA-256).
+def member_reuse(folder: Path, identity: dict, overwrite: bool, warn) -> Reuse:
+    """What to do with the member in ``folder`` (:func:`reuse_decision`): HIT only when it is
+    finished, made from ``identity`` and its weights match their SHA-256.
 
     Nothing is removed here: with ``overwrite`` the old member stays in place (and usable) until
-    the finished new one replaces it (:func:`iumask.models.save_member`); a checkpoint of other
-    inputs is never resumed (its identity differs). ``warn(message)`` reports damaged weights."""
+    the finished new one replaces it (:func:`iumask.models.save_member`); where training resumes
+    from is the checkpoint's own decision. ``warn(message)`` reports damaged weights."""
     manifest_path = folder / MANIFEST_FILE
-    if manifest_path.is_file():
-        manifest = read_json(manifest_path, "model manifest")
-        stored = comparable_identity({k: manifest.get(k) for k in identity})
-        if stored == comparable_identity(identity) and manifest.get("complete"):
-            problem = weights_problem(folder, manifest)
-            if problem is None:
-                return False
+    manifest = read_json(manifest_path, "model manifest") if manifest_path.is_file() else None
+    decision = reuse_decision(None if manifest is None else {k: manifest.get(k) for k in identity}, identity,
+                              bool(manifest and manifest.get("complete")), overwrite, f"the model in {folder}",
+                              "pass --overwrite to replace it or choose another --out")
+    if decision is Reuse.HIT:
+        problem = weights_problem(folder, manifest)
+        if problem is not None:
             # Same inputs, unusable weights: nothing worth keeping, so retrain without --overwrite.
             warn(f"{folder}: {problem}; training this member again")
-            return True
-        if not overwrite:
-            require_same_inputs(stored, identity, f"the model in {folder}",
-                                "pass --overwrite to replace it or choose another --out")
-    return True
+            return Reuse.FRESH
+    return decision
 
 
 def members_weights(folder: Path, names: list[str]) -> list[str | None]:

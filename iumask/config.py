@@ -23,7 +23,6 @@ translation of its multi-line errors), and one more dependency would buy no shor
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import asdict, dataclass, field, replace
 from enum import Enum
@@ -36,6 +35,7 @@ from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
 from iumask.errors import IumaskError
+from iumask.files import json_normal
 
 FORMAT_VERSION = 1  # of member manifests and results files
 
@@ -70,17 +70,6 @@ def choice(enum: type[Choice], value: Any, option: str) -> str:
     if text not in allowed:
         raise IumaskError(f"{option} must be one of {', '.join(allowed)}, got {value!r}")
     return text
-
-
-def json_normal(value: Any) -> Any:
-    """Tuples → lists, enums → strings, paths → strings: what a JSON round trip gives back."""
-    def default(obj: Any) -> Any:
-        if isinstance(obj, Enum):
-            return obj.value
-        if isinstance(obj, Path):
-            return str(obj)
-        raise TypeError(f"{type(obj).__name__} is not JSON")
-    return json.loads(json.dumps(value, default=default))
 
 
 def parse_size(text: str | None, option: str = "--size") -> tuple[int, int] | None:

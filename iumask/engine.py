@@ -12,8 +12,9 @@ trained with a given loss (docs/method.md §4, §9).
   and CUDA: dropout in DeepLabV3+'s ASPP draws from them; python/numpy RNGs are not used during
   training) and running loss sums, the history, and caller state (e.g. online timings). Written
   by rank 0 through a temporary file and ``os.replace`` every ``checkpoint_every`` steps and at the
-  end of every epoch; read with ``torch.load(weights_only=True)``. A checkpoint is resumed only
-  when its identity (all inputs of the result) and world size match; otherwise it is replaced.
+  end of every epoch; read once, with ``torch.load(weights_only=True)``, by :meth:`Checkpoint.resume`
+  before the models are built. A checkpoint is resumed only when its identity (all inputs of the
+  result) and world size match; one of other inputs is refused, or replaced with ``--overwrite``.
 * **Exactness.** No global RNG is consumed outside the training steps (data loaders get their own
   generator), so a run killed at any point and resumed ends bitwise equal to an uninterrupted run
   on CPU (deterministic algorithms are switched on for the duration of the loop on CPU). On GPUs
@@ -43,7 +44,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, comparable_identity, require_same_inputs
+from iumask.artifacts import Reuse, reuse_decision
 from iumask.config import TrainConfig
 from iumask.core import mean_softmax, top_class
 from iumask.core.metrics import ConfusionMatrix
@@ -242,35 +243,37 @@ def save_checkpoint(path: Path, state: dict) -> None:
         torch.save(state, f)
 
 
-def load_checkpoint(path: Path, identity: dict) -> dict | None:
-    """The checkpoint at ``path`` if it belongs to this run (identity, format, world size)."""
-    if not path.is_file():
-        return None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated or foreign file: start over rather than fail
-        warn(f"{path} is unreadable ({exc.__class__.__name__}); starting over")
-        return None
-    if (state.get("format") != CHECKPOINT_FORMAT or comparable_identity(state.get("identity") or {}) != identity
-            or state.get("world_size") != distributed.world_size()):
-        return None
-    return state
+@dataclass
+class Checkpoint:
+    """A training run's checkpoint: where it is written, the identity it records, and the state the
+    run resumes from (None: a fresh start). Build it with :meth:`resume`, before the models."""
 
+    path: Path
+    identity: dict
+    state: dict | None = None
 
-def keep_foreign_checkpoint(path: Path, identity: dict, overwrite: bool) -> None:
-    """Refuse to throw away an unfinished run made with other inputs (its checkpoint would be
-    replaced by this run's first one) unless ``overwrite``: the user may have changed an option by
-    mistake and want to resume instead."""
-    if overwrite or not path.is_file():
-        return
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # unreadable: load_checkpoint warns and starts over
-        return
-    stored = dict(state.get("identity") or {}, world_size=state.get("world_size"))
-    given = dict(identity, world_size=distributed.world_size())
-    require_same_inputs(stored, given, f"the unfinished run in {path}",
-                        "rerun with the same options to resume it, or pass --overwrite to discard it")
+    @classmethod
+    def resume(cls, path: Path, identity: dict, overwrite: bool) -> "Checkpoint":
+        """The checkpoint at ``path``, read once and decided on by the one reuse decision
+        (:func:`~iumask.artifacts.reuse_decision`; the world size counts as an input): made from
+        these inputs, it is resumed; none there, unreadable (a warning) or of an older format, the
+        run starts fresh; made from other inputs, it is refused unless ``overwrite`` (then this
+        run's first checkpoint replaces it), as the user may have changed an option by mistake and
+        want to resume instead."""
+        path = Path(path)
+        if not path.is_file():
+            return cls(path, identity)
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or foreign file: start over rather than fail
+            warn(f"{path} is unreadable ({exc.__class__.__name__}); starting over")
+            return cls(path, identity)
+        decision = reuse_decision(dict(state.get("identity") or {}, world_size=state.get("world_size")),
+                                  dict(identity, world_size=distributed.world_size()), False, overwrite,
+                                  f"the unfinished run in {path}",
+                                  "rerun with the same options to resume it, or pass --overwrite to discard it")
+        resumable = decision is Reuse.RESUME and state.get("format") == CHECKPOINT_FORMAT
+        return cls(path, identity, state if resumable else None)
 
 
 def _rng_state(device: torch.device) -> dict:
@@ -351,15 +354,15 @@ EpochCallback = Callable[[list[list[dict]], list[torch.nn.Module]], None]
 
 
 def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, options: TrainConfig,
-        checkpoint_path: Path, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
+        checkpoint: Checkpoint, num_classes: int, ignore_index: int, device: torch.device,
         label: str, precision: Precision, extra: dict | None = None,
         on_epoch: EpochCallback | None = None) -> FitResult:
     """Train ``members`` together for ``options.epochs``; ``train_step(batch)`` does one optimizer
     step of every member on a batch (already on ``device``) and returns their losses.
 
     ``extra`` is caller state (a dict of plain values, updated in place by ``train_step``) that is
-    saved in and restored from the checkpoint. Resumes from ``checkpoint_path`` when it belongs to
-    this run (see the module docstring). ``on_epoch`` receives the epoch records (see
+    saved in and restored from the checkpoint. Resumes from ``checkpoint.state`` when there is
+    one (:meth:`Checkpoint.resume`) and checkpoints to ``checkpoint.path``. ``on_epoch`` receives the epoch records (see
     :data:`EpochCallback`) after every epoch, before its checkpoint, and once at a resume.
     """
     world, rank = distributed.world_size(), distributed.rank()
@@ -372,7 +375,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
     start_epoch, start_step = 0, 0
     loss_sums, loss_count = [0.0] * k, 0
     seconds = 0.0  # spent in the current epoch before the last checkpoint (a resumed epoch keeps counting)
-    state = load_checkpoint(checkpoint_path, identity)
+    state = checkpoint.state
     if state is not None:
         for member, member_state in zip(members, state["members"]):
             member.load_state_dict(member_state)
@@ -395,12 +398,12 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
         on_epoch(records, None)  # rewrite the log from the checkpoint: drops rows logged after it
     clock = time.perf_counter()
 
-    def checkpoint(epoch: int, step: int) -> None:
+    def save(epoch: int, step: int) -> None:
         ranks = distributed.all_gather_object(
             {"rng": _rng_state(device), "loss_sums": list(loss_sums), "loss_count": loss_count})
         if distributed.is_main():
-            save_checkpoint(checkpoint_path, {
-                "format": CHECKPOINT_FORMAT, "identity": identity, "world_size": world,
+            save_checkpoint(checkpoint.path, {
+                "format": CHECKPOINT_FORMAT, "identity": checkpoint.identity, "world_size": world,
                 "epoch": epoch, "step": step, "members": [m.state_dict() for m in members],
                 "histories": histories, "ensemble_history": ensemble_history, "extra": extra, "ranks": ranks,
                 "records": records, "seconds": seconds + time.perf_counter() - clock,
@@ -427,7 +430,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{options.epochs} "
                                 f"loss {sum(loss_sums) / k / loss_count:.3f}")
                 if every and (epoch * steps + step) % every == 0 and step < steps:
-                    checkpoint(epoch, step)
+                    save(epoch, step)
             totals = distributed.all_reduce_sum(torch.tensor([*loss_sums, loss_count], dtype=torch.float64))
             epoch_losses = (totals[:k] / totals[k].clamp_min(1)).tolist()
             scores = validate_members([m.model for m in members], val_set, options, num_classes, ignore_index,
@@ -452,7 +455,7 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
                 for member in members:
                     member.module.train()
             seconds, clock = 0.0, time.perf_counter()
-            checkpoint(epoch + 1, 0)
+            save(epoch + 1, 0)
     return FitResult(histories, ensemble_history)
 
 
@@ -463,8 +466,7 @@ def train_model(
     val_set,
     loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
     options: TrainConfig,
-    folder: Path,
-    identity: dict,
+    checkpoint: Checkpoint,
     num_classes: int,
     ignore_index: int,
     device: torch.device,
@@ -473,14 +475,14 @@ def train_model(
 ) -> list[dict]:
     """Train ``model`` in place; return the per-epoch history (loss, validation mIoU).
 
-    ``identity`` describes everything the result depends on; a checkpoint in ``folder`` with the
-    same identity is resumed (exactly, mid-epoch too), one with another identity is replaced.
-    ``on_epoch``: see :func:`fit`.
+    ``checkpoint`` (:meth:`Checkpoint.resume`) is where it checkpoints, in the member's folder, and
+    the state it resumes from (exactly, mid-epoch too). ``on_epoch``: see :func:`fit`.
     """
+    folder = checkpoint.path.parent
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        return _train_model_in(folder, model, encoder, train_set, val_set, loss_fn, options, identity, num_classes,
+        return _train_model_in(model, encoder, train_set, val_set, loss_fn, options, checkpoint, num_classes,
                                ignore_index, device, label, on_epoch)
     except BaseException:
         if created:  # a failure before anything was written there leaves no empty member folder
@@ -489,8 +491,8 @@ def train_model(
         raise
 
 
-def _train_model_in(folder: Path, model: torch.nn.Module, encoder: str, train_set, val_set, loss_fn,
-                    options: TrainConfig, identity: dict, num_classes: int, ignore_index: int, device: torch.device,
+def _train_model_in(model: torch.nn.Module, encoder: str, train_set, val_set, loss_fn, options: TrainConfig,
+                    checkpoint: Checkpoint, num_classes: int, ignore_index: int, device: torch.device,
                     label: str, on_epoch: EpochCallback | None) -> list[dict]:
     precision = Precision.resolve(options.amp, device)
     total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
@@ -503,6 +505,6 @@ def _train_model_in(folder: Path, model: torch.nn.Module, encoder: str, train_se
         member.step(loss)
         return [loss.item()]
 
-    result = fit([member], train_step, train_set, val_set, options, folder / CHECKPOINT_FILE, identity,
-                 num_classes, ignore_index, device, label, precision, on_epoch=on_epoch)
+    result = fit([member], train_step, train_set, val_set, options, checkpoint, num_classes, ignore_index, device,
+                 label, precision, on_epoch=on_epoch)
     return result.histories[0]

@@ -32,6 +32,7 @@ import shlex
 import socket
 import sys
 import tempfile
+from enum import Enum
 from pathlib import Path
 from stat import S_IMODE, S_ISREG
 from typing import Iterator
@@ -367,6 +368,23 @@ def default_cache_dir() -> Path:
     ``$IUMASK_CACHE`` if set, else ``~/.cache/iumask``."""
     env = os.environ.get(CACHE_ENV)
     return Path(env).expanduser() if env else Path.home() / ".cache" / "iumask"
+
+
+def json_normal(value):
+    """``value`` as a JSON round trip gives it back (tuples → lists, enums → their values, paths →
+    strings, numpy scalars and arrays → Python numbers and lists): the one normal form in which
+    identities are stored and compared."""
+
+    def default(obj):
+        if isinstance(obj, Enum):
+            return obj.value
+        if isinstance(obj, os.PathLike):
+            return os.fspath(obj)
+        if hasattr(obj, "tolist") and type(obj).__module__ == "numpy":  # without importing numpy here
+            return obj.tolist()
+        raise TypeError(f"{type(obj).__name__} is not JSON")
+
+    return json.loads(json.dumps(value, default=default))
 
 
 def json_digest(value) -> str:

@@ -23,6 +23,13 @@ def warn(message: str) -> None:
     console.print(f"[yellow]warning:[/yellow] {escape(message)}", highlight=False, soft_wrap=True)
 
 
+def print_cache_hit(artifact) -> None:
+    """The one cache-hit line, for every artifact that is reused as it is (a trained member or
+    ensemble, a mask store, a results file): ``cache hit: <path> was made from these inputs``."""
+    console.print(f"[green]cache hit[/green]: {escape(str(artifact))} was made from these inputs", highlight=False,
+                  soft_wrap=True)
+
+
 class LoggedProgress(Progress):
     """A live bar on a terminal. In a log (nohup, a cluster job: stderr is not a terminal) no bar,
     which would print one truncated line at the end, but with ``lines`` one plain, untruncated line

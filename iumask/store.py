@@ -39,7 +39,6 @@ cut short, and resumes a staged store made from the same inputs.
 from __future__ import annotations
 
 import errno
-import json
 import os
 import re
 import shutil
@@ -47,15 +46,14 @@ import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import require_same_inputs
+from iumask.artifacts import Reuse, require_same_inputs, reuse_decision
 from iumask.errors import IumaskError, StoreMismatchError
-from iumask.files import LOCK_FILE, WriterLock
+from iumask.files import LOCK_FILE, WriterLock, json_normal
 
 # Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
 # a byte stay version 1, the same layout as before, so older iumask still reads them; it would
@@ -121,21 +119,6 @@ def format_version(num_classes: int) -> int:
     return STORE_FORMAT_VERSION if num_classes <= 1 << 8 else WIDE_FORMAT_VERSION
 
 
-def _to_json(value: Any) -> Any:
-    """Normalise a value the way storing it as JSON would (tuples -> lists, numpy -> Python)."""
-
-    def default(obj: Any) -> Any:
-        if isinstance(obj, np.generic):
-            return obj.item()
-        if isinstance(obj, np.ndarray):
-            return obj.tolist()
-        if isinstance(obj, os.PathLike):
-            return os.fspath(obj)
-        raise TypeError(f"cannot store {type(obj).__name__} in mask store attributes")
-
-    return json.loads(json.dumps(value, default=default))
-
-
 def default_images_per_shard(num_images: int, height: int, width: int, prediction_bytes: int = 1) -> int:
     """Images per shard for slots of ``height`` x ``width``: :data:`SHARD_BYTES` of uncompressed
     arrays (two float16 and the prediction), between 1 and :data:`MAX_IMAGES_PER_SHARD`."""
@@ -151,7 +134,7 @@ def _content_identity(attrs: dict) -> dict:
 
 def _checked_identity(identity: dict) -> dict:
     """The identity as stored (JSON-normal, ``format_version`` added for its class count), checked."""
-    identity = _to_json(dict(identity))
+    identity = json_normal(dict(identity))
     missing = [k for k in IDENTITY_KEYS if k not in identity and k != "format_version"]
     if missing:
         raise ValueError(f"mask store identity lacks {', '.join(missing)}")
@@ -208,6 +191,20 @@ def _remove_own(path: Path) -> None:
         raise IumaskError(f"{path} holds files iumask did not write, so iumask will not delete it; "
                           "move them elsewhere and rerun")
     shutil.rmtree(path)
+
+
+def _discard_staged(path: Path, advice: StoreAdvice) -> None:
+    """Remove a replacement of ``path`` that an earlier ``--overwrite`` left unfinished (e.g. it
+    stopped on bad data) once the store in place is kept: it would never be swapped in. A writer
+    still building it holds its lock, and then this stops with the lock's message."""
+    staged = _sibling(path, _STAGED)
+    if not staged.is_dir():
+        return
+    lock = _store_lock(staged, path, advice)
+    try:
+        _remove_own(staged)
+    finally:
+        lock.close()
 
 
 def _recover_swap(path: Path, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> None:
@@ -298,10 +295,10 @@ class MaskStore:
             if path.is_dir():
                 lock = _store_lock(path, path, advice)
                 replaces = (path / "zarr.json").exists()
-                if replaces and not overwrite:
-                    store = cls.open(path, mode="r+", advice=advice)
-                    store.check_identity(identity)
+                store = cls._kept(path, identity, overwrite, advice) if replaces else None
+                if store is not None:  # resumed, or a cache hit once finished
                     store._locks = [lock]
+                    _discard_staged(path, advice)
                     return store
                 if path.is_symlink():
                     raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
@@ -334,6 +331,31 @@ class MaskStore:
             if lock is not None:
                 lock.close()
             raise
+
+    @classmethod
+    def _kept(cls, path: Path, identity: dict, overwrite: bool, advice: StoreAdvice) -> "MaskStore | None":
+        """The store at ``path`` opened to resume (or a cache hit once finished) when it was made
+        from ``identity``; None when it is to be replaced (``overwrite`` and other inputs, or
+        unreadable). The one reuse decision (:func:`~iumask.artifacts.reuse_decision`): without
+        ``overwrite`` a store of other inputs is refused (StoreMismatchError) and an unreadable
+        one says what is wrong."""
+        try:
+            store = cls.open(path, mode="r+", advice=advice)
+        except IumaskError:
+            if overwrite:
+                return None
+            raise
+        try:
+            decision = reuse_decision(store.recorded(identity), identity, bool(store.attrs.get("finished")),
+                                      overwrite, f"mask store {path}", f"{advice.overwrite} or {advice.other_path}",
+                                      StoreMismatchError)
+        except BaseException:
+            store.close()
+            raise
+        if decision in (Reuse.HIT, Reuse.RESUME):
+            return store
+        store.close()
+        return None
 
     @classmethod
     def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool,
@@ -481,7 +503,7 @@ class MaskStore:
     @property
     def attrs(self) -> dict:
         """A copy of all group attributes."""
-        return _to_json(dict(self._group.attrs))
+        return json_normal(dict(self._group.attrs))
 
     @property
     def identity(self) -> dict:
@@ -496,15 +518,18 @@ class MaskStore:
         clash = set(values) & set(IDENTITY_KEYS)
         if clash:
             raise ValueError(f"identity attributes cannot be changed: {', '.join(sorted(clash))}")
-        self._group.attrs.update(_to_json(values))
+        self._group.attrs.update(json_normal(values))
+
+    def recorded(self, keys) -> dict:
+        """The stored identity's entries of ``keys`` (those it has)."""
+        return {key: value for key, value in _content_identity(self.attrs).items() if key in keys}
 
     def check_identity(self, expected: dict, fix: str | None = None) -> None:
         """Raise StoreMismatchError if any key in ``expected`` differs from the stored value (``fix``:
         what to do, by default the store's advice to overwrite it or use another path)."""
         fix = fix or f"{self.advice.overwrite} or {self.advice.other_path}"
-        expected = _to_json(dict(expected))
-        stored = {key: value for key, value in _content_identity(self.attrs).items() if key in expected}
-        require_same_inputs(stored, expected, f"mask store {self.path}", fix, StoreMismatchError)
+        require_same_inputs(self.recorded(expected), json_normal(dict(expected)), f"mask store {self.path}", fix,
+                            StoreMismatchError)
 
     def index_of(self, image_id: str) -> int:
         try:

@@ -434,9 +434,18 @@ def test_overwrite_with_bad_new_data_keeps_the_old_store(models, tmp_path, capsy
     iumask(*masks(ensemble, bad, store, "--overwrite"), expect=2)
     assert "77" in last_error(capsys)
     same_store(store, tmp_path / "before.zarr")
-    shutil.copy(data / "labels" / "train" / label.name, label)  # fixed: the replacement goes in
+    # Fixed, the data is the store's again: the store is kept (a cache hit, --overwrite replaces
+    # other inputs only) and the abandoned replacement is removed.
+    shutil.copy(data / "labels" / "train" / label.name, label)
     iumask(*masks(ensemble, bad, store, "--overwrite"))
+    assert "cache hit" in capsys.readouterr().err
+    same_store(store, tmp_path / "before.zarr")
+    only(tmp_path, "bad", "before.zarr", "masks.zarr")
+    cv2.imwrite(str(label), cv2.imread(str(label), cv2.IMREAD_UNCHANGED)[::-1].copy())  # other (valid) labels
+    iumask(*masks(ensemble, bad, store, "--overwrite"))  # now the replacement goes in
     assert MaskStore.open(store).attrs["finished"]
+    assert MaskStore.open(store).identity["dataset_fingerprint"] != MaskStore.open(tmp_path / "before.zarr").identity[
+        "dataset_fingerprint"]
     only(tmp_path, "bad", "before.zarr", "masks.zarr")
 
 

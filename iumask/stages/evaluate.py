@@ -19,16 +19,17 @@ import numpy as np
 import torch
 
 from iumask import distributed
-from iumask.config import DataConfig, EvalConfig, json_normal
+from iumask.artifacts import same_identity
+from iumask.config import DataConfig, EvalConfig
 from iumask.core import SegmentationMetrics
 from iumask.core.metrics import IMAGE_COUNTS, fit_temperature, scale_temperature
 from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
-from iumask.files import atomic_write, describe_os_error, nan_to_none, refuse_read_only, write_json_atomic
+from iumask.files import atomic_write, describe_os_error, json_normal, nan_to_none, refuse_read_only, write_json_atomic
 from iumask.inference import Model, UncertaintySource, as_model, probability_batches
-from iumask.progress import console, progress_bar, warn
+from iumask.progress import print_cache_hit, progress_bar, warn
 from iumask.tables import result_labels
 from iumask.transfer import host_tensor
 
@@ -382,7 +383,7 @@ def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalC
     if across_ranks and distributed.is_distributed():
         previous = distributed.all_gather_object(previous)[0]
     if previous is not None:
-        console.print(f"[green]cache hit[/green]: {json_path} holds these results")
+        print_cache_hit(json_path)
         return previous
     results = evaluate(models, data, options, device, across_ranks=across_ranks)
     if distributed.is_main():
@@ -406,7 +407,7 @@ def cached_results(json_path: Path, identity: dict) -> list[dict] | None:
     there and theirs (:func:`read_image_counts`), else None."""
     if json_path.is_file():
         previous = read_results_file(json_path)
-        if previous.get("identity") == identity:
+        if isinstance(previous.get("identity"), dict) and same_identity(previous["identity"], identity):
             counts = read_image_counts(json_path)
             if counts is not None and len(counts) == len(previous["results"]):
                 return previous["results"]

@@ -36,7 +36,7 @@ from pathlib import Path
 
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE
-from iumask.config import LossConfig, MaskConfig, json_normal
+from iumask.config import LossConfig, MaskConfig
 from iumask.core import top_class
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import class_differences
@@ -47,7 +47,7 @@ from iumask.experiment.bootstrap import add_bootstrap
 from iumask.experiment.report import write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec, seedless, spec_differences
-from iumask.files import LockHeld, check_writable, create_json_once, folder_writer_lock, read_json
+from iumask.files import LockHeld, check_writable, create_json_once, folder_writer_lock, json_normal, read_json
 from iumask.inference import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts

@@ -22,7 +22,7 @@ from iumask.errors import IumaskError
 from iumask.files import describe_os_error
 from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
 from iumask.overlap import BackgroundPool, background_threads
-from iumask.progress import console, progress_bar
+from iumask.progress import print_cache_hit, progress_bar
 from iumask.store import MAKE_MASKS_ADVICE, MaskStore, StoreAdvice, refuse_mislabelled_precision
 from iumask.transfer import to_host
 
@@ -76,7 +76,7 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         todo = [i for i, done in enumerate(store.completed()) if not done]
         distributed.barrier()  # every rank has read the completion flags before any rank writes
         if not todo:
-            console.print(f"[green]cache hit[/green]: {store_path} holds every mask for these inputs")
+            print_cache_hit(store_path)
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
         batches = rank_batches(todo, lambda i: identity["image_shapes"][i], masks.batch_size, store.images_per_shard)
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, MANIFEST_FILE, member_needs_training, write_ensemble
+from iumask.artifacts import CHECKPOINT_FILE, MANIFEST_FILE, Reuse, member_reuse, write_ensemble
 from iumask.config import (
     FORMAT_VERSION,
     AugmentConfig,
@@ -44,8 +44,8 @@ from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDat
 from iumask.dataset_stats import cached_label_statistics
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.engine import (
+    Checkpoint,
     fit,
-    keep_foreign_checkpoint,
     make_member,
     seed_everything,
     steps_per_epoch,
@@ -58,7 +58,7 @@ from iumask.inference import InstanceUncertainty, pixel_maps
 from iumask.losses import LossFn, build_loss, ohem_note
 from iumask.models import build_model, encoder_weights_identity, predict_logits, save_member
 from iumask.overlap import BackgroundPool, background_threads
-from iumask.progress import console, warn
+from iumask.progress import console, print_cache_hit, warn
 from iumask.store import MaskStore, StoreMaskReader
 from iumask.training_log import (
     CURVES_FILE,
@@ -206,10 +206,10 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
             **encoder_weights_identity(model.weights_for(encoder)), **(extra_identity or {}))
-        if not member_needs_training(folder, identity, overwrite, warn):
-            console.print(f"[green]cache hit[/green]: {folder} is trained with these inputs")
+        if member_reuse(folder, identity, overwrite, warn) is Reuse.HIT:
+            print_cache_hit(folder)
             continue
-        keep_foreign_checkpoint(folder / CHECKPOINT_FILE, identity, overwrite)
+        checkpoint = Checkpoint.resume(folder / CHECKPOINT_FILE, identity, overwrite)
         seed_everything(member_train.seed)  # the initial weights depend on the seed only
         net = build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture)
 
@@ -219,7 +219,7 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
         log = EpochLog([folder], [f"{stage} {name}"], classes, inputs.val_set, dev, tensorboard, inputs.connectivity)
         try:
             history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
-                                  folder, identity, classes.num_classes, classes.ignore_index, dev,
+                                  checkpoint, classes.num_classes, classes.ignore_index, dev,
                                   label=f"{stage} {name}", on_epoch=log)
         finally:
             log.close()
@@ -318,14 +318,15 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
     classes, names = inputs.classes, model.names
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
-    todo = [member_needs_training(out / name, ident, overwrite, warn) for name, ident in zip(names, member_identities)]
+    todo = [member_reuse(out / name, ident, overwrite, warn) is not Reuse.HIT
+            for name, ident in zip(names, member_identities)]
     ensemble_path = out / "ensemble.json"
     if not any(todo) and ensemble_path.is_file():
-        console.print(f"[green]cache hit[/green]: {out} holds online members trained with these inputs")
+        print_cache_hit(out)
         return ensemble_path
 
     if any(todo):
-        keep_foreign_checkpoint(checkpoint_path, identity, overwrite)
+        checkpoint = Checkpoint.resume(checkpoint_path, identity, overwrite)
         nets = []
         for k, encoder in enumerate(model.encoders):
             seed_everything(train.seed + k)  # member k's initialisation
@@ -339,8 +340,8 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
         log = EpochLog([out / name for name in names], [f"online {name}" for name in names], classes,
                        inputs.val_set, dev, tensorboard, masks.connectivity)
         try:
-            result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint_path, identity,
-                         classes.num_classes, classes.ignore_index, dev, f"online ×{len(members)}", precision,
+            result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint, classes.num_classes,
+                         classes.ignore_index, dev, f"online ×{len(members)}", precision,
                          extra=step.timing, on_epoch=log)
         finally:
             log.close()
