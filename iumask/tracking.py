@@ -64,6 +64,7 @@ HTTP_PATIENCE = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_BA
                  "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
                  # MLflow's client prints two "View run" lines on stdout per finished run of a server.
                  "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+REASON_LENGTH = 200  # of an MLflow error in the warning (a refused connection's message is a paragraph)
 # MLflow's limits on one request and one value.
 MAX_PARAMS_PER_REQUEST, MAX_METRICS_PER_REQUEST, MAX_PARAM_LENGTH = 100, 1000, 6000
 # MLflow's characters of metric and parameter names (on every platform): others become "_".
@@ -293,9 +294,10 @@ class Connection:
             return function(*args, **kwargs)
         except Exception as exc:  # whatever the tracker raises (HTTP, database, refusal): never the pipeline's
             self.failed = True
-            reason = " ".join(str(exc).split())[:300] or type(exc).__name__
-            warn(f"MLflow tracking at {self.uri} stopped while {what} ({reason}); nothing more is logged to it "
-                 "in this run, whose own files are complete")
+            reason = " ".join(str(exc).split()) or type(exc).__name__
+            reason = reason if len(reason) <= REASON_LENGTH else reason[:REASON_LENGTH - 1] + "…"
+            warn(f"MLflow tracking at {self.uri} failed while {what} ({reason}); tracking is off for the rest of "
+                 "this run, whose own files are complete")
             return None
 
     def find_runs(self, tag: str, value: str) -> list:
