@@ -537,8 +537,17 @@ def run(
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 
-# experiment: --track and --tracking-uri default to the spec's (track, tracking_uri; else none).
-EXPERIMENT_TRACKING = TRACKING.with_defaults(lambda track, tracking_uri: (track, tracking_uri), track=None)
+# experiment: --track and --tracking-uri default to the spec's keys track and tracking_uri.
+EXPERIMENT_TRACKING = OptionGroup("tracking", (
+    ("track", Annotated[Optional[Track], typer.Option("--track", help="Also mirror the runs in an experiment "
+                                                      "tracker: mlflow (one MLflow experiment named after the spec, "
+                                                      "a nested run per arm × encoder × seed; needs pip install "
+                                                      "'iumask[mlflow]'; see docs/tracking.md). Default: the spec's "
+                                                      "track (none).")], None),
+    ("tracking_uri", Annotated[Optional[str], typer.Option(help="With --track mlflow: the tracking URI. Default: "
+                                                           "the spec's tracking_uri, else $MLFLOW_TRACKING_URI, "
+                                                           "else a SQLite store in OUT/mlruns.")], None)),
+    lambda track, tracking_uri: (track, tracking_uri))
 
 
 @app.command("experiment", cls=PlainUsage)

@@ -247,6 +247,37 @@ def test_a_tracker_down_at_the_start_is_one_warning(data, tmp_path, capsys):
     assert {p.name for p in (out / "mobilenet_v2").iterdir()} >= MEMBER_FILES | {WEIGHTS_FILE}
 
 
+NAMES = ("mobilenet_v2", "mobilenet_v2-2")
+
+
+def test_run_nests_its_members_and_logs_their_evaluations(data, tmp_path):
+    """``iumask run --online`` with two members: a parent run with results.json; the baseline's
+    members and the online members (trained jointly) nested, each with its evaluation; the
+    ensembles' evaluations on the parent."""
+    out = tmp_path / "run"
+    iumask("run", "--data", data, "--out", out, *TINY_TRAIN, "--encoder", "mobilenet_v2", "--online", "--track",
+           "mlflow")
+    client = MlflowClient(tracking_uri=local_uri(out))
+    runs = runs_of(client, "iumask")
+    (parent,) = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    assert parent.info.run_name == "run run" and parent.info.status == "FINISHED"
+    assert {a.path for a in client.list_artifacts(parent.info.run_id)} == {"results.json", "results.csv"}
+    members = {(r.data.tags["stage"], r.data.tags["member"]): r for r in runs if r is not parent}
+    assert set(members) == {(stage, name) for stage in ("baseline", "online") for name in NAMES}
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in members.values())
+    assert [members["online", name].data.tags["seed"] for name in NAMES] == ["0", "1"]  # member k: seed + k
+    results = json.loads((out / "results.json").read_text())["results"]
+    for (stage, name), run in members.items():
+        folder = out / stage / name
+        check_member_run(client, run, folder, epochs=1)
+        (mine,) = [r for r in results if Path(r["path"]) == folder.resolve()]
+        assert run.data.metrics["val/miou"] == mine["miou"] and run.data.metrics["val/ece"] == mine["ece"]
+    ensembles = [r for r in results if r["path"].endswith("ensemble.json")]
+    assert len(ensembles) == 2
+    for entry in ensembles:
+        assert parent.data.metrics[f"{entry['model']}/val/miou"] == entry["miou"]
+
+
 # ----------------------------------------------------------------------------- a tracking server
 
 
