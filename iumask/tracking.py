@@ -185,10 +185,10 @@ def open_tracker(config: TrackingConfig, out: Path, experiment: str | None = Non
     mlflow = require_mlflow()
     for key, value in HTTP_PATIENCE.items():
         os.environ.setdefault(key, value)
-    uri, artifact_root = tracking_location(config.uri, Path(out))
+    uri, store = tracking_location(config.uri, Path(out))
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
     connection = Connection(uri)
-    found = connection.call(f"opening experiment {name!r}", _open_experiment, mlflow, uri, name, artifact_root)
+    found = connection.call(f"opening experiment {name!r}", _open_experiment, mlflow, uri, name, store)
     if found is None:
         return NO_TRACKER
     connection.client, connection.experiment_id, connection.entities = found[0], found[1], mlflow.entities
@@ -196,19 +196,22 @@ def open_tracker(config: TrackingConfig, out: Path, experiment: str | None = Non
     return MlflowTracker(connection)
 
 
-def tracking_location(uri: str | None, out: Path) -> tuple[str, str | None]:
-    """(tracking URI, artifact root of experiments iumask creates there): ``uri``, else
-    ``$MLFLOW_TRACKING_URI`` (MLflow places the artifacts), else the SQLite store of ``out``."""
+def tracking_location(uri: str | None, out: Path) -> tuple[str, Path | None]:
+    """(tracking URI, the folder of iumask's own store or None): ``uri``, else
+    ``$MLFLOW_TRACKING_URI``, else the SQLite store in ``out``."""
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI")
     if uri:
         return uri, None
     store = (Path(out) / STORE_FOLDER).resolve()
-    store.mkdir(parents=True, exist_ok=True)
-    # Artifacts beside the database: MLflow's default for a SQLite URI is ./mlruns of the working directory.
-    return f"sqlite:///{store / 'mlflow.db'}", (store / "artifacts").as_uri()
+    return f"sqlite:///{store / 'mlflow.db'}", store
 
 
-def _open_experiment(mlflow, uri: str, name: str, artifact_root: str | None):
+def _open_experiment(mlflow, uri: str, name: str, store: Path | None):
+    artifact_root = None  # another store's: where MLflow puts them
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        # Beside the database (MLflow's default for a SQLite URI is ./mlruns of the working directory).
+        artifact_root = (store / "artifacts").as_uri()
     with _quiet("mlflow.store.db.utils", "alembic"):  # a new SQLite store logs its table creation
         client = mlflow.tracking.MlflowClient(tracking_uri=uri)
         experiment = client.get_experiment_by_name(name)
@@ -279,7 +282,8 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
 class Connection:
     """One tracking store, shared by a tracker, the trackers derived from it and their runs. Every
     request goes through :meth:`call`: the first failure is one warning line and turns tracking off
-    for the rest of the process (the pipeline never waits on, or stops for, its tracker)."""
+    for the rest of the process (the pipeline never stops for its tracker, and waits for a dead one
+    once, for MLflow's retries: :data:`HTTP_PATIENCE`)."""
 
     def __init__(self, uri: str):
         self.uri = uri
@@ -307,6 +311,9 @@ class Connection:
 
 
 class MlflowTracker:
+    """The :class:`Tracker` of an MLflow store: member runs in one experiment, nested under
+    ``parent_id`` (a parent run's) when set, with ``tags`` and the name ``prefix`` of :meth:`tagged`."""
+
     def __init__(self, connection: Connection, parent_id: str | None = None, tags: dict[str, Any] | None = None,
                  run: RunLog = NO_RUN, prefix: str | None = None):
         self.connection, self.parent_id, self.tags, self.run = connection, parent_id, dict(tags or {}), run

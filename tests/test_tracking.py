@@ -7,6 +7,7 @@ down at the start or dies mid-run: one warning line, and the run finishes with i
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -93,7 +94,8 @@ class TrackingServer:
 
     def kill(self) -> None:
         if self.process is not None:
-            os.killpg(self.process.pid, signal.SIGKILL)
+            with contextlib.suppress(ProcessLookupError):  # a server that failed to start is gone already
+                os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
             self.log.close()
             self.process = None
