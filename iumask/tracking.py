@@ -179,7 +179,8 @@ def require_mlflow():
 def open_tracker(config: TrackingConfig, out: Path, experiment: str | None = None) -> Tracker:
     """The tracker ``config`` asks for, for a command writing into ``out``; MLflow runs go to the
     experiment ``experiment`` (default ``$MLFLOW_EXPERIMENT_NAME``, else :data:`DEFAULT_EXPERIMENT`),
-    created if needed. A store that cannot be reached is a warning and :data:`NO_TRACKER`."""
+    created if needed. Only the package is checked here (before any work); the store is opened at
+    the first run, so a command refused for its inputs leaves no store behind."""
     if not config.enabled or env_rank() != 0:
         return NO_TRACKER
     mlflow = require_mlflow()
@@ -187,13 +188,7 @@ def open_tracker(config: TrackingConfig, out: Path, experiment: str | None = Non
         os.environ.setdefault(key, value)
     uri, store = tracking_location(config.uri, Path(out))
     name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    connection = Connection(uri)
-    found = connection.call(f"opening experiment {name!r}", _open_experiment, mlflow, uri, name, store)
-    if found is None:
-        return NO_TRACKER
-    connection.client, connection.experiment_id, connection.entities = found[0], found[1], mlflow.entities
-    console.print(f"tracking: MLflow experiment {name!r} at {uri}", highlight=False, soft_wrap=True)
-    return MlflowTracker(connection)
+    return MlflowTracker(Connection(mlflow, uri, name, store))
 
 
 def tracking_location(uri: str | None, out: Path) -> tuple[str, Path | None]:
@@ -204,23 +199,6 @@ def tracking_location(uri: str | None, out: Path) -> tuple[str, Path | None]:
         return uri, None
     store = (Path(out) / STORE_FOLDER).resolve()
     return f"sqlite:///{store / 'mlflow.db'}", store
-
-
-def _open_experiment(mlflow, uri: str, name: str, store: Path | None):
-    artifact_root = None  # another store's: where MLflow puts them
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-        # Beside the database (MLflow's default for a SQLite URI is ./mlruns of the working directory).
-        artifact_root = (store / "artifacts").as_uri()
-    with _quiet("mlflow.store.db.utils", "alembic"):  # a new SQLite store logs its table creation
-        client = mlflow.tracking.MlflowClient(tracking_uri=uri)
-        experiment = client.get_experiment_by_name(name)
-        if experiment is None:
-            return client, client.create_experiment(name, artifact_location=artifact_root)
-    if experiment.lifecycle_stage != "active":
-        raise IumaskError(f"the experiment is deleted; restore it (mlflow experiments restore --experiment-id "
-                          f"{experiment.experiment_id}) or name another")
-    return client, experiment.experiment_id
 
 
 @contextlib.contextmanager
@@ -280,18 +258,46 @@ def _tag_values(tags: dict[str, Any]) -> dict[str, str]:
 
 
 class Connection:
-    """One tracking store, shared by a tracker, the trackers derived from it and their runs. Every
-    request goes through :meth:`call`: the first failure is one warning line and turns tracking off
-    for the rest of the process (the pipeline never stops for its tracker, and waits for a dead one
-    once, for MLflow's retries: :data:`HTTP_PATIENCE`)."""
+    """One tracking store and experiment, shared by a tracker, the trackers derived from it and their
+    runs; opened by the first request (the experiment created if missing, in iumask's own store
+    ``store`` with its artifacts beside the database). Every request goes through :meth:`call`: the
+    first failure is one warning line and turns tracking off for the rest of the process (the
+    pipeline never stops for its tracker, and waits for a dead one once, for MLflow's retries:
+    :data:`HTTP_PATIENCE`)."""
 
-    def __init__(self, uri: str):
-        self.uri = uri
-        self.client = self.experiment_id = self.entities = None
+    def __init__(self, mlflow, uri: str, experiment: str, store: Path | None):
+        self.mlflow, self.uri, self.experiment, self.store = mlflow, uri, experiment, store
+        self.client = self.experiment_id = None
+        self.entities = mlflow.entities
         self.failed = False
 
     def call(self, what: str, function, *args, **kwargs):
         """``function(*args, **kwargs)``, or None once tracking has failed."""
+        if self.client is None:
+            self._guarded(f"opening experiment {self.experiment!r}", self._open)
+        return self._guarded(what, function, *args, **kwargs)
+
+    def _open(self) -> None:
+        artifact_root = None  # in another store: where MLflow puts them
+        if self.store is not None:
+            self.store.mkdir(parents=True, exist_ok=True)
+            # Beside the database (MLflow's default for a SQLite URI is ./mlruns of the working directory).
+            artifact_root = (self.store / "artifacts").as_uri()
+        with _quiet("mlflow.store.db.utils", "alembic"):  # a new SQLite store logs its table creation
+            client = self.mlflow.tracking.MlflowClient(tracking_uri=self.uri)
+            experiment = client.get_experiment_by_name(self.experiment)
+            if experiment is None:
+                self.experiment_id = client.create_experiment(self.experiment, artifact_location=artifact_root)
+            elif experiment.lifecycle_stage != "active":
+                raise IumaskError(f"the experiment is deleted; restore it (mlflow experiments restore "
+                                  f"--experiment-id {experiment.experiment_id}) or name another")
+            else:
+                self.experiment_id = experiment.experiment_id
+        self.client = client
+        console.print(f"tracking: MLflow experiment {self.experiment!r} at {self.uri}", highlight=False,
+                      soft_wrap=True)
+
+    def _guarded(self, what: str, function, *args, **kwargs):
         if self.failed:
             return None
         try:

@@ -229,6 +229,10 @@ def test_tracking_options_are_checked(data, tmp_path, capsys):
     assert "--tracking-uri http://127.0.0.1:1: tracking is off; add --track mlflow" in capsys.readouterr().err
     iumask("train-baseline", "--data", data, "--out", tmp_path / "out", *TINY_TRAIN, "--track", "wandb", expect=2)
     assert "'wandb' is not one of 'none', 'mlflow'" in capsys.readouterr().err
+    # A command refused for its inputs leaves no tracking store (the store opens at the first run).
+    iumask("train-baseline", "--data", tmp_path / "missing", "--out", tmp_path / "out", *TINY_TRAIN, "--track",
+           "mlflow", expect=2)
+    assert not (tmp_path / "out").exists()
     spec = {"data": {"root": str(data)}, "arms": [{"name": "regular"}], "track": "mlfow"}
     with pytest.raises(IumaskError, match=r"spec.toml: \[top level\] --track must be one of none, mlflow"):
         parse_spec(spec, tmp_path / "spec.toml")
