@@ -184,6 +184,9 @@ def test_member_trained_untracked_gets_its_run_from_its_files(tiny_baseline, tmp
     data, baseline = tiny_baseline(tmp_path)
     uri = local_uri(tmp_path / "elsewhere")
     (tmp_path / "elsewhere" / "mlruns").mkdir(parents=True)
+    # A store of the user's own keeps MLflow's default artifact place, ./mlruns of the working
+    # directory: this test's, not the repository's.
+    monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "backfilled")
     for _ in range(2):
@@ -192,6 +195,7 @@ def test_member_trained_untracked_gets_its_run_from_its_files(tiny_baseline, tmp
     (run,) = runs_of(client, "backfilled")
     check_member_run(client, run, baseline / "mobilenet_v2", epochs=1)
     assert not (baseline / "mlruns").exists()  # the environment's store, not the default one
+    assert any((tmp_path / "mlruns").rglob("manifest.json"))  # MLflow's default artifact root
 
 
 def test_killed_training_resumes_its_run_without_logging_an_epoch_twice(data, tmp_path):
