@@ -43,6 +43,8 @@ from iumask.config import (
     PredictConfig,
     Resolution,
     RunConfig,
+    Track,
+    TrackingConfig,
     TrainConfig,
     UncertaintyKind,
 )
@@ -143,6 +145,13 @@ Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other
 Out = Annotated[Path, typer.Option(help="Output folder.")]
 TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard (<member>/tensorboard/: scalars and a few "
                                            "validation images per epoch); needs pip install 'iumask[tensorboard]'.")]
+TrackOpt = Annotated[Track, typer.Option("--track", help="Also mirror each trained member's run in an experiment "
+                                        "tracker: mlflow (parameters, per-epoch metrics, files; needs pip install "
+                                        "'iumask[mlflow]'; see docs/tracking.md). Never changes what is trained; a "
+                                        "tracker that fails is a warning.")]
+TrackingUri = Annotated[Optional[str], typer.Option(help="With --track mlflow: the tracking URI (http://HOST:PORT, "
+                                                    "sqlite:///PATH, ...). Default: $MLFLOW_TRACKING_URI, else a "
+                                                    "SQLite store in OUT/mlruns.")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
 Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
 InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
@@ -236,6 +245,8 @@ PLAIN_LOSS = OptionGroup("loss", (
     ("effective_number_beta", EffectiveNumberBeta, LossConfig.effective_number_beta)),
     lambda **options: LossConfig(exponent=0.0, **options))
 LOSS = OptionGroup("loss", (("exponent", Exponent, 2.0), *PLAIN_LOSS.options), lambda **options: LossConfig(**options))
+TRACKING = OptionGroup("tracking", (("track", TrackOpt, Track.NONE), ("tracking_uri", TrackingUri, None)),
+                       lambda track, tracking_uri: TrackingConfig(track, tracking_uri))
 INSTANCES = OptionGroup("masks", (
     ("instances_from", InstancesFrom, InstanceSource.PREDICTION), ("connectivity", ConnectivityOpt, Connectivity.EIGHT),
     ("normalize", Normalize, False)),
@@ -267,13 +278,14 @@ def make_synthetic(
 
 
 @app.command("train-baseline")
-@takes(MODEL, TRAINING, AUGMENTATION, PLAIN_LOSS)
+@takes(MODEL, TRAINING, AUGMENTATION, PLAIN_LOSS, TRACKING)
 def train_baseline(
     data: DataRoot,
     model: ModelConfig,
     train: TrainConfig,
     augment: AugmentConfig,
     loss: LossConfig,
+    tracking: TrackingConfig,
     out: Out = Path("runs/baseline"),
     size: Size = None,
     device: Device = "auto",
@@ -286,9 +298,10 @@ def train_baseline(
     baseline) or a peer method (--loss, --class-weights); one folder per member and an
     ensemble.json. Rerunning resumes an interrupted run exactly; a finished one is a cache hit."""
     from iumask.stages.train import train_baseline as stage
+    from iumask.tracking import open_tracker
 
     manifest = stage(data_config(data, size, format, conditions), model, train, loss, augment, out, device,
-                     overwrite, tensorboard)
+                     overwrite, tensorboard, open_tracker(tracking, out))
     _print_path("ensemble", manifest)
 
 
@@ -330,7 +343,7 @@ def make_masks(
 
 
 @app.command("train-weighted")
-@takes(MODEL, TRAINING, AUGMENTATION, LOSS, INSTANCES)
+@takes(MODEL, TRAINING, AUGMENTATION, LOSS, INSTANCES, TRACKING)
 def train_weighted(
     data: DataRoot,
     model: ModelConfig,
@@ -338,6 +351,7 @@ def train_weighted(
     augment: AugmentConfig,
     loss: LossConfig,
     masks: MaskConfig,
+    tracking: TrackingConfig,
     store: Store = Path("runs/masks.zarr"),
     out: Out = Path("runs/weighted"),
     device: Device = "auto",
@@ -356,12 +370,14 @@ def train_weighted(
     jointly with masks computed on the fly (--instances-from, --connectivity, --normalize apply)."""
     from iumask.stages.train import train_online
     from iumask.stages.train import train_weighted as stage
+    from iumask.tracking import open_tracker
 
     configs = (data_config(data, size, format, conditions), model, train, loss, augment)
+    tracker = open_tracker(tracking, out)
     if online:
-        manifest = train_online(*configs, masks, out, device, overwrite, tensorboard)
+        manifest = train_online(*configs, masks, out, device, overwrite, tensorboard, tracker)
     else:
-        manifest = stage(*configs, store, out, device, overwrite, tensorboard)
+        manifest = stage(*configs, store, out, device, overwrite, tensorboard, tracker)
     _print_path("ensemble", manifest)
 
 
@@ -480,13 +496,14 @@ RUN_MODEL = OptionGroup("model", (("encoder", Annotated[Optional[list[str]], typ
 
 
 @app.command("run")
-@takes(RUN_MODEL, RUN_TRAINING, AUGMENTATION, LOSS, INSTANCES)
+@takes(RUN_MODEL, RUN_TRAINING, AUGMENTATION, LOSS, INSTANCES, TRACKING)
 def run(
     model: ModelConfig,
     train: dict,
     augment: AugmentConfig,
     loss: LossConfig,
     masks: MaskConfig,
+    tracking: TrackingConfig,
     data: Annotated[Optional[Path], typer.Option(help="Dataset root (any supported format). Default: the "
                                                  "embedded synthetic dataset with small settings: 12 epochs, "
                                                  "batch 8, lr 1e-3 everywhere, encoders mobilenet_v2, resnet18, "
@@ -503,6 +520,7 @@ def run(
     """All four stages in order; each is skipped when its artifact already matches its inputs and
     resumed when it was interrupted. Ends with baseline and IU-weighted models side by side."""
     from iumask.stages.run import run as stage
+    from iumask.tracking import open_tracker
 
     synthetic = data is None
     defaults = RUN_DEFAULTS[synthetic]
@@ -512,14 +530,28 @@ def run(
         train=train_config(**train), loss=loss, masks=masks, augment=augment,
         online=online, device=device, overwrite=overwrite, synthetic={} if synthetic else None,
     )
-    results = stage(config)
+    results = stage(config, open_tracker(tracking, out))
     if not results:  # under torchrun only rank 0 reports
         return
     print_results(results, compare=True)
     console.print(f"results: {out / 'results.json'} and {out / 'results.csv'}")
 
 
+# experiment: --track and --tracking-uri default to the spec's keys track and tracking_uri.
+EXPERIMENT_TRACKING = OptionGroup("tracking", (
+    ("track", Annotated[Optional[Track], typer.Option("--track", help="Also mirror the runs in an experiment "
+                                                      "tracker: mlflow (one MLflow experiment named after the spec, "
+                                                      "a nested run per arm × encoder × seed; needs pip install "
+                                                      "'iumask[mlflow]'; see docs/tracking.md). Default: the spec's "
+                                                      "track (none).")], None),
+    ("tracking_uri", Annotated[Optional[str], typer.Option(help="With --track mlflow: the tracking URI. Default: "
+                                                           "the spec's tracking_uri, else $MLFLOW_TRACKING_URI, "
+                                                           "else a SQLite store in OUT/mlruns.")], None)),
+    lambda track, tracking_uri: (track, tracking_uri))
+
+
 @app.command("experiment", cls=PlainUsage)
+@takes(EXPERIMENT_TRACKING)
 def experiment(
     spec: Annotated[Path, typer.Argument(help="Experiment spec (TOML): data, arms, encoders, seeds, mask "
                                          "ensemble, evaluations; see docs/experiments.md and "
@@ -544,6 +576,7 @@ def experiment(
                                               "the runs evaluated so far, training and evaluating nothing (also "
                                               "while workers run).")] = False,
     overwrite: Overwrite = False,
+    tracking: tuple = (None, None),
 ):
     """Compare loss settings (arms) over encoders and seeds: train every model through the ordinary
     stages (cached, resumable: rerun after a kill to continue), evaluate each on every evaluation
@@ -568,7 +601,10 @@ def experiment(
         experiment.claim_folder(record=False)
         print_plan(experiment.plan(), plan.training_runs, folder)
         return
-    summary = experiment.report_finished() if report_only else experiment.execute(overwrite, worker)
+    from iumask.tracking import open_tracker
+
+    tracker = open_tracker(plan.tracking.override(*tracking), folder, plan.name)
+    summary = experiment.report_finished(tracker) if report_only else experiment.execute(overwrite, worker, tracker)
     if summary is None:  # under torchrun only rank 0 reports; of several workers, the last
         return
     took = f" ({summary['wall_time_s']:.0f} s)" if "wall_time_s" in summary else ""

@@ -61,6 +61,7 @@ Amp = Choice("Amp", {"OFF": "off", "BF16": "bf16", "FP16": "fp16"})
 Resolution = Choice("Resolution", {"NATIVE": "native", "TRAIN": "train"})
 Inference = Choice("Inference", {"RESIZE": "resize", "SLIDE": "slide"})
 UncertaintyKind = Choice("UncertaintyKind", {"ENSEMBLE": "ensemble", "MC_DROPOUT": "mc-dropout"})
+Track = Choice("Track", {"NONE": "none", "MLFLOW": "mlflow"})
 
 
 def choice(enum: type[Choice], value: Any, option: str) -> str:
@@ -531,6 +532,37 @@ class PredictConfig:
 
 # ``iumask run``'s members when none are given: small enough for its demo on a CPU.
 RUN_ENCODERS = ("mobilenet_v2", "resnet18", "resnet34")
+
+
+@dataclass(frozen=True)
+class TrackingConfig:
+    """Where training runs are mirrored for people to compare them (``--track``, ``--tracking-uri``):
+    nowhere, or an MLflow tracking store (:mod:`iumask.tracking`). Never part of an identity: a
+    tracked and an untracked training make the same model. ``uri`` None: ``$MLFLOW_TRACKING_URI``,
+    else a store in the command's output folder."""
+
+    track: str = "none"
+    uri: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "track", choice(Track, self.track, "--track"))
+        if self.uri is not None and (not isinstance(self.uri, str) or not self.uri.strip()):
+            raise IumaskError(f"--tracking-uri must be a URI such as http://HOST:PORT or sqlite:///PATH, "
+                              f"got {self.uri!r}")
+        if self.uri is not None and not self.enabled:
+            raise IumaskError(f"--tracking-uri {self.uri}: tracking is off; add --track mlflow")
+
+    @property
+    def enabled(self) -> bool:
+        return self.track != Track.NONE.value
+
+    def override(self, track: str | None, uri: str | None) -> TrackingConfig:
+        """These settings (an experiment spec's) with the command line's ``--track`` and
+        ``--tracking-uri`` where given; ``--track none`` turns off the spec's URI too."""
+        track = self.track if track is None else choice(Track, track, "--track")
+        if uri is None and track != Track.NONE.value:
+            uri = self.uri
+        return TrackingConfig(track, uri)
 
 
 @dataclass(frozen=True)

@@ -31,29 +31,55 @@ def _lr_names(count: int) -> list[str]:
     return ["lr_encoder", "lr_decoder"] if count == 2 else [f"lr_{i}" for i in range(count)]
 
 
+def epoch_rows(records: list[dict], class_names: list[str]) -> list[dict]:
+    """The engine's epoch records (see :data:`iumask.engine.EpochCallback`) as the rows of
+    ``metrics.csv``: per epoch ``{column: value}`` in column order (None: not measured). What
+    :func:`write_metrics_csv` writes and :func:`read_metrics_csv` reads back, so the file and a
+    tracker (:mod:`iumask.tracking`) name the same values alike."""
+    ensemble = any(r.get("ensemble_val_miou") is not None for r in records)
+    rows = []
+    for r in records:
+        row = {"epoch": r["epoch"], "step": r["step"], "loss": r["loss"], **dict(zip(_lr_names(len(r["lr"])), r["lr"])),
+               "val_miou": r["val_miou"]}
+        if ensemble:
+            row["ensemble_val_miou"] = r.get("ensemble_val_miou")
+        row.update({f"iou_{name}": iou for name, iou in zip(class_names, r["val_iou"])})
+        row["seconds"] = r["seconds"]
+        rows.append(row)
+    return rows
+
+
 def _cell(value) -> str:
     return "" if value is None else repr(float(value))
 
 
 def write_metrics_csv(path: str | Path, records: list[dict], class_names: list[str]) -> Path:
-    """``metrics.csv``: one row per epoch of the engine's records (see
-    :data:`iumask.engine.EpochCallback`): epoch, global step, mean training loss, learning rates
-    at the end of the epoch, validation mIoU (and the ensemble's, for members trained together),
-    per-class validation IoU (``iou_<class>``, ``nan`` for a class absent from the split and the
-    predictions) and the epoch's seconds. Floats are written exactly (``repr``)."""
-    lr_count = len(records[0]["lr"]) if records else 2
-    ensemble = any(r.get("ensemble_val_miou") is not None for r in records)
-    header = ["epoch", "step", "loss", *_lr_names(lr_count), "val_miou", *(["ensemble_val_miou"] if ensemble else []),
-              *(f"iou_{name}" for name in class_names), "seconds"]
+    """``metrics.csv``: one row per epoch of the engine's records (see :func:`epoch_rows`): epoch,
+    global step, mean training loss, learning rates at the end of the epoch, validation mIoU (and
+    the ensemble's, for members trained together), per-class validation IoU (``iou_<class>``,
+    ``nan`` for a class absent from the split and the predictions) and the epoch's seconds. Floats
+    are written exactly (``repr``)."""
+    rows = epoch_rows(records, class_names)
+    header = list(rows[0]) if rows else ["epoch", "step", "loss", *_lr_names(2), "val_miou",
+                                         *(f"iou_{name}" for name in class_names), "seconds"]
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(header)
-    for r in records:
-        writer.writerow([r["epoch"], r["step"], _cell(r["loss"]), *map(_cell, r["lr"]), _cell(r["val_miou"]),
-                         *([_cell(r["ensemble_val_miou"])] if ensemble else []), *map(_cell, r["val_iou"]),
-                         f"{r['seconds']:.3f}"])
+    for row in rows:
+        writer.writerow([row["epoch"], row["step"], *(_cell(row[k]) for k in header[2:-1]), f"{row['seconds']:.3f}"])
     return write_bytes_atomic(path, buffer.getvalue().encode())
 
+
+def read_metrics_csv(path: str | Path) -> list[dict]:
+    """The rows of a ``metrics.csv`` (as :func:`epoch_rows` gives them: epoch and step integers,
+    the other columns floats or None); no rows when the file is missing (a member trained before
+    iumask wrote one)."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    with open(path, newline="") as f:
+        return [{k: int(v) if k in ("epoch", "step") else (float(v) if v != "" else None) for k, v in row.items()}
+                for row in csv.DictReader(f)]
 
 
 def require_tensorboard() -> None:

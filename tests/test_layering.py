@@ -25,7 +25,8 @@ LAYERS = [
     ["iumask.stages.run", "iumask.stages.experiment"],
     ["iumask.experiment.report", "iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate",
      "iumask.stages.stats", "iumask.stages.predict", "iumask.stages.check_data"],
-    ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.training_log", "iumask.experiment.spec"],
+    ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.training_log", "iumask.experiment.spec",
+     "iumask.tracking"],
     ["iumask.config", "iumask.experiment.significance", "iumask.experiment.bootstrap", "iumask.figures",
      "iumask.tables"],
     ["iumask.store", "iumask.dataset_stats", "iumask.models", "iumask.distributed", "iumask.device",
@@ -144,8 +145,9 @@ def test_one_place_computes_entropy_and_iu_from_probabilities():
 
 # ----------------------------------------------------------------------------- start-up
 
-# What importing costs seconds; a command that builds or loads no model imports none of them.
-HEAVY = ("torch", "segmentation_models_pytorch", "timm")
+# What importing costs seconds; a command that builds or loads no model imports none of them (and
+# mlflow, imported only when a command tracks its runs).
+HEAVY = ("torch", "segmentation_models_pytorch", "timm", "mlflow")
 # Runs ``iumask ARGS`` as the console script does, then reports the heavy modules it imported (on
 # stderr, last line) and exits with the command's code.
 RUN_CLI = f"""

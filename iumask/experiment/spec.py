@@ -24,6 +24,7 @@ from iumask.config import (
     LossConfig,
     MaskConfig,
     ModelConfig,
+    TrackingConfig,
     TrainConfig,
     UncertaintyKind,
     checked_integer,
@@ -39,7 +40,8 @@ LOSS_KEYS = ("loss", "class_weights", "focal_gamma", "ohem_threshold", "ohem_min
 ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivity", "normalize", "train",
             "augment", "online_encoders")
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "arch", "seeds", "masks", "evaluation",
-            "evaluations", "arms", "reference", "rare_classes", "device", "bootstrap_resamples", "bootstrap_seed")
+            "evaluations", "arms", "reference", "rare_classes", "device", "bootstrap_resamples", "bootstrap_seed",
+            "track", "tracking_uri")
 MASK_KEYS = ("encoders", "arch", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
              "batch_size", "num_workers", "amp", "images_per_shard", "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
@@ -117,6 +119,8 @@ class ExperimentSpec:
     raw: dict  # the spec as read (JSON-normal), recorded in summary.json
     bootstrap_resamples: int = 10_000  # the report's bootstrap intervals (iumask.experiment.bootstrap)
     bootstrap_seed: int = 0
+    # track, tracking_uri: where the runs are mirrored (the command line's --track and --tracking-uri win)
+    tracking: TrackingConfig = TrackingConfig()
 
     def arm(self, name: str) -> Arm:
         return next(a for a in self.arms if a.name == name)
@@ -370,13 +374,14 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
                           "the bootstrap's resamples (an integer >= 100; 10000 by default)")
     bootstrap_seed = top.build(checked_integer, top.get("bootstrap_seed", 0), 0, "bootstrap_seed",
                                "the bootstrap's random seed (an integer >= 0)")
+    tracking = top.build(TrackingConfig, top.get("track", "none"), top.get("tracking_uri"))
     name = top.get("name", path.stem)
     return ExperimentSpec(
         path=path, name=str(name), data=data, train=train, augment=augment, encoders=model.encoders,
         encoder_weights=model.encoder_weights, architecture=model.architecture,
         seeds=tuple(seeds), arms=tuple(arms), ensemble=ensemble, evaluations=tuple(evaluations), eval=eval_config,
         reference=reference, rare_classes=rare, device=str(top.get("device", "auto")), raw=json_normal(raw),
-        bootstrap_resamples=resamples, bootstrap_seed=bootstrap_seed)
+        bootstrap_resamples=resamples, bootstrap_seed=bootstrap_seed, tracking=tracking)
 
 
 def _arm(table: _Table, train: TrainConfig, augment: AugmentConfig, masks: MaskConfig, ensemble: MaskEnsemble,

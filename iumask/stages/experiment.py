@@ -23,12 +23,17 @@ under it; a worker skips trainings other processes hold and stops when each is d
 kernel drops a killed worker's locks, so the next worker to scan takes its training (resuming its
 checkpoint). The worker that finds none held writes the report. Under torchrun the job is one
 worker: rank 0 takes the locks and tells the other ranks what it claimed.
+
+Tracking (``--track mlflow``, :mod:`iumask.tracking`): one parent run per experiment folder; every
+trained member's run nests under it, tagged with its arm (``role`` "arm"; the mask ensemble's
+members: ``role`` "mask ensemble") and seed, and gets its evaluation metrics
+(``<evaluation>-<split>/<metric>``); the parent gets the spec, report.md, results.csv, summary.json
+and figures/. Whoever writes the report logs the evaluations, so of several workers the last does.
 """
 
 from __future__ import annotations
 
 import contextlib
-import csv
 import functools
 import time
 from dataclasses import dataclass, replace
@@ -44,7 +49,7 @@ from iumask.dataset_stats import cached_label_statistics
 from iumask.device import resolve_device
 from iumask.errors import IumaskError
 from iumask.experiment.bootstrap import add_bootstrap
-from iumask.experiment.report import write_report
+from iumask.experiment.report import FIGURES_DIR, REPORT_FILE, RESULTS_FILE, SUMMARY_FILE, write_report
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec, seedless, spec_differences
 from iumask.files import LockHeld, check_writable, create_json_once, folder_writer_lock, json_normal, read_json
@@ -54,7 +59,8 @@ from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_i
 from iumask.stages.masks import make_masks
 from iumask.stages.train import out_lock, train_baseline, train_online, train_weighted
 from iumask.store import OUT_FOLDER_ADVICE, MaskStore
-from iumask.training_log import METRICS_FILE
+from iumask.tracking import NO_TRACKER, Tracker, evaluation_metrics
+from iumask.training_log import METRICS_FILE, read_metrics_csv
 from iumask.transfer import to_device, to_host
 
 
@@ -238,9 +244,10 @@ class Experiment:
 
     # ------------------------------------------------------------------------- execution
 
-    def execute(self, overwrite: bool = False, worker: bool = False) -> dict | None:
+    def execute(self, overwrite: bool = False, worker: bool = False, tracker: Tracker = NO_TRACKER) -> dict | None:
         """Train, evaluate and report; returns the summary (None on torchrun ranks other than 0, and
-        for a ``worker`` that leaves the report to another worker: see :meth:`_work`)."""
+        for a ``worker`` that leaves the report to another worker: see :meth:`_work`). ``tracker``:
+        where the runs are mirrored (see the module docstring)."""
         spec = self.spec
         start = time.perf_counter()
         distributed.init(resolve_device(spec.device))
@@ -252,12 +259,19 @@ class Experiment:
         fix = "use another --out" if worker else "use another --out (processes share one folder with --worker)"
         with folder_writer_lock(self.out, f"experiment folder {self.out}", fix, enabled=distributed.is_main(),
                                 shared=worker):
-            summary = self._execute(classes, overwrite, worker)
+            tracked = self.tracked(tracker)
+            with tracked.run:
+                summary = self._execute(classes, overwrite, worker, tracked)
         if summary is not None:
             summary["wall_time_s"] = round(time.perf_counter() - start, 1)
         return summary
 
-    def _execute(self, classes: list[str], overwrite: bool, worker: bool) -> dict | None:
+    def tracked(self, tracker: Tracker) -> Tracker:
+        """``tracker`` with the experiment's parent run open (continued when the folder has one)."""
+        spec = self.spec
+        return tracker.parent(f"experiment {spec.name}", "experiment", self.out, {"spec": spec.path.resolve()})
+
+    def _execute(self, classes: list[str], overwrite: bool, worker: bool, tracker: Tracker) -> dict | None:
         spec = self.spec
         common = dict(device=spec.device, overwrite=overwrite)
         # The ensemble and the stores: built once, by the first worker to take their locks; a worker
@@ -268,7 +282,8 @@ class Experiment:
             with waiting(lambda: out_lock(self.ensemble_path.parent)):
                 self._rule(1, f"mask ensemble: {', '.join(e.model.encoders)}")
                 train_baseline(spec.data, e.model, replace(e.train, seed=e.seed), LossConfig(exponent=0.0),
-                               spec.augment, self.ensemble_path.parent, **common)
+                               spec.augment, self.ensemble_path.parent, **common,
+                               tracker=tracker.tagged("mask ensemble", role="mask ensemble"))
         if self.stores():
             # One lock for every store, on the folder that holds them: a store being created has no
             # folder of its own yet (it is staged beside it).
@@ -280,21 +295,21 @@ class Experiment:
                     make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name,
                                advice=OUT_FOLDER_ADVICE, **common)
         if worker:
-            if not self._work(common):
+            if not self._work(common, tracker):
                 return None
         else:
             for index in range(len(self.trainings())):
-                self._train(index, common)
-        rows, results = self._results(self.runs, evaluate_on_every_rank)
+                self._train(index, common, tracker)
+        rows, results = self._results(self.runs, evaluate_on_every_rank, tracker)
         if not distributed.is_main():
             return None
-        return self.report(rows, results, classes)
+        return self.report(rows, results, classes, tracker)
 
     def _rule(self, step: int, text: str) -> None:
         total = len(self.trainings()) + len(self.stores()) + int(self.trains_ensemble)
         console.rule(f"[{step}/{total}] {text}")
 
-    def _work(self, common: dict) -> bool:
+    def _work(self, common: dict, tracker: Tracker) -> bool:
         """A worker's loop: claim the first training no process holds (its folder's writer lock, the
         lock its train stage takes), train it (or find it done, or resume a killed worker's
         checkpoint) and evaluate its runs under that lock, and again, until every training is
@@ -321,15 +336,15 @@ class Experiment:
                                   "from what is done)")
                 return not held
             with lock or contextlib.nullcontext():
-                self._train(claimed, common)
+                self._train(claimed, common, tracker)
                 # Every rank evaluates its share: none waits in a collective while rank 0 evaluates.
                 self._results([r for r in self.runs if r.folder == trainings[claimed][2]], evaluate_on_every_rank)
             done.add(claimed)
 
-    def _results(self, runs: list[Run], results_of) -> tuple[list[dict], dict]:
+    def _results(self, runs: list[Run], results_of, tracker: Tracker = NO_TRACKER) -> tuple[list[dict], dict]:
         """The rows of results.csv and the results by (arm, encoder, seed, dataset, split) of ``runs``
         on every evaluation; ``results_of`` (as :func:`cached_evaluate`) gives an evaluation's
-        results, or None to leave it out."""
+        results, or None to leave it out. Each result is added to its model's tracked run."""
         rows, results = [], {}
         for run in runs:
             differences = self.model_differences(run)
@@ -345,38 +360,48 @@ class Experiment:
                     continue
                 results[(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split)] = found[0]
                 rows += result_rows(run.arm.name, run.encoder, run.seed, evaluation.name, evaluation.split, found[0])
+                weights = read_json(run.model_path / MANIFEST_FILE, "model manifest").get("weights_sha256", "")
+                tracker.model_run(run.model_path, weights).log_metrics(
+                    evaluation_metrics(found[0], f"{evaluation.name}-{evaluation.split}"))
         return rows, results
 
-    def report_finished(self) -> dict:
+    def report_finished(self, tracker: Tracker = NO_TRACKER) -> dict:
         """``--report-only``: the report from the evaluations already written for the models now in
         the folder; nothing is trained or evaluated, no lock is taken (workers may be running)."""
         classes = self.validate(writable=False)
         self.claim_folder(record=False)
-        rows, results = self._results(self.runs, _finished_results)
+        tracker = self.tracked(tracker)
+        with tracker.run:
+            return self._report_finished(classes, tracker)
+
+    def _report_finished(self, classes: list[str], tracker: Tracker) -> dict:
+        rows, results = self._results(self.runs, _finished_results, tracker)
         total = len(self.runs) * len(self.spec.evaluations)
         if not results:
             raise IumaskError(f"--report-only: no run in {self.out} is evaluated yet; run iumask experiment (with "
                               "--worker to share the folder) first, or check --out")
         console.print(f"report from {len(results)} of {total} evaluations (the others are not done yet)"
                       if len(results) < total else f"report from all {total} evaluations")
-        return self.report(rows, results, classes)
+        return self.report(rows, results, classes, tracker)
 
-    def _train(self, index: int, common: dict) -> None:
+    def _train(self, index: int, common: dict, tracker: Tracker) -> None:
         """The training ``index`` of :meth:`trainings`."""
         spec = self.spec
         arm, seed, folder, encoders = self.trainings()[index]
         step = index + len(self.stores()) + int(self.trains_ensemble) + 1
         self._rule(step, f"{arm.name} {('online ' if arm.iu == 'online' else '') + ', '.join(encoders)} seed {seed}")
         train = replace(arm.train, seed=seed)
+        # The run's seed, not a member's (an online arm's member k starts from seed + k).
+        tracker = tracker.tagged(f"{arm.name} seed {seed}", role="arm", arm=arm.name, seed=seed)
         if arm.iu == "none":
             train_baseline(spec.data, spec.model(encoders), train, arm.loss, arm.augment, folder,
-                           **common)
+                           **common, tracker=tracker)
         elif arm.iu == "offline":
             train_weighted(spec.data, spec.model(encoders), train, arm.loss, arm.augment,
-                           self.out / "masks" / store_name(arm.masks), folder, **common)
+                           self.out / "masks" / store_name(arm.masks), folder, **common, tracker=tracker)
         else:
             train_online(spec.data, spec.model(encoders), train, arm.loss, arm.augment, arm.masks, folder,
-                         **common)
+                         **common, tracker=tracker)
 
     def cost(self) -> dict:
         """Training seconds per finished run by arm (its epochs' wall time from metrics.csv), and the
@@ -392,7 +417,7 @@ class Experiment:
         return {"runs": runs, "ensemble_s": ensemble,
                 "uses_ensemble": [a.name for a in self.spec.arms if a.iu == "offline"]}
 
-    def report(self, rows: list[dict], results: dict, classes: list[str]) -> dict:
+    def report(self, rows: list[dict], results: dict, classes: list[str], tracker: Tracker = NO_TRACKER) -> dict:
         spec = self.spec
         train_folder = spec.data.open(spec.data.train_split)
         stats = cached_label_statistics(train_folder, fingerprint=train_folder.fingerprint())
@@ -407,6 +432,8 @@ class Experiment:
         store = self._finished_store()
         predictors = member_predictors(self.ensemble_path, train_folder, spec.device) if store else ()
         write_report(self.out, summary, rows, results, stats, train_folder, store, predictors)
+        tracker.run.log_files([spec.path, *(self.out / name for name in (REPORT_FILE, RESULTS_FILE, SUMMARY_FILE,
+                                                                         FIGURES_DIR))])
         return summary
 
     def image_counts(self, results: dict) -> dict:
@@ -488,11 +515,7 @@ def member_predictors(ensemble_path: Path, train_folder, device: str) -> tuple:
 
 def training_seconds(member: Path) -> float:
     """The summed epoch seconds of a member's metrics.csv (0 when it has none)."""
-    path = member / METRICS_FILE
-    if not path.is_file():
-        return 0.0
-    with open(path, newline="") as f:
-        return float(sum(float(row.get("seconds") or 0) for row in csv.DictReader(f)))
+    return float(sum(row.get("seconds") or 0 for row in read_metrics_csv(member / METRICS_FILE)))
 
 
 def _training_status(folder: Path, names: list[str]) -> str:

@@ -1,9 +1,16 @@
 """``iumask run``: the four stages in order into one folder, each a cache hit when its artifact
-already matches its inputs and resumed when it was interrupted."""
+already matches its inputs and resumed when it was interrupted.
+
+Tracking (``--track mlflow``, :mod:`iumask.tracking`): one parent run per run folder, the members'
+runs nested under it; each member's run gets its evaluation metrics (``<split>/<metric>``), the
+parent the ensembles' (``<model>/<split>/<metric>``) and results.json and results.csv."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from iumask import distributed
+from iumask.artifacts import MANIFEST_FILE
 from iumask.config import RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import resolve_device
@@ -13,18 +20,22 @@ from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
 from iumask.store import OUT_FOLDER_ADVICE
+from iumask.tracking import NO_TRACKER, Tracker, evaluation_metrics
 
 
-def run(config: RunConfig) -> list[dict]:
+def run(config: RunConfig, tracker: Tracker = NO_TRACKER) -> list[dict]:
     """All four stages; returns the evaluation results (empty on torchrun ranks other than 0).
-    Every option was validated when ``config`` was built, so nothing fails late for a bad option."""
+    Every option was validated when ``config`` was built, so nothing fails late for a bad option.
+    ``tracker``: where the runs are mirrored (see the module docstring)."""
     out = config.out
     distributed.init(resolve_device(config.device))
     with folder_writer_lock(out, f"run folder {out}", "use another --out", enabled=distributed.is_main()):
-        return _run_locked(config)
+        tracked = tracker.parent(f"run {out.name}", "run", out, {})
+        with tracked.run:
+            return _run_locked(config, tracked)
 
 
-def _run_locked(config: RunConfig) -> list[dict]:
+def _run_locked(config: RunConfig, tracker: Tracker) -> list[dict]:
     out = config.out
     data = config.data
     if config.synthetic is not None:
@@ -32,25 +43,39 @@ def _run_locked(config: RunConfig) -> list[dict]:
         distributed.main_first(make_data, make_data)  # rank 0 writes, the others reuse it
         console.print(f"data: embedded synthetic dataset in {data.root}")
     common = dict(device=config.device, overwrite=config.overwrite)
+    training = dict(common, tracker=tracker)
     console.rule("1/4 train-baseline")
     baseline = train_baseline(data, config.model, config.train, config.loss, config.augment, out / "baseline",
-                              **common)
+                              **training)
     if config.online:
         console.rule("2/4 make-masks: skipped (--online computes the masks during training)")
         console.rule("3/4 train-weighted --online")
         weighted = train_online(data, config.model, config.train, config.loss, config.augment, config.masks,
-                                out / "online", **common)
+                                out / "online", **training)
     else:
         console.rule("2/4 make-masks")
         store_path = out / "masks.zarr"
         make_masks(baseline, data, config.masks, store_path, advice=OUT_FOLDER_ADVICE, **common)
         console.rule("3/4 train-weighted")
         weighted = train_weighted(data, config.model, config.train, config.loss, config.augment, store_path,
-                                  out / "weighted", **common)
+                                  out / "weighted", **training)
     console.rule("4/4 evaluate")
     models = [*(baseline.parent / m for m in read_json(baseline, "ensemble manifest")["members"]), baseline,
               *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"]),
               *([weighted] if config.online else [])]
     # Under torchrun every rank scores its share of the images (none waits in a collective meanwhile).
     results = cached_evaluate(models, data, config.eval, out / "results.json", config.device, across_ranks=True)
+    track_results(tracker, models, results)
+    tracker.run.log_files([out / "results.json", out / "results.csv"])
     return results if distributed.is_main() else []  # rank 0 reports
+
+
+def track_results(tracker: Tracker, models: list[Path], results: list[dict]) -> None:
+    """Each member's evaluation on its own tracked run; an ensemble's on the parent run, by its name."""
+    for model, result in zip(models, results):
+        manifest = model / MANIFEST_FILE
+        if manifest.is_file():
+            weights = read_json(manifest, "model manifest").get("weights_sha256", "")
+            tracker.model_run(model, weights).log_metrics(evaluation_metrics(result, result["split"]))
+        else:
+            tracker.run.log_metrics(evaluation_metrics(result, f"{result['model']}/{result['split']}"))

@@ -13,11 +13,13 @@ folders and the engine's loop; only the loss and where the masks come from diffe
 Each writes one folder per member and an ``ensemble.json``; a member whose manifest records the
 same inputs (and whose weights match their SHA-256) is a cache hit. While training, every member
 folder gets ``metrics.csv`` and ``curves.png`` after each epoch (:class:`EpochLog`), and with
-``tensorboard`` TensorBoard events in ``<member>/tensorboard/``.
+``tensorboard`` TensorBoard events in ``<member>/tensorboard/``; with a tracker
+(:mod:`iumask.tracking`) each member's run gets the same rows, and its files once it is saved.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -60,11 +62,14 @@ from iumask.models import build_model, encoder_weights_identity, predict_logits,
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, print_cache_hit, warn
 from iumask.store import MaskStore, StoreMaskReader
+from iumask.tracking import NO_RUN, NO_TRACKER, WEIGHTS_TAG, RunLog, Tracker
 from iumask.training_log import (
     CURVES_FILE,
     METRICS_FILE,
     TENSORBOARD_DIR,
     TensorBoardLog,
+    epoch_rows,
+    read_metrics_csv,
     require_tensorboard,
     write_metrics_csv,
 )
@@ -176,7 +181,7 @@ def _weights_identity(model: ModelConfig) -> dict:
 def _train_members(stage: str, iu_weighted: bool, data: DataConfig, model: ModelConfig, train: TrainConfig,
                    loss: LossConfig, augment: AugmentConfig, out: Path, device: str, overwrite: bool,
                    masks: Path | None = None, extra_identity: dict | None = None, tensorboard: bool = False,
-                   connectivity: int = 8) -> Path:
+                   connectivity: int = 8, tracker: Tracker = NO_TRACKER) -> Path:
     """Train one member per encoder into ``out/<name>/`` and write ``out/ensemble.json``
     (``connectivity``: of the IU in TensorBoard's images, the mask store's for weighted training)."""
     dev, train = _start(model, train, device, tensorboard)
@@ -184,7 +189,7 @@ def _train_members(stage: str, iu_weighted: bool, data: DataConfig, model: Model
                             connectivity=connectivity)
     with out_lock(out):
         return _train_locked_members(stage, iu_weighted, inputs, data, model, train, loss, out, dev, overwrite,
-                                     extra_identity, tensorboard)
+                                     extra_identity, tensorboard, tracker)
 
 
 def out_lock(out: Path):
@@ -194,7 +199,7 @@ def out_lock(out: Path):
 
 def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
                           train: TrainConfig, loss: LossConfig, out: Path, dev: torch.device, overwrite: bool,
-                          extra_identity: dict | None, tensorboard: bool) -> Path:
+                          extra_identity: dict | None, tensorboard: bool, tracker: Tracker) -> Path:
     classes = inputs.classes
     loss_fn = inputs.loss_fn(loss, iu_weighted)
     names = model.names
@@ -206,8 +211,10 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
             **encoder_weights_identity(model.weights_for(encoder)), **(extra_identity or {}))
+        title, tags = f"{stage} {name}", member_tags(stage, name, encoder, member_train.seed)
         if member_reuse(folder, identity, overwrite, warn) is Reuse.HIT:
             print_cache_hit(folder)
+            track_cached_member(tracker, folder, identity, title, tags)
             continue
         checkpoint = Checkpoint.resume(folder / CHECKPOINT_FILE, identity, overwrite)
         seed_everything(member_train.seed)  # the initial weights depend on the seed only
@@ -216,17 +223,19 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
         def loss_of_batch(logits, batch):
             return loss_fn(logits, batch["label"], batch.get("iu"))
 
-        log = EpochLog([folder], [f"{stage} {name}"], classes, inputs.val_set, dev, tensorboard, inputs.connectivity)
-        try:
-            history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
-                                  checkpoint, classes.num_classes, classes.ignore_index, dev,
-                                  label=f"{stage} {name}", on_epoch=log)
-        finally:
-            log.close()
-        if distributed.is_main():  # under torchrun rank 0 writes, the others wait
-            save_member(folder, net.cpu(), dict(identity, name=name, complete=True, history=history,
-                                                **inputs.manifest_extras(data)))
-            (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+        with tracker.member(folder, identity, title, tags) as run:
+            log = EpochLog([folder], [title], classes, inputs.val_set, dev, tensorboard, inputs.connectivity, [run])
+            try:
+                history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
+                                      checkpoint, classes.num_classes, classes.ignore_index, dev,
+                                      label=title, on_epoch=log)
+            finally:
+                log.close()
+            if distributed.is_main():  # under torchrun rank 0 writes, the others wait
+                save_member(folder, net.cpu(), dict(identity, name=name, complete=True, history=history,
+                                                    **inputs.manifest_extras(data)))
+                (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
+                track_saved_member(run, folder)
         distributed.barrier()
     if distributed.is_main():
         write_ensemble(out, inputs.ensemble_manifest(stage, names, data))
@@ -236,17 +245,17 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
 
 def train_baseline(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                    augment: AugmentConfig, out: Path, device: str = "auto", overwrite: bool = False,
-                   tensorboard: bool = False) -> Path:
+                   tensorboard: bool = False, tracker: Tracker = NO_TRACKER) -> Path:
     """Stage 1: an ensemble trained without IU masks: cross-entropy (the paper's baseline) or the
     peer method ``loss.loss``, optionally class-weighted (``loss.exponent`` is not used). Returns
-    its ensemble.json."""
+    its ensemble.json. ``tracker``: where each member's run is mirrored (:mod:`iumask.tracking`)."""
     return _train_members("baseline", False, data, model, train, loss.plain(), augment, Path(out),
-                          device, overwrite, tensorboard=tensorboard)
+                          device, overwrite, tensorboard=tensorboard, tracker=tracker)
 
 
 def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                    augment: AugmentConfig, store_path: Path, out: Path, device: str = "auto",
-                   overwrite: bool = False, tensorboard: bool = False) -> Path:
+                   overwrite: bool = False, tensorboard: bool = False, tracker: Tracker = NO_TRACKER) -> Path:
     """Stage 3: models trained with the IU-weighted loss, each image's mask read from the store
     (checked to belong to this dataset and to be complete; training runs at the store's size)."""
     loss.check_iu_weighting()
@@ -256,7 +265,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
     return _train_members("weighted", True, data.with_size(size), model, train, loss, augment, Path(out),
                           device, overwrite, masks=Path(store_path),
                           extra_identity={"mask_store_sha256": json_digest(store.identity)}, tensorboard=tensorboard,
-                          connectivity=store.identity["options"].get("connectivity", 8))
+                          connectivity=store.identity["options"].get("connectivity", 8), tracker=tracker)
 
 
 def checked_mask_store(data: DataConfig, store_path: Path) -> tuple[MaskStore, tuple[int, int] | None]:
@@ -287,7 +296,7 @@ def checked_mask_store(data: DataConfig, store_path: Path) -> tuple[MaskStore, t
 
 def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss: LossConfig,
                  augment: AugmentConfig, masks: MaskConfig, out: Path, device: str = "auto",
-                 overwrite: bool = False, tensorboard: bool = False) -> Path:
+                 overwrite: bool = False, tensorboard: bool = False, tracker: Tracker = NO_TRACKER) -> Path:
     """Train the members jointly with online IU masks into ``out/<name>/``; return ``out/ensemble.json``.
 
     Member ``k`` is initialised from seed ``train.seed + k``; all members see the same batches
@@ -309,18 +318,24 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
         world_size=distributed.world_size(), **_weights_identity(model))
     with out_lock(out):
         return _train_online_locked(identity, inputs, data, model, train, loss, masks, out, dev, overwrite,
-                                    tensorboard)
+                                    tensorboard, tracker)
 
 
 def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
                          train: TrainConfig, loss: LossConfig, masks: MaskConfig, out: Path, dev: torch.device,
-                         overwrite: bool, tensorboard: bool) -> Path:
+                         overwrite: bool, tensorboard: bool, tracker: Tracker) -> Path:
     classes, names = inputs.classes, model.names
     checkpoint_path = out / CHECKPOINT_FILE
     member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
     todo = [member_reuse(out / name, ident, overwrite, warn) is not Reuse.HIT
             for name, ident in zip(names, member_identities)]
+    # (folder, identity, title, tags) of each member's tracked run; member k starts from seed + k.
+    tracked = [(out / name, ident, f"online {name}", member_tags(ONLINE_STAGE, name, encoder, train.seed + k))
+               for k, (name, encoder, ident) in enumerate(zip(names, model.encoders, member_identities))]
     ensemble_path = out / "ensemble.json"
+    if not any(todo):
+        for member in tracked:
+            track_cached_member(tracker, *member)
     if not any(todo) and ensemble_path.is_file():
         print_cache_hit(out)
         return ensemble_path
@@ -337,21 +352,25 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
                    for name, net, encoder in zip(names, nets, model.encoders)]
         step = OnlineStep(members, precision, masks, inputs.loss_fn(loss, iu_weighted=True), classes.num_classes,
                           classes.ignore_index, dev)
-        log = EpochLog([out / name for name in names], [f"online {name}" for name in names], classes,
-                       inputs.val_set, dev, tensorboard, masks.connectivity)
-        try:
-            result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint, classes.num_classes,
-                         classes.ignore_index, dev, f"online ×{len(members)}", precision,
-                         extra=step.timing, on_epoch=log)
-        finally:
-            log.close()
-            step.pool.close()
-        timing = summarize_timing(step.timing)
-        if distributed.is_main():
-            for member, ident, history in zip(members, member_identities, result.histories):
-                save_member(out / member.name, member.model.cpu(), dict(
-                    ident, complete=True, history=history, ensemble_history=result.ensemble_history,
-                    init_seed=train.seed + names.index(member.name), timing=timing, **inputs.manifest_extras(data)))
+        with contextlib.ExitStack() as open_runs:
+            runs = [open_runs.enter_context(tracker.member(*member)) for member in tracked]
+            log = EpochLog([out / name for name in names], [title for _, _, title, _ in tracked], classes,
+                           inputs.val_set, dev, tensorboard, masks.connectivity, runs)
+            try:
+                result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint, classes.num_classes,
+                             classes.ignore_index, dev, f"online ×{len(members)}", precision,
+                             extra=step.timing, on_epoch=log)
+            finally:
+                log.close()
+                step.pool.close()
+            timing = summarize_timing(step.timing)
+            if distributed.is_main():
+                for member, ident, history, run in zip(members, member_identities, result.histories, runs):
+                    save_member(out / member.name, member.model.cpu(), dict(
+                        ident, complete=True, history=history, ensemble_history=result.ensemble_history,
+                        init_seed=train.seed + names.index(member.name), timing=timing,
+                        **inputs.manifest_extras(data)))
+                    track_saved_member(run, out / member.name)
         print_timing(timing, len(members))
     else:
         timing = read_json(out / names[0] / MANIFEST_FILE, "model manifest").get("timing")
@@ -365,27 +384,52 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
 # ----------------------------------------------------------------------------- training log
 
 
+def member_tags(stage: str, name: str, encoder: str, seed: int) -> dict:
+    """The tags of a member's tracked run, by which MLflow's views group and line runs up."""
+    return {"stage": stage, "member": name, "encoder": encoder, "seed": seed}
+
+
+def track_saved_member(run: RunLog, folder: Path) -> None:
+    """A saved member's tracked run: the epochs of its metrics.csv the run lacks (none, when it was
+    logged while training), its files, and its weights' digest, by which its evaluation finds it."""
+    if run is NO_RUN:
+        return
+    run.log_epochs(read_metrics_csv(folder / METRICS_FILE))
+    run.set_tags({WEIGHTS_TAG: read_json(folder / MANIFEST_FILE, "model manifest").get("weights_sha256")})
+    run.log_files([folder / MANIFEST_FILE, folder / METRICS_FILE, folder / CURVES_FILE])
+
+
+def track_cached_member(tracker: Tracker, folder: Path, identity: dict, title: str, tags: dict) -> None:
+    """A cache hit: nothing is logged when its run is finished; a member trained untracked (or
+    whose tracker failed before the end) gets its run completed from its files."""
+    with tracker.member(folder, identity, title, tags, cached=True) as run:
+        track_saved_member(run, folder)
+
+
 class EpochLog:
     """The engine's ``on_epoch`` callback (rank 0): rewrites ``metrics.csv`` and ``curves.png`` in
     every member folder from the checkpointed epoch records (so a resumed run ends with the rows of
-    an uninterrupted one), and with ``tensorboard`` logs the new epoch's scalars and a few
-    validation images (prediction, entropy, IU of each member's own softmax) per member."""
+    an uninterrupted one), hands the rows to each member's tracked run (``runs``: it logs the
+    epochs it lacks), and with ``tensorboard`` logs the new epoch's scalars and a few validation
+    images (prediction, entropy, IU of each member's own softmax) per member."""
 
     IMAGES = 3
 
     def __init__(self, folders: list[Path], titles: list[str], classes: ClassInfo, val_set, device: torch.device,
-                 tensorboard: bool = False, connectivity: int = 8):
+                 tensorboard: bool = False, connectivity: int = 8, runs: list[RunLog] | None = None):
         self.folders, self.titles, self.classes = folders, titles, classes
+        self.runs = runs if runs is not None else [NO_RUN] * len(folders)
         self.iu_of = InstanceUncertainty(classes.num_classes, classes.ignore_index, connectivity)
         self.val_set, self.device = val_set, device
         self.boards = [TensorBoardLog(f / TENSORBOARD_DIR, classes.names, classes.palette()) for f in folders] \
             if tensorboard else None
 
     def __call__(self, records: list[list[dict]], models: list[torch.nn.Module] | None) -> None:
-        for folder, title, rows in zip(self.folders, self.titles, records):
+        for folder, title, rows, run in zip(self.folders, self.titles, records, self.runs):
             write_metrics_csv(folder / METRICS_FILE, rows, list(self.classes.names))
             if rows:
                 training_curves_png(folder / CURVES_FILE, rows, title)
+            run.log_epochs(epoch_rows(rows, list(self.classes.names)))
         if self.boards is None or models is None:  # models None: a resume, nothing new to log
             return
         for board, model, rows in zip(self.boards, models, records):
