@@ -295,7 +295,8 @@ class MaskStore:
             if path.is_dir():
                 lock = _store_lock(path, path, advice)
                 replaces = (path / "zarr.json").exists()
-                store = cls._kept(path, identity, overwrite, advice) if replaces else None
+                # (create() starts afresh whatever is there: resume=False.)
+                store = cls._kept(path, identity, overwrite, advice) if replaces and resume else None
                 if store is not None:  # resumed, or a cache hit once finished
                     store._locks = [lock]
                     _discard_staged(path, advice)

@@ -165,6 +165,16 @@ def test_create_existing_path(tmp_path):
     with pytest.raises(IumaskError, match=r"exists.*--overwrite"):
         MaskStore.create(path, make_identity())
     MaskStore.create(path, make_identity(), overwrite=True)
+    # create() starts afresh even over a finished store of the same identity (open_or_create would
+    # keep it): the written images are gone.
+    with MaskStore.open_or_create(path, make_identity()) as store:
+        for i in range(store.num_images):
+            store.write(i, *sample(i, store.image_shapes[i]))
+        store.set_attrs(finished=True)
+    assert MaskStore.open(path).completed().all()
+    with MaskStore.create(path, make_identity(), overwrite=True) as store:
+        assert not store.completed().any() and "finished" not in store.attrs
+    assert not MaskStore.open(path).completed().any()
     empty = tmp_path / "empty"
     empty.mkdir()
     MaskStore.create(empty, make_identity(), overwrite=True)
