@@ -288,7 +288,10 @@ def training_curves_png(path: str | Path, records: list[dict], title: str) -> Pa
 # experiment figures
 
 
-_ARM_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c")
+# One colour per arm (seaborn's "deep" palette); ten, so the nine arms of the CamVid study are all
+# told apart (with eight, the ninth repeated the first's blue).
+ARM_COLOURS = ("#4c72b0", "#dd8452", "#55a868", "#c44e52", "#8172b3", "#937860", "#da8bc3", "#8c8c8c",
+               "#ccb974", "#64b5cd")
 
 
 def iou_bars_png(path: str | Path, classes: list[str], arms: list[str], means: np.ndarray, stds: np.ndarray,
@@ -303,7 +306,7 @@ def iou_bars_png(path: str | Path, classes: list[str], arms: list[str], means: n
     for k, arm in enumerate(arms):
         errors = np.nan_to_num(stds[k], nan=0.0)
         ax.bar(x - 0.4 + width * (k + 0.5), np.nan_to_num(means[k], nan=0.0), width, yerr=errors, capsize=2,
-               color=_ARM_COLOURS[k % len(_ARM_COLOURS)], label=arm, error_kw={"elinewidth": 0.8})
+               color=ARM_COLOURS[k % len(ARM_COLOURS)], label=arm, error_kw={"elinewidth": 0.8})
     ax.set_xticks(x, groups, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("IoU (mean ± std over seeds)", fontsize=9)
     ax.set_ylim(0, 1)

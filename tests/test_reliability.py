@@ -559,3 +559,16 @@ def test_a_model_made_from_other_inputs_is_refused_naming_each_difference(traine
     assert "train_options.seed: stored 0, given 7" in line and "train_options.lr: stored 0.001, given 0.002" in line
     assert "pass --overwrite" in line
     assert {p: p.read_bytes() for p in (out / "mobilenet_v2").iterdir()} == before
+
+
+def test_up_to_ten_arms_get_distinct_bar_colours(tmp_path):
+    """The CamVid study's nine arms drew two in one colour (an eight-colour cycle)."""
+    import matplotlib.colors
+
+    from iumask.figures import ARM_COLOURS, iou_bars_png
+
+    arms = [f"arm{k}" for k in range(10)]
+    assert len({matplotlib.colors.to_hex(c) for c in ARM_COLOURS[:len(arms)]}) == len(arms)
+    means = np.linspace(0.1, 0.9, 3 * len(arms)).reshape(len(arms), 3)  # two classes and the mIoU
+    iou_bars_png(tmp_path / "bars.png", ["a", "b"], arms, means, np.zeros_like(means), "test")
+    assert (tmp_path / "bars.png").stat().st_size > 0
