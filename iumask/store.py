@@ -51,7 +51,7 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import Reuse, require_same_inputs, reuse_decision
+from iumask.artifacts import Reuse, require_same_inputs, reuse_decision, same_identity
 from iumask.errors import IumaskError, StoreMismatchError
 from iumask.files import LOCK_FILE, WriterLock, json_normal
 
@@ -373,9 +373,10 @@ class MaskStore:
             if resume and (staged / "zarr.json").exists():
                 try:
                     store = cls.open(staged, mode="r+", advice=advice)
-                    store.check_identity(identity)
                 except IumaskError:
-                    store = None  # another run's or a broken store: start over
+                    store = None  # a broken store: start over
+                if store is not None and not same_identity(store.recorded(identity), identity):
+                    store = None  # another run's: start over
             if store is None:
                 for entry in os.scandir(staged):
                     if entry.is_dir(follow_symlinks=False):

@@ -1,8 +1,11 @@
-"""Assertions the tests share about iumask's errors: one line, naming what is wrong."""
+"""Assertions the tests share: about iumask's errors (one line, naming what is wrong) and about the
+files a command opens (:func:`opened`, counted with an audit hook on ``open``)."""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import sys
 
 import pytest
 
@@ -26,3 +29,25 @@ def raises_naming(*fragments: str, error: type[Exception] = DataError):
     assert "\n" not in message, message
     for fragment in fragments:
         assert fragment in message, f"{fragment!r} not in {message!r}"
+
+
+_OPENED: list[str] | None = None  # paths opened while recording (an audit hook cannot be removed)
+
+
+def _record_open(event: str, args: tuple) -> None:
+    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
+        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
+
+
+sys.addaudithook(_record_open)
+
+
+@contextlib.contextmanager
+def opened():
+    """The absolute paths of every file opened inside the block (one entry per open)."""
+    global _OPENED
+    _OPENED = []
+    try:
+        yield _OPENED
+    finally:
+        _OPENED = None

@@ -5,14 +5,12 @@ identities a stage records are those of the earlier code."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import shutil
-import sys
 from pathlib import Path
 
 import pytest
+from assertions import opened
 from cli_runner import iumask
 
 from iumask.artifacts import ENSEMBLE_FILE, MANIFEST_FILE, write_ensemble
@@ -23,28 +21,6 @@ from iumask.stages.evaluate import evaluation_identity
 from iumask.store import MaskStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
-
-_OPENED: list[str] | None = None  # paths opened while recording (the hook cannot be removed)
-
-
-def _record_open(event: str, args: tuple) -> None:
-    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_record_open)
-
-
-@contextlib.contextmanager
-def opened():
-    """The absolute paths of every file opened inside the block (one entry per open)."""
-    global _OPENED
-    _OPENED = []
-    try:
-        yield _OPENED
-    finally:
-        _OPENED = None
-
 
 @pytest.fixture(scope="module")
 def ensemble(tiny_baseline, tmp_path_factory):

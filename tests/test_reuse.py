@@ -5,27 +5,17 @@ normal form and one cache-hit line."""
 from __future__ import annotations
 
 import os
-import sys
 from enum import Enum
 from pathlib import Path
 
 import numpy as np
 import pytest
+from assertions import opened
 from cli_runner import TINY_TRAIN, iumask
 
 from iumask import engine
 from iumask.artifacts import Reuse, comparable_identity, reuse_decision, same_identity
 from iumask.errors import StoreMismatchError
-
-_OPENED: list[str] | None = None
-
-
-def _record_open(event: str, args: tuple) -> None:
-    if event == "open" and _OPENED is not None and isinstance(args[0], (str, bytes, os.PathLike)):
-        _OPENED.append(os.path.abspath(os.fsdecode(args[0])))
-
-
-sys.addaudithook(_record_open)
 
 
 class _Colour(Enum):
@@ -96,7 +86,6 @@ def _interrupted_baseline(data: Path, out: Path, monkeypatch, *extra) -> Path:
 
 
 def test_a_checkpoint_is_read_once_and_one_of_other_inputs_is_refused(tiny_baseline, tmp_path, monkeypatch, capsys):
-    global _OPENED
     data, _ = tiny_baseline(tmp_path)
     out = tmp_path / "run"
     checkpoint = _interrupted_baseline(data, out, monkeypatch)
@@ -109,14 +98,11 @@ def test_a_checkpoint_is_read_once_and_one_of_other_inputs_is_refused(tiny_basel
     assert "the unfinished run in" in err and "train_options.lr: stored 0.001, given 0.002" in err
     assert checkpoint.read_bytes() == before
     # The same options: resumed, and the checkpoint file is opened once (it was read twice).
-    _OPENED = []
-    try:
+    with opened() as paths:
         iumask(*args)
-        opened = [p for p in _OPENED if p == str(checkpoint.resolve())]
-    finally:
-        _OPENED = None
+    reads = [p for p in paths if p == str(checkpoint.resolve())]
     assert "resuming at epoch 1, step 1" in capsys.readouterr().err
-    assert len(opened) == 1, opened
+    assert len(reads) == 1, reads
     assert (out / "mobilenet_v2" / "manifest.json").is_file() and not checkpoint.exists()
 
 
