@@ -353,17 +353,21 @@ class Model:
                seed: int = 0) -> UncertaintySource:
         """The model loaded into an uncertainty source (``kind``: ``ensemble``, or ``mc-dropout``,
         which takes exactly one member, ``passes`` passes). On CUDA the models are channels-last."""
-        if kind not in ("ensemble", "mc-dropout"):
-            raise IumaskError(f"--source must be ensemble or mc-dropout, got {kind!r}")
-        if kind == "mc-dropout" and len(self.members) != 1:
-            raise IumaskError(f"{self.key}: --source mc-dropout takes one model, this names {len(self.members)}; "
-                              "give one member's folder")
+        self.check_source(kind)
         nets = [load_weights(member.folder, member.manifest, device) for member in self.members]
         if torch.device(device).type == "cuda":
             nets = [net.to(memory_format=torch.channels_last) for net in nets]
         if kind == "mc-dropout":
             return MCDropoutSource(nets[0], self.manifests[0], Path(self.key), self.size, passes, seed)
         return EnsembleSource(nets, self.manifests, Path(self.key), self.size)
+
+    def check_source(self, kind: str) -> None:
+        """Refuse an uncertainty source this model cannot be (before anything is loaded or written)."""
+        if kind not in ("ensemble", "mc-dropout"):
+            raise IumaskError(f"--source must be ensemble or mc-dropout, got {kind!r}")
+        if kind == "mc-dropout" and len(self.members) != 1:
+            raise IumaskError(f"{self.key}: --source mc-dropout takes one model, this names {len(self.members)}; "
+                              "give one member's folder")
 
     def cached_threshold(self) -> float | None:
         """The cached PAvPU threshold if it was computed with these members' weights, else None."""

@@ -97,3 +97,17 @@ def test_a_model_is_checked_when_it_is_made(ensemble, tmp_path):
     (copy / ENSEMBLE_FILE).write_text(json.dumps(dict(manifest, members=[])))
     with pytest.raises(IumaskError, match="names no members"):
         Model.resolve(copy)
+
+
+def test_a_make_masks_cache_hit_loads_no_member(ensemble, tmp_path, monkeypatch, capsys):
+    """The rerun decides from the manifests: no network is built and no weights file is read."""
+    data, baseline = ensemble
+    loads = []
+    source = Model.source
+    monkeypatch.setattr(Model, "source", lambda self, *a, **k: loads.append(self.key) or source(self, *a, **k))
+    args = ["make-masks", "--ensemble", baseline, "--data", data, "--store", tmp_path / "masks.zarr", "--device", "cpu"]
+    iumask(*args)
+    assert loads == [Model.resolve(baseline).key]
+    capsys.readouterr()
+    iumask(*args)
+    assert loads == [Model.resolve(baseline).key] and "cache hit" in capsys.readouterr().err

@@ -202,12 +202,49 @@ def test_predict_store_messages_name_predicts_own_options(model_dir, tmp_path, c
     cv2.imwrite(str(image), np.full((40, 56, 3), 120, np.uint8))
     out = tmp_path / "out"
     args = ["predict", "--model", model_dir, "--input", image.parent, "--out", out, "--device", "cpu", "--save-arrays"]
-    iumask(*args, "--connectivity", "8")
+    iumask(*args)
+    cv2.imwrite(str(image.parent / "b.png"), np.full((40, 56, 3), 90, np.uint8))
     capsys.readouterr()
-    iumask(*args, "--connectivity", "4", expect=2)  # a store of other options is there
+    iumask(*args, expect=2)  # the same model and options, but the store holds other images
     err = " ".join(capsys.readouterr().err.split())
     assert "--overwrite to predict every image again or use another --out folder" in err and "--store" not in err
     (out / "arrays.zarr" / "zarr.json").write_text("{not json")
-    iumask(*args, "--connectivity", "4", expect=2)  # an unreadable store
+    iumask(*args, expect=2)  # an unreadable store
     err = " ".join(capsys.readouterr().err.split())
     assert "rerun iumask predict with --save-arrays --overwrite" in err and "--store" not in err
+
+
+def test_outputs_of_other_options_are_refused_never_skipped(model_dir, tmp_path, capsys):
+    """A rerun skips an image only when its files were written for this model and these options
+    (OUT/prediction.json): other options are refused, --overwrite predicts every image again, and
+    after an interrupted replacement no earlier file counts as done."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for k in range(2):
+        cv2.imwrite(str(inputs / f"{k}.png"), np.full((40, 56, 3), 60 + 40 * k, np.uint8))
+    out = tmp_path / "out"
+    args = ["predict", "--model", model_dir, "--input", inputs, "--out", out, "--device", "cpu"]
+
+    def summary() -> str:
+        return " ".join(capsys.readouterr().err.split())
+
+    iumask(*args, "--connectivity", "8")
+    assert "2 predicted" in summary()
+    iumask(*args, "--connectivity", "8")
+    assert "0 predicted, 2 already done" in summary()
+    iumask(*args, "--connectivity", "4", expect=2)
+    err = summary()
+    assert "options.connectivity: stored 8, given 4" in err and "--overwrite" in err
+    iumask(*args, "--connectivity", "4", "--overwrite")
+    assert "2 predicted" in summary()
+    record = json.loads((out / "prediction.json").read_text())
+    assert record["finished"] and record["identity"]["options"]["connectivity"] == 4
+
+    # The state a replacement interrupted after its first image leaves: files of both identities.
+    (out / "prediction.json").write_text(json.dumps(dict(record, finished=False, earlier_outputs=False)))
+    iumask(*args, "--connectivity", "4")
+    assert "2 predicted" in summary()
+
+    (out / "prediction.json").unlink()  # a folder written before the record existed
+    iumask(*args, "--connectivity", "4", expect=2)
+    assert "no prediction.json naming the model" in summary()

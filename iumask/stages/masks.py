@@ -42,17 +42,17 @@ def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_p
     folder = data.open(data.train_split)
     model = as_model(model)
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
+    model.check_source(masks.source)
     image_shapes = folder.check_headers()
     resolved = resolve_amp(masks, dev)  # the identity records the precision actually used
     if not overwrite:
         refuse_mislabelled_precision(store_path, masks.amp, resolved.amp, PRECISION_FIX)
     masks = resolved
-    source = model.source(masks.source, dev, masks.passes)
-    dataset = SegmentationDataset(folder, source.size)
-    shapes = [list(source.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
+    dataset = SegmentationDataset(folder, model.size)
+    shapes = [list(model.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
     identity = {
         "image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
-        "options": {**masks.identity(), "image_size": list(source.size) if source.size else None,
+        "options": {**masks.identity(), "image_size": list(model.size) if model.size else None,
                     "split": data.train_split, "ignore_index": folder.classes.ignore_index},
         "member_sha256": model.member_sha256(),
         "dataset_fingerprint": folder.fingerprint(),
@@ -60,12 +60,12 @@ def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_p
     # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
     # --overwrite replacement is built beside the old store); the other ranks open what it opened.
     try:
-        return _write_masks(model, folder, dataset, source, masks, identity, store_path, dev, overwrite, advice)
+        return _write_masks(model, folder, dataset, masks, identity, store_path, dev, overwrite, advice)
     except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
         raise IumaskError(describe_os_error(exc, store_path)) from exc
 
 
-def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, identity: dict, store_path: Path, dev,
+def _write_masks(model: Model, folder, dataset, masks: MaskConfig, identity: dict, store_path: Path, dev,
                  overwrite: bool, advice: StoreAdvice) -> MaskStore:
     writer = (MaskStore.open_or_create(store_path, identity, overwrite=overwrite,
                                        images_per_shard=masks.images_per_shard, advice=advice)
@@ -77,6 +77,9 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
         distributed.barrier()  # every rank has read the completion flags before any rank writes
         if not todo:
             print_cache_hit(store_path)
+        # The members' weights are loaded only when there is an image to compute: a cache hit
+        # decides from the manifests (the identity records their weights' digests).
+        source = model.source(masks.source, dev, masks.passes) if todo else None
         num_classes, ignore = folder.classes.num_classes, folder.classes.ignore_index
         batches = rank_batches(todo, lambda i: identity["image_shapes"][i], masks.batch_size, store.images_per_shard)
         iu_of = InstanceUncertainty(num_classes, ignore, masks.connectivity, masks.instances_from)
@@ -91,8 +94,9 @@ def _write_masks(model: Model, folder, dataset, source, masks: MaskConfig, ident
 
             task = progress.add_task("make-masks", total=len(folder), completed=len(folder) - len(todo), info="")
             advance = functools.partial(progress.update, task, advance=distributed.world_size())  # rank 0: estimate
-            for batch in probability_batches(source, dataset, batches, dev, Precision.resolve(masks.amp, dev),
-                                             normalize=masks.normalize, workers=masks.num_workers):
+            for batch in (probability_batches(source, dataset, batches, dev, Precision.resolve(masks.amp, dev),
+                                              normalize=masks.normalize, workers=masks.num_workers)
+                          if source else ()):
                 # Entropy and argmax on the device; the class ids cross to the host as uint8 (up to
                 # 256 classes). The entropy crosses in float32: IU averages full-precision values
                 # (as the serial path always did); the store rounds both to float16.

@@ -8,6 +8,11 @@ relative to the folder (or the glob's fixed prefix): ``OUT/<kind>/<relative path
 overlays). Every file is written atomically, so an image whose outputs all exist is complete and a
 rerun skips it (``overwrite`` redoes it). An unreadable input is reported, skipped, and listed in
 the result; the other images are still written.
+
+``OUT/prediction.json`` records the identity of the outputs (the members' weights digests and the
+options that change a pixel): a rerun with the same model skips the images whose files exist and
+predicts the rest; another model or other options are refused unless ``overwrite`` (then every
+image is predicted again, and until that run finishes no earlier file counts as done).
 """
 
 from __future__ import annotations
@@ -27,12 +32,13 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from iumask.artifacts import Reuse, reuse_decision
 from iumask.config import PredictConfig
 from iumask.data.dataset import shape_batches
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
-from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error
+from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error, read_json, write_json_atomic
 from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar, warn
@@ -42,6 +48,10 @@ from iumask.transfer import to_host
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
 OUTPUT_KINDS = ("labels", "color", "overlay", "entropy", "iu")
 STORE_NAME = "arrays.zarr"
+# What model and options made the images' files: a folder's outputs are skipped on a rerun only when
+# they are known to be this model's (prediction_identity).
+RECORD_FILE = "prediction.json"
+OTHER_OUTPUTS_FIX = "pass --overwrite to predict every image again, or use another --out folder"
 OVERLAY_ALPHA = 0.5  # weight of the class colours over the image
 HEAT_COLORMAP = "magma"
 _MAGIC = "*?["
@@ -197,6 +207,7 @@ def predict(model: Model | Path, inputs: Path | str, out: Path, options: Predict
     found = find_inputs(inputs, exclude=out)
     dev = resolve_device(device)
     model = as_model(model)
+    model.check_source(options.source)
     classes = model.classes
     resolved = resolve_amp(options, dev)  # the arrays' identity records the precision actually used
     if options.save_arrays and not options.overwrite:
@@ -214,14 +225,18 @@ def predict(model: Model | Path, inputs: Path | str, out: Path, options: Predict
                 result.failed.append((file, str(exc)))
                 warn(f"skipped {exc}")
         paths = [output_paths(out, rel) for _, rel in found]
-        source = model.source(options.source, dev, options.passes)
-        store = _open_store(out, found, shapes, classes, source, options) if options.save_arrays else None
+        identity = prediction_identity(model, options)
+        keep = _outputs_to_keep(out, paths, identity, options.overwrite)
+        store = _open_store(out, found, shapes, classes, identity, options) if options.save_arrays else None
         slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
         try:
-            todo = [i for i in sorted(shapes) if options.overwrite or not _is_done(paths[i], store, slot.get(i))]
+            write_json_atomic(out / RECORD_FILE, {"identity": identity, "finished": False, "earlier_outputs": keep})
+            todo = [i for i in sorted(shapes) if not (keep and _is_done(paths[i], store, slot.get(i)))]
             result.existing = len(shapes) - len(todo)
-            if todo:
-                _run(source, found, todo, shapes, paths, store, slot, classes, options, dev, result)
+            if todo:  # the members are loaded only when there is an image to predict
+                _run(model.source(options.source, dev, options.passes), found, todo, shapes, paths, store, slot,
+                     classes, options, dev, result)
+            write_json_atomic(out / RECORD_FILE, {"identity": identity, "finished": True, "earlier_outputs": True})
             if store is not None:
                 if store.completed().all():
                     store.set_attrs(finished=True, num_complete=store.num_images, ensemble=model.key)
@@ -234,18 +249,46 @@ def predict(model: Model | Path, inputs: Path | str, out: Path, options: Predict
         return result
 
 
+def prediction_identity(model: Model, options: PredictConfig) -> dict:
+    """What the outputs depend on besides the images: the members' weights and the options that
+    change a pixel (the uncertainty source, inference mode, precision actually used, connectivity)."""
+    return {"member_sha256": model.member_sha256(),
+            "options": {**options.identity(), "image_size": list(model.size) if model.size else None}}
+
+
+def _outputs_to_keep(out: Path, paths: list[dict[str, Path]], identity: dict, overwrite: bool) -> bool:
+    """Whether the image files already in ``out`` count as done (:func:`~iumask.artifacts.reuse_decision`
+    on the folder's record): yes when they were written for ``identity`` (by a finished run, or by
+    an unfinished one that did not replace other outputs) or the folder has none; no with
+    ``overwrite``. Outputs of another model or other options, or with no record (written by an
+    earlier iumask), are refused without ``overwrite``."""
+    record = out / RECORD_FILE
+    if record.is_file():
+        stored = read_json(record, "prediction record")
+        decision = reuse_decision(stored.get("identity"), identity, stored.get("finished", False), overwrite,
+                                  f"prediction folder {out}", OTHER_OUTPUTS_FIX)
+        return decision in (Reuse.HIT, Reuse.RESUME) and not overwrite and stored.get("earlier_outputs", False)
+    if not any(file.is_file() for image in paths for file in image.values()):
+        return True  # nothing there yet: what this run writes is this identity's
+    if not overwrite:
+        raise IumaskError(f"{out}: holds predictions with no {RECORD_FILE} naming the model that made them; "
+                          f"{OTHER_OUTPUTS_FIX}")
+    return False
+
+
 def _is_done(paths: dict[str, Path], store: MaskStore | None, index: int | None) -> bool:
     return all(p.is_file() for p in paths.values()) and (store is None or store.is_complete(index))
 
 
-def _open_store(out: Path, found, shapes, classes: ClassInfo, source, options: PredictConfig) -> MaskStore:
-    """The ``--save-arrays`` store: one slot per input whose header could be read."""
+def _open_store(out: Path, found, shapes, classes: ClassInfo, outputs: dict, options: PredictConfig) -> MaskStore:
+    """The ``--save-arrays`` store: one slot per input whose header could be read; ``outputs`` is
+    the folder's :func:`prediction_identity`."""
     identity = {
         "image_ids": [found[i][1].as_posix() for i in sorted(shapes)],
         "image_shapes": [list(shapes[i]) for i in sorted(shapes)],
         "class_names": list(classes.names),
-        "options": {**options.identity(), "image_size": list(source.size) if source.size else None},
-        "member_sha256": source.member_sha256(),
+        "options": outputs["options"],
+        "member_sha256": outputs["member_sha256"],
         "dataset_fingerprint": None,  # unlabeled inputs: the image ids and shapes identify them
     }
     out.mkdir(parents=True, exist_ok=True)
