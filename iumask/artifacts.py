@@ -218,16 +218,16 @@ def member_reuse(folder: Path, identity: dict, overwrite: bool, warn) -> Reuse:
     from is the checkpoint's own decision. ``warn(message)`` reports damaged weights."""
     manifest_path = folder / MANIFEST_FILE
     manifest = read_json(manifest_path, "model manifest") if manifest_path.is_file() else None
-    decision = reuse_decision(None if manifest is None else {k: manifest.get(k) for k in identity}, identity,
-                              bool(manifest and manifest.get("complete")), overwrite, f"the model in {folder}",
-                              "pass --overwrite to replace it or choose another --out")
-    if decision is Reuse.HIT:
+    stored = None if manifest is None else {k: manifest.get(k) for k in identity}
+    finished = bool(manifest and manifest.get("complete"))
+    if finished and same_identity(stored, identity):
         problem = weights_problem(folder, manifest)
         if problem is not None:
-            # Same inputs, unusable weights: nothing worth keeping, so retrain without --overwrite.
+            # Same inputs, unusable weights: not finished, so trained again without --overwrite.
             warn(f"{folder}: {problem}; training this member again")
-            return Reuse.FRESH
-    return decision
+            finished = False
+    return reuse_decision(stored, identity, finished, overwrite, f"the model in {folder}",
+                          "pass --overwrite to replace it or choose another --out")
 
 
 def members_weights(folder: Path, names: list[str]) -> list[str | None]:

@@ -36,6 +36,7 @@ from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
 from iumask.errors import IumaskError
 from iumask.files import json_normal
+from iumask.store import StoreAdvice
 
 FORMAT_VERSION = 1  # of member manifests and results files
 
@@ -403,6 +404,16 @@ class LossConfig:
 
 
 # ----------------------------------------------------------------------------- masks and evaluation
+
+
+# What a mask store's messages tell the user to do: make-masks and the commands that read its stores
+# (train-weighted, stats) name --store; run and experiment keep the store inside their --out.
+MAKE_MASKS_ADVICE = StoreAdvice(other_path="use another --store path", overwrite="pass --overwrite to recompute it",
+                                remake="rerun iumask make-masks with --overwrite (or use another --store path)",
+                                missing="run iumask make-masks first or fix the --store path")
+OUT_FOLDER_ADVICE = StoreAdvice(other_path="use another --out folder", overwrite="pass --overwrite to recompute it",
+                                remake="rerun with --overwrite (or use another --out folder)",
+                                missing="rerun the command that makes it")
 
 
 @dataclass(frozen=True)

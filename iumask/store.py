@@ -96,20 +96,14 @@ _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
 
 @dataclass(frozen=True)
 class StoreAdvice:
-    """What the store's messages tell the user to do, in the options of the command that writes or
-    reads it: make-masks and the readers of its stores name ``--store`` (the default); predict
-    ``--save-arrays`` writes one inside ``--out``, as ``run`` and ``experiment`` do."""
+    """What the store's messages tell the user to do. The store speaks the Python API's words by
+    default; a command passes its own (make-masks names its store option, predict and ``run`` their
+    output folder: :mod:`iumask.stages.masks`), so no command's option name is written here."""
 
-    other_path: str = "use another --store path"  # a path the store cannot be written to
-    overwrite: str = "pass --overwrite to recompute it"  # a store made from other inputs is there
-    remake: str = "rerun iumask make-masks with --overwrite (or use another --store path)"  # unreadable
-    missing: str = "run iumask make-masks first or fix the --store path"  # nothing there
-
-
-MAKE_MASKS_ADVICE = StoreAdvice()
-# A store that a command keeps inside its --out folder (run, experiment).
-OUT_FOLDER_ADVICE = StoreAdvice(other_path="use another --out folder", remake="rerun with --overwrite (or use "
-                                "another --out folder)", missing="rerun the command that makes it")
+    other_path: str = "use another path"  # a path the store cannot be written to
+    overwrite: str = "pass overwrite=True to recompute it"  # a store made from other inputs is there
+    remake: str = "make it again with overwrite=True (or at another path)"  # unreadable
+    missing: str = "make it first or fix the path"  # nothing there
 
 
 def format_version(num_classes: int) -> int:
@@ -207,7 +201,7 @@ def _discard_staged(path: Path, advice: StoreAdvice) -> None:
         lock.close()
 
 
-def _recover_swap(path: Path, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> None:
+def _recover_swap(path: Path, advice: StoreAdvice = StoreAdvice()) -> None:
     """Clean up after a replacement of ``path`` killed inside :meth:`MaskStore.commit`: if the old
     store is set aside and the new one not yet in place, the old one goes back (the commit did not
     happen; a rerun resumes the finished replacement from its staging folder); if the new one is in
@@ -244,7 +238,7 @@ class MaskStore:
         self._shard_locks_lock = threading.Lock()
         self._locks: list[WriterLock] = []
         self._replaces: tuple[Path, WriterLock] | None = None  # (old store, its lock) that commit() replaces
-        self.advice = MAKE_MASKS_ADVICE  # what its messages tell the user to do
+        self.advice = StoreAdvice()  # what its messages tell the user to do (a command passes its own)
 
     def _bind(self, path: Path, group: zarr.Group | None = None) -> None:
         """Point at the store in ``path`` (after it was renamed there)."""
@@ -258,7 +252,7 @@ class MaskStore:
     # ------------------------------------------------------------------ construction
     @classmethod
     def create(cls, path, identity: dict, overwrite: bool = False, images_per_shard: int | None = None,
-               advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
+               advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
         """Create an empty store (all images incomplete); ``format_version`` is added here. An existing
         store is replaced only with ``overwrite``. ``images_per_shard``: 1 for one file per image and
         array (unsharded), None for :func:`default_images_per_shard`. Holds the writer lock until
@@ -274,7 +268,7 @@ class MaskStore:
 
     @classmethod
     def open_or_create(cls, path, identity: dict, overwrite: bool = False,
-                       images_per_shard: int | None = None, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
+                       images_per_shard: int | None = None, advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
         """The writer's store, holding the writer lock until :meth:`close`: the store at ``path`` if it
         was made from the same identity (to resume), else a new one (replacing a store needs
         ``overwrite``). A replacement is built beside the old store, which stays in place until
@@ -305,8 +299,8 @@ class MaskStore:
                     raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
                                       f"or {advice.other_path}")
                 if not _looks_like_store(path):
-                    raise IumaskError(f"{path} is not a mask store (it holds other files), so --overwrite will not "
-                                      f"delete it; {advice.other_path}")
+                    raise IumaskError(f"{path} is not a mask store (it holds other files), so iumask will not "
+                                      f"replace it; {advice.other_path}")
             elif path.exists() or path.is_symlink():
                 raise IumaskError(f"{path} is not a directory; remove it yourself or {advice.other_path}")
             store = cls._staged(_sibling(path, _STAGED), path, identity, resume, images_per_shard, advice)
@@ -424,7 +418,7 @@ class MaskStore:
         return cls(path, group, "r+")
 
     @classmethod
-    def open(cls, path, mode: str = "r", advice: StoreAdvice = MAKE_MASKS_ADVICE) -> "MaskStore":
+    def open(cls, path, mode: str = "r", advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
         """Open an existing store for reading (``"r"``) or resuming (``"r+"``), without the writer
         lock (for readers, and the ranks of a job whose rank 0 holds it). ``advice``: see :meth:`create`."""
         if mode not in ("r", "r+"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -141,6 +142,42 @@ def test_one_place_computes_entropy_and_iu_from_probabilities():
                 if name in MAP_FUNCTIONS:
                     callers.setdefault(module, []).append(f"{name} (line {node.lineno})")
     assert not callers, f"entropy/IU computed outside iumask.inference: {callers}"
+
+
+def _strings(path: Path) -> list[tuple[int, str]]:
+    """(line, text) of every string constant in ``path`` but the docstrings (f-strings' fixed parts too)."""
+    tree = ast.parse(path.read_text(), str(path))
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef))
+                  and node.body and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)}
+    return [(node.lineno, node.value) for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings]
+
+
+def test_the_store_names_no_command_option():
+    """The store is used by several commands (make-masks, predict, run, experiment) and from Python:
+    each passes its own advice (store.StoreAdvice), so no message of store.py names an option."""
+    named = [(line, text) for line, text in _strings(MODULES["iumask.store"]) if re.search(r"(?<![\w-])--[a-z]", text)]
+    assert not named, f"store.py messages name command options: {named}"
+
+
+def test_one_function_makes_the_reuse_decision():
+    """Members, checkpoints, mask stores and predict's folder all decide with
+    artifacts.reuse_decision: no other function returns a Reuse value of its own."""
+    deciders = []
+    for module, path in MODULES.items():
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if not isinstance(function, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                continue
+            for node in ast.walk(function):
+                if isinstance(node, ast.Return) and any(_is_reuse_member(value) for value in (
+                        [node.value.body, node.value.orelse] if isinstance(node.value, ast.IfExp) else [node.value])):
+                    deciders.append(f"{module}.{function.name} (line {node.lineno})")
+    assert {decider.split(" ")[0] for decider in deciders} == {"iumask.artifacts.reuse_decision"}, deciders
+
+
+def _is_reuse_member(node) -> bool:
+    return isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "Reuse"
 
 
 # ----------------------------------------------------------------------------- start-up

@@ -140,7 +140,7 @@ def test_open_or_create_mismatch_and_overwrite(tmp_path):
     with pytest.raises(StoreMismatchError) as info:
         MaskStore.open_or_create(path, other)
     message = str(info.value)
-    assert "\n" not in message and str(path) in message and "--overwrite" in message
+    assert "\n" not in message and str(path) in message and "overwrite=True" in message
     assert "options.connectivity: stored 8, given 4" in message
 
     ids = make_identity()["image_ids"][:-1] + ["zzz"]
@@ -162,7 +162,7 @@ def test_check_identity_subset(tmp_path):
 def test_create_existing_path(tmp_path):
     path = tmp_path / "s"
     MaskStore.create(path, make_identity())
-    with pytest.raises(IumaskError, match=r"exists.*--overwrite"):
+    with pytest.raises(IumaskError, match=r"exists.*overwrite=True"):
         MaskStore.create(path, make_identity())
     MaskStore.create(path, make_identity(), overwrite=True)
     # create() starts afresh even over a finished store of the same identity (open_or_create would
@@ -205,8 +205,8 @@ def test_open_errors(tmp_path):
     with pytest.raises(IumaskError) as info:
         MaskStore.open(path)
     message = str(info.value)
-    assert str(path) in message and "--overwrite" in message and "\n" not in message
-    # a corrupt store may still be replaced with --overwrite
+    assert str(path) in message and "overwrite=True" in message and "\n" not in message
+    # a corrupt store may still be replaced with overwrite=True
     MaskStore.create(path, make_identity(), overwrite=True)
     MaskStore.open(path)
 
@@ -358,7 +358,7 @@ def test_an_error_keeps_the_buffered_images_and_a_rewrite_keeps_the_shards_other
 def test_a_store_whose_version_and_layout_disagree_is_refused(tmp_path):
     path = tmp_path / "s"
     MaskStore.create(path, make_identity(), images_per_shard=1)._group.attrs["format_version"] = 3
-    with pytest.raises(IumaskError, match=r"format_version 3 but arrays sharded otherwise.*--overwrite"):
+    with pytest.raises(IumaskError, match=r"format_version 3 but arrays sharded otherwise.*overwrite=True"):
         MaskStore.open(path)
 
 

@@ -149,7 +149,7 @@ def test_writer_lock_names_the_holder_and_a_killed_holders_lock_is_taken(tmp_pat
             with pytest.raises(IumaskError) as info:
                 attempt()
             message = str(info.value)
-            assert "\n" not in message and str(path) in message and "another --store" in message
+            assert "\n" not in message and str(path) in message and "use another path" in message
             assert f"pid {holder.pid} on {socket.gethostname()}" in message
         MaskStore.open(path, mode="r+").write(0, *arrays(0))  # another rank of the holder's job
     finally:
@@ -251,7 +251,7 @@ def test_format_version_1_stores_are_read_and_resumed_but_wrapped_ones_refused(t
     # A version-1 store of more than 256 classes holds class ids cut to 8 bits: refused.
     wrapped = tmp_path / "wrapped.zarr"
     legacy_store(wrapped, identity(classes=300))
-    with pytest.raises(IumaskError, match=r"format_version 1 for 300 classes.*--overwrite") as info:
+    with pytest.raises(IumaskError, match=r"format_version 1 for 300 classes.*overwrite=True") as info:
         MaskStore.open(wrapped)
     assert str(wrapped) in str(info.value)
     with MaskStore.open_or_create(wrapped, identity(classes=300), overwrite=True) as store:
@@ -605,7 +605,7 @@ def test_overwrite_with_two_torchrun_processes(models, tmp_path):
 def test_a_store_path_taken_by_a_file_is_refused_in_the_callers_words(tiny_baseline, tmp_path, advice_name, says,
                                                                       never):
     """make-masks names its --store; run and experiment keep the store in their --out folder and say so."""
-    import iumask.store
+    import iumask.config
     from iumask.config import DataConfig, MaskConfig
     from iumask.stages.masks import make_masks
 
@@ -614,7 +614,7 @@ def test_a_store_path_taken_by_a_file_is_refused_in_the_callers_words(tiny_basel
     taken.write_text("a user's file")
     with pytest.raises(IumaskError) as caught:
         make_masks(baseline / "ensemble.json", DataConfig(data), MaskConfig(num_workers=0), taken, device="cpu",
-                   advice=getattr(iumask.store, advice_name))
+                   advice=getattr(iumask.config, advice_name))
     assert says in str(caught.value) and never not in str(caught.value)
     assert taken.read_text() == "a user's file"
 

@@ -41,7 +41,7 @@ from pathlib import Path
 
 from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE
-from iumask.config import LossConfig, MaskConfig
+from iumask.config import OUT_FOLDER_ADVICE, LossConfig, MaskConfig
 from iumask.core import top_class
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import class_differences
@@ -58,7 +58,7 @@ from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
 from iumask.stages.masks import make_masks
 from iumask.stages.train import out_lock, train_baseline, train_online, train_weighted
-from iumask.store import OUT_FOLDER_ADVICE, MaskStore
+from iumask.store import MaskStore
 from iumask.tracking import NO_TRACKER, Tracker, evaluation_metrics
 from iumask.training_log import METRICS_FILE, read_metrics_csv
 from iumask.transfer import to_device, to_host
@@ -454,7 +454,7 @@ class Experiment:
         name = next(iter(self.stores()), None)
         if name is None or _store_status(self.out / "masks" / name) != "done":
             return None
-        return MaskStore.open(self.out / "masks" / name)
+        return MaskStore.open(self.out / "masks" / name, advice=OUT_FOLDER_ADVICE)
 
 
 # An evaluation under torchrun: the ranks share its images (alone: the plain evaluation).

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from iumask import distributed
-from iumask.config import DataConfig, MaskConfig
+from iumask.config import MAKE_MASKS_ADVICE, DataConfig, MaskConfig
 from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
@@ -23,7 +23,7 @@ from iumask.files import describe_os_error
 from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import print_cache_hit, progress_bar
-from iumask.store import MAKE_MASKS_ADVICE, MaskStore, StoreAdvice, refuse_mislabelled_precision
+from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
 from iumask.transfer import to_host
 
 # What to do about a store that records an autocast mode this device cannot run (docs/store.md).

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from iumask import distributed
 from iumask.artifacts import MANIFEST_FILE
-from iumask.config import RunConfig
+from iumask.config import OUT_FOLDER_ADVICE, RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import resolve_device
 from iumask.files import folder_writer_lock, read_json
@@ -19,7 +19,6 @@ from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
 from iumask.stages.train import train_baseline, train_online, train_weighted
-from iumask.store import OUT_FOLDER_ADVICE
 from iumask.tracking import NO_TRACKER, Tracker, evaluation_metrics
 
 

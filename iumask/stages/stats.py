@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from iumask.config import MAKE_MASKS_ADVICE
 from iumask.data.formats import open_dataset
 from iumask.dataset_stats import cached_label_statistics, mask_statistics
 from iumask.errors import IumaskError
@@ -33,7 +34,7 @@ def write_statistics(
     """Write ``stats.json`` and ``class_histogram.png`` (and, with a mask store, ``masks.png``)
     into ``out``; return the stats.json content. A store must have been made from this split."""
     dataset = open_dataset(data_root, split, format, conditions)
-    store = MaskStore.open(store_path) if store_path is not None else None
+    store = MaskStore.open(store_path, advice=MAKE_MASKS_ADVICE) if store_path is not None else None
     fingerprint = dataset.fingerprint()
     if store is not None:
         store.check_identity({"image_ids": dataset.ids, "dataset_fingerprint": fingerprint}, fix=STORE_FIX)

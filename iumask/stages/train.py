@@ -31,6 +31,7 @@ from iumask import distributed
 from iumask.artifacts import CHECKPOINT_FILE, MANIFEST_FILE, Reuse, member_reuse, write_ensemble
 from iumask.config import (
     FORMAT_VERSION,
+    MAKE_MASKS_ADVICE,
     AugmentConfig,
     DataConfig,
     LossConfig,
@@ -271,7 +272,7 @@ def train_weighted(data: DataConfig, model: ModelConfig, train: TrainConfig, los
 def checked_mask_store(data: DataConfig, store_path: Path) -> tuple[MaskStore, tuple[int, int] | None]:
     """The finished mask store of ``data``'s training split, opened for reading, and the image size
     it was made at (None: each image's own): train-weighted's check before any training."""
-    store = MaskStore.open(store_path)
+    store = MaskStore.open(store_path, advice=MAKE_MASKS_ADVICE)
     train_folder = data.open(data.train_split)
     identity = store.identity
     size = identity["options"].get("image_size")
