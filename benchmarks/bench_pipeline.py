@@ -92,7 +92,7 @@ def make_ensemble(work: Path, args) -> tuple[Path, Path]:
 def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     from iumask.config import DataConfig, MaskConfig
     from iumask.data.dataset import SegmentationDataset
-    from iumask.inference import load_source
+    from iumask.inference import Model, load_source
     from iumask.stages.masks import make_masks
     from iumask.transfer import to_device
 
@@ -120,7 +120,8 @@ def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
         for name, options in variants.items():
             store = work / f"masks-{name}-{time.perf_counter_ns()}.zarr"
             seconds.setdefault(name, []).append(
-                timed(lambda o=options, s=store: make_masks(ensemble, DataConfig(data), o, s, device=args.device)))
+                timed(lambda o=options, s=store: make_masks(Model.resolve(ensemble), DataConfig(data), o, s,
+                                                            device=args.device)))
     runs = {name: statistics.median(values) for name, values in seconds.items()}
     log(f"\n1. ensemble of {len(args.encoders)} ({', '.join(args.encoders)}), {n} images of "
         f"{args.size[0]}x{args.size[1]}, batch {batch}, device {device}")
@@ -304,11 +305,12 @@ import resource, sys
 from pathlib import Path
 from iumask.config import DataConfig, MaskConfig
 from iumask.data.synthetic import generate_synthetic
+from iumask.inference import Model
 from iumask.stages.masks import make_masks
 ensemble, work, n, h, w, device = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
     int(sys.argv[5]), sys.argv[6]
 data = generate_synthetic(work / f"data-{n}", num_train=n, num_val=1, height=h, width=w, seed=3)
-make_masks(ensemble, DataConfig(data), MaskConfig(), work / f"memory-{n}.zarr", device=device)
+make_masks(Model.resolve(ensemble), DataConfig(data), MaskConfig(), work / f"memory-{n}.zarr", device=device)
 print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 

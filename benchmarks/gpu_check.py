@@ -299,22 +299,22 @@ class Checker:
         return "PASS", text
 
     def check_pinned(self, ensemble: Path, data: Path) -> tuple[str, str]:
-        from iumask import engine
+        from iumask import engine, inference
         from iumask.config import AugmentConfig, DataConfig, LossConfig, MaskConfig, ModelConfig, TrainConfig
-        from iumask.stages import masks as masks_stage
+        from iumask.inference import Model
         from iumask.stages.masks import make_masks
         from iumask.stages.train import train_baseline
 
         seen: dict[str, list[tuple[bool, bool]]] = {}
-        originals = {module: module.DataLoader for module in (engine, masks_stage)}
+        originals = {module: module.DataLoader for module in (engine, inference)}  # the loaders' modules
         # The stages' own progress lines go to the log, not between the CHECK lines.
         with open(self.logs / "pinned-memory.log", "w") as sink, contextlib.redirect_stdout(sink), \
                 contextlib.redirect_stderr(sink):
             try:
                 for module, loader in originals.items():
                     module.DataLoader = recording_loader(loader, seen, module.__name__.rsplit(".", 1)[-1])
-                make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4), self.work / "pinned.zarr",
-                           device=self.device)
+                make_masks(Model.resolve(ensemble), DataConfig(data), MaskConfig(batch_size=4),
+                           self.work / "pinned.zarr", device=self.device)
                 train_baseline(DataConfig(data), ModelConfig(("mobilenet_v2",)),
                                TrainConfig(epochs=1, batch_size=4, lr=1e-3), LossConfig(exponent=0.0),
                                AugmentConfig(enabled=False), self.work / "pinned-train", device=self.device)
@@ -323,7 +323,7 @@ class Checker:
                     module.DataLoader = loader
         parts = []
         ok = True
-        for where in ("masks", "engine"):
+        for where in ("inference", "engine"):  # make-masks' loop, training's
             batches = seen.get(where, [])
             pinned = sum(p for _, p in batches)
             flagged = sum(f for f, _ in batches)

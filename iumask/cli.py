@@ -51,7 +51,7 @@ from iumask.config import (
 from iumask.core import LOSS_METHODS
 from iumask.download import DATASETS
 from iumask.errors import IumaskError
-from iumask.files import check_writable, describe_os_error, folder_lock
+from iumask.files import check_writable, describe_os_error
 from iumask.progress import console
 from iumask.tables import print_results
 
@@ -330,13 +330,14 @@ def make_masks(
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit. Images
     are decoded in loader workers and their IU and store writes run in background threads while
     the next batch is on the device."""
+    from iumask.inference import Model
     from iumask.stages.masks import make_masks as stage
 
     masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size, num_workers=workers,
                        amp=amp, images_per_shard=images_per_shard)
     data_options = data_config(data, None, format, conditions, train_split=split)
     check_writable(store.parent)
-    result = stage(ensemble, data_options, masks, store, device, overwrite)
+    result = stage(Model.resolve(ensemble), data_options, masks, store, device, overwrite)
     pixels = sum(h * w for h, w in result.image_shapes)
     console.print(f"store: {store} ({result.num_images} images, mean entropy {result.attrs['mean_entropy']:.4f}, "
                   f"{result.nbytes_stored() / pixels:.2f} bytes/pixel)")
@@ -419,24 +420,16 @@ def evaluate(
     """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
     ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
     from iumask import distributed
-    from iumask.stages.evaluate import evaluate as stage
-    from iumask.stages.evaluate import merge_results, write_results
+    from iumask.inference import Model
+    from iumask.stages.evaluate import evaluate_into as stage
 
     options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp,
                          temperature_split if temperature_scale else None, batch_size)
-    data_options = data_config(data, None, format, conditions)
-    # Refuse a foreign --output file, or one over other classes, before any work.
-    merge_results(output, [], classes=list(data_options.open(split).classes.names))
-    # The output folder is created once the models and data are checked, before the first model runs.
-    # Under torchrun the ranks share the images and rank 0 writes the results.
-    results = stage(model, data_options, options, device, before_work=lambda: check_writable(output.parent),
-                    across_ranks=True)
+    models = [Model.resolve(m) for m in model]
+    _, kept, replaced = stage(models, data_config(data, None, format, conditions), options, output, device,
+                              on_results=print_results)
     if not distributed.is_main():
         return
-    print_results(results)  # shown even if the file cannot be written
-    with folder_lock(output.parent):  # concurrent evaluates into one file keep each other's results
-        merged, kept, replaced = merge_results(output, results)
-        write_results(merged, output)
     note = f" (kept {kept} earlier result(s), replaced {replaced})" if kept or replaced else ""
     console.print(f"results: {output} and {output.with_suffix('.csv')}{note}")
 
@@ -462,18 +455,20 @@ def predict(
     workers: Workers = "auto",
     device: Device = "auto",
     amp: AmpOpt = Amp.OFF,
-    overwrite: Annotated[bool, typer.Option(help="Predict every image again, even those whose outputs "
-                                            "exist (by default a rerun skips them).")] = False,
+    overwrite: Annotated[bool, typer.Option(help="Predict every image again, also over the outputs of another "
+                                            "model or other options, which are refused otherwise (by default "
+                                            "a rerun skips images whose outputs exist).")] = False,
 ):
     """Apply a trained model or ensemble to unlabeled images: per image at its own resolution the
     predicted labels, class colours, an overlay, and entropy and IU heat maps on the fixed scale
     [0, ln C]. A rerun skips images already done; unreadable inputs are skipped and listed."""
+    from iumask.inference import Model
     from iumask.stages.predict import predict as stage
     from iumask.stages.predict import print_summary
 
     options = PredictConfig(source, passes, inference, batch_size, workers, save_arrays, overwrite, connectivity,
                             amp)
-    result = stage(model, input, out, options, device)
+    result = stage(Model.resolve(model), input, out, options, device)
     print_summary(result)
     if result.failed:
         names = ", ".join(str(path) for path, _ in result.failed)

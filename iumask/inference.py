@@ -387,9 +387,13 @@ def _checked_stamped(folder: Path) -> tuple[dict, tuple | None]:
     return checked_manifest(folder), stamp
 
 
-def as_model(model: Model | str | os.PathLike) -> Model:
-    """``model`` itself, or the model at that path resolved (:meth:`Model.resolve`)."""
-    return model if isinstance(model, Model) else Model.resolve(model)
+def require_model(model: Model) -> Model:
+    """``model``, refusing anything else: stages take models resolved once (:meth:`Model.resolve`),
+    never a path that each would resolve again."""
+    if not isinstance(model, Model):
+        raise TypeError(f"a stage takes a Model, not {type(model).__name__} {model!r}: pass "
+                        "iumask.inference.Model.resolve(path)")
+    return model
 
 
 def member_digests(manifests: list[dict]) -> dict[str, str]:

@@ -38,7 +38,6 @@ cut short, and resumes a staged store made from the same inputs.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
 import shutil
@@ -53,7 +52,7 @@ from zarr.codecs import BloscCodec
 
 from iumask.artifacts import Reuse, require_same_inputs, reuse_decision, same_identity
 from iumask.errors import IumaskError, StoreMismatchError
-from iumask.files import LOCK_FILE, WriterLock, json_normal
+from iumask.files import LOCK_FILE, StagedDirectory, WriterLock, json_normal
 
 # Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
 # a byte stay version 1, the same layout as before, so older iumask still reads them; it would
@@ -173,18 +172,10 @@ def _looks_like_store(path: Path) -> bool:
     return not names or (metadata and all(map(_is_own, names)))
 
 
-def _sibling(path: Path, kind: str) -> Path:
-    """The hidden folder beside ``path`` where a store is staged (``new``) or set aside (``old``)."""
-    path = Path(os.path.abspath(path))
-    return path.with_name(f".{path.name}.iumask-{kind}")
-
-
-def _remove_own(path: Path) -> None:
-    """Delete one of iumask's hidden siblings; refuse if it holds files iumask did not write."""
-    if not _only_own(path):
-        raise IumaskError(f"{path} holds files iumask did not write, so iumask will not delete it; "
-                          "move them elsewhere and rerun")
-    shutil.rmtree(path)
+def _sibling(path: Path, kind: str) -> StagedDirectory:
+    """The hidden folder beside ``path`` where a store is staged (``new``) or set aside (``old``):
+    iumask's to delete only when it holds nothing but a store's files."""
+    return StagedDirectory(path, kind, _only_own)
 
 
 def _discard_staged(path: Path, advice: StoreAdvice) -> None:
@@ -192,11 +183,11 @@ def _discard_staged(path: Path, advice: StoreAdvice) -> None:
     stopped on bad data) once the store in place is kept: it would never be swapped in. A writer
     still building it holds its lock, and then this stops with the lock's message."""
     staged = _sibling(path, _STAGED)
-    if not staged.is_dir():
+    if not staged.path.is_dir():
         return
-    lock = _store_lock(staged, path, advice)
+    lock = _store_lock(staged.path, path, advice)
     try:
-        _remove_own(staged)
+        staged.remove()
     finally:
         lock.close()
 
@@ -207,14 +198,14 @@ def _recover_swap(path: Path, advice: StoreAdvice = StoreAdvice()) -> None:
     happen; a rerun resumes the finished replacement from its staging folder); if the new one is in
     place, the old one is removed."""
     aside = _sibling(path, _ASIDE)
-    if not aside.is_dir():
+    if not aside.path.is_dir():
         return
-    lock = _store_lock(aside, path, advice)  # a live process in the middle of the swap holds it
+    lock = _store_lock(aside.path, path, advice)  # a live process in the middle of the swap holds it
     try:
         if path.exists() or path.is_symlink():
-            _remove_own(aside)
+            aside.remove()
         else:
-            os.rename(aside, path)
+            aside.rename_into_place("a store appeared there while the old one was put back; rerun the command")
     finally:
         lock.close()
 
@@ -303,19 +294,15 @@ class MaskStore:
                                       f"replace it; {advice.other_path}")
             elif path.exists() or path.is_symlink():
                 raise IumaskError(f"{path} is not a directory; remove it yourself or {advice.other_path}")
-            store = cls._staged(_sibling(path, _STAGED), path, identity, resume, images_per_shard, advice)
+            staged = _sibling(path, _STAGED)
+            store = cls._staged(staged.path, path, identity, resume, images_per_shard, advice)
             if replaces:
                 store._replaces = (path, lock)
             else:  # nothing there, or debris of a store killed while being created: the new store goes in now
                 if path.is_dir():
                     shutil.rmtree(path)
-                try:
-                    os.rename(store.path, path)
-                except OSError as exc:
-                    if exc.errno not in (errno.EEXIST, errno.ENOTEMPTY):
-                        raise
-                    raise IumaskError(f"mask store {path} was created by another process meanwhile; rerun the "
-                                      "command") from None
+                staged.rename_into_place("a mask store was created there by another process meanwhile; rerun "
+                                         "the command")
                 store._bind(path)
                 if lock is not None:
                     lock.close()
@@ -464,9 +451,9 @@ class MaskStore:
         if self._replaces is None:
             return
         target, old_lock = self._replaces
-        aside = _sibling(target, _ASIDE)
+        aside = _sibling(target, _ASIDE).path
         os.rename(target, aside)
-        os.rename(self.path, target)
+        _sibling(target, _STAGED).rename_into_place("a store appeared there during the swap; rerun the command")
         shutil.rmtree(aside)
         old_lock.close()
         self._replaces = None

@@ -158,7 +158,7 @@ def _fetch(out: Path, server: Server, sums=None) -> bool:
 def _assert_clean(out: Path) -> None:
     """No dataset and no staging leftover that could be taken for one."""
     assert not out.exists()
-    assert not download.staging_path(out).exists()
+    assert not download.staging(out).path.exists()
     assert sorted(p.name for p in out.parent.iterdir()) == []
 
 
@@ -299,7 +299,7 @@ def test_an_interrupted_download_leaves_nothing(server, tmp_path, monkeypatch):
 
 def test_a_leftover_staging_folder_is_removed_and_the_download_restarts(server, tmp_path):
     out = tmp_path / "camvid"
-    staging = download.staging_path(out)
+    staging = download.staging(out).path
     staging.mkdir()
     (staging / download.STAGING_MARKER).write_text("")
     (staging / "train").mkdir()
@@ -310,10 +310,10 @@ def test_a_leftover_staging_folder_is_removed_and_the_download_restarts(server, 
 
 def test_a_foreign_staging_folder_is_refused(server, tmp_path):
     out = tmp_path / "camvid"
-    staging = download.staging_path(out)
+    staging = download.staging(out).path
     staging.mkdir()
     (staging / "mine.txt").write_text("keep me")
-    with raises_naming(str(staging), "not made by iumask download", error=IumaskError):
+    with raises_naming(str(staging), "iumask did not write", "will not delete it", error=IumaskError):
         _fetch(out, server)
     assert (staging / "mine.txt").read_text() == "keep me" and not out.exists()
 
@@ -332,7 +332,7 @@ def test_an_out_folder_that_is_not_a_verified_camvid_is_refused_untouched(server
     with raises_naming(str(out), "not a verified CamVid", "nothing was changed", "--out", error=IumaskError):
         _fetch(out, server)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
-    assert server.requests == requests and not download.staging_path(out).exists()
+    assert server.requests == requests and not download.staging(out).path.exists()
 
 
 def test_an_out_parent_that_cannot_be_written_fails_before_downloading(server, tmp_path):

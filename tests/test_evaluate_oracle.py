@@ -39,6 +39,7 @@ from testdata import camvid_labels, downsample, ids_of, read_label
 
 import iumask
 from iumask.config import DataConfig, EvalConfig
+from iumask.inference import Model
 from iumask.models import load_member
 from iumask.stages import evaluate as evaluate_stage
 from iumask.store import MaskStore
@@ -63,7 +64,8 @@ def read_rgb(root: Path, split: str, image_id: str) -> np.ndarray:
 
 def evaluate(models, root, split, device="cpu", **options):
     """The evaluate stage with the options spelled as on the command line."""
-    return evaluate_stage.evaluate(models, DataConfig(root), EvalConfig(split, **options), device)
+    return evaluate_stage.evaluate([Model.resolve(m) for m in models], DataConfig(root), EvalConfig(split, **options),
+                                   device)
 
 
 def to_input(rgb: np.ndarray, manifest: dict) -> torch.Tensor:
@@ -338,7 +340,7 @@ def test_cached_evaluate_recomputes_when_options_or_data_change(data, ensemble, 
 
     def cached(window: int) -> tuple[dict, bool]:
         capsys.readouterr()
-        (result,) = evaluate_stage.cached_evaluate(model, DataConfig(root), EvalConfig(
+        (result,) = evaluate_stage.cached_evaluate([Model.resolve(m) for m in model], DataConfig(root), EvalConfig(
             "val", pavpu_threshold=threshold, pavpu_window=window), results_file, "cpu")
         return result, "cache hit" in capsys.readouterr().err
 
@@ -538,8 +540,8 @@ def test_evaluate_writes_per_image_counts_beside_the_results(data, ensemble, mem
 
     def cached() -> tuple[dict, bool]:
         capsys.readouterr()
-        (result,) = evaluate_stage.cached_evaluate([ensemble / "ensemble.json"], DataConfig(data), options,
-                                                   results_file, "cpu")
+        (result,) = evaluate_stage.cached_evaluate([Model.resolve(ensemble / "ensemble.json")], DataConfig(data),
+                                                   options, results_file, "cpu")
         return result, "cache hit" in capsys.readouterr().err
 
     result, hit = cached()

@@ -144,6 +144,23 @@ def test_one_place_computes_entropy_and_iu_from_probabilities():
     assert not callers, f"entropy/IU computed outside iumask.inference: {callers}"
 
 
+def test_stages_take_model_objects():
+    """A stage's model parameter is a resolved Model (inference.Model), never a path each stage would
+    resolve again: the CLI, run and experiment resolve a path once."""
+    wrong = []
+    for module, path in MODULES.items():
+        if not module.startswith("iumask.stages."):
+            continue
+        for function in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(function, ast.FunctionDef) and not function.name.startswith("_"):
+                for arg in function.args.args + function.args.kwonlyargs:
+                    if arg.arg in ("model", "models") and arg.annotation is not None:
+                        annotation = ast.unparse(arg.annotation)
+                        if annotation not in ("Model", "list[Model]", "ModelConfig", "torch.nn.Module"):  # a network
+                            wrong.append(f"{module}.{function.name}({arg.arg}: {annotation})")
+    assert not wrong, f"stages taking something else than a Model: {wrong}"
+
+
 def _strings(path: Path) -> list[tuple[int, str]]:
     """(line, text) of every string constant in ``path`` but the docstrings (f-strings' fixed parts too)."""
     tree = ast.parse(path.read_text(), str(path))

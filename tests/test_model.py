@@ -82,7 +82,8 @@ def test_identities_are_those_the_earlier_code_computed(ensemble):
                "options": {"format": "auto", "conditions": None, "evaluation": options.identity()}}
     model = Model.resolve(baseline)
     assert evaluation_identity([model], config, options) == earlier
-    assert evaluation_identity([baseline], config, options) == earlier  # a path is resolved first
+    with pytest.raises(TypeError, match=r"Model.resolve\(path\)"):  # a stage takes a model, never a path
+        evaluation_identity([baseline], config, options)
     assert model.member_sha256() == {m.get("name", m["encoder"]): m["weights_sha256"] for m in manifests}
     assert model.size == (tuple(manifests[0]["image_size"]) if manifests[0].get("image_size") else None)
 

@@ -18,6 +18,7 @@ from test_store_reliability import killed
 from iumask.config import DataConfig, MaskConfig
 from iumask.core import instance_uncertainty_batch
 from iumask.data.synthetic import generate_synthetic
+from iumask.inference import Model
 from iumask.overlap import BackgroundPool, resolve_workers
 from iumask.stages.masks import make_masks
 from iumask.store import MaskStore
@@ -146,10 +147,10 @@ def test_overlapped_make_masks_writes_the_serial_store(baseline, tmp_path, monke
     # Serial into a file per image; background threads into shards of 3 images (written when
     # whole, by whichever thread finishes a shard's last image): the same values.
     monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
-    make_masks(ensemble, options, MaskConfig(batch_size=3, num_workers=0, images_per_shard=1),
+    make_masks(Model.resolve(ensemble), options, MaskConfig(batch_size=3, num_workers=0, images_per_shard=1),
                tmp_path / "serial.zarr", device="cpu")
     monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "3")
-    make_masks(ensemble, options, MaskConfig(batch_size=3, num_workers=2, images_per_shard=3),
+    make_masks(Model.resolve(ensemble), options, MaskConfig(batch_size=3, num_workers=2, images_per_shard=3),
                tmp_path / "overlap.zarr", device="cpu")
     assert (MaskStore.open(tmp_path / "serial.zarr").images_per_shard,
             MaskStore.open(tmp_path / "overlap.zarr").images_per_shard) == (1, 3)
@@ -159,7 +160,7 @@ def test_overlapped_make_masks_writes_the_serial_store(baseline, tmp_path, monke
 def test_make_masks_killed_with_images_in_the_pool_resumes_to_the_serial_store(baseline, tmp_path, monkeypatch):
     ensemble, data = baseline
     monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
-    make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
+    make_masks(Model.resolve(ensemble), DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
                tmp_path / "serial.zarr", device="cpu")
     store = tmp_path / "killed.zarr"
     args = ["make-masks", "--ensemble", ensemble, "--data", data, "--store", store, "--device", "cpu",
@@ -246,7 +247,7 @@ def test_make_masks_batches_images_of_one_size_made_without_a_training_size(base
     ensemble, data = baseline
     monkeypatch.setenv("IUMASK_BACKGROUND_THREADS", "0")
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
-        make_masks(ensemble, DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
+        make_masks(Model.resolve(ensemble), DataConfig(data), MaskConfig(batch_size=4, num_workers=0),
                    tmp_path / "m.zarr", device="cpu")
     batches = {event.input_shapes[0][0] for event in prof.events()
                if event.name == "aten::conv2d" and event.input_shapes and event.input_shapes[0]}

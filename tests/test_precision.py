@@ -15,6 +15,7 @@ from cli_runner import iumask
 
 from iumask.config import DataConfig, EvalConfig
 from iumask.device import Precision
+from iumask.inference import Model
 from iumask.stages.evaluate import cached_evaluate, evaluation_identity
 from iumask.store import MaskStore
 
@@ -86,10 +87,10 @@ def test_an_evaluation_records_the_precision_used_and_warns_once(trained, tmp_pa
     data, baseline = trained
     config, fp16 = DataConfig(data), EvalConfig(split="val", amp="fp16", temperature_split="val")
     capsys.readouterr()
-    cached_evaluate([baseline], config, fp16, tmp_path / "results.json", "cpu")
+    cached_evaluate([Model.resolve(baseline)], config, fp16, tmp_path / "results.json", "cpu")
     assert capsys.readouterr().err.count(FALLBACK) == 1  # one line, though three passes run
     off = EvalConfig(split="val", temperature_split="val")
     assert json.loads((tmp_path / "results.json").read_text())["identity"] == \
-        evaluation_identity([baseline], config, off)
-    cached_evaluate([baseline], config, off, tmp_path / "results.json", "cpu")  # float32 both times
+        evaluation_identity([Model.resolve(baseline)], config, off)
+    cached_evaluate([Model.resolve(baseline)], config, off, tmp_path / "results.json", "cpu")  # float32 both times
     assert "cache hit" in capsys.readouterr().err

@@ -16,6 +16,7 @@ from cli_runner import TINY_TRAIN, iumask
 from iumask import engine
 from iumask.artifacts import Reuse, comparable_identity, reuse_decision, same_identity
 from iumask.errors import StoreMismatchError
+from iumask.inference import Model
 
 
 class _Colour(Enum):
@@ -144,8 +145,9 @@ def test_overwrite_keeps_a_store_of_the_same_inputs_and_every_cache_hit_says_one
     from iumask.stages.evaluate import cached_evaluate
 
     results, options = tmp_path / "r.json", EvalConfig(num_workers=0, pavpu_threshold=0.5)
-    first = cached_evaluate([baseline / "ensemble.json"], DataConfig(data), options, results, device="cpu")
+    model = Model.resolve(baseline / "ensemble.json")
+    first = cached_evaluate([model], DataConfig(data), options, results, device="cpu")
     capsys.readouterr()
-    assert cached_evaluate([baseline / "ensemble.json"], DataConfig(data), options, results, device="cpu") == first
+    assert cached_evaluate([model], DataConfig(data), options, results, device="cpu") == first
     err = " ".join(capsys.readouterr().err.split())
     assert f"cache hit: {results} was made from these inputs" in err

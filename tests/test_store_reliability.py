@@ -33,7 +33,7 @@ from iumask.data.folder import ClassInfo, FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.dataset_stats import label_statistics, mask_statistics
 from iumask.errors import IumaskError
-from iumask.inference import ensemble_probs
+from iumask.inference import Model, ensemble_probs
 from iumask.models import load_member, save_member
 from iumask.store import MaskStore
 
@@ -613,8 +613,8 @@ def test_a_store_path_taken_by_a_file_is_refused_in_the_callers_words(tiny_basel
     taken = tmp_path / "masks.zarr"
     taken.write_text("a user's file")
     with pytest.raises(IumaskError) as caught:
-        make_masks(baseline / "ensemble.json", DataConfig(data), MaskConfig(num_workers=0), taken, device="cpu",
-                   advice=getattr(iumask.config, advice_name))
+        make_masks(Model.resolve(baseline / "ensemble.json"), DataConfig(data), MaskConfig(num_workers=0), taken,
+                   device="cpu", advice=getattr(iumask.config, advice_name))
     assert says in str(caught.value) and never not in str(caught.value)
     assert taken.read_text() == "a user's file"
 

@@ -27,8 +27,17 @@ from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.data.formats import open_dataset
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
-from iumask.files import atomic_write, describe_os_error, json_normal, nan_to_none, refuse_read_only, write_json_atomic
-from iumask.inference import Model, UncertaintySource, as_model, probability_batches
+from iumask.files import (
+    atomic_write,
+    check_writable,
+    describe_os_error,
+    folder_lock,
+    json_normal,
+    nan_to_none,
+    refuse_read_only,
+    write_json_atomic,
+)
+from iumask.inference import Model, UncertaintySource, probability_batches, require_model
 from iumask.progress import print_cache_hit, progress_bar, warn
 from iumask.tables import result_labels
 from iumask.transfer import host_tensor
@@ -166,13 +175,13 @@ def train_mean_entropy(model: Model, source: UncertaintySource, device: torch.de
     return mean
 
 
-def evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig = EvalConfig(),
+def evaluate(models: list[Model], data: DataConfig, options: EvalConfig = EvalConfig(),
              device: str = "auto", before_work: Callable[[], None] | None = None,
              across_ranks: bool = False) -> list[dict]:
     """Per-class IoU, mIoU, PAvPU, ECE, Brier and NLL of each model (or ensemble) on ``data``'s
     ``options.split``. Each result is an :class:`EvaluationResult`: it also carries its per-image
     counts, which :func:`write_results` puts in the images file. ``models``: :class:`Model`
-    objects (paths are resolved into them first).
+    objects (:meth:`Model.resolve`).
 
     ``resolution="native"`` (default, for reporting) scores predictions at each label's own size
     (``inference`` says how a model trained at a reduced size gets there: ``resize`` the image
@@ -192,7 +201,7 @@ def evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig =
     if options.temperature_split is not None:
         temperature_folder = data.open(options.temperature_split)
         temperature_folder.check_headers()
-    models = [as_model(model) for model in models]  # every model usable before the first is evaluated
+    models = [require_model(model) for model in models]
     for model in models:
         model.check_classes(folder)
         size = model.size if options.resolution == "train" else None
@@ -368,7 +377,28 @@ def read_image_counts(json_path: Path) -> list[dict[str, np.ndarray]] | None:
                 for i in range(int(stored["models"]))]
 
 
-def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalConfig, json_path: Path,
+def evaluate_into(models: list[Model], data: DataConfig, options: EvalConfig, output: Path, device: str = "auto",
+                  on_results: Callable[[list[dict]], None] = lambda results: None) -> tuple[list[dict], int, int]:
+    """``iumask evaluate``: :func:`evaluate` ``models`` and merge their results into ``output`` (and
+    the CSV and images file beside it) under the folder's lock, so evaluates into one file keep each
+    other's entries. A foreign or read-only ``output``, or one over other classes, is refused before
+    any work; its folder is created once the models and data are checked. ``on_results`` sees the
+    results before they are written (shown even if the file then cannot be). Returns the results
+    and the number of earlier entries kept and replaced; under torchrun the ranks share the images
+    and rank 0 writes (the others return their results with nothing kept or replaced)."""
+    merge_results(output, [], classes=list(data.open(options.split).classes.names))
+    results = evaluate(models, data, options, device, before_work=lambda: check_writable(output.parent),
+                       across_ranks=True)
+    if not distributed.is_main():
+        return results, 0, 0
+    on_results(results)
+    with folder_lock(output.parent):
+        merged, kept, replaced = merge_results(output, results)
+        write_results(merged, output)
+    return results, kept, replaced
+
+
+def cached_evaluate(models: list[Model], data: DataConfig, options: EvalConfig, json_path: Path,
                     device: str = "auto", across_ranks: bool = False) -> list[dict]:
     """:func:`evaluate`, skipped when ``json_path`` holds results for the same weights, data and options
     (and its images file, :func:`read_image_counts`).
@@ -376,7 +406,7 @@ def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalC
     ``across_ranks``: under torchrun every rank calls this and shares the images (rank 0's view of the
     cache decides for all, rank 0 writes), so no rank waits in a collective while another evaluates
     alone, however long the evaluation takes."""
-    models = [as_model(model) for model in models]
+    models = [require_model(model) for model in models]
     options = resolve_amp(options, resolve_device(device))  # the identity records the precision actually used
     identity = evaluation_identity(models, data, options)
     previous = cached_results(json_path, identity) if distributed.is_main() else None
@@ -391,10 +421,10 @@ def cached_evaluate(models: list[Model | Path], data: DataConfig, options: EvalC
     return results
 
 
-def evaluation_identity(models: list[Model | Path], data: DataConfig, options: EvalConfig) -> dict:
+def evaluation_identity(models: list[Model], data: DataConfig, options: EvalConfig) -> dict:
     """What results of ``models`` on ``data`` with ``options`` depend on: the weights, the split's
     content and the options (not where the models are: a model moved elsewhere keeps its results)."""
-    weights = [digest for model in models for digest in as_model(model).weights_sha256]
+    weights = [digest for model in models for digest in require_model(model).weights_sha256]
     return json_normal({"weights_sha256": weights, "data": data.open(options.split).fingerprint(),
                         "split": options.split, "metrics_version": METRICS_VERSION,
                         "options": {"format": data.format,

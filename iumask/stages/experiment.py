@@ -292,7 +292,7 @@ class Experiment:
             with waiting(masks_lock):
                 for step, (name, masks) in enumerate(self.stores().items(), int(self.trains_ensemble) + 1):
                     self._rule(step, f"make-masks {name}")
-                    make_masks(self.ensemble_path, spec.data, masks, self.out / "masks" / name,
+                    make_masks(Model.resolve(self.ensemble_path), spec.data, masks, self.out / "masks" / name,
                                advice=OUT_FOLDER_ADVICE, **common)
         if worker:
             if not self._work(common, tracker):
@@ -300,7 +300,7 @@ class Experiment:
         else:
             for index in range(len(self.trainings())):
                 self._train(index, common, tracker)
-        rows, results = self._results(self.runs, evaluate_on_every_rank, tracker)
+        rows, results = self._results(self.runs, _evaluate_trained, tracker)
         if not distributed.is_main():
             return None
         return self.report(rows, results, classes, tracker)
@@ -338,7 +338,7 @@ class Experiment:
             with lock or contextlib.nullcontext():
                 self._train(claimed, common, tracker)
                 # Every rank evaluates its share: none waits in a collective while rank 0 evaluates.
-                self._results([r for r in self.runs if r.folder == trainings[claimed][2]], evaluate_on_every_rank)
+                self._results([r for r in self.runs if r.folder == trainings[claimed][2]], _evaluate_trained)
             done.add(claimed)
 
     def _results(self, runs: list[Run], results_of, tracker: Tracker = NO_TRACKER) -> tuple[list[dict], dict]:
@@ -458,7 +458,9 @@ class Experiment:
 
 
 # An evaluation under torchrun: the ranks share its images (alone: the plain evaluation).
-evaluate_on_every_rank = functools.partial(cached_evaluate, across_ranks=True)
+def _evaluate_trained(paths: list[Path], data, options, json_path: Path, device: str) -> list[dict]:
+    """The results of the models trained at ``paths`` (:func:`cached_evaluate`), every rank scoring its share."""
+    return cached_evaluate([Model.resolve(p) for p in paths], data, options, json_path, device, across_ranks=True)
 
 
 # How often a worker tries again a lock that another worker holds (the mask ensemble's, the stores').

@@ -20,7 +20,7 @@ from iumask.data.dataset import SegmentationDataset, shape_batches
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error
-from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
+from iumask.inference import InstanceUncertainty, Model, probability_batches, require_model
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import print_cache_hit, progress_bar
 from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
@@ -31,16 +31,16 @@ PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the pr
                  "to reuse it")
 
 
-def make_masks(model: Model | Path, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
+def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Path, device: str = "auto",
                overwrite: bool = False, advice: StoreAdvice = MAKE_MASKS_ADVICE) -> MaskStore:
     """Masks of every image of ``data.train_split`` into the store at ``store_path``; returns it
     (opened read-only). ``model``: an ensemble or one model (``masks.source`` ``ensemble``), or one
-    model (``mc-dropout``, ``masks.passes`` passes per image); a path is resolved into a
-    :class:`~iumask.inference.Model` first. ``advice``: what the store's messages tell the user to do
+    model (``mc-dropout``, ``masks.passes`` passes per image), resolved once
+    (:meth:`~iumask.inference.Model.resolve`). ``advice``: what the store's messages tell the user to do
     (:class:`~iumask.store.StoreAdvice`; ``run`` and ``experiment`` keep the store in their ``--out``)."""
     dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     folder = data.open(data.train_split)
-    model = as_model(model)
+    model = require_model(model)
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
     model.check_source(masks.source)
     image_shapes = folder.check_headers()

@@ -39,7 +39,7 @@ from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_hea
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
 from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error, read_json, write_json_atomic
-from iumask.inference import InstanceUncertainty, Model, as_model, probability_batches
+from iumask.inference import InstanceUncertainty, Model, probability_batches, require_model
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar, warn
 from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
@@ -197,16 +197,16 @@ def _decoded_batches(items: list[dict]) -> list[dict]:
 # ----------------------------------------------------------------------------- the stage
 
 
-def predict(model: Model | Path, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
+def predict(model: Model, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
             device: str = "auto") -> PredictResult:
     """Predict every image named by ``inputs`` (file, folder or glob) with ``model`` (a model or
-    ensemble; a path is resolved into a :class:`~iumask.inference.Model` first) and write the
+    ensemble, resolved once: :meth:`~iumask.inference.Model.resolve`) and write the
     outputs under ``out`` (see the module docstring). Unreadable inputs are skipped and listed in
     the result's ``failed``."""
     out = Path(out)
     found = find_inputs(inputs, exclude=out)
     dev = resolve_device(device)
-    model = as_model(model)
+    model = require_model(model)
     model.check_source(options.source)
     classes = model.classes
     resolved = resolve_amp(options, dev)  # the arrays' identity records the precision actually used

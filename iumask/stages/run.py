@@ -10,11 +10,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import MANIFEST_FILE
+from iumask.artifacts import ENSEMBLE_FILE
 from iumask.config import OUT_FOLDER_ADVICE, RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import resolve_device
-from iumask.files import folder_writer_lock, read_json
+from iumask.files import folder_writer_lock
+from iumask.inference import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
@@ -54,14 +55,14 @@ def _run_locked(config: RunConfig, tracker: Tracker) -> list[dict]:
     else:
         console.rule("2/4 make-masks")
         store_path = out / "masks.zarr"
-        make_masks(baseline, data, config.masks, store_path, advice=OUT_FOLDER_ADVICE, **common)
+        make_masks(Model.resolve(baseline), data, config.masks, store_path, advice=OUT_FOLDER_ADVICE, **common)
         console.rule("3/4 train-weighted")
         weighted = train_weighted(data, config.model, config.train, config.loss, config.augment, store_path,
                                   out / "weighted", **training)
     console.rule("4/4 evaluate")
-    models = [*(baseline.parent / m for m in read_json(baseline, "ensemble manifest")["members"]), baseline,
-              *(weighted.parent / m for m in read_json(weighted, "ensemble manifest")["members"]),
-              *([weighted] if config.online else [])]
+    baseline_model, weighted_model = Model.resolve(baseline), Model.resolve(weighted)
+    models = [*baseline_model.member_models(), baseline_model, *weighted_model.member_models(),
+              *([weighted_model] if config.online else [])]
     # Under torchrun every rank scores its share of the images (none waits in a collective meanwhile).
     results = cached_evaluate(models, data, config.eval, out / "results.json", config.device, across_ranks=True)
     track_results(tracker, models, results)
@@ -69,12 +70,11 @@ def _run_locked(config: RunConfig, tracker: Tracker) -> list[dict]:
     return results if distributed.is_main() else []  # rank 0 reports
 
 
-def track_results(tracker: Tracker, models: list[Path], results: list[dict]) -> None:
+def track_results(tracker: Tracker, models: list[Model], results: list[dict]) -> None:
     """Each member's evaluation on its own tracked run; an ensemble's on the parent run, by its name."""
     for model, result in zip(models, results):
-        manifest = model / MANIFEST_FILE
-        if manifest.is_file():
-            weights = read_json(manifest, "model manifest").get("weights_sha256", "")
-            tracker.model_run(model, weights).log_metrics(evaluation_metrics(result, result["split"]))
+        if Path(model.key).name != ENSEMBLE_FILE:  # one member: its key is its folder
+            tracker.model_run(Path(model.key), model.weights_sha256[0]).log_metrics(
+                evaluation_metrics(result, result["split"]))
         else:
             tracker.run.log_metrics(evaluation_metrics(result, f"{result['model']}/{result['split']}"))
