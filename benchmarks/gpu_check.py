@@ -587,7 +587,10 @@ def recording_loader(base, seen: dict, where: str):
     class Recording(base):
         def __iter__(self):
             for batch in super().__iter__():
-                tensor = batch["image"] if isinstance(batch, dict) else batch[0]
+                tensor = batch
+                while isinstance(tensor, (list, tuple)):  # the inference loop's collate gives a list of batches
+                    tensor = tensor[0]
+                tensor = tensor["image"] if isinstance(tensor, dict) else tensor
                 seen.setdefault(where, []).append((bool(self.pin_memory), bool(tensor.is_pinned())))
                 yield batch
     return Recording
