@@ -32,6 +32,7 @@ reports, it does not gate).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -89,6 +90,23 @@ def make_ensemble(work: Path, args) -> tuple[Path, Path]:
 # ----------------------------------------------------------------------------- 1. inference vs make-masks
 
 
+@contextlib.contextmanager
+def background_threads(value: str | None):
+    """$IUMASK_BACKGROUND_THREADS set to ``value`` inside the block (None: as it was)."""
+    from iumask.overlap import THREADS_VARIABLE
+
+    before = os.environ.get(THREADS_VARIABLE)
+    if value is not None:
+        os.environ[THREADS_VARIABLE] = value
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(THREADS_VARIABLE, None)
+        else:
+            os.environ[THREADS_VARIABLE] = before
+
+
 def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     from iumask.config import DataConfig, MaskConfig
     from iumask.data.dataset import SegmentationDataset
@@ -113,15 +131,17 @@ def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     bare()  # warm-up
     bare_s = timed(bare, args.repeats)
     n = len(dataset)
-    variants = {"overlapped": MaskConfig(batch_size=batch),
-                "serial": MaskConfig(batch_size=batch, num_workers=0, threads=0)}
+    # serial: no loader workers and no background pool ($IUMASK_BACKGROUND_THREADS=0)
+    variants = {"overlapped": (MaskConfig(batch_size=batch), None),
+                "serial": (MaskConfig(batch_size=batch, num_workers=0), "0")}
     seconds: dict[str, list[float]] = {}
     for _ in range(args.repeats):  # interleaved, so drift on a shared machine hits both alike
-        for name, options in variants.items():
+        for name, (options, threads) in variants.items():
             store = work / f"masks-{name}-{time.perf_counter_ns()}.zarr"
-            seconds.setdefault(name, []).append(
-                timed(lambda o=options, s=store: make_masks(Model.resolve(ensemble), DataConfig(data), o, s,
-                                                            device=args.device)))
+            with background_threads(threads):
+                seconds.setdefault(name, []).append(
+                    timed(lambda o=options, s=store: make_masks(Model.resolve(ensemble), DataConfig(data), o, s,
+                                                                device=args.device)))
     runs = {name: statistics.median(values) for name, values in seconds.items()}
     log(f"\n1. ensemble of {len(args.encoders)} ({', '.join(args.encoders)}), {n} images of "
         f"{args.size[0]}x{args.size[1]}, batch {batch}, device {device}")

@@ -1,5 +1,7 @@
-"""The ``iumask`` command line: typer only. Each option is declared once (the ``Annotated`` aliases
-below) and each configuration group is built in one function (``*_config``); the stages do the work.
+"""The ``iumask`` command line: typer only; it parses and calls, the stages do the work. The options
+of a configuration object come from its fields (declared once with :func:`iumask.config.option`:
+default, help, name, type) as an option group (:func:`config_options`) that a command takes with
+:func:`takes`; the options of one command alone are the ``Annotated`` aliases below.
 
 Any option can also come from a TOML file given with ``--config FILE`` (anywhere on the command
 line): top-level keys apply to every command, a ``[train-baseline]``-style table to one command
@@ -13,8 +15,10 @@ import functools
 import inspect
 import re
 import sys
+import types
 import typing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from enum import Enum
 from pathlib import Path
 from typing import Annotated, Any, Callable, Optional
 
@@ -24,31 +28,25 @@ from rich.markup import escape
 
 from iumask.architectures import DEFAULT_ENCODERS
 from iumask.config import (
+    CONNECTIVITY_HELP,
     RUN_ENCODERS,
-    Amp,
     Architecture,
     AugmentConfig,
     Choice,
-    ClassWeighting,
     Connectivity,
     DataConfig,
     EvalConfig,
     Format,
-    Inference,
-    InstanceSource,
     LossConfig,
-    LossName,
     MaskConfig,
     ModelConfig,
     PredictConfig,
-    Resolution,
     RunConfig,
     Track,
     TrackingConfig,
     TrainConfig,
-    UncertaintyKind,
+    option_fields,
 )
-from iumask.core import LOSS_METHODS
 from iumask.download import DATASETS
 from iumask.errors import IumaskError
 from iumask.files import check_writable, describe_os_error
@@ -97,47 +95,12 @@ DataRoot = Annotated[Path, typer.Option("--data", help="Dataset root: generic fo
 FormatOpt = Annotated[Format, typer.Option("--format", help="Dataset layout (auto detects it).")]
 Conditions = Annotated[Optional[str], typer.Option(help="ACDC only: conditions to use, comma-separated "
                                                    "(fog,night,rain,snow). Default: all present.")]
-ClassWeights = Annotated[ClassWeighting, typer.Option(help="Class weights in the loss, from the training labels: "
-                                                      "inverse (inverse class proportion), median (median "
-                                                      "frequency balancing) or effective-number (Cui et al. "
-                                                      "2019, --effective-number-beta); combinable with any loss "
-                                                      "and with IU weighting (the focal loss's α).")]
-LossOpt = Annotated[LossName, typer.Option("--loss", help="Loss method: " + "; ".join(
-    f"{name}: {method.summary}" for name, method in LOSS_METHODS.items()) + ". IU weighting multiplies any "
-    "per-pixel loss; dice and lovasz take no per-pixel weight.")]
-FocalGamma = Annotated[float, typer.Option(help="--loss focal: focusing parameter γ of (1 − p)^γ (0 = CE).")]
-OhemThreshold = Annotated[float, typer.Option(help="--loss ohem: keep pixels whose true-class probability is below "
-                                              "this (mmsegmentation: 0.7).")]
-OhemMinKept = Annotated[int, typer.Option(help="--loss ohem: keep at least this many pixels per image (the "
-                                          "hardest; mmsegmentation: 100000, sized for 512x1024 crops).")]
-EffectiveNumberBeta = Annotated[float, typer.Option(help="--class-weights effective-number: β in "
-                                                    "(1 − β)/(1 − β^n) over pixel counts n.")]
-Augment = Annotated[bool, typer.Option(help="Augment training samples (scale, crop, flip, colour jitter; "
-                                       "label and IU mask move with the image).")]
-Scale = Annotated[str, typer.Option(help="Random scale range MIN,MAX of the augmentation.")]
-Crop = Annotated[Optional[str], typer.Option(help="Random crop HxW after scaling (padded with the ignore "
-                                             "label). Default: the input size.")]
-Flip = Annotated[bool, typer.Option(help="Random horizontal flip.")]
-Jitter = Annotated[float, typer.Option(help="Brightness/contrast/saturation jitter (image only); 0 = off.")]
 Size = Annotated[Optional[str], typer.Option(help="Train/evaluate at a fixed size HxW, e.g. 768x768 "
                                              "(bilinear images, nearest labels). Default: native size.")]
 Encoders = Annotated[Optional[list[str]], typer.Option("--encoder", help="smp encoder of a member; repeat for "
                                                        f"several. Default: {', '.join(DEFAULT_ENCODERS)}.")]
-Epochs = Annotated[int, typer.Option(help="Training epochs (authors: 60 on ACDC).")]
-BatchSize = Annotated[int, typer.Option(help="Batch size (authors: 2).")]
-Lr = Annotated[Optional[float], typer.Option(help="Learning rate of the decoder/head. Default: 1e-3 for "
-                                             "MobileNet encoders, 1e-4 otherwise (authors).")]
-BackboneLr = Annotated[float, typer.Option(help="Encoder learning rate = lr × this (authors: 0.1).")]
-WeightDecay = Annotated[float, typer.Option(help="Adam weight decay.")]
-Seed = Annotated[int, typer.Option(help="Random seed; member k uses seed + k.")]
 SyntheticSeed = Annotated[int, typer.Option("--seed", help="Random seed of the generated images.")]
 Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
-Workers = Annotated[str, typer.Option(help="Data-loader worker processes: auto (the CPUs of this process, per "
-                                       "torchrun rank, less 2 for the main process; at most 8; 0 on 2 CPUs) or a "
-                                       "number (0: load in the main process). Does not change results.")]
-ImagesPerShard = Annotated[Optional[int], typer.Option(
-    help="Images per shard file of a new store (default: about 64 MB of arrays, at most 1024 images; 1: a file "
-         "per image, unsharded). A resumed store keeps its own; does not change the masks.")]
 EncoderWeights = Annotated[str, typer.Option(help="Encoder initialisation: none, imagenet (downloads; needs "
                                              "internet) or the path of a local encoder state dict.")]
 Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other inputs instead of stopping "
@@ -145,29 +108,8 @@ Overwrite = Annotated[bool, typer.Option(help="Replace artifacts made from other
 Out = Annotated[Path, typer.Option(help="Output folder.")]
 TensorBoard = Annotated[bool, typer.Option(help="Also log to TensorBoard (<member>/tensorboard/: scalars and a few "
                                            "validation images per epoch); needs pip install 'iumask[tensorboard]'.")]
-TrackOpt = Annotated[Track, typer.Option("--track", help="Also mirror each trained member's run in an experiment "
-                                        "tracker: mlflow (parameters, per-epoch metrics, files; needs pip install "
-                                        "'iumask[mlflow]'; see docs/tracking.md). Never changes what is trained; a "
-                                        "tracker that fails is a warning.")]
-TrackingUri = Annotated[Optional[str], typer.Option(help="With --track mlflow: the tracking URI (http://HOST:PORT, "
-                                                    "sqlite:///PATH, ...). Default: $MLFLOW_TRACKING_URI, else a "
-                                                    "SQLite store in OUT/mlruns.")]
 Store = Annotated[Path, typer.Option(help="Mask store (a zarr v3 directory).")]
-Exponent = Annotated[float, typer.Option(help="γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")]
-InstancesFrom = Annotated[InstanceSource, typer.Option(help="Instances from the ensemble's prediction (authors) "
-                                                       "or the ground-truth label.")]
-ConnectivityOpt = Annotated[Connectivity, typer.Option("--connectivity", help="Pixel connectivity of instances "
-                                                       "(authors: 8).")]
-Normalize = Annotated[bool, typer.Option(help="Divide entropy by ln C (range 0..1).")]
-CheckpointEvery = Annotated[int, typer.Option(help="Write checkpoint.pt every N optimizer steps as well as at "
-                                              "each epoch end (0: epoch ends only). A rerun resumes exactly "
-                                              "from it; N does not change the result.")]
-AmpOpt = Annotated[Amp, typer.Option("--amp", help="Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA, with "
-                                     "gradient scaling when training; on a CPU it is ignored with a warning).")]
-SourceOpt = Annotated[UncertaintyKind, typer.Option("--source", help="Where p̄ comes from: the ensemble's mean "
-                                                    "softmax, or one model with MC dropout (--passes passes).")]
-Passes = Annotated[int, typer.Option(help="MC dropout: stochastic forward passes per image (cost: T × one "
-                                     "prediction).")]
+ConnectivityOpt = Annotated[Connectivity, typer.Option("--connectivity", help=CONNECTIVITY_HELP)]
 
 
 # ----------------------------------------------------------------------------- option groups
@@ -214,11 +156,31 @@ def takes(*groups: OptionGroup) -> Callable[[Callable[..., Any]], Callable[..., 
     return decorate
 
 
-def train_config(epochs, batch_size, lr, backbone_lr_factor, weight_decay, seed, workers, checkpoint_every,
-                 amp) -> TrainConfig:
-    return TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, backbone_lr_factor=backbone_lr_factor,
-                       weight_decay=weight_decay, seed=seed, num_workers=workers, amp=amp,
-                       checkpoint_every=checkpoint_every)
+def config_options(name: str, config: type, *, only: tuple[str, ...] | None = None, exclude: tuple[str, ...] = (),
+                   **fixed: Any) -> OptionGroup:
+    """The option group of the configuration class ``config``: one option per field declared with
+    :func:`iumask.config.option` (its default, help, command-line name and type are declared there,
+    once), or only those named in ``only``, less ``exclude``; built into ``config`` with the
+    ``fixed`` field values the command sets itself."""
+    hints = typing.get_type_hints(config)
+    options, field_of = [], {}
+    for spec in option_fields(config):
+        if spec.name in exclude or (only is not None and spec.name not in only):
+            continue
+        param = spec.metadata["cli"] or spec.name
+        kind = spec.metadata["parse"] or hints[spec.name]
+        parts = typing.get_args(kind) if typing.get_origin(kind) in (typing.Union, types.UnionType) else (kind,)
+        base = next(part for part in parts if part is not type(None))
+        default = spec.default
+        if isinstance(base, type) and issubclass(base, Enum) and default is not None:
+            default = base(str(default))  # the choice, as typer shows and parses it
+        elif base is str and isinstance(default, tuple):
+            default = ",".join(map(str, default))  # a pair written as text: 0.5,2.0
+        annotation = Optional[base] if type(None) in parts or default is None else base
+        options.append((param, Annotated[annotation, typer.Option(help=spec.metadata["help"])], default))
+        field_of[param] = spec.name
+    return OptionGroup(name, tuple(options),
+                       lambda **values: config(**{field_of[k]: v for k, v in values.items()}, **fixed))
 
 
 ArchOpt = Annotated[Architecture, typer.Option("--arch", help="Members' architecture (segmentation-models-"
@@ -228,29 +190,18 @@ MODEL = OptionGroup("model", (("encoder", Encoders, None), ("encoder_weights", E
                               ("arch", ArchOpt, Architecture("deeplabv3plus"))),
                     lambda encoder, encoder_weights, arch: ModelConfig(
                         tuple(encoder) if encoder else DEFAULT_ENCODERS, encoder_weights, arch))
-TRAINING = OptionGroup("train", (
-    ("epochs", Epochs, 60), ("batch_size", BatchSize, 2), ("lr", Lr, None), ("backbone_lr_factor", BackboneLr, 0.1),
-    ("weight_decay", WeightDecay, 1e-4), ("seed", Seed, 0), ("workers", Workers, "auto"),
-    ("checkpoint_every", CheckpointEvery, 500), ("amp", AmpOpt, Amp.OFF)), train_config)
-AUGMENTATION = OptionGroup("augment", (
-    ("augment", Augment, True), ("scale", Scale, "0.5,2.0"), ("crop", Crop, None), ("flip", Flip, True),
-    ("jitter", Jitter, 0.2)),
-    lambda augment, scale, crop, flip, jitter: AugmentConfig(augment, scale, crop, flip, jitter))
-
+TRAINING = config_options("train", TrainConfig)
+AUGMENTATION = config_options("augment", AugmentConfig)
 # The loss without IU weighting (train-baseline), and with it (γ = --exponent).
-PLAIN_LOSS = OptionGroup("loss", (
-    ("loss", LossOpt, LossName("cross-entropy")), ("class_weights", ClassWeights, ClassWeighting.NONE),
-    ("focal_gamma", FocalGamma, LossConfig.focal_gamma), ("ohem_threshold", OhemThreshold, LossConfig.ohem_threshold),
-    ("ohem_min_kept", OhemMinKept, LossConfig.ohem_min_kept),
-    ("effective_number_beta", EffectiveNumberBeta, LossConfig.effective_number_beta)),
-    lambda **options: LossConfig(exponent=0.0, **options))
-LOSS = OptionGroup("loss", (("exponent", Exponent, 2.0), *PLAIN_LOSS.options), lambda **options: LossConfig(**options))
-TRACKING = OptionGroup("tracking", (("track", TrackOpt, Track.NONE), ("tracking_uri", TrackingUri, None)),
-                       lambda track, tracking_uri: TrackingConfig(track, tracking_uri))
-INSTANCES = OptionGroup("masks", (
-    ("instances_from", InstancesFrom, InstanceSource.PREDICTION), ("connectivity", ConnectivityOpt, Connectivity.EIGHT),
-    ("normalize", Normalize, False)),
-    lambda instances_from, connectivity, normalize: MaskConfig(instances_from, connectivity, normalize))
+PLAIN_LOSS = config_options("loss", LossConfig, exclude=("exponent",), exponent=0.0)
+LOSS = config_options("loss", LossConfig)
+TRACKING = config_options("tracking", TrackingConfig)
+# The masks of online training (train-weighted --online, run): how instances are made.
+INSTANCES = config_options("masks", MaskConfig, only=("instances_from", "connectivity", "normalize"))
+MASKS = config_options("masks", MaskConfig)  # make-masks
+# evaluate: --temperature-scale and --temperature-split set temperature_split.
+EVALUATION = config_options("options", EvalConfig)
+PREDICTION = config_options("options", PredictConfig)
 
 
 def _print_path(label: str, path: Path) -> None:
@@ -306,25 +257,18 @@ def train_baseline(
 
 
 @app.command("make-masks")
+@takes(MASKS)
 def make_masks(
     ensemble: Annotated[Path, typer.Option("--ensemble", "--model", help="ensemble.json (or its folder) of the "
                                            "baseline members; with --source mc-dropout one model's folder.")],
     data: DataRoot,
+    masks: MaskConfig,
     store: Store = Path("runs/masks.zarr"),
     split: Annotated[str, typer.Option(help="Split to compute masks for.")] = "train",
-    source: SourceOpt = UncertaintyKind.ENSEMBLE,
-    passes: Passes = 8,
-    instances_from: InstancesFrom = InstanceSource.PREDICTION,
-    connectivity: ConnectivityOpt = Connectivity.EIGHT,
-    normalize: Normalize = False,
-    batch_size: BatchSize = 4,
     device: Device = "auto",
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     overwrite: Overwrite = False,
-    workers: Workers = "auto",
-    amp: AmpOpt = Amp.OFF,
-    images_per_shard: ImagesPerShard = None,
 ):
     """Write pixel entropy, instance uncertainty and prediction of every training image into a zarr
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit. Images
@@ -333,8 +277,6 @@ def make_masks(
     from iumask.inference import Model
     from iumask.stages.masks import make_masks as stage
 
-    masks = MaskConfig(instances_from, connectivity, normalize, source, passes, batch_size, num_workers=workers,
-                       amp=amp, images_per_shard=images_per_shard)
     data_options = data_config(data, None, format, conditions, train_split=split)
     check_writable(store.parent)
     result = stage(Model.resolve(ensemble), data_options, masks, store, device, overwrite)
@@ -383,39 +325,25 @@ def train_weighted(
 
 
 @app.command("evaluate")
+@takes(EVALUATION)
 def evaluate(
     model: Annotated[list[Path], typer.Option("--model", help="A model folder or an ensemble.json "
                                               "(averaged softmax); repeat to compare several.")],
     data: DataRoot,
-    split: Annotated[str, typer.Option(help="Split to evaluate.")] = "val",
-    pavpu_threshold: Annotated[Optional[float], typer.Option(help="Entropy threshold u_th of PAvPU. Default: "
-                                                             "the model's training-set mean entropy.")] = None,
-    pavpu_window: Annotated[int, typer.Option(help="PAvPU patch side w.")] = 4,
-    pavpu_stride: Annotated[Optional[int], typer.Option(help="PAvPU patch stride (default w: non-overlapping; "
-                                                        "the authors' code used 1).")] = None,
+    options: EvalConfig,
     output: Annotated[Path, typer.Option(help="Results JSON (a CSV is written beside it). An existing results "
                                          "file is merged: entries of the same model, data, split, "
                                          "resolution and inference are replaced, others kept.")] = Path(
         "runs/results.json"),
-    resolution: Annotated[Resolution, typer.Option(help="native: score at each label's own size (logits "
-                                                   "upsampled; the default for reporting); train: resize "
-                                                   "images and labels to the training size.")] = Resolution.NATIVE,
-    inference: Annotated[Inference, typer.Option(help="With --resolution native and a model trained at a reduced "
-                                                 "size: resize the image, or slide windows of the training "
-                                                 "size over the full image.")] = Inference.RESIZE,
     format: FormatOpt = Format("auto"),
     conditions: Conditions = None,
     device: Device = "auto",
-    workers: Workers = "auto",
-    amp: AmpOpt = Amp.OFF,
     temperature_scale: Annotated[bool, typer.Option(help="Also fit one temperature per model on "
                                                     "--temperature-split (by NLL) and report ECE, Brier and NLL "
                                                     "after it (temperature, ece_scaled, ...), to tell a training "
                                                     "method's calibration gain from what a temperature alone "
                                                     "gives.")] = False,
     temperature_split: Annotated[str, typer.Option(help="Split of --data the temperature is fitted on.")] = "val",
-    batch_size: Annotated[int, typer.Option(help="Images per forward pass (images of one size are batched "
-                                            "together; the results do not depend on it).")] = 4,
 ):
     """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
     ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
@@ -423,8 +351,8 @@ def evaluate(
     from iumask.inference import Model
     from iumask.stages.evaluate import evaluate_into as stage
 
-    options = EvalConfig(split, pavpu_threshold, pavpu_window, pavpu_stride, resolution, inference, workers, amp,
-                         temperature_split if temperature_scale else None, batch_size)
+    if temperature_scale:
+        options = replace(options, temperature_split=temperature_split)
     models = [Model.resolve(m) for m in model]
     _, kept, replaced = stage(models, data_config(data, None, format, conditions), options, output, device,
                               on_results=print_results)
@@ -435,6 +363,7 @@ def evaluate(
 
 
 @app.command("predict")
+@takes(PREDICTION)
 def predict(
     model: Annotated[Path, typer.Option("--model", help="A model folder or an ensemble.json (mean softmax); "
                                         "with --source mc-dropout one model's folder.")],
@@ -442,22 +371,8 @@ def predict(
                                        "png, jpg, jpeg, bmp, tif, tiff) or a quoted glob.")],
     out: Annotated[Path, typer.Option("--out", help="Output folder: labels/, color/, overlay/, entropy/, iu/ "
                                       "(and arrays.zarr with --save-arrays), by each input's relative path.")],
-    source: SourceOpt = UncertaintyKind.ENSEMBLE,
-    passes: Passes = 8,
-    inference: Annotated[Inference, typer.Option(help="For a model trained at a reduced size: resize the image "
-                                                 "and upsample the logits, or slide windows of the training "
-                                                 "size over the full image.")] = Inference.RESIZE,
-    connectivity: ConnectivityOpt = Connectivity.EIGHT,
-    save_arrays: Annotated[bool, typer.Option(help="Also write entropy, IU and prediction per image to "
-                                              "OUT/arrays.zarr (the mask store's layout).")] = False,
-    batch_size: Annotated[int, typer.Option(help="Images per batch (images of one size are batched "
-                                            "together).")] = 4,
-    workers: Workers = "auto",
+    options: PredictConfig,
     device: Device = "auto",
-    amp: AmpOpt = Amp.OFF,
-    overwrite: Annotated[bool, typer.Option(help="Predict every image again, also over the outputs of another "
-                                            "model or other options, which are refused otherwise (by default "
-                                            "a rerun skips images whose outputs exist).")] = False,
 ):
     """Apply a trained model or ensemble to unlabeled images: per image at its own resolution the
     predicted labels, class colours, an overlay, and entropy and IU heat maps on the fixed scale
@@ -466,8 +381,6 @@ def predict(
     from iumask.stages.predict import predict as stage
     from iumask.stages.predict import print_summary
 
-    options = PredictConfig(source, passes, inference, batch_size, workers, save_arrays, overwrite, connectivity,
-                            amp)
     result = stage(Model.resolve(model), input, out, options, device)
     print_summary(result)
     if result.failed:
@@ -476,11 +389,12 @@ def predict(
                           "images were written (replace the files and rerun to add them)")
 
 
-# ``run`` leaves some defaults open: small settings on the embedded synthetic data.
+# ``run`` leaves some defaults open: small settings on the embedded synthetic data, TrainConfig's
+# (the authors') on a dataset of one's own.
 RUN_TRAINING = TRAINING.with_defaults(lambda **values: values, epochs=None, batch_size=None,
                                       backbone_lr_factor=None)
-RUN_DEFAULTS = {True: {"epochs": 12, "batch_size": 8, "lr": 1e-3, "backbone_lr_factor": 1.0},  # synthetic
-                False: {"epochs": 60, "batch_size": 2, "lr": None, "backbone_lr_factor": 0.1}}
+RUN_OPEN = ("epochs", "batch_size", "backbone_lr_factor")
+SYNTHETIC_TRAINING = {"epochs": 12, "batch_size": 8, "lr": 1e-3, "backbone_lr_factor": 1.0}
 
 
 RUN_MODEL = OptionGroup("model", (("encoder", Annotated[Optional[list[str]], typer.Option(
@@ -518,11 +432,12 @@ def run(
     from iumask.tracking import open_tracker
 
     synthetic = data is None
-    defaults = RUN_DEFAULTS[synthetic]
-    train = {k: defaults[k] if v is None and k in defaults else v for k, v in train.items()}
+    defaults = SYNTHETIC_TRAINING if synthetic else {}
+    train = {k: defaults.get(k, v) if v is None else v for k, v in train.items()}
+    train = {k: v for k, v in train.items() if v is not None or k not in RUN_OPEN}  # None: TrainConfig's default
     config = RunConfig(
         out=out, data=data_config(out / "data" if synthetic else data, size, format, conditions), model=model,
-        train=train_config(**train), loss=loss, masks=masks, augment=augment,
+        train=TRAINING.build(**train), loss=loss, masks=masks, augment=augment,
         online=online, device=device, overwrite=overwrite, synthetic={} if synthetic else None,
     )
     results = stage(config, open_tracker(tracking, out))

@@ -24,7 +24,7 @@ translation of its multi-line errors), and one more dependency would buy no shor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -63,6 +63,32 @@ Resolution = Choice("Resolution", {"NATIVE": "native", "TRAIN": "train"})
 Inference = Choice("Inference", {"RESIZE": "resize", "SLIDE": "slide"})
 UncertaintyKind = Choice("UncertaintyKind", {"ENSEMBLE": "ensemble", "MC_DROPOUT": "mc-dropout"})
 Track = Choice("Track", {"NONE": "none", "MLFLOW": "mlflow"})
+
+
+def option(default: Any, help: str, *, cli: str | None = None, parse: Any = None) -> Any:
+    """A configuration field that is also a command-line option, declared once: its default, its
+    ``--help`` text, its name on the command line and in ``--config`` files where that differs from
+    the field's (``cli``: ``workers`` for ``num_workers``) and the type the command line reads it as
+    where that differs from the field's (``parse``: a :class:`Choice` of its values, or ``str`` for a
+    value written as text such as ``0.5,2.0``). :mod:`iumask.cli` builds the commands' options from
+    these fields (:func:`option_fields`); the checks stay in ``__post_init__``, the one validation
+    path of the command line, ``--config`` files and experiment specs."""
+    return field(default=default, metadata={"help": help, "cli": cli, "parse": parse})
+
+
+def option_fields(config: type) -> list:
+    """The fields of the configuration class ``config`` declared with :func:`option`."""
+    return [f for f in fields(config) if "help" in f.metadata]
+
+
+# Help texts of options that several configurations share (declared with option()).
+WORKERS_HELP = ("Data-loader worker processes: auto (the CPUs of this process, per torchrun rank, less 2 for the main "
+                "process; at most 8; 0 on 2 CPUs) or a number (0: load in the main process). Does not change results.")
+INFERENCE_AMP_HELP = ("Mixed precision of inference: bf16 (CUDA or CPU) or fp16 (CUDA; on a CPU it is ignored with a "
+                      "warning).")
+CONNECTIVITY_HELP = "Pixel connectivity of instances (authors: 8)."
+SOURCE_HELP = "Where p̄ comes from: the ensemble's mean softmax, or one model with MC dropout (--passes passes)."
+PASSES_HELP = "MC dropout: stochastic forward passes per image (cost: T × one prediction)."
 
 
 def choice(enum: type[Choice], value: Any, option: str) -> str:
@@ -201,11 +227,13 @@ class DataConfig:
 class AugmentConfig:
     """Training augmentation (``--augment/--no-augment``, ``--scale``, ``--crop``, ``--flip``, ``--jitter``)."""
 
-    enabled: bool = True
-    scale: tuple[float, float] = (0.5, 2.0)
-    crop: tuple[int, int] | None = None
-    flip: bool = True
-    jitter: float = 0.2
+    enabled: bool = option(True, "Augment training samples (scale, crop, flip, colour jitter; label and IU mask "
+                                 "move with the image).", cli="augment")
+    scale: tuple[float, float] = option((0.5, 2.0), "Random scale range MIN,MAX of the augmentation.", parse=str)
+    crop: tuple[int, int] | None = option(None, "Random crop HxW after scaling (padded with the ignore label). "
+                                                "Default: the input size.", parse=str)
+    flip: bool = option(True, "Random horizontal flip.")
+    jitter: float = option(0.2, "Brightness/contrast/saturation jitter (image only); 0 = off.")
 
     def __post_init__(self) -> None:
         scale = self.scale
@@ -302,18 +330,24 @@ class ModelConfig:
 class TrainConfig:
     """Optimisation settings; defaults are the authors' (docs/method.md §9) except where noted."""
 
-    epochs: int = 60
-    batch_size: int = 2
-    lr: float | None = None  # None: 1e-3 for MobileNet encoders, 1e-4 otherwise (authors)
-    backbone_lr_factor: float = 0.1
-    weight_decay: float = 1e-4
-    poly_power: float = 0.9
-    seed: int = 0
-    num_workers: int | str = "auto"  # data-loader processes; "auto": iumask.overlap.resolve_workers
-    amp: str = "off"  # off, bf16 (CPU or CUDA) or fp16 (CUDA) autocast; see iumask.device.usable_amp
-    # Steps between mid-epoch checkpoints (0: only at epoch ends). Not part of the result's
-    # identity: resuming is exact wherever the checkpoint was taken.
-    checkpoint_every: int = 500
+    epochs: int = option(60, "Training epochs (authors: 60 on ACDC).")
+    batch_size: int = option(2, "Batch size (authors: 2).")
+    lr: float | None = option(None, "Learning rate of the decoder/head. Default: 1e-3 for MobileNet encoders, 1e-4 "
+                                    "otherwise (authors).")
+    backbone_lr_factor: float = option(0.1, "Encoder learning rate = lr × this (authors: 0.1).")
+    weight_decay: float = option(1e-4, "Adam weight decay.")
+    poly_power: float = option(0.9, "Power p of the poly learning-rate schedule lr·(1 − step/steps)^p, stepped every "
+                                    "optimizer step (authors: 0.9).")
+    seed: int = option(0, "Random seed; member k uses seed + k.")
+    # "auto": iumask.overlap.resolve_workers
+    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
+    # iumask.device.usable_amp says what runs where
+    amp: str = option("off", "Mixed precision: bf16 (CUDA or CPU) or fp16 (CUDA, with gradient scaling when "
+                             "training; on a CPU it is ignored with a warning).", parse=Amp)
+    # Not part of the result's identity: resuming is exact wherever the checkpoint was taken.
+    checkpoint_every: int = option(500, "Write checkpoint.pt every N optimizer steps as well as at each epoch end "
+                                        "(0: epoch ends only). A rerun resumes exactly from it; N does not change "
+                                        "the result.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
@@ -349,13 +383,21 @@ class LossConfig:
     from :data:`iumask.core.LOSS_METHODS`) × (1 + IU)^γ (γ = ``--exponent``; 0 or no masks: no IU
     weighting), optionally with class weights (``--class-weights``), and the methods' parameters."""
 
-    exponent: float = 2.0
-    class_weights: str = "none"
-    loss: str = "cross-entropy"
-    focal_gamma: float = 2.0
-    ohem_threshold: float = 0.7
-    ohem_min_kept: int = 100_000
-    effective_number_beta: float = DEFAULT_EFFECTIVE_NUMBER_BETA
+    exponent: float = option(2.0, "γ in CE·(1+IU)^γ (authors: 2; 0 = plain CE).")
+    class_weights: str = option("none", "Class weights in the loss, from the training labels: inverse (inverse "
+                                        "class proportion), median (median frequency balancing) or effective-number "
+                                        "(Cui et al. 2019, --effective-number-beta); combinable with any loss and "
+                                        "with IU weighting (the focal loss's α).", parse=ClassWeighting)
+    loss: str = option("cross-entropy", "Loss method: " + "; ".join(
+        f"{name}: {method.summary}" for name, method in LOSS_METHODS.items()) + ". IU weighting multiplies any "
+        "per-pixel loss; dice and lovasz take no per-pixel weight.", parse=LossName)
+    focal_gamma: float = option(2.0, "--loss focal: focusing parameter γ of (1 − p)^γ (0 = CE).")
+    ohem_threshold: float = option(0.7, "--loss ohem: keep pixels whose true-class probability is below this "
+                                        "(mmsegmentation: 0.7).")
+    ohem_min_kept: int = option(100_000, "--loss ohem: keep at least this many pixels per image (the hardest; "
+                                         "mmsegmentation: 100000, sized for 512x1024 crops).")
+    effective_number_beta: float = option(DEFAULT_EFFECTIVE_NUMBER_BETA, "--class-weights effective-number: β in "
+                                                                         "(1 − β)/(1 − β^n) over pixel counts n.")
 
     def __post_init__(self) -> None:
         _at_least(self.exponent, 0, "--exponent", "a finite γ >= 0")
@@ -421,18 +463,20 @@ class MaskConfig:
     """How IU masks are made (make-masks, online training): the uncertainty source, the instances
     (``--instances-from``, ``--connectivity``) and the entropy (``--normalize``)."""
 
-    instances_from: str = "prediction"
-    connectivity: int = 8
-    normalize: bool = False
-    source: str = "ensemble"
-    passes: int = 8  # MC dropout: stochastic forward passes per image
-    batch_size: int = 4
-    # How the work is spread and stored (not part of the masks' identity): data-loader processes
-    # ("auto" or a number), images per shard file of a new store (None: about 64 MB of arrays, at
-    # most 1024 images; 1: a file per image, unsharded). Background threads: $IUMASK_BACKGROUND_THREADS.
-    num_workers: int | str = "auto"
-    amp: str = "off"  # inference autocast: bf16 (CPU or CUDA) or fp16 (CUDA); changes the masks slightly
-    images_per_shard: int | None = None
+    instances_from: str = option("prediction", "Instances from the ensemble's prediction (authors) or the "
+                                               "ground-truth label.", parse=InstanceSource)
+    connectivity: int = option(8, CONNECTIVITY_HELP, parse=Connectivity)
+    normalize: bool = option(False, "Divide entropy by ln C (range 0..1).")
+    source: str = option("ensemble", SOURCE_HELP, parse=UncertaintyKind)
+    passes: int = option(8, PASSES_HELP)
+    batch_size: int = option(4, "Images per forward pass (images of one size are batched together).")
+    # How the work is spread and stored (not part of the masks' identity). Background threads:
+    # $IUMASK_BACKGROUND_THREADS.
+    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
+    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)  # changes the masks slightly
+    images_per_shard: int | None = option(None, "Images per shard file of a new store (default: about 64 MB of "
+                                                "arrays, at most 1024 images; 1: a file per image, unsharded). A "
+                                                "resumed store keeps its own; does not change the masks.")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
@@ -461,16 +505,26 @@ class MaskConfig:
 class EvalConfig:
     """How models are scored: the split, PAvPU's threshold, window and stride, and the resolution."""
 
-    split: str = "val"
-    pavpu_threshold: float | None = None  # None: the model's training-set mean entropy
-    pavpu_window: int = 4
-    pavpu_stride: int | None = None  # None: the window (non-overlapping patches)
-    resolution: str = "native"
-    inference: str = "resize"
-    num_workers: int | str = "auto"  # data-loader processes (not part of the results' identity)
-    amp: str = "off"  # inference autocast (bf16 on CPU or CUDA, fp16 on CUDA)
-    temperature_split: str | None = None  # fit a temperature on this split and report calibration after it
-    batch_size: int = 4  # images of one shape per forward pass (not part of the results' identity)
+    split: str = option("val", "Split to evaluate.")
+    pavpu_threshold: float | None = option(None, "Entropy threshold u_th of PAvPU. Default: the model's "
+                                                 "training-set mean entropy.")
+    pavpu_window: int = option(4, "PAvPU patch side w.")
+    pavpu_stride: int | None = option(None, "PAvPU patch stride (default w: non-overlapping; the authors' code "
+                                            "used 1).")
+    resolution: str = option("native", "native: score at each label's own size (logits upsampled; the default for "
+                                       "reporting); train: resize images and labels to the training size.",
+                             parse=Resolution)
+    inference: str = option("resize", "With --resolution native and a model trained at a reduced size: resize the "
+                                      "image, or slide windows of the training size over the full image.",
+                            parse=Inference)
+    # Not part of the results' identity: num_workers, amp (unless not off), batch_size.
+    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
+    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)
+    # Fit a temperature on this split and report calibration after it (the command line's
+    # --temperature-scale with --temperature-split).
+    temperature_split: str | None = None
+    batch_size: int = option(4, "Images per forward pass (images of one size are batched together; the results do "
+                                "not depend on it).")
 
     def __post_init__(self) -> None:
         checked_split(self.split, "--split")
@@ -507,15 +561,20 @@ class PredictConfig:
     (``--source``, ``--passes``), ``--inference``, the instances' ``--connectivity``, batching,
     ``--save-arrays`` (a zarr store in the mask store's layout), ``--overwrite`` and ``--amp``."""
 
-    source: str = "ensemble"
-    passes: int = 8
-    inference: str = "resize"
-    batch_size: int = 4
-    num_workers: int | str = "auto"
-    save_arrays: bool = False
-    overwrite: bool = False
-    connectivity: int = 8
-    amp: str = "off"
+    source: str = option("ensemble", SOURCE_HELP, parse=UncertaintyKind)
+    passes: int = option(8, PASSES_HELP)
+    inference: str = option("resize", "For a model trained at a reduced size: resize the image and upsample the "
+                                      "logits, or slide windows of the training size over the full image.",
+                            parse=Inference)
+    batch_size: int = option(4, "Images per forward pass (images of one size are batched together).")
+    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
+    save_arrays: bool = option(False, "Also write entropy, IU and prediction per image to OUT/arrays.zarr (the mask "
+                                      "store's layout).")
+    overwrite: bool = option(False, "Predict every image again, also over the outputs of another model or other "
+                                    "options, which are refused otherwise (by default a rerun skips images whose "
+                                    "outputs exist).")
+    connectivity: int = option(8, CONNECTIVITY_HELP, parse=Connectivity)
+    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
@@ -552,8 +611,13 @@ class TrackingConfig:
     tracked and an untracked training make the same model. ``uri`` None: ``$MLFLOW_TRACKING_URI``,
     else a store in the command's output folder."""
 
-    track: str = "none"
-    uri: str | None = None
+    track: str = option("none", "Also mirror each trained member's run in an experiment tracker: mlflow "
+                                "(parameters, per-epoch metrics, files; needs pip install 'iumask[mlflow]'; see "
+                                "docs/tracking.md). Never changes what is trained; a tracker that fails is a "
+                                "warning.", parse=Track)
+    uri: str | None = option(None, "With --track mlflow: the tracking URI (http://HOST:PORT, sqlite:///PATH, ...). "
+                                   "Default: $MLFLOW_TRACKING_URI, else a SQLite store in OUT/mlruns.",
+                             cli="tracking_uri")
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "track", choice(Track, self.track, "--track"))

@@ -30,20 +30,22 @@ from iumask.config import (
     checked_integer,
     choice,
     json_normal,
+    option_fields,
 )
 from iumask.errors import IumaskError
 
 # How an arm uses IU masks: not at all, from the mask store (offline), or computed while training.
 IU_MODES = ("none", "offline", "online")
-# The loss keys of an arm besides iu and exponent: LossConfig's fields (method, weighting, parameters).
-LOSS_KEYS = ("loss", "class_weights", "focal_gamma", "ohem_threshold", "ohem_min_kept", "effective_number_beta")
+# The loss keys of an arm besides iu and exponent: LossConfig's options (method, weighting, parameters).
+LOSS_KEYS = tuple(f.name for f in option_fields(LossConfig) if f.name != "exponent")
+# The mask options of [masks] (how masks are made): MaskConfig's options.
+MASK_OPTIONS = tuple(f.name for f in option_fields(MaskConfig))
 ARM_KEYS = ("name", "iu", "exponent", *LOSS_KEYS, "instances_from", "connectivity", "normalize", "train",
             "augment", "online_encoders")
 TOP_KEYS = ("name", "data", "train", "augment", "encoders", "encoder_weights", "arch", "seeds", "masks", "evaluation",
             "evaluations", "arms", "reference", "rare_classes", "device", "bootstrap_resamples", "bootstrap_seed",
             "track", "tracking_uri")
-MASK_KEYS = ("encoders", "arch", "seed", "path", "source", "passes", "instances_from", "connectivity", "normalize",
-             "batch_size", "num_workers", "amp", "images_per_shard", "train")
+MASK_KEYS = ("encoders", "arch", "seed", "path", *MASK_OPTIONS, "train")
 EVALUATION_KEYS = ("name", "root", "format", "conditions", "split")
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 
@@ -195,11 +197,18 @@ class _Table:
     """A TOML table being read: every error names the file and the table; unknown keys are errors
     with the closest valid key."""
 
-    def __init__(self, file: Path, where: str, values: Any, allowed: tuple[str, ...]):
+    def __init__(self, file: Path, where: str, values: Any, allowed: tuple[str, ...], aliases: dict | None = None):
         self.file, self.where = file, where
         if not isinstance(values, dict):
             self.fail(f"must be a table, got {values!r}")
-        self.values = values
+        aliases = aliases or {}
+        allowed = (*allowed, *aliases)
+        self.values = {}
+        for key, value in values.items():  # a key's other spelling (the command line's) is read as the key
+            name = aliases.get(key, key)
+            if name in self.values:
+                self.fail(f"{name} is given twice (as {name!r} and {key!r}); keep one")
+            self.values[name] = value
         for key in values:
             if key not in allowed:
                 close = difflib.get_close_matches(key, allowed, n=1)
@@ -230,6 +239,12 @@ def _fields_of(cls) -> tuple[str, ...]:
     return tuple(f.name for f in fields(cls))
 
 
+def _cli_names(cls) -> dict[str, str]:
+    """The command-line names of ``cls``'s options where they differ from the field's (``workers`` for
+    ``num_workers``, ``augment`` for ``enabled``): a spec may use either spelling."""
+    return {f.metadata["cli"]: f.name for f in option_fields(cls) if f.metadata["cli"]}
+
+
 def _resolve(base: Path, value: str | None) -> Path | None:
     if value is None:
         return None
@@ -245,14 +260,14 @@ def _weights_path(base: Path, value: Any) -> str | None:
 
 
 def _train(table: _Table, values: dict, base: TrainConfig) -> TrainConfig:
-    sub = _Table(table.file, table.child("train"), values, _fields_of(TrainConfig))
+    sub = _Table(table.file, table.child("train"), values, _fields_of(TrainConfig), _cli_names(TrainConfig))
     if "seed" in sub.values:
         sub.fail("seed: each run's seed comes from the top-level seeds list (the mask ensemble's from [masks] seed)")
     return sub.build(replace, base, **sub.values)
 
 
 def _augment(table: _Table, values: dict, base: AugmentConfig) -> AugmentConfig:
-    sub = _Table(table.file, table.child("augment"), values, _fields_of(AugmentConfig))
+    sub = _Table(table.file, table.child("augment"), values, _fields_of(AugmentConfig), _cli_names(AugmentConfig))
     return sub.build(replace, base, **sub.values)
 
 
@@ -320,11 +335,9 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
     for seed in seeds:
         top.build(checked_integer, seed, 0, "seeds", "a number of seeds or a list of distinct integers >= 0")
 
-    mask_values = top.get("masks", {})
-    mask_table = _Table(path, "masks", mask_values, MASK_KEYS)
-    mask_options = {k: mask_values[k] for k in ("source", "passes", "instances_from", "connectivity", "normalize",
-                                                 "batch_size", "num_workers", "amp", "images_per_shard")
-                    if k in mask_values}
+    mask_table = _Table(path, "masks", top.get("masks", {}), MASK_KEYS, _cli_names(MaskConfig))
+    mask_values = mask_table.values
+    mask_options = {k: mask_values[k] for k in MASK_OPTIONS if k in mask_values}
     masks = mask_table.build(MaskConfig, **mask_options)
     mask_path = _resolve(base, mask_values.get("path"))
     if mask_path is not None and not mask_path.exists():

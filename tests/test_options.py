@@ -1,0 +1,87 @@
+"""Every option declared once (issue 28 §5): a configuration field declared with
+``iumask.config.option`` carries its default, help, command-line name and type; the CLI's options,
+their defaults and the experiment spec's keys are generated from it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import typer
+
+from iumask import cli
+from iumask.config import (
+    AugmentConfig,
+    EvalConfig,
+    LossConfig,
+    MaskConfig,
+    PredictConfig,
+    TrackingConfig,
+    TrainConfig,
+    option_fields,
+)
+from iumask.errors import IumaskError
+
+# (group, what building it from the command line's defaults must give, commands that take it)
+GROUPS = [
+    (cli.TRAINING, TrainConfig(), ["train-baseline", "train-weighted"]),
+    (cli.AUGMENTATION, AugmentConfig(), ["train-baseline", "train-weighted", "run"]),
+    (cli.LOSS, LossConfig(), ["train-weighted", "run"]),
+    (cli.PLAIN_LOSS, LossConfig(exponent=0.0), ["train-baseline"]),
+    (cli.TRACKING, TrackingConfig(), ["train-baseline", "train-weighted", "run"]),
+    (cli.MASKS, MaskConfig(), ["make-masks"]),
+    (cli.EVALUATION, EvalConfig(), ["evaluate"]),
+    (cli.PREDICTION, PredictConfig(), ["predict"]),
+]
+COMMANDS = typer.main.get_command(cli.app).commands
+
+
+@pytest.mark.parametrize("group, expected, _", GROUPS, ids=[f"{g.name}-{type(e).__name__}" for g, e, _ in GROUPS])
+def test_the_command_lines_defaults_build_the_configurations_defaults(group, expected, _):
+    """The defaults are the dataclass's, converted for typer (a choice, a pair written 0.5,2.0) and back."""
+    assert group.build(**{name: default for name, _, default in group.options}) == expected
+
+
+@pytest.mark.parametrize("group, expected, commands", GROUPS,
+                         ids=[f"{g.name}-{type(e).__name__}" for g, e, _ in GROUPS])
+def test_each_declared_field_is_an_option_with_its_help_on_every_command_that_takes_it(group, expected, commands):
+    fields = option_fields(type(expected))
+    if group is cli.PLAIN_LOSS:
+        fields = [f for f in fields if f.name != "exponent"]
+    for command in commands:
+        params = {p.name: p for p in COMMANDS[command].params}
+        for field in fields:
+            name = field.metadata["cli"] or field.name
+            assert name in params, f"{command} lacks --{name.replace('_', '-')}"
+            assert params[name].help == field.metadata["help"], f"{command} --{name}"
+
+
+def test_an_option_reaches_its_configuration_through_the_command_line():
+    """poly_power was reachable from specs only; declared as an option it is on the command line."""
+    command = COMMANDS["train-baseline"]
+    context = command.make_context("train-baseline", ["--data", "somewhere", "--poly-power", "0.5", "--workers", "0",
+                                                      "--no-augment", "--scale", "0.75,1.5"])
+    train = cli.TRAINING.build(**{name: context.params[name] for name, _, _ in cli.TRAINING.options})
+    augment = cli.AUGMENTATION.build(**{name: context.params[name] for name, _, _ in cli.AUGMENTATION.options})
+    assert train == dataclasses.replace(TrainConfig(), poly_power=0.5, num_workers=0)
+    assert augment == AugmentConfig(enabled=False, scale=(0.75, 1.5))
+
+
+def test_a_spec_reads_an_option_by_its_field_or_its_command_line_name(make_synthetic, tmp_path):
+    from iumask.experiment.spec import parse_spec
+
+    data = make_synthetic("options")
+
+    def spec(train: dict, augment: dict, masks: dict):
+        raw = {"name": "t", "encoders": ["mobilenet_v2"], "seeds": [0], "data": {"root": str(data)},
+               "train": train, "augment": augment, "masks": {"encoders": ["mobilenet_v2"], **masks},
+               "arms": [{"name": "regular"}]}
+        return parse_spec(raw, tmp_path / "spec.toml")
+
+    by_field = spec({"num_workers": 0}, {"enabled": False}, {"num_workers": 1})
+    by_option = spec({"workers": 0}, {"augment": False}, {"workers": 1})
+    assert by_field.train == by_option.train and by_option.train.num_workers == 0
+    assert by_field.augment == by_option.augment and by_option.augment.enabled is False
+    assert by_field.ensemble.masks == by_option.ensemble.masks and by_option.ensemble.masks.num_workers == 1
+    with pytest.raises(IumaskError, match=r"\[train\] num_workers is given twice"):
+        spec({"num_workers": 0, "workers": 1}, {}, {})
