@@ -110,7 +110,7 @@ def background_threads(value: str | None):
 def bench_make_masks(ensemble: Path, data: Path, work: Path, args) -> None:
     from iumask.config import DataConfig, MaskConfig
     from iumask.data.dataset import SegmentationDataset
-    from iumask.inference import Model, load_source
+    from iumask.model import Model, load_source
     from iumask.stages.masks import make_masks
     from iumask.transfer import to_device
 
@@ -162,7 +162,8 @@ def bench_steady_state(ensemble: Path, work: Path, args) -> None:
     from iumask.config import DataConfig
     from iumask.data.dataset import SegmentationDataset
     from iumask.data.synthetic import generate_synthetic
-    from iumask.inference import InstanceUncertainty, load_source, pixel_maps
+    from iumask.inference import InstanceUncertainty, pixel_maps
+    from iumask.model import load_source
     from iumask.store import MaskStore
     from iumask.transfer import to_device, to_host
 
@@ -325,7 +326,7 @@ import resource, sys
 from pathlib import Path
 from iumask.config import DataConfig, MaskConfig
 from iumask.data.synthetic import generate_synthetic
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.stages.masks import make_masks
 ensemble, work, n, h, w, device = Path(sys.argv[1]), Path(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4]), \\
     int(sys.argv[5]), sys.argv[6]

@@ -271,7 +271,7 @@ class Checker:
 
         from iumask.config import DataConfig
         from iumask.data.dataset import SegmentationDataset
-        from iumask.inference import load_source
+        from iumask.model import load_source
         from iumask.transfer import to_device
 
         device = torch.device(self.device)
@@ -301,7 +301,7 @@ class Checker:
     def check_pinned(self, ensemble: Path, data: Path) -> tuple[str, str]:
         from iumask import engine, inference
         from iumask.config import AugmentConfig, DataConfig, LossConfig, MaskConfig, ModelConfig, TrainConfig
-        from iumask.inference import Model
+        from iumask.model import Model
         from iumask.stages.masks import make_masks
         from iumask.stages.train import train_baseline
 

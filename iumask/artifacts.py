@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -164,6 +165,20 @@ def same_identity(stored: dict, given: dict) -> bool:
     return comparable_identity(stored) == comparable_identity(given)
 
 
+@dataclass(frozen=True)
+class StoreAdvice:
+    """What a mask store's messages (:mod:`iumask.store`) tell the user to do. The store speaks the
+    Python API's words by default; a command passes its own (make-masks names its store option,
+    predict and ``run`` their output folder: :data:`iumask.config.MAKE_MASKS_ADVICE`), so no
+    command's option name is written in the store. Here, not in the store, so that the commands'
+    configuration names it without importing zarr."""
+
+    other_path: str = "use another path"  # a path the store cannot be written to
+    overwrite: str = "pass overwrite=True to recompute it"  # a store made from other inputs is there
+    remake: str = "make it again with overwrite=True (or at another path)"  # unreadable
+    missing: str = "make it first or fix the path"  # nothing there
+
+
 class Reuse(Enum):
     """What to do with the artifact that is there (:func:`reuse_decision`)."""
 
@@ -281,3 +296,17 @@ def cache_threshold(path: Path, record: dict, stamp: tuple | None, weights: list
     if file_stamp(path) != stamp:
         record = read_json(path, "model manifest")
     write_json_atomic(path, dict(record, **dict(zip(THRESHOLD_KEYS, (value, weights)))))
+
+
+def member_digests(manifests: list[dict]) -> dict[str, str]:
+    """Each manifest's weights SHA-256 by member name (the encoder for models without one)."""
+    return {m.get("name", m["encoder"]): m["weights_sha256"] for m in manifests}
+
+
+def model_size(manifests: list[dict], path: Path) -> tuple[int, int] | None:
+    """The (H, W) all ``manifests``' models were trained at (None: native sizes)."""
+    sizes = {tuple(m["image_size"]) if m.get("image_size") else None for m in manifests}
+    if len(sizes) > 1:
+        raise IumaskError(f"{path}: members were trained at different sizes {sorted(map(str, sizes))}; "
+                          "use members of one size")
+    return sizes.pop()

@@ -274,7 +274,7 @@ def make_masks(
     store. An interrupted run resumes; a finished store with the same inputs is a cache hit. Images
     are decoded in loader workers and their IU and store writes run in background threads while
     the next batch is on the device."""
-    from iumask.inference import Model
+    from iumask.model import Model
     from iumask.stages.masks import make_masks as stage
 
     data_options = data_config(data, None, format, conditions, train_split=split)
@@ -348,7 +348,7 @@ def evaluate(
     """Per-class IoU, mIoU, PAvPU, calibration, small-object and selective-risk metrics of models or
     ensembles on a dataset split (another dataset with the same class names evaluates domain shift)."""
     from iumask import distributed
-    from iumask.inference import Model
+    from iumask.model import Model
     from iumask.stages.evaluate import evaluate_into as stage
 
     if temperature_scale:
@@ -377,7 +377,7 @@ def predict(
     """Apply a trained model or ensemble to unlabeled images: per image at its own resolution the
     predicted labels, class colours, an overlay, and entropy and IU heat maps on the fixed scale
     [0, ln C]. A rerun skips images already done; unreadable inputs are skipped and listed."""
-    from iumask.inference import Model
+    from iumask.model import Model
     from iumask.stages.predict import predict as stage
     from iumask.stages.predict import print_summary
 

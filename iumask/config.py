@@ -30,13 +30,13 @@ from pathlib import Path
 from typing import Any
 
 from iumask.architectures import ARCHITECTURE, ARCHITECTURES, DEFAULT_ENCODERS, architecture_name
+from iumask.artifacts import StoreAdvice
 from iumask.core.loss import CLASS_WEIGHTINGS, DEFAULT_EFFECTIVE_NUMBER_BETA, LOSS_METHODS, LossMethod
 from iumask.data.augment import JointAugment
 from iumask.data.folder import PairedDataset
 from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
 from iumask.errors import IumaskError
 from iumask.files import json_normal
-from iumask.store import StoreAdvice
 
 FORMAT_VERSION = 1  # of member manifests and results files
 

@@ -24,8 +24,7 @@ with the same rule (:func:`iumask.core.mean_softmax`).
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, NamedTuple
 
@@ -35,20 +34,10 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, default_collate
 
 from iumask import distributed
-from iumask.artifacts import (
-    MANIFEST_FILE,
-    cache_threshold,
-    cached_threshold,
-    check_ensemble_members,
-    checked_manifest,
-    model_key,
-    resolve_model_files,
-)
+from iumask.artifacts import member_digests
 from iumask.core import instance_uncertainty, instance_uncertainty_batch, mean_softmax, pixel_entropy, top_class
-from iumask.data.folder import ClassInfo, PairedDataset, class_differences
 from iumask.device import Precision
 from iumask.errors import IumaskError
-from iumask.files import file_stamp
 from iumask.models import load_weights, predict_logits
 from iumask.overlap import resolve_workers
 from iumask.transfer import class_id_dtype, to_device
@@ -268,161 +257,18 @@ def probability_batches(source: UncertaintySource, dataset: Dataset, batches: li
             yield ProbabilityBatch(indices, probs, pixel_maps(probs, normalize), items)
 
 
-class ModelMember(NamedTuple):
-    """One member of a :class:`Model`: its folder, its manifest (read and checked once) and the
-    manifest file's :func:`~iumask.files.file_stamp` taken before it was read."""
-
-    folder: Path
-    manifest: dict
-    stamp: tuple | None
-
-
-@dataclass(frozen=True, eq=False)
-class Model:
-    """A trained model or ensemble, resolved once from a path (:meth:`resolve`): every stage takes
-    this object, and nothing reads its manifests again.
-
-    Made by :meth:`resolve`, which runs every check: each member finished training and its weights
-    match their SHA-256, an ensemble.json names the very members it was written with, and all
-    members share one class list and one training size. ``key`` is the model's one spelling
-    (absolute: an ensemble's ensemble.json, a member's folder) in results files and stores.
-    ``record`` is the manifest that caches the PAvPU threshold (the ensemble.json, or the member's
-    manifest.json) as read from ``record_path``. The manifests are plain dicts: do not change them.
-    """
-
-    key: str
-    members: tuple[ModelMember, ...]
-    size: tuple[int, int] | None  # the (H, W) the members were trained at (None: native sizes)
-    record_path: Path
-    record: dict = field(repr=False)
-    record_stamp: tuple | None = field(repr=False, default=None)
-
-    @classmethod
-    def resolve(cls, path: str | os.PathLike) -> "Model":
-        """The model at ``path`` (a model folder, its manifest.json, a folder with an ensemble.json
-        or an ensemble manifest), checked; reads the ensemble manifest and each member's manifest once."""
-        files = resolve_model_files(Path(path))
-        if not files.folders:
-            raise IumaskError(f"{path}: this ensemble names no members; rerun the train command that made it")
-        members = tuple(ModelMember(folder, *_checked_stamped(folder)) for folder in files.folders)
-        manifests = [member.manifest for member in members]
-        if files.ensemble is not None:
-            check_ensemble_members(files.ensemble_path, files.ensemble, manifests)
-        if len({tuple(m["classes"]["names"]) for m in manifests}) > 1:
-            raise IumaskError(f"{path}: members were trained on different classes; build the ensemble from "
-                              "models of one dataset")
-        model = cls(model_key(path), members, model_size(manifests, path), members[0].folder / MANIFEST_FILE,
-                    members[0].manifest, members[0].stamp)
-        if files.ensemble is None:
-            return model
-        return replace(model, record_path=files.ensemble_path, record=files.ensemble, record_stamp=files.ensemble_stamp)
-
-    def member_models(self) -> list["Model"]:
-        """Each member as a model of its own (from the manifests already read: nothing is read)."""
-        return [Model(model_key(m.folder), (m,), self.size, m.folder / MANIFEST_FILE, m.manifest, m.stamp)
-                for m in self.members]
-
-    @property
-    def manifests(self) -> list[dict]:
-        return [member.manifest for member in self.members]
-
-    @property
-    def classes(self) -> ClassInfo:
-        return ClassInfo.from_dict(self.members[0].manifest["classes"], source=self.key)
-
-    @property
-    def weights_sha256(self) -> list[str]:
-        """The members' weights SHA-256, in member order (what an evaluation's identity records)."""
-        return [member.manifest["weights_sha256"] for member in self.members]
-
-    def member_sha256(self) -> dict[str, str]:
-        """Each member's weights SHA-256 by name (what a mask store records of its source)."""
-        return member_digests(self.manifests)
-
-    def check_classes(self, folder: PairedDataset) -> None:
-        """Refuse a dataset whose class names or order differ from the model's."""
-        model_names = list(self.members[0].manifest["classes"]["names"])
-        if model_names != list(folder.classes.names):
-            raise IumaskError(
-                f"{folder.root}: the dataset's classes differ from those of {self.key} "
-                f"({class_differences(list(folder.classes.names), model_names)}); use a dataset with the same "
-                "class names and order"
-            )
-
-    def source(self, kind: str = "ensemble", device: torch.device | str = "cpu", passes: int = 8,
-               seed: int = 0) -> UncertaintySource:
-        """The model loaded into an uncertainty source (``kind``: ``ensemble``, or ``mc-dropout``,
-        which takes exactly one member, ``passes`` passes). On CUDA the models are channels-last."""
-        self.check_source(kind)
-        nets = [load_weights(member.folder, member.manifest, device) for member in self.members]
-        if torch.device(device).type == "cuda":
-            nets = [net.to(memory_format=torch.channels_last) for net in nets]
-        if kind == "mc-dropout":
-            return MCDropoutSource(nets[0], self.manifests[0], Path(self.key), self.size, passes, seed)
-        return EnsembleSource(nets, self.manifests, Path(self.key), self.size)
-
-    def check_source(self, kind: str) -> None:
-        """Refuse an uncertainty source this model cannot be (before anything is loaded or written)."""
-        if kind not in ("ensemble", "mc-dropout"):
-            raise IumaskError(f"--source must be ensemble or mc-dropout, got {kind!r}")
-        if kind == "mc-dropout" and len(self.members) != 1:
-            raise IumaskError(f"{self.key}: --source mc-dropout takes one model, this names {len(self.members)}; "
-                              "give one member's folder")
-
-    def cached_threshold(self) -> float | None:
-        """The cached PAvPU threshold if it was computed with these members' weights, else None."""
-        return cached_threshold(self.record, self.weights_sha256)
-
-    def cache_threshold(self, value: float) -> None:
-        """Cache the PAvPU threshold ``value`` (computed with these members' weights) in ``record_path``."""
-        cache_threshold(self.record_path, self.record, self.record_stamp, self.weights_sha256, value)
-
-
-def _checked_stamped(folder: Path) -> tuple[dict, tuple | None]:
-    """A member's checked manifest and the stamp of its file, taken before reading it."""
-    try:
-        stamp = file_stamp(folder / MANIFEST_FILE)
-    except OSError:
-        stamp = None  # checked_manifest says what is wrong
-    return checked_manifest(folder), stamp
-
-
-def require_model(model: Model) -> Model:
-    """``model``, refusing anything else: stages take models resolved once (:meth:`Model.resolve`),
-    never a path that each would resolve again."""
-    if not isinstance(model, Model):
-        raise TypeError(f"a stage takes a Model, not {type(model).__name__} {model!r}: pass "
-                        "iumask.inference.Model.resolve(path)")
-    return model
-
-
-def member_digests(manifests: list[dict]) -> dict[str, str]:
-    """Each manifest's weights SHA-256 by member name (the encoder for models without one)."""
-    return {m.get("name", m["encoder"]): m["weights_sha256"] for m in manifests}
-
-
-def model_size(manifests: list[dict], path: Path) -> tuple[int, int] | None:
-    """The (H, W) all ``manifests``' models were trained at (None: native sizes)."""
-    sizes = {tuple(m["image_size"]) if m.get("image_size") else None for m in manifests}
-    if len(sizes) > 1:
-        raise IumaskError(f"{path}: members were trained at different sizes {sorted(map(str, sizes))}; "
-                          "use members of one size")
-    return sizes.pop()
-
-
-def check_models(model_path: Path, folder: PairedDataset | None = None) -> list[dict]:
-    """The manifests of a model or ensemble, checked without loading it (:meth:`Model.resolve`),
-    and of the classes of ``folder`` when given. Prefer :meth:`Model.resolve` (which keeps them)."""
-    model = Model.resolve(model_path)
-    if folder is not None:
-        model.check_classes(folder)
-    return model.manifests
-
-
-def load_source(model_path: Path, kind: str = "ensemble", device: torch.device | str = "cpu", passes: int = 8,
-                seed: int = 0) -> UncertaintySource:
-    """An uncertainty source from a model folder or an ensemble manifest: ``Model.resolve(path).source(...)``."""
-    return Model.resolve(model_path).source(kind, device, passes, seed)
+def load_uncertainty_source(members: list[tuple[Path, dict]], kind: str, device: torch.device | str, passes: int,
+                            seed: int, path: Path, size: tuple[int, int] | None) -> UncertaintySource:
+    """The ``members`` ((folder, checked manifest) each) loaded into an :class:`EnsembleSource`, or
+    for ``kind`` ``mc-dropout`` the one member into an :class:`MCDropoutSource` of ``passes`` passes;
+    channels-last on CUDA. What :meth:`iumask.model.Model.source` calls."""
+    nets = [load_weights(folder, manifest, device) for folder, manifest in members]
+    if torch.device(device).type == "cuda":
+        nets = [net.to(memory_format=torch.channels_last) for net in nets]
+    manifests = [manifest for _, manifest in members]
+    if kind == "mc-dropout":
+        return MCDropoutSource(nets[0], manifests[0], path, size, passes, seed)
+    return EnsembleSource(nets, manifests, path, size)
 
 
 def ensemble_probs(models: list[torch.nn.Module], images: torch.Tensor, model_size: tuple[int, int] | None = None,

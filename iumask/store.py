@@ -43,14 +43,13 @@ import re
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import Reuse, require_same_inputs, reuse_decision, same_identity
+from iumask.artifacts import Reuse, StoreAdvice, require_same_inputs, reuse_decision, same_identity
 from iumask.errors import IumaskError, StoreMismatchError
 from iumask.files import LOCK_FILE, StagedDirectory, WriterLock, json_normal
 
@@ -91,18 +90,6 @@ _STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumas
 # 1.3-1.7 bytes/pixel). Shuffle is a no-op for 1-byte predictions, so they use noshuffle.
 _FLOAT_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
-
-
-@dataclass(frozen=True)
-class StoreAdvice:
-    """What the store's messages tell the user to do. The store speaks the Python API's words by
-    default; a command passes its own (make-masks names its store option, predict and ``run`` their
-    output folder: :mod:`iumask.stages.masks`), so no command's option name is written here."""
-
-    other_path: str = "use another path"  # a path the store cannot be written to
-    overwrite: str = "pass overwrite=True to recompute it"  # a store made from other inputs is there
-    remake: str = "make it again with overwrite=True (or at another path)"  # unreadable
-    missing: str = "make it first or fix the path"  # nothing there
 
 
 def format_version(num_classes: int) -> int:
@@ -403,6 +390,24 @@ class MaskStore:
         group.create_array("complete", shape=(n,), chunks=(per_shard,), dtype="bool", compressors=None,
                            fill_value=False)
         return cls(path, group, "r+")
+
+    @classmethod
+    def finished(cls, path, identity: dict, advice: StoreAdvice = StoreAdvice()) -> "MaskStore | None":
+        """The finished store at ``path`` made from ``identity`` (the reuse decision's cache hit),
+        opened read-only without the writer lock; None when there is nothing there, it is unreadable,
+        unfinished or of other inputs, or a replacement is staged beside it: then
+        :meth:`open_or_create` decides under the lock and says what is wrong. How a rerun finds its
+        cache hit before it loads a model."""
+        path = Path(path)
+        if not (path / "zarr.json").is_file() or any(_sibling(path, kind).exists() for kind in (_STAGED, _ASIDE)):
+            return None
+        try:
+            store = cls.open(path, advice=advice)
+        except IumaskError:
+            return None
+        decision = reuse_decision(store.recorded(identity), identity, bool(store.attrs.get("finished")), True,
+                                  f"mask store {path}", advice.overwrite)  # overwrite=True: decides, never refuses
+        return store if decision is Reuse.HIT else None
 
     @classmethod
     def open(cls, path, mode: str = "r", advice: StoreAdvice = StoreAdvice()) -> "MaskStore":

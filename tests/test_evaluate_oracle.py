@@ -39,7 +39,7 @@ from testdata import camvid_labels, downsample, ids_of, read_label
 
 import iumask
 from iumask.config import DataConfig, EvalConfig
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.models import load_member
 from iumask.stages import evaluate as evaluate_stage
 from iumask.store import MaskStore

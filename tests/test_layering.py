@@ -26,6 +26,7 @@ LAYERS = [
     ["iumask.stages.run", "iumask.stages.experiment"],
     ["iumask.experiment.report", "iumask.stages.train", "iumask.stages.masks", "iumask.stages.evaluate",
      "iumask.stages.stats", "iumask.stages.predict", "iumask.stages.check_data"],
+    ["iumask.model"],
     ["iumask.engine", "iumask.losses", "iumask.inference", "iumask.training_log", "iumask.experiment.spec",
      "iumask.tracking"],
     ["iumask.config", "iumask.experiment.significance", "iumask.experiment.bootstrap", "iumask.figures",
@@ -145,7 +146,7 @@ def test_one_place_computes_entropy_and_iu_from_probabilities():
 
 
 def test_stages_take_model_objects():
-    """A stage's model parameter is a resolved Model (inference.Model), never a path each stage would
+    """A stage's model parameter is a resolved Model (iumask.model.Model), never a path each stage would
     resolve again: the CLI, run and experiment resolve a path once."""
     wrong = []
     for module, path in MODULES.items():
@@ -173,7 +174,7 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 
 def test_the_store_names_no_command_option():
     """The store is used by several commands (make-masks, predict, run, experiment) and from Python:
-    each passes its own advice (store.StoreAdvice), so no message of store.py names an option."""
+    each passes its own advice (artifacts.StoreAdvice), so no message of store.py names an option."""
     named = [(line, text) for line, text in _strings(MODULES["iumask.store"]) if re.search(r"(?<![\w-])--[a-z]", text)]
     assert not named, f"store.py messages name command options: {named}"
 
@@ -200,8 +201,8 @@ def _is_reuse_member(node) -> bool:
 # ----------------------------------------------------------------------------- start-up
 
 # What importing costs seconds; a command that builds or loads no model imports none of them (and
-# mlflow, imported only when a command tracks its runs).
-HEAVY = ("torch", "segmentation_models_pytorch", "timm", "mlflow")
+# mlflow, imported only when a command tracks its runs; zarr, only when a store is opened: 0.15 s).
+HEAVY = ("torch", "segmentation_models_pytorch", "timm", "mlflow", "zarr")
 # Runs ``iumask ARGS`` as the console script does, then reports the heavy modules it imported (on
 # stderr, last line) and exits with the command's code.
 RUN_CLI = f"""
@@ -269,3 +270,17 @@ def test_import_iumask_keeps_the_core_api():
     assert {name for name in namespace if not name.startswith("__")} == set(iumask.__all__)
     with pytest.raises(AttributeError):
         iumask.no_such_name  # noqa: B018
+
+
+@pytest.mark.slow
+def test_a_make_masks_cache_hit_imports_no_heavy_library(tiny_baseline, tmp_path):
+    """A rerun of a finished store is decided from manifests, headers and the data's fingerprint:
+    no torch (issue 28 §5: a cache hit at 20k images spent most of its seconds importing)."""
+    data, baseline = tiny_baseline(tmp_path)
+    args = ["make-masks", "--ensemble", str(baseline), "--data", str(data), "--store", str(tmp_path / "m.zarr"),
+            "--device", "cpu", "--workers", "0"]
+    code, stdout, heavy = _child(RUN_CLI, *args)
+    assert code == 0 and "torch" in heavy, stdout[-2000:]  # the first run computes the masks
+    code, stdout, heavy = _child(RUN_CLI, *args)
+    assert code == 0 and "store:" in stdout, stdout[-2000:]
+    assert [m for m in heavy if m != "zarr"] == [], f"a make-masks cache hit imports {heavy}"

@@ -16,7 +16,7 @@ from cli_runner import iumask
 from iumask.artifacts import ENSEMBLE_FILE, MANIFEST_FILE, write_ensemble
 from iumask.config import DataConfig, EvalConfig
 from iumask.errors import IumaskError
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.stages.evaluate import evaluation_identity
 from iumask.store import MaskStore
 

@@ -18,7 +18,7 @@ from test_store_reliability import killed
 from iumask.config import DataConfig, MaskConfig
 from iumask.core import instance_uncertainty_batch
 from iumask.data.synthetic import generate_synthetic
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.overlap import BackgroundPool, resolve_workers
 from iumask.stages.masks import make_masks
 from iumask.store import MaskStore
@@ -195,7 +195,7 @@ def test_bf16_autocast_runs_on_the_cpu_in_training_make_masks_and_evaluate(basel
     assert manifest["history"][0]["loss"] != reference[0]["loss"]
     assert manifest["history"][0]["loss"] == pytest.approx(reference[0]["loss"], rel=0.05)
     from iumask.device import Precision
-    from iumask.inference import load_source
+    from iumask.model import load_source
 
     source = load_source(out, "ensemble", torch.device("cpu"))
     images = torch.randn(2, 3, 32, 32)

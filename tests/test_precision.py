@@ -15,7 +15,7 @@ from cli_runner import iumask
 
 from iumask.config import DataConfig, EvalConfig
 from iumask.device import Precision
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.stages.evaluate import cached_evaluate, evaluation_identity
 from iumask.store import MaskStore
 

@@ -16,7 +16,7 @@ from cli_runner import TINY_TRAIN, iumask
 from iumask import engine
 from iumask.artifacts import Reuse, comparable_identity, reuse_decision, same_identity
 from iumask.errors import StoreMismatchError
-from iumask.inference import Model
+from iumask.model import Model
 
 
 class _Colour(Enum):

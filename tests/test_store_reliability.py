@@ -33,7 +33,8 @@ from iumask.data.folder import ClassInfo, FolderDataset
 from iumask.data.synthetic import generate_synthetic
 from iumask.dataset_stats import label_statistics, mask_statistics
 from iumask.errors import IumaskError
-from iumask.inference import Model, ensemble_probs
+from iumask.inference import ensemble_probs
+from iumask.model import Model
 from iumask.models import load_member, save_member
 from iumask.store import MaskStore
 

@@ -37,7 +37,8 @@ from iumask.files import (
     refuse_read_only,
     write_json_atomic,
 )
-from iumask.inference import Model, UncertaintySource, probability_batches, require_model
+from iumask.inference import UncertaintySource, probability_batches
+from iumask.model import Model, require_model
 from iumask.progress import print_cache_hit, progress_bar, warn
 from iumask.tables import result_labels
 from iumask.transfer import host_tensor

@@ -53,7 +53,7 @@ from iumask.experiment.report import FIGURES_DIR, REPORT_FILE, RESULTS_FILE, SUM
 from iumask.experiment.significance import rarest_classes, result_rows, summarize
 from iumask.experiment.spec import Arm, ExperimentSpec, seedless, spec_differences
 from iumask.files import LockHeld, check_writable, create_json_once, folder_writer_lock, json_normal, read_json
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate, cached_results, evaluation_identity, read_image_counts
 from iumask.stages.masks import make_masks

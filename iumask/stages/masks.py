@@ -5,26 +5,27 @@ The store is opened, created or staged by :meth:`MaskStore.open_or_create` under
 an interrupted run resumes from the store's completion flags; a finished store with the same
 inputs is a cache hit; under torchrun each rank writes its share of the images (whole shards of a
 sharded store: one writer per shard file).
+
+A rerun of a finished store is decided from the model's manifests, the images' headers and the
+data's fingerprint before torch is imported (:meth:`MaskStore.finished`), so it costs a fraction
+of a second of imports instead of seconds; the work path imports torch, the models and the device.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from pathlib import Path
 
 import numpy as np
 
-from iumask import distributed
+from iumask.artifacts import StoreAdvice
 from iumask.config import MAKE_MASKS_ADVICE, DataConfig, MaskConfig
-from iumask.data.dataset import SegmentationDataset, shape_batches
-from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import IumaskError
 from iumask.files import describe_os_error
-from iumask.inference import InstanceUncertainty, Model, probability_batches, require_model
-from iumask.overlap import BackgroundPool, background_threads
-from iumask.progress import print_cache_hit, progress_bar
-from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
-from iumask.transfer import to_host
+from iumask.model import Model, require_model
+from iumask.progress import print_cache_hit
+from iumask.store import MaskStore
 
 # What to do about a store that records an autocast mode this device cannot run (docs/store.md).
 PRECISION_FIX = ("rerun with --overwrite to compute it again (recorded as the precision used), or on a CUDA device "
@@ -36,37 +37,67 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
     """Masks of every image of ``data.train_split`` into the store at ``store_path``; returns it
     (opened read-only). ``model``: an ensemble or one model (``masks.source`` ``ensemble``), or one
     model (``mc-dropout``, ``masks.passes`` passes per image), resolved once
-    (:meth:`~iumask.inference.Model.resolve`). ``advice``: what the store's messages tell the user to do
-    (:class:`~iumask.store.StoreAdvice`; ``run`` and ``experiment`` keep the store in their ``--out``)."""
-    dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
-    folder = data.open(data.train_split)
+    (:meth:`~iumask.model.Model.resolve`). ``advice``: what the store's messages tell the user to do
+    (:class:`~iumask.artifacts.StoreAdvice`; ``run`` and ``experiment`` keep the store in their ``--out``)."""
     model = require_model(model)
+    folder = data.open(data.train_split)
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
     model.check_source(masks.source)
     image_shapes = folder.check_headers()
+    if masks.amp == "off" and not torchrun():  # float32 runs on every device: the identity is known now
+        store = MaskStore.finished(store_path, mask_identity(model, folder, masks, data, image_shapes), advice)
+        if store is not None:  # a cache hit decided from the manifests and headers: no torch imported
+            print_cache_hit(store_path)
+            return store
+    # Work to do (or a decision that needs the device): torch, the models and the device from here.
+    from iumask import distributed
+    from iumask.device import resolve_amp, resolve_device
+    from iumask.store import refuse_mislabelled_precision
+
+    dev = distributed.init(resolve_device(device))  # joins the process group under torchrun
     resolved = resolve_amp(masks, dev)  # the identity records the precision actually used
     if not overwrite:
         refuse_mislabelled_precision(store_path, masks.amp, resolved.amp, PRECISION_FIX)
     masks = resolved
-    dataset = SegmentationDataset(folder, model.size)
-    shapes = [list(model.size or shape) for shape in image_shapes]  # as dataset.sample_shape, headers read once
-    identity = {
-        "image_ids": folder.ids, "image_shapes": shapes, "class_names": list(folder.classes.names),
+    identity = mask_identity(model, folder, masks, data, image_shapes)
+    # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
+    # --overwrite replacement is built beside the old store); the other ranks open what it opened.
+    try:
+        return _write_masks(model, folder, masks, identity, store_path, dev, overwrite, advice)
+    except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
+        raise IumaskError(describe_os_error(exc, store_path)) from exc
+
+
+def torchrun() -> bool:
+    """Whether torchrun started this process (its environment; before the process group exists)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def mask_identity(model: Model, folder, masks: MaskConfig, data: DataConfig, image_shapes: list) -> dict:
+    """What a mask store records of its inputs: the images (ids, shapes at the model's size), the
+    classes, the mask options (the precision used), the members' weights and the data's content."""
+    return {
+        "image_ids": folder.ids,
+        "image_shapes": [list(model.size or shape) for shape in image_shapes],  # as dataset.sample_shape
+        "class_names": list(folder.classes.names),
         "options": {**masks.identity(), "image_size": list(model.size) if model.size else None,
                     "split": data.train_split, "ignore_index": folder.classes.ignore_index},
         "member_sha256": model.member_sha256(),
         "dataset_fingerprint": folder.fingerprint(),
     }
-    # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
-    # --overwrite replacement is built beside the old store); the other ranks open what it opened.
-    try:
-        return _write_masks(model, folder, dataset, masks, identity, store_path, dev, overwrite, advice)
-    except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
-        raise IumaskError(describe_os_error(exc, store_path)) from exc
 
 
-def _write_masks(model: Model, folder, dataset, masks: MaskConfig, identity: dict, store_path: Path, dev,
+def _write_masks(model: Model, folder, masks: MaskConfig, identity: dict, store_path: Path, dev,
                  overwrite: bool, advice: StoreAdvice) -> MaskStore:
+    from iumask import distributed
+    from iumask.data.dataset import SegmentationDataset
+    from iumask.device import Precision
+    from iumask.inference import InstanceUncertainty, probability_batches
+    from iumask.overlap import BackgroundPool, background_threads
+    from iumask.progress import progress_bar
+    from iumask.transfer import to_host
+
+    dataset = SegmentationDataset(folder, model.size)
     writer = (MaskStore.open_or_create(store_path, identity, overwrite=overwrite,
                                        images_per_shard=masks.images_per_shard, advice=advice)
               if distributed.is_main() else None)
@@ -125,6 +156,9 @@ def rank_batches(todo: list[int], shape_of, step: int, images_per_shard: int) ->
     ``step`` images of one shape), every world_size-th one. Under torchrun with a sharded store,
     whole shards go to each rank instead (every world_size-th shard, in batches that stop at shard
     ends), as one shard file has one writer."""
+    from iumask import distributed
+    from iumask.data.dataset import shape_batches
+
     if distributed.world_size() == 1 or images_per_shard == 1:  # the batches a single process makes
         return distributed.shard(shape_batches(todo, shape_of, step))
     shards: dict[int, list[int]] = {}

@@ -32,17 +32,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from iumask.artifacts import Reuse, reuse_decision
+from iumask.artifacts import Reuse, StoreAdvice, reuse_decision
 from iumask.config import PredictConfig
 from iumask.data.dataset import shape_batches
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, image_header_shape, read_rgb
 from iumask.device import Precision, resolve_amp, resolve_device
 from iumask.errors import DataError, IumaskError
 from iumask.files import WriterLock, atomic_write, check_writable, describe_os_error, read_json, write_json_atomic
-from iumask.inference import InstanceUncertainty, Model, probability_batches, require_model
+from iumask.inference import InstanceUncertainty, probability_batches
+from iumask.model import Model, require_model
 from iumask.overlap import BackgroundPool, background_threads
 from iumask.progress import console, progress_bar, warn
-from iumask.store import MaskStore, StoreAdvice, refuse_mislabelled_precision
+from iumask.store import MaskStore, refuse_mislabelled_precision
 from iumask.transfer import to_host
 
 INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
@@ -200,7 +201,7 @@ def _decoded_batches(items: list[dict]) -> list[dict]:
 def predict(model: Model, inputs: Path | str, out: Path, options: PredictConfig = PredictConfig(),
             device: str = "auto") -> PredictResult:
     """Predict every image named by ``inputs`` (file, folder or glob) with ``model`` (a model or
-    ensemble, resolved once: :meth:`~iumask.inference.Model.resolve`) and write the
+    ensemble, resolved once: :meth:`~iumask.model.Model.resolve`) and write the
     outputs under ``out`` (see the module docstring). Unreadable inputs are skipped and listed in
     the result's ``failed``."""
     out = Path(out)

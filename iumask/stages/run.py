@@ -15,7 +15,7 @@ from iumask.config import OUT_FOLDER_ADVICE, RunConfig
 from iumask.data.synthetic import generate_synthetic
 from iumask.device import resolve_device
 from iumask.files import folder_writer_lock
-from iumask.inference import Model
+from iumask.model import Model
 from iumask.progress import console
 from iumask.stages.evaluate import cached_evaluate
 from iumask.stages.masks import make_masks
