@@ -1,6 +1,7 @@
 """The training engine every train command shares: device, seeds, optimizer and schedule, data
-order, precision, checkpoints, the loop (:func:`fit`), and :func:`train_model` for one member
-trained with a given loss (docs/method.md §4, §9).
+order, precision, checkpoints and the loop (:func:`fit`), which trains a group of members together
+(one member for baseline and IU-weighted training, k for online training: the training stages'
+one path, :func:`iumask.stages.train.train_group`; docs/method.md §4, §9).
 
 * **Data order.** An epoch's order is a permutation drawn from a ``torch.Generator`` seeded by
   ``(seed, epoch)`` only (:class:`EpochBatchSampler`). A resumed epoch starts the sampler at the
@@ -457,54 +458,3 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
             seconds, clock = 0.0, time.perf_counter()
             save(epoch + 1, 0)
     return FitResult(histories, ensemble_history)
-
-
-def train_model(
-    model: torch.nn.Module,
-    encoder: str,
-    train_set,
-    val_set,
-    loss_fn: Callable[[torch.Tensor, dict], torch.Tensor],
-    options: TrainConfig,
-    checkpoint: Checkpoint,
-    num_classes: int,
-    ignore_index: int,
-    device: torch.device,
-    label: str,
-    on_epoch: EpochCallback | None = None,
-) -> list[dict]:
-    """Train ``model`` in place; return the per-epoch history (loss, validation mIoU).
-
-    ``checkpoint`` (:meth:`Checkpoint.resume`) is where it checkpoints, in the member's folder, and
-    the state it resumes from (exactly, mid-epoch too). ``on_epoch``: see :func:`fit`.
-    """
-    folder = checkpoint.path.parent
-    created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
-    try:
-        return _train_model_in(model, encoder, train_set, val_set, loss_fn, options, checkpoint, num_classes,
-                               ignore_index, device, label, on_epoch)
-    except BaseException:
-        if created:  # a failure before anything was written there leaves no empty member folder
-            with contextlib.suppress(OSError):
-                folder.rmdir()
-        raise
-
-
-def _train_model_in(model: torch.nn.Module, encoder: str, train_set, val_set, loss_fn, options: TrainConfig,
-                    checkpoint: Checkpoint, num_classes: int, ignore_index: int, device: torch.device,
-                    label: str, on_epoch: EpochCallback | None) -> list[dict]:
-    precision = Precision.resolve(options.amp, device)
-    total_steps = options.epochs * steps_per_epoch(len(train_set), options.batch_size, distributed.world_size())
-    member = make_member(label, model, encoder, options, device, total_steps, precision)
-
-    def train_step(batch: dict) -> list[float]:
-        with precision.autocast():
-            logits = member.forward(batch["image"])
-        loss = loss_fn(logits.float(), batch)
-        member.step(loss)
-        return [loss.item()]
-
-    result = fit([member], train_step, train_set, val_set, options, checkpoint, num_classes, ignore_index, device,
-                 label, precision, on_epoch=on_epoch)
-    return result.histories[0]

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -52,7 +52,6 @@ from iumask.engine import (
     make_member,
     seed_everything,
     steps_per_epoch,
-    train_model,
 )
 from iumask.errors import IumaskError
 from iumask.figures import training_curves_png
@@ -202,41 +201,24 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
                           train: TrainConfig, loss: LossConfig, out: Path, dev: torch.device, overwrite: bool,
                           extra_identity: dict | None, tensorboard: bool, tracker: Tracker) -> Path:
     classes = inputs.classes
-    loss_fn = inputs.loss_fn(loss, iu_weighted)
     names = model.names
     for index, (name, encoder) in enumerate(zip(names, model.encoders)):
-        folder = out / name
+        # One group of one member: its own seed (initial weights and data order), its own checkpoint.
         member_train = replace(train, seed=train.seed + index)
         identity = artifact_identity(
             stage, architecture=model.architecture, encoder=encoder, encoder_weights=model.weights_for(encoder),
             classes=classes.to_dict(), dataset_fingerprint=inputs.fingerprint, data=data, train_options=member_train,
             loss=inputs.loss, augmentation=inputs.augmentation, world_size=distributed.world_size(),
             **encoder_weights_identity(model.weights_for(encoder)), **(extra_identity or {}))
-        title, tags = f"{stage} {name}", member_tags(stage, name, encoder, member_train.seed)
-        if member_reuse(folder, identity, overwrite, warn) is Reuse.HIT:
-            print_cache_hit(folder)
-            track_cached_member(tracker, folder, identity, title, tags)
-            continue
-        checkpoint = Checkpoint.resume(folder / CHECKPOINT_FILE, identity, overwrite)
-        seed_everything(member_train.seed)  # the initial weights depend on the seed only
-        net = build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture)
-
-        def loss_of_batch(logits, batch):
-            return loss_fn(logits, batch["label"], batch.get("iu"))
-
-        with tracker.member(folder, identity, title, tags) as run:
-            log = EpochLog([folder], [title], classes, inputs.val_set, dev, tensorboard, inputs.connectivity, [run])
-            try:
-                history = train_model(net, encoder, inputs.train_set, inputs.val_set, loss_of_batch, member_train,
-                                      checkpoint, classes.num_classes, classes.ignore_index, dev,
-                                      label=title, on_epoch=log)
-            finally:
-                log.close()
-            if distributed.is_main():  # under torchrun rank 0 writes, the others wait
-                save_member(folder, net.cpu(), dict(identity, name=name, complete=True, history=history,
-                                                    **inputs.manifest_extras(data)))
-                (folder / CHECKPOINT_FILE).unlink(missing_ok=True)
-                track_saved_member(run, folder)
+        group = MemberGroup(
+            names=[name], encoders=[encoder], folders=[out / name], identities=[identity],
+            checkpoint=out / name / CHECKPOINT_FILE, checkpoint_identity=identity, train=member_train,
+            init_seeds=[member_train.seed], titles=[f"{stage} {name}"],
+            tags=[member_tags(stage, name, encoder, member_train.seed)], label=f"{stage} {name}",
+            connectivity=inputs.connectivity)
+        if train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted), data, dev, overwrite, tensorboard,
+                       tracker) is None:
+            print_cache_hit(out / name)
         distributed.barrier()
     if distributed.is_main():
         write_ensemble(out, inputs.ensemble_manifest(stage, names, data))
@@ -325,61 +307,124 @@ def train_online(data: DataConfig, model: ModelConfig, train: TrainConfig, loss:
 def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfig, model: ModelConfig,
                          train: TrainConfig, loss: LossConfig, masks: MaskConfig, out: Path, dev: torch.device,
                          overwrite: bool, tensorboard: bool, tracker: Tracker) -> Path:
-    classes, names = inputs.classes, model.names
-    checkpoint_path = out / CHECKPOINT_FILE
-    member_identities = [dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)]
-    todo = [member_reuse(out / name, ident, overwrite, warn) is not Reuse.HIT
-            for name, ident in zip(names, member_identities)]
-    # (folder, identity, title, tags) of each member's tracked run; member k starts from seed + k.
-    tracked = [(out / name, ident, f"online {name}", member_tags(ONLINE_STAGE, name, encoder, train.seed + k))
-               for k, (name, encoder, ident) in enumerate(zip(names, model.encoders, member_identities))]
+    names = model.names
+    # One group of k members: the same batches (data order from train.seed), member k initialised
+    # from seed + k, one checkpoint in out/, masks from the group's prediction every step.
+    group = MemberGroup(
+        names=names, encoders=list(model.encoders), folders=[out / name for name in names],
+        identities=[dict(identity, name=name, encoder=encoder) for name, encoder in zip(names, model.encoders)],
+        checkpoint=out / CHECKPOINT_FILE, checkpoint_identity=identity, train=train,
+        init_seeds=[train.seed + k for k in range(len(names))], titles=[f"online {name}" for name in names],
+        tags=[member_tags(ONLINE_STAGE, name, encoder, train.seed + k)
+              for k, (name, encoder) in enumerate(zip(names, model.encoders))],
+        label=f"online ×{len(names)}", connectivity=masks.connectivity, online_masks=masks)
     ensemble_path = out / "ensemble.json"
-    if not any(todo):
-        for member in tracked:
-            track_cached_member(tracker, *member)
-    if not any(todo) and ensemble_path.is_file():
+    result = train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted=True), data, dev, overwrite,
+                         tensorboard, tracker)
+    if result is None and ensemble_path.is_file():
         print_cache_hit(out)
         return ensemble_path
-
-    if any(todo):
-        checkpoint = Checkpoint.resume(checkpoint_path, identity, overwrite)
-        nets = []
-        for k, encoder in enumerate(model.encoders):
-            seed_everything(train.seed + k)  # member k's initialisation
-            nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture))
-        precision = Precision.resolve(train.amp, dev)
-        total_steps = train.epochs * steps_per_epoch(len(inputs.train_set), train.batch_size, distributed.world_size())
-        members = [make_member(name, net, encoder, train, dev, total_steps, precision)
-                   for name, net, encoder in zip(names, nets, model.encoders)]
-        step = OnlineStep(members, precision, masks, inputs.loss_fn(loss, iu_weighted=True), classes.num_classes,
-                          classes.ignore_index, dev)
-        with contextlib.ExitStack() as open_runs:
-            runs = [open_runs.enter_context(tracker.member(*member)) for member in tracked]
-            log = EpochLog([out / name for name in names], [title for _, _, title, _ in tracked], classes,
-                           inputs.val_set, dev, tensorboard, masks.connectivity, runs)
-            try:
-                result = fit(members, step, inputs.train_set, inputs.val_set, train, checkpoint, classes.num_classes,
-                             classes.ignore_index, dev, f"online ×{len(members)}", precision,
-                             extra=step.timing, on_epoch=log)
-            finally:
-                log.close()
-                step.pool.close()
-            timing = summarize_timing(step.timing)
-            if distributed.is_main():
-                for member, ident, history, run in zip(members, member_identities, result.histories, runs):
-                    save_member(out / member.name, member.model.cpu(), dict(
-                        ident, complete=True, history=history, ensemble_history=result.ensemble_history,
-                        init_seed=train.seed + names.index(member.name), timing=timing,
-                        **inputs.manifest_extras(data)))
-                    track_saved_member(run, out / member.name)
-        print_timing(timing, len(members))
-    else:
+    if result is not None:
+        timing = result.timing
+        print_timing(timing, len(names))
+    else:  # every member cached, the ensemble manifest missing (killed before it was written)
         timing = read_json(out / names[0] / MANIFEST_FILE, "model manifest").get("timing")
     if distributed.is_main():
         write_ensemble(out, inputs.ensemble_manifest(ONLINE_STAGE, names, data, timing=timing))
-        checkpoint_path.unlink(missing_ok=True)
+        group.checkpoint.unlink(missing_ok=True)
     distributed.barrier()
     return ensemble_path
+
+
+# ----------------------------------------------------------------------------- one training path
+
+
+@dataclass(frozen=True)
+class MemberGroup:
+    """Members trained together in one loop, with one checkpoint: the baseline and IU-weighted
+    stages train k groups of one member (each from its own seed: initial weights and data order),
+    online training one group of k (the same batches; member k initialised from seed + k; masks
+    computed from the group's prediction every step, ``online_masks``)."""
+
+    names: list[str]
+    encoders: list[str]
+    folders: list[Path]
+    identities: list[dict]  # each member's: what its manifest records and its cache hit compares
+    checkpoint: Path  # the group's checkpoint.pt
+    checkpoint_identity: dict
+    train: TrainConfig  # the loop's options (its seed: the data order)
+    init_seeds: list[int]  # each member's initial weights
+    titles: list[str]  # of each member's curves and tracked run
+    tags: list[dict]  # of each member's tracked run
+    label: str  # of the progress bar
+    connectivity: int = 8  # of the IU in TensorBoard's images
+    online_masks: MaskConfig | None = None
+
+
+@dataclass
+class GroupResult:
+    """What training a group gave: each member's history, the group's ensemble history and the
+    online masks' timing (None for a group without them)."""
+
+    histories: list[list[dict]]
+    ensemble_history: list[dict]
+    timing: dict | None
+
+
+def train_group(group: MemberGroup, inputs: TrainingInputs, model: ModelConfig, loss_fn: LossFn, data: DataConfig,
+                dev: torch.device, overwrite: bool, tensorboard: bool, tracker: Tracker) -> GroupResult | None:
+    """The one training path: train ``group``'s members together (resuming its checkpoint) and save
+    each into its folder; None when every member is a cache hit (each decided by
+    :func:`~iumask.artifacts.member_reuse`), with their tracked runs completed from their files."""
+    classes = inputs.classes
+    reuse = [member_reuse(folder, ident, overwrite, warn) for folder, ident in zip(group.folders, group.identities)]
+    tracked = list(zip(group.folders, group.identities, group.titles, group.tags))
+    if all(decision is Reuse.HIT for decision in reuse):
+        for member in tracked:
+            track_cached_member(tracker, *member)
+        return None
+    checkpoint = Checkpoint.resume(group.checkpoint, group.checkpoint_identity, overwrite)
+    nets = []
+    for seed, encoder in zip(group.init_seeds, group.encoders):
+        seed_everything(seed)  # the initial weights depend on the seed only
+        nets.append(build_model(encoder, classes.num_classes, model.weights_for(encoder), model.architecture))
+    precision = Precision.resolve(group.train.amp, dev)
+    total_steps = group.train.epochs * steps_per_epoch(len(inputs.train_set), group.train.batch_size,
+                                                       distributed.world_size())
+    members = [make_member(name, net, encoder, group.train, dev, total_steps, precision)
+               for name, net, encoder in zip(group.names, nets, group.encoders)]
+    step = GroupStep(members, precision, loss_fn, classes, dev, group.online_masks)
+    created = not group.checkpoint.parent.exists()
+    group.checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.ExitStack() as open_runs:
+        runs = [open_runs.enter_context(tracker.member(*member)) for member in tracked]
+        log = EpochLog(group.folders, group.titles, classes, inputs.val_set, dev, tensorboard, group.connectivity,
+                       runs)
+        try:
+            result = fit(members, step, inputs.train_set, inputs.val_set, group.train, checkpoint,
+                         classes.num_classes, classes.ignore_index, dev, group.label, precision, extra=step.timing,
+                         on_epoch=log)
+        except BaseException:
+            if created:  # a failure before anything was written there leaves no empty folder
+                with contextlib.suppress(OSError):
+                    group.checkpoint.parent.rmdir()
+            raise
+        finally:
+            log.close()
+            step.close()
+        timing = summarize_timing(step.timing) if group.online_masks is not None else None
+        if distributed.is_main():  # under torchrun rank 0 writes, the others wait
+            for k, (member, folder, ident, history, run) in enumerate(
+                    zip(members, group.folders, group.identities, result.histories, runs)):
+                manifest = dict(ident, name=member.name, complete=True, history=history)
+                if len(members) > 1:
+                    manifest.update(ensemble_history=result.ensemble_history, init_seed=group.init_seeds[k],
+                                    timing=timing)
+                save_member(folder, member.model.cpu(), dict(manifest, **inputs.manifest_extras(data)))
+                track_saved_member(run, folder)
+            if len(members) == 1:  # a group of k keeps its checkpoint until the ensemble is written
+                group.checkpoint.unlink(missing_ok=True)
+    return GroupResult(result.histories, result.ensemble_history, timing)
 
 
 # ----------------------------------------------------------------------------- training log
@@ -476,17 +521,20 @@ def online_masks(logits: list[torch.Tensor], label: torch.Tensor, masks: MaskCon
         return iu_of.batch(maps, label, valid, map_fn)
 
 
-class OnlineStep:
-    """One optimizer step of every member with masks from the batch's ensemble prediction."""
+class GroupStep:
+    """One optimizer step of every member of a group on a batch: each member's loss with the
+    batch's IU masks (read from the store with the batch, or none), or with ``online_masks`` the
+    masks computed from the group's prediction (the time spent in the members' passes and in the
+    masks is then counted in ``timing``, which the checkpoint keeps)."""
 
-    def __init__(self, members, precision: Precision, masks: MaskConfig, loss_fn: LossFn, num_classes: int,
-                 ignore_index: int, device: torch.device):
-        self.members, self.precision, self.masks, self.loss_fn = members, precision, masks, loss_fn
-        self.num_classes, self.ignore_index, self.device = num_classes, ignore_index, device
+    def __init__(self, members, precision: Precision, loss_fn: LossFn, classes: ClassInfo, device: torch.device,
+                 online_masks: MaskConfig | None = None):
+        self.members, self.precision, self.loss_fn, self.masks = members, precision, loss_fn, online_masks
+        self.num_classes, self.ignore_index, self.device = classes.num_classes, classes.ignore_index, device
         # The batch's images get their instances in parallel (the result does not depend on it).
-        self.pool = BackgroundPool(background_threads())
+        self.pool = BackgroundPool(background_threads()) if online_masks is not None else None
         # Cumulative over the run (saved in the checkpoint, so a resumed run keeps counting).
-        self.timing = {"forward_backward_s": 0.0, "masks_s": 0.0, "steps": 0}
+        self.timing = {"forward_backward_s": 0.0, "masks_s": 0.0, "steps": 0} if online_masks is not None else {}
 
     def _now(self) -> float:
         if self.device.type == "cuda":
@@ -494,6 +542,8 @@ class OnlineStep:
         return time.perf_counter()
 
     def __call__(self, batch: dict) -> list[float]:
+        if self.masks is None:
+            return self._step(batch, batch.get("iu"))
         start = self._now()
         with self.precision.autocast():
             logits = [member.forward(batch["image"]) for member in self.members]
@@ -501,16 +551,29 @@ class OnlineStep:
         iu = online_masks(logits, batch["label"], self.masks, self.num_classes, self.ignore_index, batch.get("valid"),
                           self.pool.map)
         masks_done = self._now()
-        losses = []
-        for member, member_logits in zip(self.members, logits):
-            loss = self.loss_fn(member_logits.float(), batch["label"], iu)
-            member.step(loss)
-            losses.append(loss.item())
+        losses = self._losses(logits, batch, iu)
         end = self._now()
         self.timing["forward_backward_s"] += (forward_done - start) + (end - masks_done)
         self.timing["masks_s"] += masks_done - forward_done
         self.timing["steps"] += 1
         return losses
+
+    def _step(self, batch: dict, iu: torch.Tensor | None) -> list[float]:
+        with self.precision.autocast():
+            logits = [member.forward(batch["image"]) for member in self.members]
+        return self._losses(logits, batch, iu)
+
+    def _losses(self, logits: list[torch.Tensor], batch: dict, iu: torch.Tensor | None) -> list[float]:
+        losses = []
+        for member, member_logits in zip(self.members, logits):
+            loss = self.loss_fn(member_logits.float(), batch["label"], iu)
+            member.step(loss)
+            losses.append(loss.item())
+        return losses
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
 
 
 def summarize_timing(timing: dict) -> dict:
