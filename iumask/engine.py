@@ -346,6 +346,60 @@ class FitResult:
     ensemble_history: list[dict] = field(default_factory=list)  # several members: [{"epoch", "val_miou"}]
 
 
+@dataclass
+class LoopState:
+    """Where a training loop is, which with the members' states is its checkpoint: the epoch and the
+    step in it, the histories and epoch records, the seconds spent in the current epoch up to the
+    checkpoint, the caller's state (``extra``, updated in place) and this rank's running loss sums
+    of the epoch (each rank's, gathered into the checkpoint's ``ranks`` with its RNG states)."""
+
+    histories: list[list[dict]]  # per member: [{"epoch", "loss", "val_miou"}, ...]
+    records: list[list[dict]]  # per member: the epoch records (see EpochCallback)
+    extra: dict
+    ensemble_history: list[dict] = field(default_factory=list)
+    epoch: int = 0
+    step: int = 0
+    seconds: float = 0.0
+    loss_sums: list[float] = field(default_factory=list)
+    loss_count: int = 0
+
+    @classmethod
+    def fresh(cls, members: int, extra: dict) -> "LoopState":
+        return cls([[] for _ in range(members)], [[] for _ in range(members)], extra, loss_sums=[0.0] * members)
+
+    @classmethod
+    def restored(cls, saved: dict, rank: int, extra: dict) -> "LoopState":
+        """The state a checkpoint (``saved``, as :meth:`Checkpoint.resume` read it) holds for ``rank``;
+        ``extra`` is updated with the caller's state saved in it."""
+        extra.update(saved["extra"])
+        own, members = saved["ranks"][rank], len(saved["members"])
+        # A checkpoint of an earlier iumask has no epoch records: its log restarts at the resume.
+        return cls(saved["histories"], saved.get("records", [[] for _ in range(members)]), extra,
+                   saved["ensemble_history"], saved["epoch"], saved["step"], saved.get("seconds", 0.0),
+                   list(own["loss_sums"]), own["loss_count"])
+
+    def new_epoch(self, epoch: int) -> None:
+        self.epoch, self.step = epoch, 0
+        self.loss_sums, self.loss_count, self.seconds = [0.0] * len(self.histories), 0, 0.0
+
+    def add_losses(self, losses: list[float]) -> None:
+        self.loss_sums = [s + v for s, v in zip(self.loss_sums, losses)]
+        self.loss_count += 1
+
+    def rank_state(self, device: torch.device) -> dict:
+        """This rank's part of the checkpoint: its RNG states and running loss sums."""
+        return {"rng": _rng_state(device), "loss_sums": list(self.loss_sums), "loss_count": self.loss_count}
+
+    def checkpoint(self, checkpoint: "Checkpoint", world: int, members: list[TrainMember], ranks: list[dict],
+                   elapsed: float) -> dict:
+        """The checkpoint's content (format :data:`CHECKPOINT_FORMAT`); ``elapsed``: seconds since
+        :attr:`seconds` was last brought up to date."""
+        return {"format": CHECKPOINT_FORMAT, "identity": checkpoint.identity, "world_size": world,
+                "epoch": self.epoch, "step": self.step, "members": [m.state_dict() for m in members],
+                "histories": self.histories, "ensemble_history": self.ensemble_history, "extra": self.extra,
+                "ranks": ranks, "records": self.records, "seconds": self.seconds + elapsed}
+
+
 StepFn = Callable[[dict], list[float]]
 # ``on_epoch(records, models)``: per member the epoch records so far ({"epoch", "step", "loss", "lr",
 # "val_miou", "val_iou", "ensemble_val_miou", "seconds"}), and the members' models after an epoch
@@ -370,55 +424,38 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
     steps = steps_per_epoch(len(train_set), options.batch_size, world)
     k = len(members)
     extra = {} if extra is None else extra
-    histories: list[list[dict]] = [[] for _ in members]
-    ensemble_history: list[dict] = []
-    records: list[list[dict]] = [[] for _ in members]
-    start_epoch, start_step = 0, 0
-    loss_sums, loss_count = [0.0] * k, 0
-    seconds = 0.0  # spent in the current epoch before the last checkpoint (a resumed epoch keeps counting)
-    state = checkpoint.state
-    if state is not None:
-        for member, member_state in zip(members, state["members"]):
+    if checkpoint.state is not None:
+        for member, member_state in zip(members, checkpoint.state["members"]):
             member.load_state_dict(member_state)
-        histories, ensemble_history = state["histories"], state["ensemble_history"]
-        # A checkpoint of an earlier iumask has no epoch records: its log restarts at the resume.
-        records, seconds = state.get("records", records), state.get("seconds", 0.0)
-        start_epoch, start_step = state["epoch"], state["step"]
-        extra.update(state["extra"])
-        own = state["ranks"][rank]
-        _set_rng_state(own["rng"], device)
-        loss_sums, loss_count = list(own["loss_sums"]), own["loss_count"]
-        if start_epoch < options.epochs:
-            console.print(f"{label}: resuming at epoch {start_epoch + 1}, step {start_step}/{steps}")
+        loop = LoopState.restored(checkpoint.state, rank, extra)
+        _set_rng_state(checkpoint.state["ranks"][rank]["rng"], device)
+        if loop.epoch < options.epochs:
+            console.print(f"{label}: resuming at epoch {loop.epoch + 1}, step {loop.step}/{steps}")
     else:
+        loop = LoopState.fresh(k, extra)
         seed_everything(options.seed)
         if rank:
             torch.manual_seed(options.seed + _RANK_SEED_STRIDE * rank)  # own dropout masks per rank
     distributed.barrier()  # every rank has read the checkpoint before rank 0 may replace it
-    if state is not None and on_epoch is not None and distributed.is_main():
-        on_epoch(records, None)  # rewrite the log from the checkpoint: drops rows logged after it
+    if checkpoint.state is not None and on_epoch is not None and distributed.is_main():
+        on_epoch(loop.records, None)  # rewrite the log from the checkpoint: drops rows logged after it
     clock = time.perf_counter()
 
-    def save(epoch: int, step: int) -> None:
-        ranks = distributed.all_gather_object(
-            {"rng": _rng_state(device), "loss_sums": list(loss_sums), "loss_count": loss_count})
+    def save() -> None:
+        ranks = distributed.all_gather_object(loop.rank_state(device))
         if distributed.is_main():
-            save_checkpoint(checkpoint.path, {
-                "format": CHECKPOINT_FORMAT, "identity": checkpoint.identity, "world_size": world,
-                "epoch": epoch, "step": step, "members": [m.state_dict() for m in members],
-                "histories": histories, "ensemble_history": ensemble_history, "extra": extra, "ranks": ranks,
-                "records": records, "seconds": seconds + time.perf_counter() - clock,
-            })
+            save_checkpoint(checkpoint.path, loop.checkpoint(checkpoint, world, members, ranks,
+                                                             time.perf_counter() - clock))
 
     every = max(0, options.checkpoint_every)
     with _deterministic(device), progress_bar(lines=False) as progress:  # a log gets a line per epoch
-        task = progress.add_task(label, total=options.epochs * steps, completed=start_epoch * steps + start_step,
+        task = progress.add_task(label, total=options.epochs * steps, completed=loop.epoch * steps + loop.step,
                                  info="")
-        for epoch in range(start_epoch, options.epochs):
-            first = start_step if epoch == start_epoch else 0
+        for epoch in range(loop.epoch, options.epochs):
+            first = loop.step if epoch == loop.epoch else 0
             if first == 0:
-                loss_sums, loss_count = [0.0] * k, 0
-                seconds, clock = 0.0, time.perf_counter()
+                loop.new_epoch(epoch)
+                clock = time.perf_counter()
             if hasattr(train_set, "set_epoch"):
                 train_set.set_epoch(epoch)  # augmentations reproducible per (seed, epoch, index)
             sampler = EpochBatchSampler(len(train_set), options.batch_size, options.seed, epoch, rank, world, first)
@@ -426,35 +463,35 @@ def fit(members: list[TrainMember], train_step: StepFn, train_set, val_set, opti
                 member.module.train()
             for step, batch in enumerate(_loader(train_set, device, options.num_workers, batch_sampler=sampler),
                                          start=first + 1):
-                losses = train_step(to_device(batch, device))
-                loss_sums, loss_count = [s + v for s, v in zip(loss_sums, losses)], loss_count + 1
+                loop.add_losses(train_step(to_device(batch, device)))
+                loop.epoch, loop.step = epoch, step
                 progress.update(task, advance=1, info=f"epoch {epoch + 1}/{options.epochs} "
-                                f"loss {sum(loss_sums) / k / loss_count:.3f}")
+                                f"loss {sum(loop.loss_sums) / k / loop.loss_count:.3f}")
                 if every and (epoch * steps + step) % every == 0 and step < steps:
-                    save(epoch, step)
-            totals = distributed.all_reduce_sum(torch.tensor([*loss_sums, loss_count], dtype=torch.float64))
+                    save()
+            totals = distributed.all_reduce_sum(torch.tensor([*loop.loss_sums, loop.loss_count], dtype=torch.float64))
             epoch_losses = (totals[:k] / totals[k].clamp_min(1)).tolist()
             scores = validate_members([m.model for m in members], val_set, options, num_classes, ignore_index,
                                       device, precision)
             mious, ensemble_miou = scores.mious, scores.ensemble_miou
-            elapsed = seconds + time.perf_counter() - clock
-            for history, record, member, loss, miou, ious in zip(histories, records, members, epoch_losses, mious,
-                                                                 scores.ious):
+            elapsed = loop.seconds + time.perf_counter() - clock
+            for history, record, member, loss, miou, ious in zip(loop.histories, loop.records, members, epoch_losses,
+                                                                 mious, scores.ious):
                 history.append({"epoch": epoch + 1, "loss": loss, "val_miou": miou})
                 record.append({"epoch": epoch + 1, "step": (epoch + 1) * steps, "loss": loss,
                                "lr": [float(g["lr"]) for g in member.optimizer.param_groups], "val_miou": miou,
                                "val_iou": ious, "ensemble_val_miou": ensemble_miou, "seconds": elapsed})
             shown = f"val mIoU {mious[0]:.3f}" if k == 1 else f"ensemble val mIoU {ensemble_miou:.3f}"
             if k > 1:
-                ensemble_history.append({"epoch": epoch + 1, "val_miou": ensemble_miou})
+                loop.ensemble_history.append({"epoch": epoch + 1, "val_miou": ensemble_miou})
             summary = f"epoch {epoch + 1}/{options.epochs} loss {sum(epoch_losses) / k:.3f} {shown}"
             progress.update(task, info=summary)
             if not console.is_terminal:  # a log file (nohup, a cluster job) gets a line per epoch
                 console.print(f"{label}: {summary} ({elapsed:.0f} s)", highlight=False, soft_wrap=True)
             if on_epoch is not None and distributed.is_main():
-                on_epoch(records, [m.model for m in members])
+                on_epoch(loop.records, [m.model for m in members])
                 for member in members:
                     member.module.train()
-            seconds, clock = 0.0, time.perf_counter()
-            save(epoch + 1, 0)
-    return FitResult(histories, ensemble_history)
+            loop.epoch, loop.step, loop.seconds, clock = epoch + 1, 0, 0.0, time.perf_counter()
+            save()
+    return FitResult(loop.histories, loop.ensemble_history)
