@@ -179,6 +179,33 @@ class StoreAdvice:
     missing: str = "make it first or fix the path"  # nothing there
 
 
+class State(Enum):
+    """How far an artifact got, from its files alone (what a plan shows; whether it is reused is
+    :func:`reuse_decision`'s, which also compares the identity)."""
+
+    MISSING = "missing"
+    PARTIAL = "partial"  # begun: a rerun resumes it
+    DONE = "done"
+
+
+class Progress(NamedTuple):
+    """An artifact's :class:`State` and how many of its parts (members, images) are done."""
+
+    state: State
+    done: int
+    total: int
+
+
+def ensemble_progress(folder: Path, names: list[str]) -> Progress:
+    """A training's progress in ``folder``: done once its ensemble.json is written; partial while a
+    checkpoint (the group's in ``folder``, or a member's) or a finished member is there."""
+    if (folder / ENSEMBLE_FILE).is_file():
+        return Progress(State.DONE, len(names), len(names))
+    done = sum((folder / name / MANIFEST_FILE).is_file() for name in names)
+    begun = done or (folder / CHECKPOINT_FILE).is_file() or any((folder / n / CHECKPOINT_FILE).is_file() for n in names)
+    return Progress(State.PARTIAL if begun else State.MISSING, done, len(names))
+
+
 class Reuse(Enum):
     """What to do with the artifact that is there (:func:`reuse_decision`)."""
 

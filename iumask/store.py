@@ -49,7 +49,15 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import Reuse, StoreAdvice, require_same_inputs, reuse_decision, same_identity
+from iumask.artifacts import (
+    Progress,
+    Reuse,
+    State,
+    StoreAdvice,
+    require_same_inputs,
+    reuse_decision,
+    same_identity,
+)
 from iumask.errors import IumaskError, StoreMismatchError
 from iumask.files import LOCK_FILE, StagedDirectory, WriterLock, json_normal
 
@@ -408,6 +416,20 @@ class MaskStore:
         decision = reuse_decision(store.recorded(identity), identity, bool(store.attrs.get("finished")), True,
                                   f"mask store {path}", advice.overwrite)  # overwrite=True: decides, never refuses
         return store if decision is Reuse.HIT else None
+
+    @classmethod
+    def progress(cls, path) -> Progress:
+        """The store's progress from its files: missing, partial (the images whose completion flag
+        is set; an unreadable store counts as begun: a rerun resumes or rebuilds it) or done."""
+        path = Path(path)
+        if not path.exists():
+            return Progress(State.MISSING, 0, 0)
+        try:
+            store = cls.open(path)
+        except IumaskError:
+            return Progress(State.PARTIAL, 0, 0)
+        done = int(store.completed().sum())
+        return Progress(State.DONE if store.attrs.get("finished") else State.PARTIAL, done, store.num_images)
 
     @classmethod
     def open(cls, path, mode: str = "r", advice: StoreAdvice = StoreAdvice()) -> "MaskStore":

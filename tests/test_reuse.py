@@ -151,3 +151,29 @@ def test_overwrite_keeps_a_store_of_the_same_inputs_and_every_cache_hit_says_one
     assert cached_evaluate([model], DataConfig(data), options, results, device="cpu") == first
     err = " ".join(capsys.readouterr().err.split())
     assert f"cache hit: {results} was made from these inputs" in err
+
+
+def test_the_plan_reads_each_artifacts_progress_from_its_files(tiny_baseline, tmp_path):
+    """ensemble_progress and MaskStore.progress (what the experiment plan shows): missing, partial
+    with the parts done, done; an unreadable store counts as begun."""
+    from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, Progress, State, ensemble_progress
+    from iumask.store import MaskStore
+
+    data, baseline = tiny_baseline(tmp_path)
+    names = ["mobilenet_v2", "other"]
+    folder = tmp_path / "training"
+    assert ensemble_progress(folder, names) == Progress(State.MISSING, 0, 2)
+    (folder / "other").mkdir(parents=True)
+    (folder / "other" / CHECKPOINT_FILE).write_bytes(b"")
+    assert ensemble_progress(folder, names) == Progress(State.PARTIAL, 0, 2)
+    (folder / "mobilenet_v2").symlink_to(baseline / "mobilenet_v2")
+    assert ensemble_progress(folder, names) == Progress(State.PARTIAL, 1, 2)
+    (folder / ENSEMBLE_FILE).write_text("{}")
+    assert ensemble_progress(folder, names) == Progress(State.DONE, 2, 2)
+
+    store = tmp_path / "m.zarr"
+    assert MaskStore.progress(store) == Progress(State.MISSING, 0, 0)
+    iumask("make-masks", "--ensemble", baseline, "--data", data, "--store", store, "--device", "cpu", "--workers", "0")
+    assert MaskStore.progress(store) == Progress(State.DONE, 4, 4)
+    (store / "zarr.json").write_text("{not json")
+    assert MaskStore.progress(store) == Progress(State.PARTIAL, 0, 0)

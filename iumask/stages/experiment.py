@@ -40,7 +40,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from iumask import distributed
-from iumask.artifacts import CHECKPOINT_FILE, ENSEMBLE_FILE, MANIFEST_FILE
+from iumask.artifacts import ENSEMBLE_FILE, MANIFEST_FILE, State, ensemble_progress
 from iumask.config import OUT_FOLDER_ADVICE, LossConfig, MaskConfig
 from iumask.core import top_class
 from iumask.data.dataset import SegmentationDataset
@@ -521,20 +521,16 @@ def training_seconds(member: Path) -> float:
 
 
 def _training_status(folder: Path, names: list[str]) -> str:
-    if (folder / ENSEMBLE_FILE).is_file():
-        return "done"
-    if (folder / CHECKPOINT_FILE).is_file() or any((folder / n / CHECKPOINT_FILE).is_file() for n in names):
-        return "partial (resumes)"
-    done = sum((folder / n / "manifest.json").is_file() for n in names)
-    return f"partial ({done}/{len(names)} members)" if done else "to train"
+    """The plan's words for a training's :func:`~iumask.artifacts.ensemble_progress`."""
+    state, done, total = ensemble_progress(folder, names)
+    if state is State.PARTIAL:
+        return f"partial ({done}/{total} members)" if done else "partial (resumes)"
+    return "done" if state is State.DONE else "to train"
 
 
 def _store_status(path: Path) -> str:
-    if not path.exists():
-        return "to do"
-    try:
-        store = MaskStore.open(path)
-    except IumaskError:
-        return "partial (resumes)"
-    done = int(store.completed().sum())
-    return "done" if store.attrs.get("finished") else f"partial ({done}/{store.num_images} images)"
+    """The plan's words for a mask store's :meth:`~iumask.store.MaskStore.progress`."""
+    state, done, total = MaskStore.progress(path)
+    if state is State.PARTIAL:
+        return f"partial ({done}/{total} images)" if total else "partial (resumes)"
+    return "done" if state is State.DONE else "to do"
