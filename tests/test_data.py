@@ -263,6 +263,39 @@ def test_header_shapes_are_kept_with_the_fingerprint_and_a_changed_file_is_check
         dataset.check_headers()
 
 
+def test_a_split_whose_pixels_passed_is_not_decoded_again_until_a_file_changes(tmp_path, monkeypatch):
+    """check_pixels (check-data, training's validation check) keeps its pass with the fingerprint:
+    an unchanged split decodes nothing; a record of another check version, or an edited label,
+    decodes again, and the edited label is refused."""
+    import iumask.data.folder as folder
+
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(folder, "RACY_SECONDS", 0.05)
+    root = tmp_path / "data"
+    make_folder(root)
+    time.sleep(0.1)  # past the racy window
+    decoded = []
+    read_label = FolderDataset.read_label
+    monkeypatch.setattr(FolderDataset, "read_label", lambda self, i: decoded.append(i) or read_label(self, i))
+    FolderDataset(root, "train").check_pixels()
+    pairs = len(FolderDataset(root, "train"))
+    assert sorted(decoded) == list(range(pairs))
+    (record,) = (tmp_path / "cache" / "fingerprints").glob("*.json")
+    assert json.loads(record.read_text())["pixels_checked"] == folder.PIXEL_CHECK_VERSION
+    FolderDataset(root, "train").check_pixels()
+    assert len(decoded) == pairs  # nothing decoded
+    record.write_text(json.dumps(dict(json.loads(record.read_text()), pixels_checked=0)))
+    FolderDataset(root, "train").check_pixels()
+    assert len(decoded) == 2 * pairs  # a pass of another check version counts for nothing
+
+    path = root / "labels" / "train" / "c.png"
+    label = cv2.imread(str(path), cv2.IMREAD_UNCHANGED)
+    label[0, 0] = 200  # outside the classes
+    write_label(path, label)
+    with raises_naming("c.png"):
+        FolderDataset(root, "train").check_pixels()
+
+
 def test_fingerprint(tmp_path):
     make_folder(tmp_path)
     first = FolderDataset(tmp_path, "train").fingerprint()

@@ -19,7 +19,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 import cv2
 import numpy as np
@@ -40,6 +40,9 @@ MAX_LABEL_VALUE = 65535  # labels are at most 16-bit PNGs
 # or a rotated JPEG would no longer line up with its label.
 _CV2_READ_FLAGS = cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION
 FINGERPRINT_CACHE_SUBDIR = "fingerprints"
+# What a split's cached "pixels_checked" says: every pair decoded and checked by this version of the
+# check (a stricter check in a later iumask raises it, so splits are decoded again once).
+PIXEL_CHECK_VERSION = 1
 # Files changed this recently are hashed but their split is not cached (see _metadata_signature).
 RACY_SECONDS = 2.0
 _HASH_CHUNK = 1 << 20
@@ -265,13 +268,34 @@ class PairedDataset:
             self._remember(signature, image_shapes=[list(shape) for shape in shapes])
         return shapes
 
-    def check_pixels(self) -> None:
+    def check_pixels(self, on_pair: Callable[[], None] | None = None) -> None:
         """Decode every image and label (label values checked against the classes), so that a file
         with an intact header but truncated data, or a label outside the classes, stops a command
-        before training rather than at its first validation. Threads: OpenCV decodes without the GIL."""
-        with ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1))) as pool:
-            for _ in pool.map(lambda i: (self.read_image(i), self.read_label(i)), range(len(self))):
-                pass
+        before training rather than at its first validation; stops at the first problem. Threads:
+        OpenCV decodes without the GIL. ``on_pair`` is called after each pair (a progress bar).
+
+        A split that passed is kept with its fingerprint (see :meth:`fingerprint`): until one of its
+        files or its class definition changes, it is not decoded again."""
+        try:
+            signature, recently_changed = self._metadata_signature(self._files())
+        except OSError:  # a missing file: reading it names it
+            signature, recently_changed = None, True
+        if signature and self._cached(signature).get("pixels_checked") == PIXEL_CHECK_VERSION:
+            return
+
+        def read(i: int) -> None:
+            self.read_image(i)
+            self.read_label(i)  # checks the size against the image and the values against the classes
+
+        pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
+        try:
+            for _ in pool.map(read, range(len(self))):
+                if on_pair is not None:
+                    on_pair()
+        finally:
+            pool.shutdown(cancel_futures=True)
+        if signature and not recently_changed:
+            self._remember(signature, pixels_checked=PIXEL_CHECK_VERSION)
 
     def label_table_for(self, i: int) -> LabelTable | None:
         """The table that maps label ``i`` (formats may choose per file, e.g. labelIds vs trainIds)."""

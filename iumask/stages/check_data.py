@@ -9,8 +9,6 @@ registered format whose layout the folder has, and says which one matches.
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,21 +73,11 @@ def _check_split(root: Path, format: str, split: str, quick: bool) -> SplitCheck
 
 
 def _read_pairs(dataset: PairedDataset, what: str) -> None:
-    """Decode every image and label, in order, stopping at the first problem (threads: the decoders
-    release the GIL)."""
-    def read(i: int) -> None:
-        dataset.read_image(i)
-        dataset.read_label(i)  # checks the size against the image and the values against the classes
-
-    pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)))
-    try:
-        results = pool.map(read, range(len(dataset)))
-        with progress_bar(lines=False) as progress:  # a bar on a terminal, nothing in a log
-            task = progress.add_task(what, total=len(dataset), info="")
-            for _ in results:
-                progress.advance(task)
-    finally:
-        pool.shutdown(cancel_futures=True)
+    """Decode every image and label (:meth:`~iumask.data.folder.PairedDataset.check_pixels`: stops at
+    the first problem; a split that passed before and has not changed is not decoded again)."""
+    with progress_bar(lines=False) as progress:  # a bar on a terminal, nothing in a log
+        task = progress.add_task(what, total=len(dataset), info="")
+        dataset.check_pixels(on_pair=lambda: progress.advance(task))
 
 
 def print_check(root: Path, checks: list[FormatCheck]) -> None:
