@@ -1,5 +1,7 @@
 """The mask store: per training image, the ensemble's pixel entropy, the instance-uncertainty
-(IU) mask and the argmax prediction, in a chunked, compressed zarr v3 directory store.
+(IU) mask and the argmax prediction, in a chunked, compressed zarr v3 directory store. What the
+layout is (versions, dtypes, shards, identity, which files are the store's) is
+:mod:`iumask.store_layout`; this module opens, creates, resumes, reads and writes stores.
 
 Layout (one group):
 
@@ -39,7 +41,6 @@ cut short, and resumes a staged store made from the same inputs.
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import threading
 from collections.abc import Iterable, Iterator
@@ -60,38 +61,24 @@ from iumask.artifacts import (
 )
 from iumask.errors import IumaskError, StoreMismatchError
 from iumask.files import LOCK_FILE, StagedDirectory, WriterLock, json_normal
-
-# Version 2 stores have 16-bit predictions (more than 256 classes). Stores whose class ids fit in
-# a byte stay version 1, the same layout as before, so older iumask still reads them; it would
-# cut 16-bit class ids to 8 bits without a word, so it must refuse version 2.
-STORE_FORMAT_VERSION = 1
-WIDE_FORMAT_VERSION = 2
-_PREDICTION_DTYPES = {STORE_FORMAT_VERSION: np.dtype(np.uint8), WIDE_FORMAT_VERSION: np.dtype(np.uint16)}
-# Sharded stores are versions 3 (8-bit) and 4 (16-bit): iumask before sharding refuses them, as it
-# would resume one with per-image writes from several threads, which lose data in a shared shard.
-# The identity records the content version (1 or 2): a sharded store and an unsharded one made
-# from the same inputs hold the same values, so either is a cache hit.
-_SHARDED_VERSIONS = {STORE_FORMAT_VERSION: 3, WIDE_FORMAT_VERSION: 4}
-_CONTENT_VERSIONS = {**{v: v for v in _PREDICTION_DTYPES}, **{s: v for v, s in _SHARDED_VERSIONS.items()}}
-# Images per shard by default: about this many uncompressed bytes (the buffer a writer holds per
-# shard in flight), and at most MAX_IMAGES_PER_SHARD images (what a kill can cost to recompute).
-SHARD_BYTES = 64 << 20
-MAX_IMAGES_PER_SHARD = 1024
-MAX_BUFFERED_SHARDS = 2  # shards a ShardWriter keeps in memory at once
-IDENTITY_KEYS = (
-    "format_version",
-    "image_ids",
-    "image_shapes",
-    "class_names",
-    "options",
-    "member_sha256",
-    "dataset_fingerprint",
+from iumask.store_layout import (
+    ARRAYS,
+    CONTENT_VERSIONS,
+    FLOAT_ARRAYS,
+    IDENTITY_KEYS,
+    IMAGE_ARRAYS,
+    PREDICTION_DTYPES,
+    SHARDED_VERSIONS,
+    checked_identity,
+    consistent_layout,
+    content_identity,
+    default_images_per_shard,
+    format_version,
+    looks_like_store,
+    only_own,
 )
-_FLOAT_ARRAYS = ("entropy", "instance_uncertainty")
-_IMAGE_ARRAYS = (*_FLOAT_ARRAYS, "prediction")  # per image, (N, Hmax, Wmax)
-_ARRAYS = (*_IMAGE_ARRAYS, "complete")
-# zarr writes metadata atomically through "zarr.<uuid hex>.partial", which a kill leaves behind.
-_ZARR_PARTIAL = re.compile(r"zarr\.[0-9a-f]{32}\.partial")
+
+MAX_BUFFERED_SHARDS = 2  # shards a ShardWriter keeps in memory at once
 _STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumask-new / -old
 # Byte shuffle groups the float16 high bytes (sign/exponent, which vary slowly) apart from the
 # noisy low bytes; on smooth entropy fields it beat noshuffle and bitshuffle (about 1.1-1.2 vs
@@ -100,77 +87,11 @@ _FLOAT_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
 _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
 
 
-def format_version(num_classes: int) -> int:
-    """The store format for ``num_classes``: 1 (uint8 predictions) up to 256 classes, else 2 (uint16)."""
-    if num_classes > 1 << 16:
-        raise ValueError(f"a mask store holds at most {1 << 16} classes, not {num_classes}")
-    return STORE_FORMAT_VERSION if num_classes <= 1 << 8 else WIDE_FORMAT_VERSION
-
-
-def default_images_per_shard(num_images: int, height: int, width: int, prediction_bytes: int = 1) -> int:
-    """Images per shard for slots of ``height`` x ``width``: :data:`SHARD_BYTES` of uncompressed
-    arrays (two float16 and the prediction), between 1 and :data:`MAX_IMAGES_PER_SHARD`."""
-    slot = height * width * (2 + 2 + prediction_bytes)
-    return max(1, min(num_images, MAX_IMAGES_PER_SHARD, SHARD_BYTES // max(slot, 1)))
-
-
-def _content_identity(attrs: dict) -> dict:
-    """Stored attributes with ``format_version`` as the content version (sharded or not: 1 or 2)."""
-    version = attrs.get("format_version")
-    return dict(attrs, format_version=_CONTENT_VERSIONS[version]) if version in _CONTENT_VERSIONS else attrs
-
-
-def _checked_identity(identity: dict) -> dict:
-    """The identity as stored (JSON-normal, ``format_version`` added for its class count), checked."""
-    identity = json_normal(dict(identity))
-    missing = [k for k in IDENTITY_KEYS if k not in identity and k != "format_version"]
-    if missing:
-        raise ValueError(f"mask store identity lacks {', '.join(missing)}")
-    version = format_version(len(identity["class_names"]))
-    if identity.setdefault("format_version", version) != version:
-        raise ValueError(f"format_version must be {version} for {len(identity['class_names'])} classes")
-    ids, shapes = identity["image_ids"], identity["image_shapes"]
-    if len(ids) != len(shapes) or len(set(ids)) != len(ids):
-        raise ValueError("image_ids must be unique and match image_shapes one to one")
-    if any(len(s) != 2 or min(s) < 1 for s in shapes):
-        raise ValueError("image_shapes must be [H, W] pairs of positive integers")
-    return identity
-
-
-def _consistent_layout(group: zarr.Group, sharded: bool) -> bool:
-    """Whether the arrays are laid out as :meth:`MaskStore._new` makes them: image arrays in shards
-    of S images and one flag chunk per shard (sharded), or one chunk per image (unsharded)."""
-    shards = {group[name].shards for name in _IMAGE_ARRAYS}
-    if len(shards) != 1:
-        return False
-    (shard,) = shards
-    if (shard is not None) != sharded:
-        return False
-    return group["complete"].shards is None and group["complete"].chunks == ((shard[0] if shard else 1),)
-
-
-def _is_own(name: str) -> bool:
-    """Whether a top-level entry is one that writing a store makes (zarr's files, the lock, leftovers)."""
-    return name in ("zarr.json", LOCK_FILE, *_ARRAYS) or bool(_ZARR_PARTIAL.fullmatch(name))
-
-
-def _only_own(path: Path) -> bool:
-    return all(map(_is_own, os.listdir(path)))
-
-
-def _looks_like_store(path: Path) -> bool:
-    """True for a directory holding nothing but a store's files, or what a killed writer left of them
-    (even if corrupt or incomplete), or nothing at all: safe to delete. Array folders alone do not
-    tell a store from a user's folder (one may be called ``prediction``): zarr's metadata must be there."""
-    names = set(os.listdir(path)) - {LOCK_FILE}
-    metadata = any(n == "zarr.json" or _ZARR_PARTIAL.fullmatch(n) for n in names)
-    return not names or (metadata and all(map(_is_own, names)))
-
 
 def _sibling(path: Path, kind: str) -> StagedDirectory:
     """The hidden folder beside ``path`` where a store is staged (``new``) or set aside (``old``):
     iumask's to delete only when it holds nothing but a store's files."""
-    return StagedDirectory(path, kind, _only_own)
+    return StagedDirectory(path, kind, only_own)
 
 
 def _discard_staged(path: Path, advice: StoreAdvice) -> None:
@@ -230,7 +151,7 @@ class MaskStore:
         """Point at the store in ``path`` (after it was renamed there)."""
         self.path = Path(path)
         self._group = group if group is not None else zarr.open_group(self.path, mode=self._mode, zarr_format=3)
-        self._arrays = {name: self._group[name] for name in _ARRAYS}
+        self._arrays = {name: self._group[name] for name in ARRAYS}
         shards = self._arrays["entropy"].shards
         self.images_per_shard: int = shards[0] if shards else 1  # 1: unsharded (a file per image)
         self._directory = os.stat(self.path).st_ino  # renames keep it; a swapped-in store has another
@@ -244,7 +165,7 @@ class MaskStore:
         array (unsharded), None for :func:`default_images_per_shard`. Holds the writer lock until
         :meth:`close`. ``advice``: what its messages tell the user (the calling command's options)."""
         path = Path(path)
-        identity = _checked_identity(identity)
+        identity = checked_identity(identity)
         if (path.exists() or path.is_symlink()) and not overwrite:
             raise IumaskError(f"mask store {path} already exists; {advice.overwrite} or {advice.other_path}")
         store = cls._writer(path, identity, overwrite=True, resume=False, images_per_shard=images_per_shard,
@@ -261,7 +182,7 @@ class MaskStore:
         :meth:`commit` swaps them; ``path`` of the returned store is then that staging folder, and a
         rerun resumes the replacement made from the same identity. ``images_per_shard`` (see
         :meth:`create`) applies to a new store; a resumed one keeps its own. ``advice``: see :meth:`create`."""
-        return cls._writer(Path(path), _checked_identity(identity), overwrite, resume=True,
+        return cls._writer(Path(path), checked_identity(identity), overwrite, resume=True,
                            images_per_shard=images_per_shard, advice=advice)
 
     @classmethod
@@ -284,7 +205,7 @@ class MaskStore:
                 if path.is_symlink():
                     raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
                                       f"or {advice.other_path}")
-                if not _looks_like_store(path):
+                if not looks_like_store(path):
                     raise IumaskError(f"{path} is not a mask store (it holds other files), so iumask will not "
                                       f"replace it; {advice.other_path}")
             elif path.exists() or path.is_symlink():
@@ -342,7 +263,7 @@ class MaskStore:
         staged.mkdir(parents=True, exist_ok=True)
         lock = _store_lock(staged, target, advice)
         try:
-            if not _only_own(staged):
+            if not only_own(staged):
                 raise IumaskError(f"{staged} holds files iumask did not write (iumask builds {target} there); "
                                   "move them elsewhere and rerun")
             store = None
@@ -374,19 +295,19 @@ class MaskStore:
         n = len(shapes)
         hmax = max((h for h, _ in shapes), default=1)
         wmax = max((w for _, w in shapes), default=1)
-        dtype = _PREDICTION_DTYPES[identity["format_version"]]
+        dtype = PREDICTION_DTYPES[identity["format_version"]]
         if images_per_shard is None:
             images_per_shard = default_images_per_shard(n, hmax, wmax, dtype.itemsize)
         per_shard = max(1, min(images_per_shard, n))
         attributes = identity
         if per_shard > 1:
-            attributes = dict(identity, format_version=_SHARDED_VERSIONS[identity["format_version"]])
+            attributes = dict(identity, format_version=SHARDED_VERSIONS[identity["format_version"]])
         group = zarr.create_group(path, zarr_format=3, attributes=attributes)
 
         def shards(*inner: int) -> tuple[int, ...] | None:
             return (per_shard, *inner) if per_shard > 1 else None
 
-        for name in _FLOAT_ARRAYS:
+        for name in FLOAT_ARRAYS:
             group.create_array(name, shape=(n, hmax, wmax), chunks=(1, hmax, wmax), shards=shards(hmax, wmax),
                                dtype="float16", compressors=_FLOAT_CODEC, fill_value=0)
         # 2-byte class ids: shuffle puts their high bytes (nearly all alike) together
@@ -444,20 +365,20 @@ class MaskStore:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
             attrs = dict(group.attrs)
             version = attrs.get("format_version")
-            content = _CONTENT_VERSIONS.get(version)
+            content = CONTENT_VERSIONS.get(version)
             problem = None
             if content is None:
-                problem = f"has format_version {version}, expected one of {', '.join(map(str, _CONTENT_VERSIONS))}"
+                problem = f"has format_version {version}, expected one of {', '.join(map(str, CONTENT_VERSIONS))}"
             elif any(k not in attrs for k in IDENTITY_KEYS):
                 problem = "lacks identity attributes"
             elif content != format_version(len(attrs["class_names"])):
                 problem = (f"has format_version {version} for {len(attrs['class_names'])} classes (8-bit predictions "
                            "cannot hold class ids above 255)")
-            elif any(name not in group for name in _ARRAYS):
+            elif any(name not in group for name in ARRAYS):
                 problem = "lacks the mask arrays"
-            elif np.dtype(group["prediction"].dtype) != _PREDICTION_DTYPES[content]:
-                problem = f"has {group['prediction'].dtype} predictions, expected {_PREDICTION_DTYPES[content]}"
-            elif not _consistent_layout(group, version in _SHARDED_VERSIONS.values()):
+            elif np.dtype(group["prediction"].dtype) != PREDICTION_DTYPES[content]:
+                problem = f"has {group['prediction'].dtype} predictions, expected {PREDICTION_DTYPES[content]}"
+            elif not consistent_layout(group, version in SHARDED_VERSIONS.values()):
                 problem = f"has format_version {version} but arrays sharded otherwise"
             else:
                 store = cls(path, group, mode)
@@ -518,7 +439,7 @@ class MaskStore:
     @property
     def identity(self) -> dict:
         """The inputs the store was made from (``format_version``: the content version, 1 or 2)."""
-        attrs = _content_identity(self.attrs)
+        attrs = content_identity(self.attrs)
         return {k: attrs[k] for k in IDENTITY_KEYS}
 
     def set_attrs(self, **values) -> None:
@@ -532,7 +453,7 @@ class MaskStore:
 
     def recorded(self, keys) -> dict:
         """The stored identity's entries of ``keys`` (those it has)."""
-        return {key: value for key, value in _content_identity(self.attrs).items() if key in keys}
+        return {key: value for key, value in content_identity(self.attrs).items() if key in keys}
 
     def check_identity(self, expected: dict, fix: str | None = None) -> None:
         """Raise StoreMismatchError if any key in ``expected`` differs from the stored value (``fix``:
@@ -590,7 +511,7 @@ class MaskStore:
             keep[written] = False
             if flags[written].any():  # rewriting finished images: invalid until all three arrays are written
                 complete[start:stop] = keep
-            for k, name in enumerate(_IMAGE_ARRAYS):
+            for k, name in enumerate(IMAGE_ARRAYS):
                 array = self._arrays[name]
                 # Whole-shard writes replace the file without reading it, unless finished images stay.
                 block = array[start:stop] if keep.any() else np.zeros((stop - start, *array.shape[1:]), array.dtype)
@@ -639,11 +560,11 @@ class MaskStore:
         :attr:`prediction_dtype`, (H, W)."""
         self._check_complete(index)
         h, w = self.image_shapes[index]
-        out = {name: self._arrays[name][index, :h, :w].astype(np.float32) for name in _FLOAT_ARRAYS}
+        out = {name: self._arrays[name][index, :h, :w].astype(np.float32) for name in FLOAT_ARRAYS}
         out["prediction"] = np.asarray(self._arrays["prediction"][index, :h, :w], dtype=self.prediction_dtype)
         return out
 
-    def read_all(self, names: tuple[str, ...] = _IMAGE_ARRAYS) -> Iterator[tuple[int, dict]]:
+    def read_all(self, names: tuple[str, ...] = IMAGE_ARRAYS) -> Iterator[tuple[int, dict]]:
         """``(index, arrays)`` for every image in order, the arrays ``names`` as :meth:`read` gives
         them, read many images at a time (whole shards, about :data:`SHARD_BYTES` of arrays per
         read): one file read per shard and array instead of one per image."""
@@ -651,7 +572,7 @@ class MaskStore:
         budget = default_images_per_shard(self.num_images, hmax, wmax, self.prediction_dtype.itemsize)
         per_shard = self.images_per_shard
         step = (budget // per_shard) * per_shard if per_shard <= budget else budget  # whole shards if they fit
-        dtypes = {name: np.float32 for name in _FLOAT_ARRAYS} | {"prediction": self.prediction_dtype}
+        dtypes = {name: np.float32 for name in FLOAT_ARRAYS} | {"prediction": self.prediction_dtype}
         for start in range(0, self.num_images, step):
             stop = min(start + step, self.num_images)
             self._check_complete(start, stop)

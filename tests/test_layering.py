@@ -35,7 +35,8 @@ LAYERS = [
      "iumask.data.synthetic"],
     ["iumask.data.formats", "iumask.data.dataset"],
     ["iumask.data.augment", "iumask.data.folder", "iumask.download"],
-    ["iumask.artifacts", "iumask.architectures", "iumask.progress", "iumask.transfer", "iumask.overlap"],
+    ["iumask.artifacts", "iumask.architectures", "iumask.progress", "iumask.transfer", "iumask.overlap",
+     "iumask.store_layout"],
     ["iumask.files"],
     ["iumask.core.metrics", "iumask.core.loss"],
     ["iumask.core.instances", "iumask.core.entropy"],
@@ -175,7 +176,8 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 def test_the_store_names_no_command_option():
     """The store is used by several commands (make-masks, predict, run, experiment) and from Python:
     each passes its own advice (artifacts.StoreAdvice), so no message of store.py names an option."""
-    named = [(line, text) for line, text in _strings(MODULES["iumask.store"]) if re.search(r"(?<![\w-])--[a-z]", text)]
+    named = [(module, line, text) for module in ("iumask.store", "iumask.store_layout")
+             for line, text in _strings(MODULES[module]) if re.search(r"(?<![\w-])--[a-z]", text)]
     assert not named, f"store.py messages name command options: {named}"
 
 

@@ -10,7 +10,8 @@ import numpy as np
 import pytest
 
 from iumask.errors import IumaskError, StoreMismatchError
-from iumask.store import IDENTITY_KEYS, STORE_FORMAT_VERSION, MaskStore
+from iumask.store import MaskStore
+from iumask.store_layout import IDENTITY_KEYS, STORE_FORMAT_VERSION
 
 SHAPES = [(40, 60), (64, 48), (33, 17), (64, 64), (20, 50), (50, 20)]
 
