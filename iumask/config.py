@@ -24,7 +24,7 @@ translation of its multi-line errors), and one more dependency would buy no shor
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -65,15 +65,16 @@ UncertaintyKind = Choice("UncertaintyKind", {"ENSEMBLE": "ensemble", "MC_DROPOUT
 Track = Choice("Track", {"NONE": "none", "MLFLOW": "mlflow"})
 
 
-def option(default: Any, help: str, *, cli: str | None = None, parse: Any = None) -> Any:
+def option(default: Any, help: str, *, cli: str | None = None, parse: Any = None, kw_only: Any = MISSING) -> Any:
     """A configuration field that is also a command-line option, declared once: its default, its
     ``--help`` text, its name on the command line and in ``--config`` files where that differs from
     the field's (``cli``: ``workers`` for ``num_workers``) and the type the command line reads it as
     where that differs from the field's (``parse``: a :class:`Choice` of its values, or ``str`` for a
-    value written as text such as ``0.5,2.0``). :mod:`iumask.cli` builds the commands' options from
+    value written as text such as ``0.5,2.0``); ``kw_only`` as for :func:`dataclasses.field` (by
+    default the class's). :mod:`iumask.cli` builds the commands' options from
     these fields (:func:`option_fields`); the checks stay in ``__post_init__``, the one validation
     path of the command line, ``--config`` files and experiment specs."""
-    return field(default=default, metadata={"help": help, "cli": cli, "parse": parse})
+    return field(default=default, kw_only=kw_only, metadata={"help": help, "cli": cli, "parse": parse})
 
 
 def option_fields(config: type) -> list:
@@ -458,42 +459,41 @@ OUT_FOLDER_ADVICE = StoreAdvice(other_path="use another --out folder", overwrite
                                 missing="rerun the command that makes it")
 
 
-@dataclass(frozen=True)
-class MaskConfig:
-    """How IU masks are made (make-masks, online training): the uncertainty source, the instances
-    (``--instances-from``, ``--connectivity``) and the entropy (``--normalize``)."""
+@dataclass(frozen=True, kw_only=True)
+class InferenceOptions:
+    """How a stage runs models over images, declared once for make-masks (:class:`MaskConfig`),
+    predict (:class:`PredictConfig`) and evaluate (:class:`EvalConfig`), which extend it: images
+    per forward pass, loader processes and the autocast mode. Keyword-only, so each stage's own
+    options keep their positions. Only a precision other than float32 enters a result's identity
+    (each stage records the precision actually used, :func:`iumask.device.resolve_amp`)."""
 
-    instances_from: str = option("prediction", "Instances from the ensemble's prediction (authors) or the "
-                                               "ground-truth label.", parse=InstanceSource)
-    connectivity: int = option(8, CONNECTIVITY_HELP, parse=Connectivity)
-    normalize: bool = option(False, "Divide entropy by ln C (range 0..1).")
-    source: str = option("ensemble", SOURCE_HELP, parse=UncertaintyKind)
-    passes: int = option(8, PASSES_HELP)
     batch_size: int = option(4, "Images per forward pass (images of one size are batched together).")
-    # How the work is spread and stored (not part of the masks' identity). Background threads:
-    # $IUMASK_BACKGROUND_THREADS.
     num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
-    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)  # changes the masks slightly
-    images_per_shard: int | None = option(None, "Images per shard file of a new store (default: about 64 MB of "
-                                                "arrays, at most 1024 images; 1: a file per image, unsharded). A "
-                                                "resumed store keeps its own; does not change the masks.")
+    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
-        object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
-        object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
-        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
+        checked_integer(self.batch_size, 1, "--batch-size")
         object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
-        checked_flag(self.normalize, "--normalize")
-        for name, low in (("passes", 2), ("batch_size", 1)):
-            checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
-        if self.images_per_shard is not None:
-            checked_integer(self.images_per_shard, 1, "--images-per-shard")
+        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
 
-    def identity(self) -> dict:
-        """The mask options a store records (the source and the precision only when they are not
-        the defaults, so stores of earlier versions keep their identity)."""
-        out = {"connectivity": self.connectivity, "instances_from": self.instances_from, "normalize": self.normalize}
+
+@dataclass(frozen=True, kw_only=True)
+class SourceOptions(InferenceOptions):
+    """:class:`InferenceOptions` with where p̄ comes from: the ensemble's mean softmax, or one model
+    with MC dropout (``passes`` passes): make-masks and predict."""
+
+    source: str = option("ensemble", SOURCE_HELP, parse=UncertaintyKind)
+    passes: int = option(8, PASSES_HELP)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
+        checked_integer(self.passes, 2, "--passes")
+
+    def source_identity(self) -> dict:
+        """What a result records of its source and precision: nothing for the defaults (an ensemble
+        in float32), so stores of earlier versions keep their identity."""
+        out: dict[str, Any] = {}
         if self.source != UncertaintyKind.ENSEMBLE.value:
             out.update(source=self.source, passes=self.passes)
         if self.amp != "off":
@@ -502,8 +502,41 @@ class MaskConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
-    """How models are scored: the split, PAvPU's threshold, window and stride, and the resolution."""
+class MaskConfig(SourceOptions):
+    """How IU masks are made (make-masks, online training): the uncertainty source and the running
+    of the models (:class:`SourceOptions`), the instances (``--instances-from``, ``--connectivity``),
+    the entropy (``--normalize``) and the store's shard size."""
+
+    instances_from: str = option("prediction", "Instances from the ensemble's prediction (authors) or the "
+                                               "ground-truth label.", parse=InstanceSource)
+    connectivity: int = option(8, CONNECTIVITY_HELP, parse=Connectivity)
+    normalize: bool = option(False, "Divide entropy by ln C (range 0..1).")
+    # Not part of the masks' identity (background threads: $IUMASK_BACKGROUND_THREADS).
+    images_per_shard: int | None = option(None, "Images per shard file of a new store (default: about 64 MB of "
+                                                "arrays, at most 1024 images; 1: a file per image, unsharded). A "
+                                                "resumed store keeps its own; does not change the masks.",
+                                          kw_only=True)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        object.__setattr__(self, "instances_from", choice(InstanceSource, self.instances_from, "--instances-from"))
+        object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
+        checked_flag(self.normalize, "--normalize")
+        if self.images_per_shard is not None:
+            checked_integer(self.images_per_shard, 1, "--images-per-shard")
+
+    def identity(self) -> dict:
+        """The mask options a store records (the source and the precision only when they are not
+        the defaults: :meth:`SourceOptions.source_identity`)."""
+        return {"connectivity": self.connectivity, "instances_from": self.instances_from, "normalize": self.normalize,
+                **self.source_identity()}
+
+
+@dataclass(frozen=True)
+class EvalConfig(InferenceOptions):
+    """How models are scored: the split, PAvPU's threshold, window and stride, and the resolution,
+    with the running of the models (:class:`InferenceOptions`: the results do not depend on the
+    batch size or the loader processes)."""
 
     split: str = option("val", "Split to evaluate.")
     pavpu_threshold: float | None = option(None, "Entropy threshold u_th of PAvPU. Default: the model's "
@@ -517,22 +550,15 @@ class EvalConfig:
     inference: str = option("resize", "With --resolution native and a model trained at a reduced size: resize the "
                                       "image, or slide windows of the training size over the full image.",
                             parse=Inference)
-    # Not part of the results' identity: num_workers, amp (unless not off), batch_size.
-    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
-    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)
     # Fit a temperature on this split and report calibration after it (the command line's
     # --temperature-scale with --temperature-split).
     temperature_split: str | None = None
-    batch_size: int = option(4, "Images per forward pass (images of one size are batched together; the results do "
-                                "not depend on it).")
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         checked_split(self.split, "--split")
-        checked_integer(self.batch_size, 1, "--batch-size")
         if self.temperature_split is not None:
             checked_split(self.temperature_split, "--temperature-split")
-        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
-        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
         for name in ("pavpu_window", "pavpu_stride"):
             value = getattr(self, name)
             if value is None and name == "pavpu_stride":
@@ -556,46 +582,32 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class PredictConfig:
-    """How ``iumask predict`` applies a model to unlabeled images: the uncertainty source
-    (``--source``, ``--passes``), ``--inference``, the instances' ``--connectivity``, batching,
-    ``--save-arrays`` (a zarr store in the mask store's layout), ``--overwrite`` and ``--amp``."""
+class PredictConfig(SourceOptions):
+    """How ``iumask predict`` applies a model to unlabeled images: the uncertainty source and the
+    running of the models (:class:`SourceOptions`), ``--inference``, the instances'
+    ``--connectivity``, ``--save-arrays`` (a zarr store in the mask store's layout) and ``--overwrite``."""
 
-    source: str = option("ensemble", SOURCE_HELP, parse=UncertaintyKind)
-    passes: int = option(8, PASSES_HELP)
     inference: str = option("resize", "For a model trained at a reduced size: resize the image and upsample the "
                                       "logits, or slide windows of the training size over the full image.",
                             parse=Inference)
-    batch_size: int = option(4, "Images per forward pass (images of one size are batched together).")
-    num_workers: int | str = option("auto", WORKERS_HELP, cli="workers", parse=str)
     save_arrays: bool = option(False, "Also write entropy, IU and prediction per image to OUT/arrays.zarr (the mask "
                                       "store's layout).")
     overwrite: bool = option(False, "Predict every image again, also over the outputs of another model or other "
                                     "options, which are refused otherwise (by default a rerun skips images whose "
                                     "outputs exist).")
     connectivity: int = option(8, CONNECTIVITY_HELP, parse=Connectivity)
-    amp: str = option("off", INFERENCE_AMP_HELP, parse=Amp)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "source", choice(UncertaintyKind, self.source, "--source"))
+        super().__post_init__()
         object.__setattr__(self, "inference", choice(Inference, self.inference, "--inference"))
         object.__setattr__(self, "connectivity", int(choice(Connectivity, self.connectivity, "--connectivity")))
-        object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
-        object.__setattr__(self, "num_workers", checked_workers(self.num_workers))
-        for name, low in (("passes", 2), ("batch_size", 1)):
-            checked_integer(getattr(self, name), low, f"--{name.replace('_', '-')}")
         checked_flag(self.save_arrays, "--save-arrays")
         checked_flag(self.overwrite, "--overwrite")
 
     def identity(self) -> dict:
         """The options the predicted arrays depend on (a ``--save-arrays`` store's ``options``)."""
-        out = {"connectivity": self.connectivity, "instances_from": "prediction", "normalize": False,
-               "inference": self.inference}
-        if self.source != UncertaintyKind.ENSEMBLE.value:
-            out.update(source=self.source, passes=self.passes)
-        if self.amp != "off":
-            out.update(amp=self.amp)
-        return out
+        return {"connectivity": self.connectivity, "instances_from": "prediction", "normalize": False,
+                "inference": self.inference, **self.source_identity()}
 
 
 # ----------------------------------------------------------------------------- all stages

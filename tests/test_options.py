@@ -85,3 +85,28 @@ def test_a_spec_reads_an_option_by_its_field_or_its_command_line_name(make_synth
     assert by_field.ensemble.masks == by_option.ensemble.masks and by_option.ensemble.masks.num_workers == 1
     with pytest.raises(IumaskError, match=r"\[train\] num_workers is given twice"):
         spec({"num_workers": 0, "workers": 1}, {}, {})
+
+
+def test_the_inference_options_are_declared_once_for_make_masks_predict_and_evaluate():
+    """batch size, loader processes and precision (and for make-masks and predict the source) are one
+    declaration each, inherited, with one check; each stage's own options keep their positions."""
+    from iumask.config import InferenceOptions, SourceOptions
+
+    def declared(config) -> dict:
+        return {f.name: f for f in dataclasses.fields(config)}
+
+    for name in ("batch_size", "num_workers", "amp"):
+        assert declared(MaskConfig)[name] is declared(PredictConfig)[name] is declared(EvalConfig)[name] \
+            is declared(InferenceOptions)[name]
+    for name in ("source", "passes"):
+        assert declared(MaskConfig)[name] is declared(PredictConfig)[name] is declared(SourceOptions)[name]
+    for config in (MaskConfig, PredictConfig, EvalConfig):
+        with pytest.raises(IumaskError, match="--batch-size must be"):
+            config(batch_size=0)
+        with pytest.raises(IumaskError, match="--amp must be one of"):
+            config(amp="fp8")
+    assert MaskConfig("label", 4, True) == MaskConfig(instances_from="label", connectivity=4, normalize=True)
+    assert EvalConfig("test").split == "test"
+    assert MaskConfig(amp="bf16", source="mc-dropout", passes=3).identity() == {
+        "connectivity": 8, "instances_from": "prediction", "normalize": False, "source": "mc-dropout", "passes": 3,
+        "amp": "bf16"}
