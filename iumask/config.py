@@ -360,7 +360,7 @@ class TrainConfig:
                 raise IumaskError("--lr must be a positive learning rate, got 0")
         _at_least(self.backbone_lr_factor, 0, "--backbone-lr-factor")
         _at_least(self.weight_decay, 0, "--weight-decay")
-        _at_least(self.poly_power, 0, "poly_power")
+        _at_least(self.poly_power, 0, "--poly-power")
         object.__setattr__(self, "amp", choice(Amp, self.amp, "--amp"))
 
     def lr_for(self, encoder: str) -> float:

@@ -260,6 +260,19 @@ def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, onli
     assert MaskStore.open(tmp_path / "m.zarr").completed().all()
 
 
+def test_online_training_of_one_member_records_what_a_group_of_k_records(data, tmp_path):
+    """An online group of one is still online: its manifest has init_seed, ensemble_history and
+    timing, and its ensemble.json the timing (the one training path once keyed this on k > 1)."""
+    out = tmp_path / "online-1"
+    iumask("train-weighted", "--online", "--encoder", "mobilenet_v2", *SMALL[2:], "--epochs", "1", "--data", data,
+           "--out", out)
+    manifest = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())
+    assert manifest["init_seed"] == 0 and manifest["ensemble_history"] == []  # one member: no ensemble score
+    assert manifest["timing"]["steps"] == 2 and manifest["timing"]["masks_s"] > 0
+    assert json.loads((out / "ensemble.json").read_text())["timing"] == manifest["timing"]
+    assert not (out / "checkpoint.pt").exists()
+
+
 class _Interrupted(Exception):
     pass
 

@@ -112,3 +112,5 @@ def test_a_make_masks_cache_hit_loads_no_member(ensemble, tmp_path, monkeypatch,
     capsys.readouterr()
     iumask(*args)
     assert loads == [Model.resolve(baseline).key] and "cache hit" in capsys.readouterr().err
+    iumask(*args[:-1], "gpu", expect=2)  # a malformed --device is refused on a cache hit too
+    assert "--device" in capsys.readouterr().err and loads == [Model.resolve(baseline).key]

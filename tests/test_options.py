@@ -72,14 +72,15 @@ def test_a_spec_reads_an_option_by_its_field_or_its_command_line_name(make_synth
 
     data = make_synthetic("options")
 
-    def spec(train: dict, augment: dict, masks: dict):
+    def spec(train: dict, augment: dict, masks: dict, evaluation: dict | None = None):
         raw = {"name": "t", "encoders": ["mobilenet_v2"], "seeds": [0], "data": {"root": str(data)},
                "train": train, "augment": augment, "masks": {"encoders": ["mobilenet_v2"], **masks},
-               "arms": [{"name": "regular"}]}
+               "evaluation": evaluation or {}, "arms": [{"name": "regular"}]}
         return parse_spec(raw, tmp_path / "spec.toml")
 
-    by_field = spec({"num_workers": 0}, {"enabled": False}, {"num_workers": 1})
-    by_option = spec({"workers": 0}, {"augment": False}, {"workers": 1})
+    by_field = spec({"num_workers": 0}, {"enabled": False}, {"num_workers": 1}, {"num_workers": 2})
+    by_option = spec({"workers": 0}, {"augment": False}, {"workers": 1}, {"workers": 2})
+    assert by_field.eval == by_option.eval and by_option.eval.num_workers == 2
     assert by_field.train == by_option.train and by_option.train.num_workers == 0
     assert by_field.augment == by_option.augment and by_option.augment.enabled is False
     assert by_field.ensemble.masks == by_option.ensemble.masks and by_option.ensemble.masks.num_workers == 1
@@ -110,3 +111,24 @@ def test_the_inference_options_are_declared_once_for_make_masks_predict_and_eval
     assert MaskConfig(amp="bf16", source="mc-dropout", passes=3).identity() == {
         "connectivity": 8, "instances_from": "prediction", "normalize": False, "source": "mc-dropout", "passes": 3,
         "amp": "bf16"}
+
+
+@pytest.mark.parametrize("command, option, shown", [
+    ("train-baseline", "epochs", 60), ("train-baseline", "batch_size", 2), ("train-baseline", "lr", None),
+    ("train-baseline", "backbone_lr_factor", 0.1), ("train-baseline", "weight_decay", 1e-4),
+    ("train-baseline", "poly_power", 0.9), ("train-baseline", "seed", 0), ("train-baseline", "workers", "auto"),
+    ("train-baseline", "checkpoint_every", 500), ("train-baseline", "amp", "off"),
+    ("train-baseline", "augment", True), ("train-baseline", "scale", "0.5,2.0"), ("train-baseline", "jitter", 0.2),
+    ("train-baseline", "loss", "cross-entropy"), ("train-baseline", "class_weights", "none"),
+    ("train-weighted", "exponent", 2.0), ("train-weighted", "connectivity", "8"),
+    ("train-weighted", "instances_from", "prediction"),
+    ("make-masks", "batch_size", 4), ("make-masks", "passes", 8), ("make-masks", "source", "ensemble"),
+    ("evaluate", "split", "val"), ("evaluate", "pavpu_window", 4), ("evaluate", "batch_size", 4),
+    ("evaluate", "resolution", "native"), ("predict", "inference", "resize"), ("predict", "connectivity", "8"),
+])
+def test_the_defaults_users_see_are_the_authors_and_the_documented_ones(command, option, shown):
+    """What --help shows (docs/method.md's defaults): a default changed by mistake in its one
+    declaration fails here."""
+    (param,) = [p for p in COMMANDS[command].params if p.name == option]
+    default = param.default.value if hasattr(param.default, "value") else param.default
+    assert default == shown

@@ -371,9 +371,9 @@ def parse_spec(raw: dict, path: Path, data_root: str | Path | None = None) -> Ex
     if reference not in names:
         top.fail(f"reference = {reference!r} is not an arm; choose one of {', '.join(names)}")
 
-    eval_options = top.get("evaluation", {})
-    eval_table = _Table(path, "evaluation", eval_options, tuple(f for f in _fields_of(EvalConfig) if f != "split"))
-    eval_config = eval_table.build(EvalConfig, **eval_options)
+    eval_table = _Table(path, "evaluation", top.get("evaluation", {}),
+                        tuple(f for f in _fields_of(EvalConfig) if f != "split"), _cli_names(EvalConfig))
+    eval_config = eval_table.build(EvalConfig, **eval_table.values)
     evaluations = []
     for i, values in enumerate(top.get("evaluations") or [{"split": data.val_split}]):
         evaluations.append(_evaluation(_Table(path, f"evaluations #{i + 1}", values, EVALUATION_KEYS), data, base))

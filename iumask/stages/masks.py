@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,9 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
     model.check_source(masks.source)
     image_shapes = folder.check_headers()
-    if masks.amp == "off" and not torchrun():  # float32 runs on every device: the identity is known now
+    # float32 runs on every device, so the identity is known now. A well-formed --device is enough
+    # for a cache hit (nothing runs on it); a work path resolves it and says what is wrong.
+    if masks.amp == "off" and not torchrun() and DEVICE_NAME.fullmatch(device):
         store = MaskStore.finished(store_path, mask_identity(model, folder, masks, data, image_shapes), advice)
         if store is not None:  # a cache hit decided from the manifests and headers: no torch imported
             print_cache_hit(store_path)
@@ -66,6 +69,9 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
         return _write_masks(model, folder, masks, identity, store_path, dev, overwrite, advice)
     except OSError as exc:  # a full disk or a read-only folder while the store is written (zarr names no file)
         raise IumaskError(describe_os_error(exc, store_path)) from exc
+
+
+DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
 
 
 def torchrun() -> bool:
@@ -127,7 +133,7 @@ def _write_masks(model: Model, folder, masks: MaskConfig, identity: dict, store_
             advance = functools.partial(progress.update, task, advance=distributed.world_size())  # rank 0: estimate
             for batch in (probability_batches(source, dataset, batches, dev, Precision.resolve(masks.amp, dev),
                                               normalize=masks.normalize, workers=masks.num_workers)
-                          if source else ()):
+                          if source is not None else ()):
                 # Entropy and argmax on the device; the class ids cross to the host as uint8 (up to
                 # 256 classes). The entropy crosses in float32: IU averages full-precision values
                 # (as the serial path always did); the store rounds both to float16.

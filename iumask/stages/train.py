@@ -417,12 +417,12 @@ def train_group(group: MemberGroup, inputs: TrainingInputs, model: ModelConfig, 
             for k, (member, folder, ident, history, run) in enumerate(
                     zip(members, group.folders, group.identities, result.histories, runs)):
                 manifest = dict(ident, name=member.name, complete=True, history=history)
-                if len(members) > 1:
+                if group.online_masks is not None:  # online members, however many, as always recorded
                     manifest.update(ensemble_history=result.ensemble_history, init_seed=group.init_seeds[k],
                                     timing=timing)
                 save_member(folder, member.model.cpu(), dict(manifest, **inputs.manifest_extras(data)))
                 track_saved_member(run, folder)
-            if len(members) == 1:  # a group of k keeps its checkpoint until the ensemble is written
+            if group.online_masks is None:  # an online group keeps its checkpoint until the ensemble is written
                 group.checkpoint.unlink(missing_ok=True)
     return GroupResult(result.histories, result.ensemble_history, timing)
 
