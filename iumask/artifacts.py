@@ -85,11 +85,6 @@ def check_weights(folder: Path, manifest: dict) -> None:
                           "the same options (it retrains this member)")
 
 
-def resolve_models(path: Path) -> list[Path]:
-    """A model folder, a member manifest, or an ensemble manifest → member folders."""
-    return resolve_model_files(path).folders
-
-
 class ModelFiles(NamedTuple):
     """What a model path names: for an ensemble its manifest's path, content and
     :func:`~iumask.files.file_stamp` (taken before it was read), None for one member; the member folders."""

@@ -26,7 +26,7 @@ import torch
 import zarr
 from cli_runner import iumask
 
-from iumask.artifacts import resolve_models
+from iumask.artifacts import resolve_model_files
 from iumask.core import instance_uncertainty, label_instances, pixel_entropy
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import ClassInfo, FolderDataset
@@ -531,7 +531,7 @@ def test_make_masks_with_300_classes_keeps_class_ids_above_255(tmp_path):
     data = write_wide_dataset(tmp_path / "data", 300)
     iumask("train-baseline", "--data", data, "--out", tmp_path / "model", "--encoder", "mobilenet_v2",
            "--epochs", "1", "--batch-size", "2", "--device", "cpu", "--no-augment")
-    folder = resolve_models(tmp_path / "model")[0]
+    folder = resolve_model_files(tmp_path / "model").folders[0]
     model, manifest = load_member(folder)
     images = SegmentationDataset(FolderDataset(data, "train"), None)
     batch = torch.stack([images[i]["image"] for i in range(len(images))])
