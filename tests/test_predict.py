@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from testdata import camvid_root
 
 from iumask.data.folder import IMAGENET_MEAN, IMAGENET_STD, ClassInfo, PairedDataset, read_rgb
 from iumask.models import load_member, predict_logits
-from iumask.stages.predict import OUTPUT_KINDS, find_inputs, heat_map
+from iumask.stages.predict import OUTPUT_KINDS, find_inputs, heat_map, output_paths
 from iumask.store import MaskStore
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("one_thread")]
@@ -217,7 +218,7 @@ def test_predict_store_messages_name_predicts_own_options(model_dir, tmp_path, c
 def test_outputs_of_other_options_are_refused_never_skipped(model_dir, tmp_path, capsys):
     """A rerun skips an image only when its files were written for this model and these options
     (OUT/prediction.json): other options are refused, --overwrite predicts every image again, and
-    after an interrupted replacement no earlier file counts as done."""
+    an interrupted replacement resumes with only the files written after it started."""
     inputs = tmp_path / "in"
     inputs.mkdir()
     for k in range(2):
@@ -240,9 +241,21 @@ def test_outputs_of_other_options_are_refused_never_skipped(model_dir, tmp_path,
     record = json.loads((out / "prediction.json").read_text())
     assert record["finished"] and record["identity"]["options"]["connectivity"] == 4
 
-    # The state a replacement interrupted after its first image leaves: files of both identities.
-    (out / "prediction.json").write_text(json.dumps(dict(record, finished=False, earlier_outputs=False)))
+    assert record["trusted_after_ns"] is None  # finished: every file is this identity's
+
+    # The state a replacement killed after its first image leaves: image 1's files are the new
+    # model's (written after the record's reference time), image 0's the old model's (before it).
+    # The rerun predicts image 0 only.
+    reference = (out / "prediction.json").stat().st_mtime_ns - 60 * 10**9  # a minute ago; files only move back
+    for file in output_paths(out, Path("0.png")).values():
+        os.utime(file, ns=(reference - 10**10, reference - 10**10))
+    for file in output_paths(out, Path("1.png")).values():
+        os.utime(file, ns=(reference + 10**10, reference + 10**10))
+    (out / "prediction.json").write_text(json.dumps(dict(record, finished=False, trusted_after_ns=reference)))
     iumask(*args, "--connectivity", "4")
+    assert "1 predicted, 1 already done" in summary()
+    assert json.loads((out / "prediction.json").read_text())["finished"]
+    iumask(*args, "--connectivity", "4", "--overwrite")  # a replacement of the same identity: all again
     assert "2 predicted" in summary()
 
     (out / "prediction.json").unlink()  # a folder written before the record existed

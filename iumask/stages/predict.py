@@ -11,8 +11,9 @@ the result; the other images are still written.
 
 ``OUT/prediction.json`` records the identity of the outputs (the members' weights digests and the
 options that change a pixel): a rerun with the same model skips the images whose files exist and
-predicts the rest; another model or other options are refused unless ``overwrite`` (then every
-image is predicted again, and until that run finishes no earlier file counts as done).
+predicts the rest; another model or other options are refused unless ``overwrite``. Then every
+image is predicted again: the record takes the time it was written (the file system's clock) and,
+until the run finishes, only files written after it count as done, so a killed replacement resumes.
 """
 
 from __future__ import annotations
@@ -227,17 +228,17 @@ def predict(model: Model, inputs: Path | str, out: Path, options: PredictConfig 
                 warn(f"skipped {exc}")
         paths = [output_paths(out, rel) for _, rel in found]
         identity = prediction_identity(model, options)
-        keep = _outputs_to_keep(out, paths, identity, options.overwrite)
+        trusted = _trusted_outputs(out, paths, identity, options.overwrite)
         store = _open_store(out, found, shapes, classes, identity, options) if options.save_arrays else None
         slot = {i: k for k, i in enumerate(sorted(shapes))}  # image index -> store index
         try:
-            write_json_atomic(out / RECORD_FILE, {"identity": identity, "finished": False, "earlier_outputs": keep})
-            todo = [i for i in sorted(shapes) if not (keep and _is_done(paths[i], store, slot.get(i)))]
+            trusted = _record(out, identity, trusted)
+            todo = [i for i in sorted(shapes) if not _is_done(paths[i], store, slot.get(i), trusted)]
             result.existing = len(shapes) - len(todo)
             if todo:  # the members are loaded only when there is an image to predict
                 _run(model.source(options.source, dev, options.passes), found, todo, shapes, paths, store, slot,
                      classes, options, dev, result)
-            write_json_atomic(out / RECORD_FILE, {"identity": identity, "finished": True, "earlier_outputs": True})
+            write_json_atomic(out / RECORD_FILE, {"identity": identity, "finished": True, "trusted_after_ns": None})
             if store is not None:
                 if store.completed().all():
                     store.set_attrs(finished=True, num_complete=store.num_images, ensemble=model.key)
@@ -257,28 +258,60 @@ def prediction_identity(model: Model, options: PredictConfig) -> dict:
             "options": {**options.identity(), "image_size": list(model.size) if model.size else None}}
 
 
-def _outputs_to_keep(out: Path, paths: list[dict[str, Path]], identity: dict, overwrite: bool) -> bool:
-    """Whether the image files already in ``out`` count as done (:func:`~iumask.artifacts.reuse_decision`
-    on the folder's record): yes when they were written for ``identity`` (by a finished run, or by
-    an unfinished one that did not replace other outputs) or the folder has none; no with
-    ``overwrite``. Outputs of another model or other options, or with no record (written by an
-    earlier iumask), are refused without ``overwrite``."""
+# A replacement trusts only files written this long after its record (file times are coarse: a
+# file written in the same clock tick as the record could be the other model's).
+RACY_NS = 2_000_000_000
+REPLACING = -1  # trusted_after_ns of a replacement whose reference time is not recorded yet: trust none
+
+
+def _trusted_outputs(out: Path, paths: list[dict[str, Path]], identity: dict, overwrite: bool) -> int | None:
+    """Which image files already in ``out`` count as this run's (:func:`~iumask.artifacts.reuse_decision`
+    on the folder's record), as a ``trusted_after_ns``: None, every file (the record's identity,
+    or an empty folder); a time, only files modified after it (an unfinished replacement, resumed);
+    :data:`REPLACING`, none (``overwrite``: every image is predicted again). Outputs of another
+    model or other options, or with no record (written by an earlier iumask), are refused without
+    ``overwrite``."""
     record = out / RECORD_FILE
     if record.is_file():
         stored = read_json(record, "prediction record")
         decision = reuse_decision(stored.get("identity"), identity, stored.get("finished", False), overwrite,
                                   f"prediction folder {out}", OTHER_OUTPUTS_FIX)
-        return decision in (Reuse.HIT, Reuse.RESUME) and not overwrite and stored.get("earlier_outputs", False)
+        if decision in (Reuse.HIT, Reuse.RESUME) and not overwrite:
+            trusted = stored.get("trusted_after_ns", REPLACING)
+            return trusted if trusted is None or isinstance(trusted, int) else REPLACING
+        return REPLACING
     if not any(file.is_file() for image in paths for file in image.values()):
-        return True  # nothing there yet: what this run writes is this identity's
+        return None  # nothing there yet: what this run writes is this identity's
     if not overwrite:
         raise IumaskError(f"{out}: holds predictions with no {RECORD_FILE} naming the model that made them; "
                           f"{OTHER_OUTPUTS_FIX}")
-    return False
+    return REPLACING
 
 
-def _is_done(paths: dict[str, Path], store: MaskStore | None, index: int | None) -> bool:
-    return all(p.is_file() for p in paths.values()) and (store is None or store.is_complete(index))
+def _record(out: Path, identity: dict, trusted: int | None) -> int | None:
+    """Write the folder's record of an unfinished run and return its ``trusted_after_ns``. A new
+    replacement takes its reference time from the record file's own modification time (the file
+    system's clock, the one the outputs' times come from): files written before it are the other
+    model's, files written :data:`RACY_NS` after it this run's, so a killed replacement resumes."""
+    record = out / RECORD_FILE
+    write_json_atomic(record, {"identity": identity, "finished": False, "trusted_after_ns": trusted})
+    if trusted != REPLACING:
+        return trusted
+    trusted = record.stat().st_mtime_ns + RACY_NS
+    write_json_atomic(record, {"identity": identity, "finished": False, "trusted_after_ns": trusted})
+    return trusted
+
+
+def _is_done(paths: dict[str, Path], store: MaskStore | None, index: int | None, trusted: int | None) -> bool:
+    """Whether an image's outputs are all there, written by this identity (``trusted``: see
+    :func:`_trusted_outputs`), and its arrays complete in the store."""
+    try:
+        times = [p.stat().st_mtime_ns for p in paths.values()]
+    except FileNotFoundError:
+        return False
+    if trusted is not None and (trusted == REPLACING or min(times) <= trusted):
+        return False
+    return store is None or store.is_complete(index)
 
 
 def _open_store(out: Path, found, shapes, classes: ClassInfo, outputs: dict, options: PredictConfig) -> MaskStore:
