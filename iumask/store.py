@@ -30,18 +30,13 @@ Layout (one group):
   command) for the error another writer gets. The OS drops the lock when the holder dies, so a
   killed run's lock needs no cleaning up. Other ranks of the same job open the store unlocked.
 
-A store is never built in place: it is created in a hidden sibling ``.<name>.iumask-new`` and
-renamed into place once created (empty), or, when it replaces an existing store, once finished
-(:meth:`MaskStore.commit`: the old store is renamed to ``.<name>.iumask-old``, the new one into
-place, then the old one removed). A run killed at any point leaves either no store or a whole
-one, and the old store survives a failed replacement: the next writer puts it back if a swap was
-cut short, and resumes a staged store made from the same inputs.
+A store is never built in place (staged beside its path, swapped in once whole): that lifecycle is
+:mod:`iumask.store_lifecycle`, which :class:`MaskStore` extends; this module reads and writes.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import threading
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -51,16 +46,11 @@ import zarr
 from zarr.codecs import BloscCodec
 
 from iumask.artifacts import (
-    Progress,
-    Reuse,
-    State,
     StoreAdvice,
     require_same_inputs,
-    reuse_decision,
-    same_identity,
 )
 from iumask.errors import IumaskError, StoreMismatchError
-from iumask.files import LOCK_FILE, StagedDirectory, WriterLock, json_normal
+from iumask.files import LOCK_FILE, WriterLock, json_normal
 from iumask.store_layout import (
     ARRAYS,
     CONTENT_VERSIONS,
@@ -69,17 +59,14 @@ from iumask.store_layout import (
     IMAGE_ARRAYS,
     PREDICTION_DTYPES,
     SHARDED_VERSIONS,
-    checked_identity,
     consistent_layout,
     content_identity,
     default_images_per_shard,
     format_version,
-    looks_like_store,
-    only_own,
 )
+from iumask.store_lifecycle import StoreLifecycle
 
 MAX_BUFFERED_SHARDS = 2  # shards a ShardWriter keeps in memory at once
-_STAGED, _ASIDE = "new", "old"  # suffixes of the hidden siblings: .<name>.iumask-new / -old
 # Byte shuffle groups the float16 high bytes (sign/exponent, which vary slowly) apart from the
 # noisy low bytes; on smooth entropy fields it beat noshuffle and bitshuffle (about 1.1-1.2 vs
 # 1.3-1.7 bytes/pixel). Shuffle is a no-op for 1-byte predictions, so they use noshuffle.
@@ -88,50 +75,7 @@ _BYTE_CODEC = BloscCodec(cname="zstd", clevel=5, shuffle="noshuffle")
 
 
 
-def _sibling(path: Path, kind: str) -> StagedDirectory:
-    """The hidden folder beside ``path`` where a store is staged (``new``) or set aside (``old``):
-    iumask's to delete only when it holds nothing but a store's files."""
-    return StagedDirectory(path, kind, only_own)
-
-
-def _discard_staged(path: Path, advice: StoreAdvice) -> None:
-    """Remove a replacement of ``path`` that an earlier ``--overwrite`` left unfinished (e.g. it
-    stopped on bad data) once the store in place is kept: it would never be swapped in. A writer
-    still building it holds its lock, and then this stops with the lock's message."""
-    staged = _sibling(path, _STAGED)
-    if not staged.path.is_dir():
-        return
-    lock = _store_lock(staged.path, path, advice)
-    try:
-        staged.remove()
-    finally:
-        lock.close()
-
-
-def _recover_swap(path: Path, advice: StoreAdvice = StoreAdvice()) -> None:
-    """Clean up after a replacement of ``path`` killed inside :meth:`MaskStore.commit`: if the old
-    store is set aside and the new one not yet in place, the old one goes back (the commit did not
-    happen; a rerun resumes the finished replacement from its staging folder); if the new one is in
-    place, the old one is removed."""
-    aside = _sibling(path, _ASIDE)
-    if not aside.path.is_dir():
-        return
-    lock = _store_lock(aside.path, path, advice)  # a live process in the middle of the swap holds it
-    try:
-        if path.exists() or path.is_symlink():
-            aside.remove()
-        else:
-            aside.rename_into_place("a store appeared there while the old one was put back; rerun the command")
-    finally:
-        lock.close()
-
-
-def _store_lock(directory: Path, store: Path, advice: StoreAdvice) -> WriterLock:
-    """The writer lock of the store ``store`` (held in ``directory``: the store or a sibling)."""
-    return WriterLock(directory, f"mask store {store}", advice.other_path)
-
-
-class MaskStore:
+class MaskStore(StoreLifecycle):
     """A mask store on disk. Build with ``create``, ``open`` or ``open_or_create``."""
 
     def __init__(self, path: Path, group: zarr.Group, mode: str):
@@ -157,137 +101,6 @@ class MaskStore:
         self._directory = os.stat(self.path).st_ino  # renames keep it; a swapped-in store has another
 
     # ------------------------------------------------------------------ construction
-    @classmethod
-    def create(cls, path, identity: dict, overwrite: bool = False, images_per_shard: int | None = None,
-               advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
-        """Create an empty store (all images incomplete); ``format_version`` is added here. An existing
-        store is replaced only with ``overwrite``. ``images_per_shard``: 1 for one file per image and
-        array (unsharded), None for :func:`default_images_per_shard`. Holds the writer lock until
-        :meth:`close`. ``advice``: what its messages tell the user (the calling command's options)."""
-        path = Path(path)
-        identity = checked_identity(identity)
-        if (path.exists() or path.is_symlink()) and not overwrite:
-            raise IumaskError(f"mask store {path} already exists; {advice.overwrite} or {advice.other_path}")
-        store = cls._writer(path, identity, overwrite=True, resume=False, images_per_shard=images_per_shard,
-                            advice=advice)
-        store.commit()  # an empty store is finished: it replaces the old one at once
-        return store
-
-    @classmethod
-    def open_or_create(cls, path, identity: dict, overwrite: bool = False,
-                       images_per_shard: int | None = None, advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
-        """The writer's store, holding the writer lock until :meth:`close`: the store at ``path`` if it
-        was made from the same identity (to resume), else a new one (replacing a store needs
-        ``overwrite``). A replacement is built beside the old store, which stays in place until
-        :meth:`commit` swaps them; ``path`` of the returned store is then that staging folder, and a
-        rerun resumes the replacement made from the same identity. ``images_per_shard`` (see
-        :meth:`create`) applies to a new store; a resumed one keeps its own. ``advice``: see :meth:`create`."""
-        return cls._writer(Path(path), checked_identity(identity), overwrite, resume=True,
-                           images_per_shard=images_per_shard, advice=advice)
-
-    @classmethod
-    def _writer(cls, path: Path, identity: dict, overwrite: bool, resume: bool,
-                images_per_shard: int | None, advice: StoreAdvice) -> "MaskStore":
-        """The locked store to write (see :meth:`open_or_create`); ``resume=False`` always starts afresh."""
-        _recover_swap(path, advice)
-        lock = store = None
-        try:
-            replaces = False
-            if path.is_dir():
-                lock = _store_lock(path, path, advice)
-                replaces = (path / "zarr.json").exists()
-                # (create() starts afresh whatever is there: resume=False.)
-                store = cls._kept(path, identity, overwrite, advice) if replaces and resume else None
-                if store is not None:  # resumed, or a cache hit once finished
-                    store._locks = [lock]
-                    _discard_staged(path, advice)
-                    return store
-                if path.is_symlink():
-                    raise IumaskError(f"{path} is a symbolic link, so iumask will not replace it; remove it yourself "
-                                      f"or {advice.other_path}")
-                if not looks_like_store(path):
-                    raise IumaskError(f"{path} is not a mask store (it holds other files), so iumask will not "
-                                      f"replace it; {advice.other_path}")
-            elif path.exists() or path.is_symlink():
-                raise IumaskError(f"{path} is not a directory; remove it yourself or {advice.other_path}")
-            staged = _sibling(path, _STAGED)
-            store = cls._staged(staged.path, path, identity, resume, images_per_shard, advice)
-            if replaces:
-                store._replaces = (path, lock)
-            else:  # nothing there, or debris of a store killed while being created: the new store goes in now
-                if path.is_dir():
-                    shutil.rmtree(path)
-                staged.rename_into_place("a mask store was created there by another process meanwhile; rerun "
-                                         "the command")
-                store._bind(path)
-                if lock is not None:
-                    lock.close()
-            return store
-        except BaseException:
-            if store is not None:
-                store.close()
-            if lock is not None:
-                lock.close()
-            raise
-
-    @classmethod
-    def _kept(cls, path: Path, identity: dict, overwrite: bool, advice: StoreAdvice) -> "MaskStore | None":
-        """The store at ``path`` opened to resume (or a cache hit once finished) when it was made
-        from ``identity``; None when it is to be replaced (``overwrite`` and other inputs, or
-        unreadable). The one reuse decision (:func:`~iumask.artifacts.reuse_decision`): without
-        ``overwrite`` a store of other inputs is refused (StoreMismatchError) and an unreadable
-        one says what is wrong."""
-        try:
-            store = cls.open(path, mode="r+", advice=advice)
-        except IumaskError:
-            if overwrite:
-                return None
-            raise
-        try:
-            decision = reuse_decision(store.recorded(identity), identity, bool(store.attrs.get("finished")),
-                                      overwrite, f"mask store {path}", f"{advice.overwrite} or {advice.other_path}",
-                                      StoreMismatchError)
-        except BaseException:
-            store.close()
-            raise
-        if decision in (Reuse.HIT, Reuse.RESUME):
-            return store
-        store.close()
-        return None
-
-    @classmethod
-    def _staged(cls, staged: Path, target: Path, identity: dict, resume: bool,
-                images_per_shard: int | None, advice: StoreAdvice) -> "MaskStore":
-        """The locked store in the staging folder: the one there if made from ``identity`` and
-        ``resume``, else a new one."""
-        staged.mkdir(parents=True, exist_ok=True)
-        lock = _store_lock(staged, target, advice)
-        try:
-            if not only_own(staged):
-                raise IumaskError(f"{staged} holds files iumask did not write (iumask builds {target} there); "
-                                  "move them elsewhere and rerun")
-            store = None
-            if resume and (staged / "zarr.json").exists():
-                try:
-                    store = cls.open(staged, mode="r+", advice=advice)
-                except IumaskError:
-                    store = None  # a broken store: start over
-                if store is not None and not same_identity(store.recorded(identity), identity):
-                    store = None  # another run's: start over
-            if store is None:
-                for entry in os.scandir(staged):
-                    if entry.is_dir(follow_symlinks=False):
-                        shutil.rmtree(entry.path)
-                    elif entry.name != LOCK_FILE:
-                        os.unlink(entry.path)
-                store = cls._new(staged, identity, images_per_shard)
-                store.advice = advice
-            store._locks = [lock]
-            return store
-        except BaseException:
-            lock.close()
-            raise
-
     @classmethod
     def _new(cls, path: Path, identity: dict, images_per_shard: int | None) -> "MaskStore":
         """Write an empty store into the (locked, otherwise empty) folder ``path``."""
@@ -319,38 +132,6 @@ class MaskStore:
         group.create_array("complete", shape=(n,), chunks=(per_shard,), dtype="bool", compressors=None,
                            fill_value=False)
         return cls(path, group, "r+")
-
-    @classmethod
-    def finished(cls, path, identity: dict, advice: StoreAdvice = StoreAdvice()) -> "MaskStore | None":
-        """The finished store at ``path`` made from ``identity`` (the reuse decision's cache hit),
-        opened read-only without the writer lock; None when there is nothing there, it is unreadable,
-        unfinished or of other inputs, or a replacement is staged beside it: then
-        :meth:`open_or_create` decides under the lock and says what is wrong. How a rerun finds its
-        cache hit before it loads a model."""
-        path = Path(path)
-        if not (path / "zarr.json").is_file() or any(_sibling(path, kind).exists() for kind in (_STAGED, _ASIDE)):
-            return None
-        try:
-            store = cls.open(path, advice=advice)
-        except IumaskError:
-            return None
-        decision = reuse_decision(store.recorded(identity), identity, bool(store.attrs.get("finished")), True,
-                                  f"mask store {path}", advice.overwrite)  # overwrite=True: decides, never refuses
-        return store if decision is Reuse.HIT else None
-
-    @classmethod
-    def progress(cls, path) -> Progress:
-        """The store's progress from its files: missing, partial (the images whose completion flag
-        is set; an unreadable store counts as begun: a rerun resumes or rebuilds it) or done."""
-        path = Path(path)
-        if not path.exists():
-            return Progress(State.MISSING, 0, 0)
-        try:
-            store = cls.open(path)
-        except IumaskError:
-            return Progress(State.PARTIAL, 0, 0)
-        done = int(store.completed().sum())
-        return Progress(State.DONE if store.attrs.get("finished") else State.PARTIAL, done, store.num_images)
 
     @classmethod
     def open(cls, path, mode: str = "r", advice: StoreAdvice = StoreAdvice()) -> "MaskStore":
@@ -391,35 +172,6 @@ class MaskStore:
         if problem:
             raise IumaskError(f"mask store {path} {problem}; {advice.remake}")
         return store
-
-    def commit(self) -> None:
-        """Put a replacement built beside the old store (see :meth:`open_or_create`) in its place:
-        rename the old store aside, this one into place, remove the old one (after a kill in between,
-        the next writer puts the old one back or removes it). Nothing to do for a store that replaces none."""
-        if self._replaces is None:
-            return
-        target, old_lock = self._replaces
-        aside = _sibling(target, _ASIDE).path
-        os.rename(target, aside)
-        _sibling(target, _STAGED).rename_into_place("a store appeared there during the swap; rerun the command")
-        shutil.rmtree(aside)
-        old_lock.close()
-        self._replaces = None
-        self._bind(target)
-
-    def close(self) -> None:
-        """Release the writer lock (if this store holds it); the store stays usable."""
-        for lock in self._locks:
-            lock.close()
-        if self._replaces is not None:
-            self._replaces[1].close()
-        self._locks = []
-
-    def __enter__(self) -> "MaskStore":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
 
     # ------------------------------------------------------------------ metadata
     @property
