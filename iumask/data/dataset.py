@@ -51,7 +51,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
         self.epoch = 0
         self.mean = np.asarray(mean, dtype=np.float32)
         self.std = np.asarray(std, dtype=np.float32)
-        self._uniform: bool | None = None
 
     def __len__(self) -> int:
         return len(self.folder)
@@ -63,12 +62,6 @@ class SegmentationDataset(torch.utils.data.Dataset):
     def sample_shape(self, i: int) -> tuple[int, int]:
         """(H, W) of sample ``i``: ``size`` if given, else the image's own shape."""
         return self.size if self.size is not None else self.folder.image_shape(i)
-
-    def uniform_shape(self) -> bool:
-        """Whether all samples have one shape (so they can be batched); read from headers once."""
-        if self._uniform is None:
-            self._uniform = self.size is not None or len({self.sample_shape(i) for i in range(len(self))}) <= 1
-        return self._uniform
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         sample = self._load_arrays(i)
