@@ -6,6 +6,9 @@ process group (NCCL on CUDA, Gloo on CPU), binds ``cuda`` to ``cuda:LOCAL_RANK``
 shared console on every rank but 0 (one set of progress bars and messages). Without ``torchrun``
 every helper is a cheap no-op: rank 0 of a world of 1.
 
+Importing this module imports no torch (a process group exists only once :func:`init`, which
+imports it, has run), so a command can ask whether torchrun started it before it pays for torch.
+
 Multi-node runs need ``--out``, ``--data`` and ``--store`` on a file system every node sees:
 rank 0 writes checkpoints and manifests that the other ranks read when resuming, and every rank
 writes its own images' chunks of the mask store.
@@ -16,13 +19,14 @@ from __future__ import annotations
 import atexit
 import datetime
 import os
-from typing import Any, Callable, TypeVar
-
-import torch
-import torch.distributed as dist
+import sys
+from typing import TYPE_CHECKING, Any, Callable, TypeVar
 
 from iumask.errors import IumaskError
 from iumask.progress import console
+
+if TYPE_CHECKING:
+    import torch
 
 T = TypeVar("T")
 
@@ -37,16 +41,25 @@ def env_rank() -> int:
     return int(os.environ.get("RANK", "0"))
 
 
+def _process_group():
+    """``torch.distributed`` when this process has joined a process group, else None (without
+    importing torch: nothing can have joined one before :func:`init` imported it)."""
+    dist = sys.modules.get("torch.distributed")
+    return dist if dist is not None and dist.is_available() and dist.is_initialized() else None
+
+
 def is_distributed() -> bool:
-    return dist.is_available() and dist.is_initialized()
+    return _process_group() is not None
 
 
 def rank() -> int:
-    return dist.get_rank() if is_distributed() else 0
+    dist = _process_group()
+    return dist.get_rank() if dist else 0
 
 
 def world_size() -> int:
-    return dist.get_world_size() if is_distributed() else 1
+    dist = _process_group()
+    return dist.get_world_size() if dist else 1
 
 
 def is_main() -> bool:
@@ -60,6 +73,9 @@ def init(device: torch.device) -> torch.device:
     Idempotent. ``cuda`` (no index) becomes ``cuda:LOCAL_RANK`` under torchrun; an explicit
     ``cuda:N`` is kept.
     """
+    import torch
+    import torch.distributed as dist
+
     device = torch.device(device)
     if env_world_size() <= 1:
         return device
@@ -96,19 +112,24 @@ def collective_timeout() -> datetime.timedelta | None:
 
 
 def _shutdown() -> None:
-    if is_distributed():
+    dist = _process_group()
+    if dist:
         dist.destroy_process_group()
 
 
 def barrier() -> None:
-    if is_distributed():
+    dist = _process_group()
+    if dist:
         dist.barrier()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     """Sum ``tensor`` over all ranks in place (and return it). NCCL needs it on this rank's GPU."""
-    if is_distributed():
+    dist = _process_group()
+    if dist:
         if dist.get_backend() == "nccl" and tensor.device.type != "cuda":
+            import torch
+
             moved = tensor.to(torch.device("cuda", torch.cuda.current_device()))
             dist.all_reduce(moved)
             tensor.copy_(moved.cpu())
@@ -119,9 +140,10 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 def all_gather_object(value: Any) -> list[Any]:
     """``[value of rank 0, value of rank 1, ...]`` on every rank (``[value]`` without torchrun)."""
-    if not is_distributed():
+    dist = _process_group()
+    if not dist:
         return [value]
-    out: list[Any] = [None] * world_size()
+    out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, value)
     return out
 

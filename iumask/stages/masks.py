@@ -14,12 +14,12 @@ of a second of imports instead of seconds; the work path imports torch, the mode
 from __future__ import annotations
 
 import functools
-import os
 import re
 from pathlib import Path
 
 import numpy as np
 
+from iumask import distributed
 from iumask.artifacts import StoreAdvice
 from iumask.config import MAKE_MASKS_ADVICE, DataConfig, MaskConfig
 from iumask.errors import IumaskError
@@ -45,15 +45,15 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
     model.check_classes(folder)  # members usable and of these classes, before the store is touched
     model.check_source(masks.source)
     image_shapes = folder.check_headers()
+    identity = mask_identity(model, folder, masks, data, image_shapes)
     # float32 runs on every device, so the identity is known now. A well-formed --device is enough
     # for a cache hit (nothing runs on it); a work path resolves it and says what is wrong.
-    if masks.amp == "off" and not torchrun() and DEVICE_NAME.fullmatch(device):
-        store = MaskStore.finished(store_path, mask_identity(model, folder, masks, data, image_shapes), advice)
+    if masks.amp == "off" and distributed.env_world_size() == 1 and DEVICE_NAME.fullmatch(device):
+        store = MaskStore.finished(store_path, identity, advice)
         if store is not None:  # a cache hit decided from the manifests and headers: no torch imported
             print_cache_hit(store_path)
             return store
     # Work to do (or a decision that needs the device): torch, the models and the device from here.
-    from iumask import distributed
     from iumask.device import resolve_amp, resolve_device
     from iumask.store import refuse_mislabelled_precision
 
@@ -61,8 +61,8 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
     resolved = resolve_amp(masks, dev)  # the identity records the precision actually used
     if not overwrite:
         refuse_mislabelled_precision(store_path, masks.amp, resolved.amp, PRECISION_FIX)
-    masks = resolved
-    identity = mask_identity(model, folder, masks, data, image_shapes)
+    if resolved is not masks:  # another precision than asked for (fp16 on a CPU): recorded as used
+        masks, identity = resolved, mask_identity(model, folder, resolved, data, image_shapes)
     # Under torchrun rank 0 takes the store's writer lock and opens, creates or stages it (an
     # --overwrite replacement is built beside the old store); the other ranks open what it opened.
     try:
@@ -72,11 +72,6 @@ def make_masks(model: Model, data: DataConfig, masks: MaskConfig, store_path: Pa
 
 
 DEVICE_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
-
-
-def torchrun() -> bool:
-    """Whether torchrun started this process (its environment; before the process group exists)."""
-    return int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def mask_identity(model: Model, folder, masks: MaskConfig, data: DataConfig, image_shapes: list) -> dict:
@@ -95,7 +90,6 @@ def mask_identity(model: Model, folder, masks: MaskConfig, data: DataConfig, ima
 
 def _write_masks(model: Model, folder, masks: MaskConfig, identity: dict, store_path: Path, dev,
                  overwrite: bool, advice: StoreAdvice) -> MaskStore:
-    from iumask import distributed
     from iumask.data.dataset import SegmentationDataset
     from iumask.device import Precision
     from iumask.inference import InstanceUncertainty, probability_batches
@@ -162,7 +156,6 @@ def rank_batches(todo: list[int], shape_of, step: int, images_per_shard: int) ->
     ``step`` images of one shape), every world_size-th one. Under torchrun with a sharded store,
     whole shards go to each rank instead (every world_size-th shard, in batches that stop at shard
     ends), as one shard file has one writer."""
-    from iumask import distributed
     from iumask.data.dataset import shape_batches
 
     if distributed.world_size() == 1 or images_per_shard == 1:  # the batches a single process makes
