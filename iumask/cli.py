@@ -582,9 +582,10 @@ def check_data(
     quick: Annotated[bool, typer.Option(help="Read the files' headers only (sizes): fast, but a truncated "
                                         "file or a label value outside the classes goes unnoticed.")] = False,
 ):
-    """Whether a folder is a dataset iumask can use: opens every split with the format's reader and
-    reads every image and label; per split the pairs found and the first problem (missing label,
-    size mismatch, unreadable file, label value outside the classes). Exits non-zero if unusable."""
+    """Whether a folder is a dataset iumask can use: opens every split with the format's reader,
+    checks every image whole (a PNG by its checksums, others decoded) and decodes every label; per
+    split the pairs found and the first problem (missing label, size mismatch, truncated or damaged
+    file, label value outside the classes). Exits non-zero if unusable."""
     from iumask.stages.check_data import check_data as stage
     from iumask.stages.check_data import print_check, unusable_reason
 

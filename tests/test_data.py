@@ -127,6 +127,34 @@ def test_jpeg_images_and_16bit_labels(tmp_path):
     assert read.dtype == np.uint16 and read.max() == 65535 and read[1, 1] == 299
 
 
+def test_labels_of_every_png_kind_read_as_pil_reads_their_values(tmp_path):
+    """Grayscale 8- and 16-bit labels take OpenCV's decoder, palette and 1-bit ones PIL's: each
+    reads as its stored values (a palette label as its indices, not colours), checked against
+    PIL's own reading; a cut grayscale label is refused naming it."""
+    from PIL import Image
+
+    root = make_folder(tmp_path / "data", ids=("a",))
+    path = root / "labels" / "train" / "a.png"
+    values = np.random.default_rng(0).integers(0, 3, (12, 16))
+    palette = Image.fromarray(values.astype(np.uint8), mode="L").convert("P")
+    palette.putpalette([255, 0, 0, 0, 255, 0, 0, 0, 255] * 85 + [0, 0, 0])
+    kinds = {"gray8": Image.fromarray(values.astype(np.uint8), mode="L"),
+             "gray16": Image.fromarray(values.astype(np.uint16)), "palette": palette,
+             "bits": Image.fromarray(values.astype(bool))}
+    for name, image in kinds.items():
+        image.save(path)
+        read = FolderDataset(root, "train").read_label(0)
+        expected = np.asarray(Image.open(path))
+        assert read.ndim == 2 and read.dtype == (np.uint16 if name == "gray16" else np.uint8), name
+        np.testing.assert_array_equal(read, expected.astype(read.dtype), err_msg=name)
+        np.testing.assert_array_equal(read, values.astype(bool) if name == "bits" else values, err_msg=name)
+    kinds["gray16"].save(path)
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with raises_naming(str(path)):
+        FolderDataset(root, "train").read_label(0)
+
+
 def test_missing_split_folder(tmp_path):
     make_folder(tmp_path)
     with raises_naming("images/val"):
@@ -190,6 +218,45 @@ def test_truncated_image(tmp_path, suffix):
     ds = FolderDataset(tmp_path, "train")
     with raises_naming(path.name):
         ds.read_image(1)
+
+
+def test_a_png_image_is_verified_by_its_checksums_without_decoding(tmp_path, monkeypatch):
+    """check_pixels verifies PNG images by their chunks' CRC-32 checksums and decodes none; a byte
+    changed in the pixel data (size and header intact), a cut file and a file without its IEND are
+    each refused naming the file; bytes after IEND are ignored, and a JPEG named .png is decoded."""
+    monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
+    root = make_folder(tmp_path / "data", shape=(64, 96))
+    path = root / "images" / "train" / "a.png"
+    write_image(path, np.random.default_rng(0).integers(0, 256, (64, 96, 3), dtype=np.uint8))
+    decoded = []
+    read_image = FolderDataset.read_image
+    monkeypatch.setattr(FolderDataset, "read_image", lambda self, i: decoded.append(i) or read_image(self, i))
+    FolderDataset(root, "train").check_pixels()
+    assert decoded == []
+
+    good = path.read_bytes()
+    idat = good.index(b"IDAT")
+    data_length = int.from_bytes(good[idat - 4:idat], "big")
+    flipped = bytearray(good)
+    flipped[idat + 4 + data_length // 2] ^= 0x10  # inside the compressed pixels
+    dataset = FolderDataset(root, "train")
+    index = dataset.ids.index("a")
+    for damaged, words in ((bytes(flipped), "checksum of its IDAT chunk"), (good[: len(good) * 3 // 4], "truncated"),
+                           (good[:-12], "ends before its IEND"), (good[:8], "ends before its IEND"),
+                           (good[:8] + good[33:], "not IHDR"), (good[:33] + good[-12:], "no IDAT")):
+        path.write_bytes(damaged)
+        with raises_naming(str(path), words):
+            dataset.verify_image(index)
+    path.write_bytes(bytes(flipped))
+    with raises_naming(str(path), "checksum"):
+        FolderDataset(root, "train").check_pixels()  # the same check (stops at the damaged image)
+    path.write_bytes(good + b"trailing bytes")
+    dataset.verify_image(index)
+    assert decoded == []
+    ok, jpeg = cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))
+    path.write_bytes(jpeg.tobytes())  # not PNG bytes: decoded as training would read it
+    dataset.verify_image(index)
+    assert decoded == [index]
 
 
 def test_garbage_image(tmp_path):

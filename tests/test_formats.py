@@ -454,3 +454,31 @@ def test_the_fingerprint_depends_on_the_mapping_not_only_on_the_files(camvid_dir
     # Computed afresh (no cache), each reading's fingerprint is the one it got beside the others'.
     monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache2"))
     assert other_table.fingerprint() in fingerprints and other_table.fingerprint() != cached
+
+
+def test_the_label_lookup_equals_numpy_indexing_on_real_camvid_labels(tmp_path):
+    """LabelTable.apply takes OpenCV's 8-bit lookup for 8-bit labels: on real CamVid labels it gives
+    numpy's ``table[label]`` (and the 16-bit path's result); a value outside the table is refused
+    naming the smallest such value, on both paths."""
+    from iumask.data.folder import LabelTable
+    from iumask.data.formats import CAMVID_LABELS
+
+    ds = open_dataset(CAMVID, "train")
+    for i in (0, 150, 366):
+        raw = np.asarray(Image.open(ds.label_paths[i]))
+        assert raw.dtype == np.uint8
+        expected = CAMVID_LABELS.table[raw]  # the slow, obvious lookup
+        for stored in (raw, raw.astype(np.uint16)):
+            mapped = CAMVID_LABELS.apply(stored, ds.label_paths[i])
+            assert mapped.dtype == np.uint8
+            np.testing.assert_array_equal(mapped, expected)
+    holes = CAMVID_LABELS.table.copy()
+    holes[[3, 8]] = -1
+    table = LabelTable("holes", holes, "0..11 but 3 and 8")
+    raw = np.asarray(Image.open(ds.label_paths[0]))
+    assert {3, 8} <= set(np.unique(raw).tolist())
+    for stored in (raw, raw.astype(np.uint16)):
+        with raises_naming(ds.label_paths[0].name, "label value 3", "holes"):
+            table.apply(stored, ds.label_paths[0])
+    np.testing.assert_array_equal(table.apply(np.where(np.isin(raw, [3, 8]), 0, raw).astype(np.uint8), tmp_path),
+                                  holes[np.where(np.isin(raw, [3, 8]), 0, raw)])

@@ -1,8 +1,8 @@
 """The ``iumask check-data`` command: is a folder a dataset iumask can use?
 
 It opens every split of the folder with the format's own reader (:func:`iumask.data.formats.open_dataset`,
-the code every other command reads data with) and reads each pair: the image, and the label
-checked against the image's size and the classes (with ``quick``, the headers only). Per split it
+the code every other command reads data with) and reads each pair: the image checked whole, and
+the label checked against the image's size and the classes (with ``quick``, the headers only). Per split it
 reports the images and labels found and the first problem. Without a format it tries every
 registered format whose layout the folder has, and says which one matches.
 """
@@ -73,8 +73,8 @@ def _check_split(root: Path, format: str, split: str, quick: bool) -> SplitCheck
 
 
 def _read_pairs(dataset: PairedDataset, what: str) -> None:
-    """Decode every image and label (:meth:`~iumask.data.folder.PairedDataset.check_pixels`: stops at
-    the first problem; a split that passed before and has not changed is not decoded again)."""
+    """Check every image and label (:meth:`~iumask.data.folder.PairedDataset.check_pixels`: stops at
+    the first problem; a split that passed before and has not changed is not read again)."""
     with progress_bar(lines=False) as progress:  # a bar on a terminal, nothing in a log
         task = progress.add_task(what, total=len(dataset), info="")
         dataset.check_pixels(on_pair=lambda: progress.advance(task))

@@ -100,8 +100,8 @@ class TrainingInputs:
         # Every file's header now, not a corrupt file after the first epoch.
         shapes = train_folder.check_headers()
         val_folder.check_headers()
-        # The validation split is first read after an epoch: decode it now (seconds), so a truncated
-        # file or a label outside the classes is found before any training.
+        # The validation split is first read after an epoch: check it now (under a second for
+        # CamVid), so a truncated file or a label outside the classes is found before any training.
         val_folder.check_pixels()
         if data.size is None and not (augment.enabled and augment.crop):
             require_one_shape(train_folder, shapes, size_fix)
