@@ -216,8 +216,8 @@ def _train_locked_members(stage: str, iu_weighted: bool, inputs: TrainingInputs,
             init_seeds=[member_train.seed], titles=[f"{stage} {name}"],
             tags=[member_tags(stage, name, encoder, member_train.seed)], label=f"{stage} {name}",
             connectivity=inputs.connectivity)
-        if train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted), data, dev, overwrite, tensorboard,
-                       tracker) is None:
+        if not train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted), data, dev, overwrite, tensorboard,
+                           tracker):
             print_cache_hit(out / name)
         distributed.barrier()
     if distributed.is_main():
@@ -319,17 +319,17 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
               for k, (name, encoder) in enumerate(zip(names, model.encoders))],
         label=f"online ×{len(names)}", connectivity=masks.connectivity, online_masks=masks)
     ensemble_path = out / "ensemble.json"
-    result = train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted=True), data, dev, overwrite,
-                         tensorboard, tracker)
-    if result is None and ensemble_path.is_file():
+    trained = train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted=True), data, dev, overwrite,
+                          tensorboard, tracker)
+    if not trained and ensemble_path.is_file():
         print_cache_hit(out)
         return ensemble_path
-    if result is not None:
-        timing = result.timing
-        print_timing(timing, len(names))
-    else:  # every member cached, the ensemble manifest missing (killed before it was written)
-        timing = read_json(out / names[0] / MANIFEST_FILE, "model manifest").get("timing")
     if distributed.is_main():
+        # The members' manifests record the online masks' timing: written just now, or by a run
+        # killed before it wrote the ensemble (every member then a cache hit).
+        timing = read_json(out / names[0] / MANIFEST_FILE, "model manifest").get("timing")
+        if trained:
+            print_timing(timing, len(names))
         write_ensemble(out, inputs.ensemble_manifest(ONLINE_STAGE, names, data, timing=timing))
         group.checkpoint.unlink(missing_ok=True)
     distributed.barrier()
@@ -361,28 +361,19 @@ class MemberGroup:
     online_masks: MaskConfig | None = None
 
 
-@dataclass
-class GroupResult:
-    """What training a group gave: each member's history, the group's ensemble history and the
-    online masks' timing (None for a group without them)."""
-
-    histories: list[list[dict]]
-    ensemble_history: list[dict]
-    timing: dict | None
-
-
 def train_group(group: MemberGroup, inputs: TrainingInputs, model: ModelConfig, loss_fn: LossFn, data: DataConfig,
-                dev: torch.device, overwrite: bool, tensorboard: bool, tracker: Tracker) -> GroupResult | None:
+                dev: torch.device, overwrite: bool, tensorboard: bool, tracker: Tracker) -> bool:
     """The one training path: train ``group``'s members together (resuming its checkpoint) and save
-    each into its folder; None when every member is a cache hit (each decided by
-    :func:`~iumask.artifacts.member_reuse`), with their tracked runs completed from their files."""
+    each into its folder (its manifest records the history, and an online group's timing); False
+    when every member is a cache hit (each decided by :func:`~iumask.artifacts.member_reuse`), with
+    their tracked runs completed from their files."""
     classes = inputs.classes
     reuse = [member_reuse(folder, ident, overwrite, warn) for folder, ident in zip(group.folders, group.identities)]
     tracked = list(zip(group.folders, group.identities, group.titles, group.tags))
     if all(decision is Reuse.HIT for decision in reuse):
         for member in tracked:
             track_cached_member(tracker, *member)
-        return None
+        return False
     checkpoint = Checkpoint.resume(group.checkpoint, group.checkpoint_identity, overwrite)
     nets = []
     for seed, encoder in zip(group.init_seeds, group.encoders):
@@ -424,7 +415,7 @@ def train_group(group: MemberGroup, inputs: TrainingInputs, model: ModelConfig, 
                 track_saved_member(run, folder)
             if group.online_masks is None:  # an online group keeps its checkpoint until the ensemble is written
                 group.checkpoint.unlink(missing_ok=True)
-    return GroupResult(result.histories, result.ensemble_history, timing)
+    return True
 
 
 # ----------------------------------------------------------------------------- training log
