@@ -1,37 +1,13 @@
 """The mask store: per training image, the ensemble's pixel entropy, the instance-uncertainty
-(IU) mask and the argmax prediction, in a chunked, compressed zarr v3 directory store. What the
-layout is (versions, dtypes, shards, identity, which files are the store's) is
-:mod:`iumask.store_layout`; this module opens, creates, resumes, reads and writes stores.
+(IU) mask and the argmax prediction, in a chunked, compressed zarr v3 directory store.
+:class:`MaskStore` opens a store, reads it, writes it image by image or shard by shard, and holds
+its identity (the inputs it was made from). The rest of the store is in three modules of its own:
 
-Layout (one group):
-
-* ``entropy``, ``instance_uncertainty`` (float16) and ``prediction`` (uint8, or uint16 when the
-  class ids do not fit in a byte: more than 256 classes), shape (N, Hmax, Wmax), one chunk per
-  image so an image is read without touching the others. An image of shape (H, W) sits in the
-  top-left corner of its slot; reads crop it.
-* ``complete`` (bool, shape (N,)), one chunk per image (per shard in a sharded store): set only
-  after an image's three arrays are written, so an interrupted write reads as incomplete and is
-  recomputed.
-* Sharding (zarr v3's sharding codec, format versions 3 and 4): the chunks of
-  ``images_per_shard`` consecutive images share one file per array, so a store of 100k images
-  has hundreds of files, not 400k. zarr rewrites a whole shard file on every write to it, and two
-  concurrent writers of one shard lose each other's images silently, so every shard has exactly
-  one writer: :meth:`MaskStore.writes` buffers a process's images and writes each shard in one
-  go once its images are all there (threads share the buffer), and make-masks gives each torchrun
-  rank whole shards. An unsharded store (versions 1 and 2, one file per image and array, what
-  ``--images-per-shard 1`` writes) is read, resumed and written the same way. Several processes may write one store
-  concurrently when they write disjoint sets of shards. Group attributes are one file, so only
-  one process (rank 0) should call ``set_attrs``.
-* Group attributes: the store's identity (``IDENTITY_KEYS``) plus free-form values set later
-  (``mean_entropy``, ``num_complete``, ``finished``, ...).
-* ``.iumask-writer.lock``: the writer lock. :meth:`MaskStore.create` and
-  :meth:`MaskStore.open_or_create` (one writer, e.g. the make-masks run or its rank 0) hold an OS
-  lock (``flock``) on it until :meth:`MaskStore.close`; the file names the holder (PID, host,
-  command) for the error another writer gets. The OS drops the lock when the holder dies, so a
-  killed run's lock needs no cleaning up. Other ranks of the same job open the store unlocked.
-
-A store is never built in place (staged beside its path, swapped in once whole): that lifecycle is
-:mod:`iumask.store_lifecycle`, which :class:`MaskStore` extends; this module reads and writes.
+* :mod:`iumask.store_layout`: what a store is on disk (format versions, arrays, dtypes, shards,
+  identity keys, which files are a store's), without reading or writing one;
+* :mod:`iumask.store_lifecycle`: how a store comes to be (created staged beside its path under the
+  writer lock, resumed, committed, swapped in over an old one), which :class:`MaskStore` extends;
+* :mod:`iumask.store_writer`: buffered writes that write each shard once.
 """
 
 from __future__ import annotations
@@ -45,28 +21,23 @@ import numpy as np
 import zarr
 from zarr.codecs import BloscCodec
 
-from iumask.artifacts import (
-    StoreAdvice,
-    require_same_inputs,
-)
+from iumask.artifacts import StoreAdvice, require_same_inputs
 from iumask.errors import IumaskError, StoreMismatchError
 from iumask.files import LOCK_FILE, WriterLock, json_normal
 from iumask.store_layout import (
     ARRAYS,
-    CONTENT_VERSIONS,
     FLOAT_ARRAYS,
     IDENTITY_KEYS,
     IMAGE_ARRAYS,
     PREDICTION_DTYPES,
     SHARDED_VERSIONS,
-    consistent_layout,
     content_identity,
     default_images_per_shard,
-    format_version,
+    layout_problem,
 )
 from iumask.store_lifecycle import StoreLifecycle
+from iumask.store_writer import ShardWriter
 
-MAX_BUFFERED_SHARDS = 2  # shards a ShardWriter keeps in memory at once
 # Byte shuffle groups the float16 high bytes (sign/exponent, which vary slowly) apart from the
 # noisy low bytes; on smooth entropy fields it beat noshuffle and bitshuffle (about 1.1-1.2 vs
 # 1.3-1.7 bytes/pixel). Shuffle is a no-op for 1-byte predictions, so they use noshuffle.
@@ -144,28 +115,10 @@ class MaskStore(StoreLifecycle):
             raise IumaskError(f"mask store {path} does not exist; {advice.missing}")
         try:
             group = zarr.open_group(path, mode=mode, zarr_format=3)
-            attrs = dict(group.attrs)
-            version = attrs.get("format_version")
-            content = CONTENT_VERSIONS.get(version)
-            problem = None
-            if content is None:
-                problem = f"has format_version {version}, expected one of {', '.join(map(str, CONTENT_VERSIONS))}"
-            elif any(k not in attrs for k in IDENTITY_KEYS):
-                problem = "lacks identity attributes"
-            elif content != format_version(len(attrs["class_names"])):
-                problem = (f"has format_version {version} for {len(attrs['class_names'])} classes (8-bit predictions "
-                           "cannot hold class ids above 255)")
-            elif any(name not in group for name in ARRAYS):
-                problem = "lacks the mask arrays"
-            elif np.dtype(group["prediction"].dtype) != PREDICTION_DTYPES[content]:
-                problem = f"has {group['prediction'].dtype} predictions, expected {PREDICTION_DTYPES[content]}"
-            elif not consistent_layout(group, version in SHARDED_VERSIONS.values()):
-                problem = f"has format_version {version} but arrays sharded otherwise"
-            else:
+            problem = layout_problem(group)
+            if problem is None:
                 store = cls(path, group, mode)
                 store.advice = advice
-                if any(a.shape[0] != len(store.image_ids) for a in store._arrays.values()):
-                    problem = "has arrays that do not match its image list"
         except Exception as exc:  # corrupt JSON, not a zarr group, unreadable files, ...
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
             problem = f"is unreadable or not a mask store ({type(exc).__name__}: {reason})"
@@ -279,8 +232,8 @@ class MaskStore(StoreLifecycle):
         with self._shard_locks_lock:
             return self._shard_locks.setdefault(shard, threading.Lock())
 
-    def writes(self, pending: Iterable[int]) -> "ShardWriter":
-        """A buffered writer of this process's images ``pending`` (see :class:`ShardWriter`)."""
+    def writes(self, pending: Iterable[int]) -> ShardWriter:
+        """A buffered writer of this process's images ``pending`` (see :class:`~iumask.store_writer.ShardWriter`)."""
         return ShardWriter(self, pending)
 
     def is_complete(self, index: int) -> bool:
@@ -371,63 +324,6 @@ def refuse_mislabelled_precision(path, requested: str, used: str, fix: str) -> N
             f"mask store {path} records amp {requested}, which runs as {runs} on this device, and earlier iumask "
             f"versions recorded {requested} for stores they computed in float32 on a CPU, so whether it holds "
             f"{requested} or float32 masks is unknown; {fix}")
-
-
-class ShardWriter:
-    """Writes of one process into a store, shard by shard: :meth:`write` (thread-safe) keeps an
-    image until every image of ``pending`` in its shard has come, then writes the shard at once
-    (:meth:`MaskStore.write_shard`; in an unsharded store, each image at once). Leaving the
-    ``with`` block writes what is buffered (after an error too, so finished images are kept; a
-    kill loses at most the shards in flight, which a rerun recomputes). At most
-    :data:`MAX_BUFFERED_SHARDS` shards wait in memory: when images come in another order than the
-    shards' (predict batches by image shape) or one never comes (an unreadable image), the shard
-    waiting longest is written as it is, its finished images kept when the rest arrives. The
-    process must own every shard it writes: no other process may write images of those shards
-    meanwhile."""
-
-    def __init__(self, store: MaskStore, pending: Iterable[int]):
-        self.store = store
-        self._waiting: dict[int, set[int]] = {}  # shard -> its pending images not yet written
-        for index in pending:
-            self._waiting.setdefault(store.shard_of(index), set()).add(index)
-        self._buffered: dict[int, dict[int, tuple[np.ndarray, ...]]] = {}
-        self._lock = threading.Lock()
-
-    def write(self, index: int, entropy, instance_uncertainty, prediction) -> None:
-        values = self.store.checked_arrays(index, entropy, instance_uncertainty, prediction)
-        shard = self.store.shard_of(index)
-        ready = []
-        with self._lock:
-            images = self._buffered.setdefault(shard, {})
-            images[index] = values
-            waiting = self._waiting.get(shard, set())
-            waiting.discard(index)
-            if not waiting:
-                ready.append((shard, self._buffered.pop(shard)))
-                self._waiting.pop(shard, None)
-            while len(self._buffered) > MAX_BUFFERED_SHARDS:  # the oldest, partly: memory stays bounded
-                oldest = next(iter(self._buffered))
-                ready.append((oldest, self._buffered.pop(oldest)))
-        for number, shard_images in ready:
-            self.store.write_shard(number, shard_images)
-
-    def flush(self) -> None:
-        """Write every buffered image (shards still waiting for others are written as they are)."""
-        with self._lock:
-            buffered, self._buffered = self._buffered, {}
-        for shard, images in buffered.items():
-            self.store.write_shard(shard, images)
-
-    def __enter__(self) -> "ShardWriter":
-        return self
-
-    def __exit__(self, kind, exc, traceback) -> None:
-        try:
-            self.flush()
-        except Exception:
-            if kind is None:
-                raise
-            # else the error that ended the block is the one to report
 
 
 class StoreMaskReader:

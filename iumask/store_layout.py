@@ -8,6 +8,33 @@ and array; 3 and 4, the same contents sharded (zarr v3's sharding codec: the chu
 ``images_per_shard`` consecutive images share one file per array). The identity records the
 content version (1 or 2), so a sharded and an unsharded store of the same inputs are both cache
 hits.
+
+Layout (one group):
+
+* ``entropy``, ``instance_uncertainty`` (float16) and ``prediction`` (uint8, or uint16 when the
+  class ids do not fit in a byte: more than 256 classes), shape (N, Hmax, Wmax), one chunk per
+  image so an image is read without touching the others. An image of shape (H, W) sits in the
+  top-left corner of its slot; reads crop it.
+* ``complete`` (bool, shape (N,)), one chunk per image (per shard in a sharded store): set only
+  after an image's three arrays are written, so an interrupted write reads as incomplete and is
+  recomputed.
+* Sharding (zarr v3's sharding codec, format versions 3 and 4): the chunks of
+  ``images_per_shard`` consecutive images share one file per array, so a store of 100k images
+  has hundreds of files, not 400k. zarr rewrites a whole shard file on every write to it, and two
+  concurrent writers of one shard lose each other's images silently, so every shard has exactly
+  one writer: :meth:`iumask.store.MaskStore.writes` buffers a process's images and writes each shard in one
+  go once its images are all there (threads share the buffer), and make-masks gives each torchrun
+  rank whole shards. An unsharded store (versions 1 and 2, one file per image and array, what
+  ``--images-per-shard 1`` writes) is read, resumed and written the same way. Several processes may write one store
+  concurrently when they write disjoint sets of shards. Group attributes are one file, so only
+  one process (rank 0) should call ``set_attrs``.
+* Group attributes: the store's identity (``IDENTITY_KEYS``) plus free-form values set later
+  (``mean_entropy``, ``num_complete``, ``finished``, ...).
+* ``.iumask-writer.lock``: the writer lock. :meth:`iumask.store.MaskStore.create` and
+  :meth:`iumask.store.MaskStore.open_or_create` (one writer, e.g. the make-masks run or its rank 0) hold an OS
+  lock (``flock``) on it until :meth:`iumask.store.MaskStore.close`; the file names the holder (PID, host,
+  command) for the error another writer gets. The OS drops the lock when the holder dies, so a
+  killed run's lock needs no cleaning up. Other ranks of the same job open the store unlocked.
 """
 
 from __future__ import annotations
@@ -97,6 +124,31 @@ def consistent_layout(group, sharded: bool) -> bool:
     if (shard is not None) != sharded:
         return False
     return group["complete"].shards is None and group["complete"].chunks == ((shard[0] if shard else 1),)
+
+
+def layout_problem(group) -> str | None:
+    """What makes the opened zarr ``group`` no mask store this iumask reads ("has format_version 7,
+    expected one of ...", to follow "mask store PATH"), or None: its version, identity attributes,
+    arrays, prediction dtype, sharding and image count are checked, its values are not."""
+    attrs = dict(group.attrs)
+    version = attrs.get("format_version")
+    content = CONTENT_VERSIONS.get(version)
+    if content is None:
+        return f"has format_version {version}, expected one of {', '.join(map(str, CONTENT_VERSIONS))}"
+    if any(k not in attrs for k in IDENTITY_KEYS):
+        return "lacks identity attributes"
+    if content != format_version(len(attrs["class_names"])):
+        return (f"has format_version {version} for {len(attrs['class_names'])} classes (8-bit predictions "
+                "cannot hold class ids above 255)")
+    if any(name not in group for name in ARRAYS):
+        return "lacks the mask arrays"
+    if np.dtype(group["prediction"].dtype) != PREDICTION_DTYPES[content]:
+        return f"has {group['prediction'].dtype} predictions, expected {PREDICTION_DTYPES[content]}"
+    if not consistent_layout(group, version in SHARDED_VERSIONS.values()):
+        return f"has format_version {version} but arrays sharded otherwise"
+    if any(group[name].shape[0] != len(attrs["image_ids"]) for name in ARRAYS):
+        return "has arrays that do not match its image list"
+    return None
 
 
 def is_own(name: str) -> bool:

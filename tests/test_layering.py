@@ -34,7 +34,8 @@ LAYERS = [
     ["iumask.store", "iumask.dataset_stats", "iumask.models", "iumask.distributed", "iumask.device",
      "iumask.data.synthetic"],
     ["iumask.data.formats", "iumask.data.dataset"],
-    ["iumask.data.augment", "iumask.data.folder", "iumask.download", "iumask.store_lifecycle"],
+    ["iumask.data.augment", "iumask.data.folder", "iumask.download", "iumask.store_lifecycle",
+     "iumask.store_writer"],
     ["iumask.artifacts", "iumask.architectures", "iumask.progress", "iumask.transfer", "iumask.overlap",
      "iumask.store_layout"],
     ["iumask.files"],
@@ -176,7 +177,8 @@ def _strings(path: Path) -> list[tuple[int, str]]:
 def test_the_store_names_no_command_option():
     """The store is used by several commands (make-masks, predict, run, experiment) and from Python:
     each passes its own advice (artifacts.StoreAdvice), so no message of store.py names an option."""
-    named = [(module, line, text) for module in ("iumask.store", "iumask.store_layout", "iumask.store_lifecycle")
+    named = [(module, line, text) for module in ("iumask.store", "iumask.store_layout", "iumask.store_lifecycle",
+                                                 "iumask.store_writer")
              for line, text in _strings(MODULES[module]) if re.search(r"(?<![\w-])--[a-z]", text)]
     assert not named, f"store.py messages name command options: {named}"
 

@@ -384,7 +384,7 @@ def test_a_writer_keeps_at_most_two_shards_in_memory_whatever_the_order(tmp_path
     """Images that come shard after shard out of order (predict batches by shape) or never (an
     unreadable image): the writer writes its oldest shard as it is beyond two, and the shard's
     finished images are kept when the rest comes."""
-    from iumask.store import MAX_BUFFERED_SHARDS
+    from iumask.store_writer import MAX_BUFFERED_SHARDS
 
     shapes = [(16 + i % 2 * 8, 24 - i % 2 * 8) for i in range(30)]
     identity = make_identity(shapes=shapes)
