@@ -27,16 +27,19 @@ import math
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from iumask.architectures import ARCHITECTURE, ARCHITECTURES, DEFAULT_ENCODERS, architecture_name
 from iumask.artifacts import StoreAdvice
 from iumask.core.loss import CLASS_WEIGHTINGS, DEFAULT_EFFECTIVE_NUMBER_BETA, LOSS_METHODS, LossMethod
-from iumask.data.augment import JointAugment
-from iumask.data.folder import PairedDataset
-from iumask.data.formats import ACDC_CONDITIONS, FORMATS, format_names, open_dataset
+from iumask.data.formats import FORMATS, format_names, open_dataset
+from iumask.data.layout import ACDC_CONDITIONS
 from iumask.errors import IumaskError
 from iumask.files import json_normal
+
+if TYPE_CHECKING:  # the readers and the augmentation import numpy and OpenCV: not for --help
+    from iumask.data.augment import JointAugment
+    from iumask.data.folder import PairedDataset
 
 FORMAT_VERSION = 1  # of member manifests and results files
 
@@ -249,6 +252,8 @@ class AugmentConfig:
         checked_flag(self.enabled, "--augment")
         object.__setattr__(self, "crop", _checked_size(self.crop, "--crop"))
         if self.enabled:
+            from iumask.data.augment import JointAugment
+
             JointAugment.from_options(self.options())  # its checks, once, before any work
 
     def options(self) -> dict | None:
@@ -259,6 +264,8 @@ class AugmentConfig:
                 "jitter": self.jitter}
 
     def transform(self, ignore_index: int) -> JointAugment | None:
+        from iumask.data.augment import JointAugment
+
         options = self.options()
         return None if options is None else JointAugment.from_options(options, ignore_index=ignore_index)
 

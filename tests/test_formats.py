@@ -14,15 +14,13 @@ from testdata import camvid_root
 
 from iumask.data.dataset import SegmentationDataset
 from iumask.data.folder import FolderDataset
-from iumask.data.formats import (
+from iumask.data.formats import FORMATS, detect_format, open_dataset
+from iumask.data.readers import (
     ACDC_CLASSES,
     CITYSCAPES_CLASSES,
-    FORMATS,
     ACDCDataset,
     CamVidDataset,
     CityscapesDataset,
-    detect_format,
-    open_dataset,
 )
 
 H, W = 16, 32
@@ -424,7 +422,7 @@ def test_the_fingerprint_depends_on_the_mapping_not_only_on_the_files(camvid_dir
     import shutil
 
     from iumask.data.folder import ClassInfo, LabelTable, PairedDataset
-    from iumask.data.formats import CAMVID_LABELS
+    from iumask.data.readers import CAMVID_LABELS
 
     monkeypatch.setenv("IUMASK_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr("iumask.data.folder.RACY_SECONDS", 0.0)  # files copied just now are cached too
@@ -461,7 +459,7 @@ def test_the_label_lookup_equals_numpy_indexing_on_real_camvid_labels(tmp_path):
     numpy's ``table[label]`` (and the 16-bit path's result); a value outside the table is refused
     naming the smallest such value, on both paths."""
     from iumask.data.folder import LabelTable
-    from iumask.data.formats import CAMVID_LABELS
+    from iumask.data.readers import CAMVID_LABELS
 
     ds = open_dataset(CAMVID, "train")
     for i in (0, 150, 366):
@@ -482,3 +480,15 @@ def test_the_label_lookup_equals_numpy_indexing_on_real_camvid_labels(tmp_path):
             table.apply(stored, ds.label_paths[0])
     np.testing.assert_array_equal(table.apply(np.where(np.isin(raw, [3, 8]), 0, raw).astype(np.uint8), tmp_path),
                                   holes[np.where(np.isin(raw, [3, 8]), 0, raw)])
+
+
+def test_the_readers_names_are_still_importable_from_formats():
+    """The public layouts' readers moved to iumask.data.readers (so the registry imports no numpy);
+    code that imported them from iumask.data.formats gets the same objects."""
+    from iumask.data import formats, readers
+    from iumask.data.formats import ACDC_CONDITIONS, CamVidDataset
+
+    assert CamVidDataset is readers.CamVidDataset and formats.CAMVID_LABELS is readers.CAMVID_LABELS
+    assert ACDC_CONDITIONS == ("fog", "night", "rain", "snow")
+    with pytest.raises(AttributeError, match="no_such_reader"):
+        formats.no_such_reader  # noqa: B018

@@ -1,8 +1,9 @@
 """Uncertainty-weighted cross-entropy (docs/method.md §4) and class-weight baselines (§7).
 
-torch is imported inside the functions that compute a loss, so the registry of loss methods
-(:data:`LOSS_METHODS`: names, summaries, parameters) and :func:`class_weights` are read without it:
-the CLI lists the methods in its ``--help`` without importing torch.
+torch is imported inside the functions that compute a loss, and numpy inside
+:func:`class_weights`, so the registry of loss methods (:data:`LOSS_METHODS`: names, summaries,
+parameters) is read without either: the CLI lists the methods in its ``--help`` without them, and
+:func:`class_weights` runs without torch.
 """
 
 from __future__ import annotations
@@ -11,9 +12,8 @@ import warnings
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
-import numpy as np
-
 if TYPE_CHECKING:
+    import numpy as np
     import torch
 
 
@@ -179,6 +179,8 @@ def class_weights(
     through ``warn`` (the CLI's, :func:`iumask.progress.warn`), or a Python ``UserWarning`` for
     library callers that pass none.
     """
+    import numpy as np
+
     counts = np.asarray(pixel_counts, dtype=np.float64)
     if method not in CLASS_WEIGHTINGS:
         raise ValueError(f"class weighting must be one of {', '.join(CLASS_WEIGHTINGS)}, got {method!r}")

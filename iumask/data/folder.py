@@ -26,6 +26,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from iumask.data.layout import CLASSES_FILE
 from iumask.errors import DataError, IumaskError
 from iumask.files import default_cache_dir, write_json_atomic
 
@@ -34,7 +35,6 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 LABEL_SUFFIX = ".png"
-CLASSES_FILE = "classes.json"
 MAX_LABEL_VALUE = 65535  # labels are at most 16-bit PNGs
 
 # Decode pixels as stored: labels (read with PIL) ignore EXIF orientation, so images must too,
