@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import cv2
@@ -252,6 +253,11 @@ def test_a_png_image_is_verified_by_its_checksums_without_decoding(tmp_path, mon
         FolderDataset(root, "train").check_pixels()  # the same check (stops at the damaged image)
     path.write_bytes(good + b"trailing bytes")
     dataset.verify_image(index)
+    text = b"tEXt" + b"Comment\x00made by a test"
+    bad_text = len(text[4:]).to_bytes(4, "big") + text + (zlib.crc32(text) ^ 1).to_bytes(4, "big")
+    path.write_bytes(good[:33] + bad_text + good[33:])  # after IHDR: an ancillary chunk, checksum wrong
+    dataset.verify_image(index)  # decoders ignore it (libpng warns), and so does the check
+    assert cv2.imread(str(path)) is not None
     assert decoded == []
     ok, jpeg = cv2.imencode(".jpg", np.zeros((64, 96, 3), np.uint8))
     path.write_bytes(jpeg.tobytes())  # not PNG bytes: decoded as training would read it

@@ -250,6 +250,17 @@ def test_online_training_cli_manifests_timing_and_use_of_its_ensemble(data, onli
     iumask(*args, "--instances-from", "label", expect=2)  # other inputs: refused without --overwrite
     assert "--overwrite" in capsys.readouterr().err
 
+    # Killed after saving the members, before ensemble.json: a rerun trains nothing and writes the
+    # ensemble with the timing its members' manifests recorded.
+    killed = tmp_path / "killed"
+    shutil.copytree(out, killed)
+    (killed / "ensemble.json").unlink()
+    iumask(*ONLINE, "--data", data, "--out", killed)
+    printed = capsys.readouterr()
+    assert "online step time" not in printed.out + printed.err
+    recorded = json.loads((out / "mobilenet_v2" / "manifest.json").read_text())["timing"]
+    assert json.loads((killed / "ensemble.json").read_text())["timing"] == ensemble["timing"] == recorded
+
     # Its ensemble.json works with evaluate and make-masks.
     iumask("evaluate", "--model", out / "ensemble.json", "--model", out / "mobilenet_v2", "--data", data,
            "--output", tmp_path / "results.json", "--device", "cpu")

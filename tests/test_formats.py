@@ -486,9 +486,11 @@ def test_the_readers_names_are_still_importable_from_formats():
     """The public layouts' readers moved to iumask.data.readers (so the registry imports no numpy);
     code that imported them from iumask.data.formats gets the same objects."""
     from iumask.data import formats, readers
+    from iumask.data.folder import FolderDataset
     from iumask.data.formats import ACDC_CONDITIONS, CamVidDataset
 
     assert CamVidDataset is readers.CamVidDataset and formats.CAMVID_LABELS is readers.CAMVID_LABELS
+    assert formats.FolderDataset is FolderDataset
     assert ACDC_CONDITIONS == ("fog", "night", "rain", "snow")
     with pytest.raises(AttributeError, match="no_such_reader"):
         formats.no_such_reader  # noqa: B018

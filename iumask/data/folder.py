@@ -293,10 +293,11 @@ class PairedDataset:
         return shapes
 
     def check_pixels(self, on_pair: Callable[[], None] | None = None) -> None:
-        """Check every image whole (:meth:`verify_image`) and decode every label (values checked
-        against the classes), so that a file with an intact header but truncated data, or a label
-        outside the classes, stops a command before training rather than at its first validation;
-        stops at the first problem. Threads: zlib and the decoders run without the GIL. ``on_pair``
+        """Check every image whole (:meth:`verify_image`: a PNG by its checksums, which a file its
+        encoder wrote wrongly, checksums and all, passes) and decode every label (values checked
+        against the classes), so that a file with an intact header but truncated or damaged data,
+        or a label outside the classes, stops a command before training rather than at its first
+        validation; stops at the first problem. Threads: zlib and the decoders run without the GIL. ``on_pair``
         is called after each pair (a progress bar).
 
         A split that passed is kept with its fingerprint (see :meth:`fingerprint`): until one of its
@@ -492,8 +493,10 @@ def read_rgb(path: Path) -> np.ndarray:
 
 def png_damage(buf: bytes) -> str | None:
     """What is wrong with the chunks of the PNG file ``buf`` (which starts with the PNG signature),
-    or None when it is whole: every chunk complete with a matching CRC-32, an IHDR first, at least
-    one IDAT, and an IEND (bytes after it are ignored, as decoders ignore them)."""
+    or None when it is whole: every chunk complete, every critical chunk's CRC-32 matching, an IHDR
+    first, at least one IDAT, and an IEND. As decoders do (libpng's default), a bad checksum in an
+    ancillary chunk (text, colour profile, EXIF: lower-case first letter) and bytes after IEND are
+    ignored."""
     view = memoryview(buf)
     pos, kinds = len(PNG_SIGNATURE), []
     while pos + 8 <= len(buf):
@@ -503,7 +506,8 @@ def png_damage(buf: bytes) -> str | None:
         end = pos + 12 + length
         if end > len(buf):
             return f"is truncated (its {name} chunk at byte {pos} ends past the file's {len(buf)} bytes)"
-        if zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
+        critical = not kind[0] & 0x20
+        if critical and zlib.crc32(view[pos + 4:end - 4]) != int.from_bytes(view[end - 4:end], "big"):
             return f"is damaged (the checksum of its {name} chunk at byte {pos} does not match)"
         if not kinds and kind != b"IHDR":
             return f"is damaged (its first chunk is {name}, not IHDR)"
@@ -568,10 +572,11 @@ def _decode_label(path: Path) -> np.ndarray:
         _empty_file(path, "label")
     buf = _read_bytes(path)
     grayscale = buf.startswith(PNG_SIGNATURE) and buf[12:16] == b"IHDR" and len(buf) > 25 and buf[25] == 0
-    if grayscale and buf[24] in (8, 16):  # IHDR's colour type 0, bit depth 8 or 16
+    if grayscale and buf[24] in (8, 16) and png_damage(buf) is None:  # IHDR: colour type 0, depth 8 or 16
         # An 8- or 16-bit grayscale PNG, the usual label: OpenCV decodes it as stored, in about half
-        # PIL's time. Anything else (palette, 1-4 bit, damaged) goes to PIL, which keeps palette
-        # indices where OpenCV would expand them to colours.
+        # PIL's time. Anything else goes to PIL: palette labels (PIL keeps the indices where OpenCV
+        # expands them to colours), 1-4 bit ones, and damaged files (libpng would print its
+        # complaints on stderr at every read; PIL's error names the file).
         label = cv2.imdecode(np.frombuffer(buf, dtype=np.uint8), cv2.IMREAD_UNCHANGED)
         if label is not None and label.ndim == 2 and label.dtype in (np.uint8, np.uint16):
             return label

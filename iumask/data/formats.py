@@ -144,9 +144,11 @@ def open_dataset(
     return fmt.open(root, split, conditions)
 
 
-# The readers' names, for code that imported them from here before they had a module of their own.
+# Names code imported from here when this module held the readers (and imported the folder
+# format's): given on first use, so importing the registry still imports no reader.
 _READER_NAMES = ("ACDC_CLASSES", "CAMVID_CLASSES", "CAMVID_LABELS", "CAMVID_VOID", "CITYSCAPES_CLASSES",
                  "CITYSCAPES_LABEL_IDS", "IGNORE_INDEX", "ACDCDataset", "CamVidDataset", "CityscapesDataset")
+_FOLDER_NAMES = ("ClassInfo", "FolderDataset", "LabelTable", "PairedDataset", "list_images", "match_labels")
 
 
 def __getattr__(name: str):
@@ -154,4 +156,8 @@ def __getattr__(name: str):
         from iumask.data import readers
 
         return getattr(readers, name)
+    if name in _FOLDER_NAMES:
+        from iumask.data import folder
+
+        return getattr(folder, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

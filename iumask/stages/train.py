@@ -321,6 +321,7 @@ def _train_online_locked(identity: dict, inputs: TrainingInputs, data: DataConfi
     ensemble_path = out / "ensemble.json"
     trained = train_group(group, inputs, model, inputs.loss_fn(loss, iu_weighted=True), data, dev, overwrite,
                           tensorboard, tracker)
+    distributed.barrier()  # every rank looks for ensemble.json before rank 0 may write it below
     if not trained and ensemble_path.is_file():
         print_cache_hit(out)
         return ensemble_path
