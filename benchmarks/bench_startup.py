@@ -8,11 +8,12 @@ runs after one warm-up run (which fills the page cache and iumask's cache of dat
 fingerprints, headers and checked pixels, in a temporary ``$IUMASK_CACHE``; the line "check-data
 CamVid (1st)" runs each time with an empty one), of its wall time and of its CPU time
 (user + system, all its threads). Goals (issue 28): ``--help`` and ``--version`` within 0.3 s of
-bare Python start-up, ``check-data`` on CamVid under 1 s. PASS/FAIL judges the CPU time (for
-``--help``, the CPU time over ``python -c pass``'s): on a machine where other processes run, a
-child waits for a core and its wall time says more about the load than about iumask; on an idle
-machine the two agree for these single-threaded commands (check-data decodes in threads: its CPU
-time can exceed its wall time).
+bare Python start-up, ``check-data`` on CamVid under 1 s. PASS/FAIL judges ``--help`` and
+``--version`` by their CPU time over ``python -c pass``'s: on a machine where other processes run,
+a child waits for a core and its wall time says more about the load than about iumask, and for a
+single-threaded command the two agree on an idle machine. ``check-data`` reads in two threads, so
+its CPU time exceeds the time a user waits: it is judged by its wall time, which means something
+only on an idle machine (a warning is printed when the load average says otherwise).
 
 ``--compare DIR`` runs the same commands with another source checkout of iumask first on
 ``PYTHONPATH`` (e.g. a ``git worktree`` of an earlier commit), printed beside this one's: a
@@ -113,6 +114,9 @@ def main() -> int:
     print(f"bench_startup: {sys.executable} (Python {sys.version.split()[0]}), {os.cpu_count()} CPUs, load average "
           f"{' '.join(f'{v:.2f}' for v in os.getloadavg())}; median of {args.repeat} runs after a warm-up")
     print(f"iumask command: {' '.join(iumask)}" + (f"; CamVid: {args.camvid}" if args.camvid else ""))
+    if os.getloadavg()[0] > 0.75 * (os.cpu_count() or 1):
+        print("warning: the machine is busy (load average above): wall times are inflated, and check-data's "
+              "verdict, which judges its wall time, says little")
     for i, line in enumerate(args.also, 1):
         print(f"({i}): iumask {line}")
     header = f"  {'command':34s} {'wall s':>7s} {'CPU s':>7s} {'wall/python':>12s} {'wall/torch':>11s}"
@@ -135,8 +139,8 @@ def main() -> int:
                          f"[{'PASS' if ok else 'FAIL'} <= {ABOVE_PYTHON_GOAL} s]")
                 verdicts.setdefault(name, []).append(ok)
             elif goal == "total":
-                ok = cpu < CHECK_DATA_GOAL
-                line += f"  CPU [{'PASS' if ok else 'FAIL'} < {CHECK_DATA_GOAL} s]"
+                ok = wall < CHECK_DATA_GOAL
+                line += f"  wall [{'PASS' if ok else 'FAIL'} < {CHECK_DATA_GOAL} s]"
                 verdicts.setdefault(name, []).append(ok)
             if code != (2 if "typo" in label else 0):
                 line += f"  (exit {code})"
