@@ -128,12 +128,19 @@ def test_jpeg_images_and_16bit_labels(tmp_path):
     assert read.dtype == np.uint16 and read.max() == 65535 and read[1, 1] == 299
 
 
-def test_labels_of_every_png_kind_read_as_pil_reads_their_values(tmp_path):
+@pytest.mark.parametrize("decoder", ["as chosen", "PIL only"])
+def test_labels_of_every_png_kind_read_as_pil_reads_their_values(tmp_path, monkeypatch, capfd, decoder):
     """Grayscale 8- and 16-bit labels take OpenCV's decoder, palette and 1-bit ones PIL's: each
     reads as its stored values (a palette label as its indices, not colours), checked against
-    PIL's own reading; a cut grayscale label is refused naming it."""
+    PIL's own reading, and so does every kind through PIL alone (where OpenCV declines); a
+    grayscale label without IEND reads, a cut one is refused naming it, neither with libpng's
+    complaints on stderr; an empty one gets the one empty-file message."""
     from PIL import Image
 
+    import iumask.data.folder as folder
+
+    if decoder == "PIL only":
+        monkeypatch.setattr(folder.cv2, "imdecode", lambda *args: None)
     root = make_folder(tmp_path / "data", ids=("a",))
     path = root / "labels" / "train" / "a.png"
     values = np.random.default_rng(0).integers(0, 3, (12, 16))
@@ -151,8 +158,15 @@ def test_labels_of_every_png_kind_read_as_pil_reads_their_values(tmp_path):
         np.testing.assert_array_equal(read, values.astype(bool) if name == "bits" else values, err_msg=name)
     kinds["gray16"].save(path)
     data = path.read_bytes()
+    capfd.readouterr()
+    path.write_bytes(data[:-12])  # no IEND, every pixel there: PIL reads it, as it always did
+    np.testing.assert_array_equal(FolderDataset(root, "train").read_label(0), values)
     path.write_bytes(data[: len(data) // 2])
     with raises_naming(str(path)):
+        FolderDataset(root, "train").read_label(0)
+    assert capfd.readouterr().err == ""  # libpng, given the damaged files, would complain there
+    path.write_bytes(b"")
+    with raises_naming(str(path), "the label file is empty"):
         FolderDataset(root, "train").read_label(0)
 
 
@@ -190,7 +204,8 @@ def test_three_channel_label(tmp_path):
     write_image(tmp_path / "labels" / "train" / "c.png", np.zeros((12, 16, 3), np.uint8))
     with pytest.raises(DataError, match="c.png") as info:
         FolderDataset(tmp_path, "train").read_label(2)
-    assert "single-channel" in str(info.value)
+    assert "single-channel" in str(info.value) and "3 channels (mode RGB)" in str(info.value)
+    assert "convert it to an 8-bit grayscale PNG of class indices" in str(info.value)
 
 
 def test_label_value_out_of_range(tmp_path):

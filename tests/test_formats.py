@@ -481,6 +481,29 @@ def test_the_label_lookup_equals_numpy_indexing_on_real_camvid_labels(tmp_path):
     np.testing.assert_array_equal(table.apply(np.where(np.isin(raw, [3, 8]), 0, raw).astype(np.uint8), tmp_path),
                                   holes[np.where(np.isin(raw, [3, 8]), 0, raw)])
 
+    # A table for 16-bit stored values: 8-bit labels take its first 256 entries, 16-bit ones all of
+    # it; a stored value past its end (exactly its length too) is refused; classes above 255 come
+    # out 16-bit.
+    wide = np.full(65536, -1, np.int16)
+    wide[:12] = CAMVID_LABELS.table[:12]
+    wide[1000] = 7
+    big = LabelTable("wide", wide, "0..11 or 1000")
+    for stored in (raw, raw.astype(np.uint16)):
+        np.testing.assert_array_equal(big.apply(stored, tmp_path), CAMVID_LABELS.table[raw])
+    sixteen = raw.astype(np.uint16)
+    sixteen[0, 0] = 1000
+    assert big.apply(sixteen, tmp_path)[0, 0] == 7
+    for past_end in (256, 300):
+        sixteen[0, 0] = past_end
+        with raises_naming(ds.label_paths[0].name, f"label value {past_end}", "camvid"):
+            CAMVID_LABELS.apply(sixteen, ds.label_paths[0])
+    classes = np.arange(256, dtype=np.int16) + 1  # class ids 1..256: 256 needs 16 bits
+    shifted = LabelTable("shifted", classes, "0..255")
+    for stored in (raw, raw.astype(np.uint16)):
+        mapped = shifted.apply(stored, tmp_path)
+        assert mapped.dtype == np.uint16
+        np.testing.assert_array_equal(mapped, raw.astype(np.uint16) + 1)
+
 
 def test_the_readers_names_are_still_importable_from_formats():
     """The public layouts' readers moved to iumask.data.readers (so the registry imports no numpy);
