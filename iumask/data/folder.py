@@ -568,9 +568,9 @@ def _jpeg_complete(buf: bytes) -> bool:
 
 
 def _decode_label(path: Path) -> np.ndarray:
-    if _is_empty(path):
-        _empty_file(path, "label")
     buf = _read_bytes(path)
+    if not buf:
+        _empty_file(path, "label")
     grayscale = buf.startswith(PNG_SIGNATURE) and buf[12:16] == b"IHDR" and len(buf) > 25 and buf[25] == 0
     if grayscale and buf[24] in (8, 16) and png_damage(buf) is None:  # IHDR: colour type 0, depth 8 or 16
         # An 8- or 16-bit grayscale PNG, the usual label: OpenCV decodes it as stored, in about half
